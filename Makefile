@@ -1,0 +1,43 @@
+# `make demo` and `make test` do all the set-up on a fresh Debian machine with Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit services bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vpp demo
+
+services:
+	./scripts/ensure_services.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vpp devices dispatch api tests bench
+	$(VENV)/bin/ruff format --check vpp devices dispatch api tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test: $(STAMP) services lint typecheck
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: $(STAMP) services
+	$(PY) bench/ingest.py --small
+	$(PY) bench/forecast_eval.py --small
+	$(PY) bench/dispatch.py --small
+	$(PY) bench/fanout.py --small
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache vpp.db*

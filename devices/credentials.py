@@ -1,0 +1,567 @@
+"""Per-device MQTT credentials on the broker: made at onboarding, revoked at offboarding.
+
+Against Mosquitto the service drives the dynamic-security plugin over MQTT: it publishes command
+batches on ``$CONTROL/dynamic-security/v1`` and reads the answers on
+``$CONTROL/dynamic-security/v1/response``, so broker and service may live on different hosts,
+and ``deleteClient`` disconnects a live session at once.
+
+Each device gets a client (username = ``device_id``) holding one role of its own,
+``vpp-device:<device_id>``, whose ACLs name its exact topics: Mosquitto 2.0's dynsec has no
+``%u`` substitution in ACL topics (2.0.11 matches ACLs with plain ``mosquitto_topic_matches_sub``),
+so one shared role cannot say "your own topics". A device may publish its telemetry, status and
+ack, and subscribe to exactly its cmd topic (``subscribeLiteral``: ``+``/``#`` filters are refused
+in the SUBACK). Everything else falls to the plugin's default access: no publish, no subscribe.
+
+``NullCredentialManager`` serves the in-process broker (``memory://``) and brokers without
+dynsec: it hands out random passwords and tells no broker.
+
+Cost to know: Mosquitto 2.0's dynsec rewrites its whole JSON file after every command, so the
+time per device grows with the number of devices already on the broker (deploy/README.md has
+figures). Commands are batched into few ``$CONTROL`` messages, but a 100 000-device bulk
+onboarding is limited by the broker, not by this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
+DEVICE_ROLE_PREFIX = "vpp-device:"
+SERVICE_ROLE = "vpp-service"
+GATEWAY_ROLE = "vpp-gateway"
+# Keep each $CONTROL message well under the broker's max_packet_size (8 KiB in deploy/).
+MAX_CONTROL_PAYLOAD_BYTES = 6000
+PASSWORD_BYTES = 24  # 192 bits of randomness, 32 URL-safe characters
+_FORBIDDEN_IN_ID = ("/", "+", "#", "\x00")
+
+
+class CredentialError(RuntimeError):
+    """The broker refused or did not answer a credential change."""
+
+
+class BrokerUnreachable(CredentialError):
+    """No MQTT session with the broker: network down, or the admin login refused."""
+
+
+@runtime_checkable
+class CredentialManager(Protocol):
+    async def provision(self, device_ids: list[str]) -> dict[str, str]:
+        """Create (or reset) each device's broker login; returns device_id -> new password.
+
+        Raises ``ValueError`` (naming ``device_id``) for an id that cannot be a username/topic
+        level, ``CredentialError`` when the broker refuses or does not answer; devices of batches
+        already sent may then exist: ``revoke(ids)`` undoes an all-or-nothing onboarding.
+        """
+        ...
+
+    async def revoke(self, device_ids: list[str]) -> None:
+        """Remove each device's login at once, disconnecting a live session."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def new_password() -> str:
+    """A random URL-safe password with 192 bits of entropy."""
+    return secrets.token_urlsafe(PASSWORD_BYTES)
+
+
+def validate_device_id(device_id: str) -> str:
+    """A device id doubles as MQTT username and topic level: no wildcards, no '/'."""
+    if not isinstance(device_id, str) or not device_id:
+        raise ValueError("device_id: must be a non-empty string")
+    if any(ch in device_id for ch in _FORBIDDEN_IN_ID):
+        raise ValueError(f"device_id: {device_id!r} may not contain '/', '+', '#' or NUL")
+    if len(device_id.encode()) > 256:
+        raise ValueError("device_id: longer than 256 bytes")
+    return device_id
+
+
+def device_topics(topic_root: str, device_id: str) -> dict[str, str]:
+    """The four topics of one device (interface.md), as given to it at onboarding."""
+    validate_device_id(device_id)
+    base = f"{topic_root.rstrip('/')}/devices/{device_id}"
+    return {
+        "telemetry": f"{base}/telemetry",
+        "status": f"{base}/status",
+        "ack": f"{base}/ack",
+        "cmd": f"{base}/cmd",
+    }
+
+
+def device_role_name(device_id: str) -> str:
+    return f"{DEVICE_ROLE_PREFIX}{device_id}"
+
+
+def device_acls(topic_root: str, device_id: str) -> list[dict[str, Any]]:
+    """Dynsec ACLs of a device's own role: publish its three uplink topics, subscribe its cmd."""
+    topics = device_topics(topic_root, device_id)
+    acls: list[dict[str, Any]] = [
+        {"acltype": "publishClientSend", "topic": topics[kind], "allow": True}
+        for kind in ("telemetry", "status", "ack")
+    ]
+    # subscribeLiteral compares the filter as a string: "…/+/cmd" or "#" never equals it.
+    acls.append({"acltype": "subscribeLiteral", "topic": topics["cmd"], "allow": True})
+    return acls
+
+
+def provision_commands(topic_root: str, device_id: str, password: str) -> list[dict[str, Any]]:
+    role = device_role_name(device_id)
+    return [
+        {"command": "createRole", "rolename": role, "acls": device_acls(topic_root, device_id)},
+        {
+            "command": "createClient",
+            "username": device_id,
+            "password": password,
+            "roles": [{"rolename": role}],
+        },
+    ]
+
+
+def revoke_commands(device_id: str) -> list[dict[str, Any]]:
+    # deleteClient first: it kicks the live session; the role goes after.
+    return [
+        {"command": "deleteClient", "username": device_id},
+        {"command": "deleteRole", "rolename": device_role_name(device_id)},
+    ]
+
+
+def _is_already_exists(error: str) -> bool:
+    return "already exists" in error.lower()
+
+
+def _is_not_found(error: str) -> bool:
+    return "not found" in error.lower()
+
+
+# --- Null ------------------------------------------------------------------------------------
+class NullCredentialManager:
+    """For the in-process broker and brokers without dynsec: passwords, no broker calls."""
+
+    async def provision(self, device_ids: list[str]) -> dict[str, str]:
+        return {validate_device_id(d): new_password() for d in device_ids}
+
+    async def revoke(self, device_ids: list[str]) -> None:
+        for d in device_ids:
+            validate_device_id(d)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+# --- Dynsec ----------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[dict[str, Any]]
+
+
+@dataclass
+class _Conn:
+    client: mqtt.Client
+    ready: threading.Event = field(default_factory=threading.Event)
+    failed: str | None = None
+    reached: bool = False  # a CONNACK accepted the login at least once
+
+
+class DynsecCredentialManager:
+    """Device logins through Mosquitto's dynamic-security plugin, over MQTT.
+
+    One paho client (its own network thread, reconnecting by itself) carries every request; the
+    answers are matched to requests by ``correlationData``, so several service processes may
+    share the same admin login. All methods are coroutines and safe to call concurrently.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        admin_username: str,
+        admin_password: str,
+        tls: bool = False,
+        topic_root: str = "vpp/v1",
+        *,
+        client_id: str | None = None,
+        timeout_s: float = 60.0,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.topic_root = topic_root.rstrip("/")
+        self.timeout_s = timeout_s
+        self._admin_username = admin_username
+        self._admin_password = admin_password
+        self._tls = tls
+        self._tls_context = tls_context
+        self._client_id = client_id or f"vpp-dynsec-{secrets.token_hex(4)}"
+        self._corr_prefix = secrets.token_hex(6)
+        self._seq = itertools.count(1)
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._conn: _Conn | None = None
+        self._connect_lock = asyncio.Lock()
+        # One $CONTROL message at a time: the broker runs them one after the other anyway, and
+        # in-order sending keeps a provision and a later revoke of the same device in order.
+        self._send_lock = asyncio.Lock()
+
+    # -- public API --
+    async def provision(self, device_ids: list[str]) -> dict[str, str]:
+        passwords = {validate_device_id(d): new_password() for d in device_ids}
+        if not passwords:
+            return {}
+        commands = [
+            cmd for d, pw in passwords.items() for cmd in provision_commands(self.topic_root, d, pw)
+        ]
+        responses = await self._execute(commands)
+        stale_roles: list[str] = []  # role left by an earlier attempt: top up its ACLs
+        known_clients: list[str] = []  # device provisioned before: new password
+        errors: list[str] = []
+        for cmd, resp in zip(commands, responses, strict=True):
+            error = resp.get("error")
+            if not error:
+                continue
+            if cmd["command"] == "createRole" and _is_already_exists(error):
+                stale_roles.append(cmd["rolename"][len(DEVICE_ROLE_PREFIX) :])
+            elif cmd["command"] == "createClient" and _is_already_exists(error):
+                known_clients.append(cmd["username"])
+            else:
+                name = cmd.get("username") or cmd.get("rolename")
+                errors.append(f"{cmd['command']} {name}: {error}")
+        if stale_roles or known_clients:
+            retry: list[dict[str, Any]] = []
+            tolerated: set[int] = set()  # indexes in retry whose "error" is expected
+            for d in stale_roles:
+                # A role left by an earlier attempt: make sure it grants what it should. Never
+                # deleteRole while a client holds it: dynsec 2.0.11 then leaves the client
+                # pointing at freed memory (seen here as a role named after an ACL topic).
+                for acl in device_acls(self.topic_root, d):
+                    tolerated.add(len(retry))  # "ACL with this topic already exists"
+                    retry.append({"command": "addRoleACL", "rolename": device_role_name(d), **acl})
+            stale = set(stale_roles)
+            for d in known_clients:
+                retry.append(
+                    {"command": "setClientPassword", "username": d, "password": passwords[d]}
+                )
+                if d in stale:
+                    # Usually attached already, which dynsec 2.0 answers with "Internal error".
+                    tolerated.add(len(retry))
+                retry.append(
+                    {"command": "addClientRole", "username": d, "rolename": device_role_name(d)}
+                )
+            for i, (cmd, resp) in enumerate(zip(retry, await self._execute(retry), strict=True)):
+                if resp.get("error") and i not in tolerated:
+                    name = cmd.get("username") or cmd.get("rolename")
+                    errors.append(f"{cmd['command']} {name}: {resp['error']}")
+            # A new password kicks the old session, but dynsec does its kicks on the broker's
+            # next loop turn: one more round trip, and they are done when we return.
+            await self._execute([{"command": "getDefaultACLAccess"}])
+        if errors:
+            raise CredentialError("dynsec refused: " + "; ".join(errors[:10]))
+        return passwords
+
+    async def revoke(self, device_ids: list[str]) -> None:
+        ids = [validate_device_id(d) for d in device_ids]
+        if not ids:
+            return
+        commands = [cmd for d in ids for cmd in revoke_commands(d)]
+        errors = [
+            f"{cmd['command']}: {resp['error']}"
+            for cmd, resp in zip(commands, await self._execute(commands), strict=True)
+            if resp.get("error") and not _is_not_found(resp["error"])
+        ]
+        # deleteClient kicks the live session on the broker's next loop turn: one more round
+        # trip, and the device is off the broker when revoke returns.
+        await self._execute([{"command": "getDefaultACLAccess"}])
+        if errors:
+            raise CredentialError("dynsec refused: " + "; ".join(errors[:10]))
+
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """True when the broker answers a dynsec request within ``timeout_s``."""
+        try:
+            (resp,) = await asyncio.wait_for(
+                self._execute([{"command": "getDefaultACLAccess"}], timeout_s=timeout_s),
+                timeout_s,
+            )
+        except (TimeoutError, CredentialError, OSError) as exc:
+            log.debug("dynsec ping failed: %s", exc)
+            return False
+        return not resp.get("error")
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.client.disconnect()
+            conn.client.loop_stop()
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.loop.call_soon_threadsafe(_fail, p.future, CredentialError("manager closed"))
+
+    # -- transport --
+    async def _execute(
+        self, commands: list[dict[str, Any]], timeout_s: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Send commands in as few $CONTROL messages as fit; answers in the same order."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        conn = await self._connection(timeout)
+        loop = asyncio.get_running_loop()
+        results: list[dict[str, Any]] = []
+        for batch in _batches(commands):
+            futures: list[asyncio.Future[dict[str, Any]]] = []
+            body: list[dict[str, Any]] = []
+            with self._lock:
+                for cmd in batch:
+                    corr = f"{self._corr_prefix}-{next(self._seq)}"
+                    fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+                    self._pending[corr] = _Pending(loop, fut)
+                    futures.append(fut)
+                    body.append({**cmd, "correlationData": corr})
+            try:
+                async with self._send_lock:
+                    info = conn.client.publish(
+                        CONTROL_TOPIC, orjson.dumps({"commands": body}), qos=1
+                    )
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        raise CredentialError(f"publish to {CONTROL_TOPIC} failed (rc {info.rc})")
+                    # The broker answers in order; waiting here keeps one batch in flight.
+                    done = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            except TimeoutError as exc:
+                raise CredentialError(
+                    f"no dynsec answer from {self.host}:{self.port} within {timeout:.0f} s "
+                    "(is the dynamic-security plugin loaded and the login its admin?)"
+                ) from exc
+            finally:
+                with self._lock:
+                    for cmd in body:
+                        self._pending.pop(cmd["correlationData"], None)
+            results.extend(done)
+        return results
+
+    async def _connection(self, timeout_s: float) -> _Conn:
+        async with self._connect_lock:
+            if self._conn is not None and self._conn.failed is None:
+                conn = self._conn
+            else:
+                conn = self._start_client()
+                self._conn = conn
+        ok = conn.ready.is_set() or await asyncio.to_thread(conn.ready.wait, min(timeout_s, 10.0))
+        if conn.failed is not None or not ok:
+            reason = conn.failed or "timed out"
+            if self._conn is conn:
+                self._conn = None
+            # paho's thread may sit in its reconnect back-off for a second: stop it off-loop.
+            threading.Thread(target=conn.client.loop_stop, daemon=True).start()
+            error = CredentialError if conn.reached else BrokerUnreachable
+            raise error(f"dynsec admin session with {self.host}:{self.port}: {reason}")
+        if not conn.client.is_connected():
+            raise BrokerUnreachable(f"not connected to {self.host}:{self.port} (reconnecting)")
+        return conn
+
+    def _start_client(self) -> _Conn:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        client.username_pw_set(self._admin_username, self._admin_password)
+        if self._tls:
+            client.tls_set_context(self._tls_context or ssl.create_default_context())
+        conn = _Conn(client)
+
+        def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+            if reason.is_failure:
+                conn.failed = str(reason)
+                conn.ready.set()
+                return
+            conn.reached = True
+            # Re-subscribe on every (re)connect; ready once the SUBACK is in.
+            c.subscribe(RESPONSE_TOPIC, qos=1)
+
+        def on_subscribe(
+            _c: mqtt.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any
+        ) -> None:
+            if any(r.is_failure for r in reasons):
+                conn.failed = f"subscribe to {RESPONSE_TOPIC} refused: {reasons[0]}"
+            conn.ready.set()
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            self._on_response(bytes(msg.payload))
+
+        def on_connect_fail(_c: mqtt.Client, _u: Any) -> None:
+            if not conn.ready.is_set():
+                conn.failed = "connection failed"
+                conn.ready.set()
+
+        client.on_connect = on_connect
+        client.on_connect_fail = on_connect_fail
+        client.on_subscribe = on_subscribe
+        client.on_message = on_message
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        try:
+            client.connect_async(self.host, self.port, keepalive=30)
+            client.loop_start()
+        except OSError as exc:
+            conn.failed = str(exc)
+            conn.ready.set()
+        return conn
+
+    def _on_response(self, payload: bytes) -> None:
+        """Runs on paho's thread: hand each answer to the coroutine waiting for it."""
+        try:
+            doc = orjson.loads(payload)
+            responses = doc.get("responses", []) if isinstance(doc, dict) else []
+        except orjson.JSONDecodeError:
+            log.warning("unreadable dynsec response: %r", payload[:200])
+            return
+        for resp in responses:
+            if not isinstance(resp, dict):
+                continue
+            corr = resp.get("correlationData")
+            with self._lock:
+                pending = self._pending.pop(corr, None) if isinstance(corr, str) else None
+            if pending is not None:
+                pending.loop.call_soon_threadsafe(_resolve, pending.future, resp)
+
+
+def _resolve(fut: asyncio.Future[dict[str, Any]], value: dict[str, Any]) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future[dict[str, Any]], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _batches(commands: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split commands into lists whose JSON stays under MAX_CONTROL_PAYLOAD_BYTES."""
+    batches: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    size = 16
+    for cmd in commands:
+        n = len(orjson.dumps(cmd)) + 40  # + correlationData and separators
+        if current and size + n > MAX_CONTROL_PAYLOAD_BYTES:
+            batches.append(current)
+            current, size = [], 16
+        current.append(cmd)
+        size += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --- Auto ------------------------------------------------------------------------------------
+class AutoCredentialManager:
+    """``broker_credentials = "auto"``: dynsec if the broker answers a dynsec request, else none.
+
+    Decided on first use. A broker that cannot be reached at all is an error (credentials made
+    then might never work); a broker that is reachable but gives no dynsec answer within
+    ``probe_timeout_s`` means "no dynsec", and stays decided.
+    """
+
+    def __init__(self, dynsec: DynsecCredentialManager, probe_timeout_s: float = 2.0) -> None:
+        self._dynsec = dynsec
+        self._probe_timeout_s = probe_timeout_s
+        self._chosen: CredentialManager | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def chosen(self) -> CredentialManager | None:
+        return self._chosen
+
+    async def _choose(self) -> CredentialManager:
+        async with self._lock:
+            if self._chosen is not None:
+                return self._chosen
+            try:
+                # A broker we cannot reach or log in to: raise BrokerUnreachable, decide later.
+                await self._dynsec._connection(self._probe_timeout_s)
+                answered = await self._dynsec.ping(self._probe_timeout_s)
+            except BrokerUnreachable:
+                raise
+            except CredentialError:
+                answered = False  # logged in, but $CONTROL is not ours: no dynsec here
+            if answered:
+                log.info("broker credentials: dynsec on %s", self._dynsec.host)
+                self._chosen = self._dynsec
+            else:
+                log.warning(
+                    "broker credentials: %s:%s gave no dynsec answer; device passwords are "
+                    "not enforced by this broker",
+                    self._dynsec.host,
+                    self._dynsec.port,
+                )
+                await self._dynsec.close()
+                self._chosen = NullCredentialManager()
+            return self._chosen
+
+    async def provision(self, device_ids: list[str]) -> dict[str, str]:
+        return await (await self._choose()).provision(device_ids)
+
+    async def revoke(self, device_ids: list[str]) -> None:
+        await (await self._choose()).revoke(device_ids)
+
+    async def ping(self) -> bool:
+        try:
+            return await (await self._choose()).ping()
+        except CredentialError:
+            return False
+
+    async def close(self) -> None:
+        if self._chosen is not None:
+            await self._chosen.close()
+        else:
+            await self._dynsec.close()
+
+
+def make_credential_manager(settings: Any) -> CredentialManager:
+    """The manager ``settings.broker_credentials`` asks for ("dynsec", "none" or "auto").
+
+    The admin login is the one in ``settings.mqtt_url`` (``mqtt://user:pass@host:port``,
+    ``mqtts://`` for TLS): the service's own MQTT user, which holds the ``vpp-service`` role.
+    """
+    from devices.mqtt import parse_mqtt_url  # the one URL parser of the project
+
+    mode = str(getattr(settings, "broker_credentials", "auto")).lower()
+    if mode not in ("dynsec", "none", "auto"):
+        raise ValueError(f"broker_credentials: {mode!r} is not one of dynsec, none, auto")
+    if mode == "none":
+        return NullCredentialManager()
+    cfg = parse_mqtt_url(settings.mqtt_url)
+    if cfg.is_memory or not cfg.username:
+        if mode == "dynsec":
+            raise ValueError(
+                "broker_credentials: dynsec needs VPP_MQTT_URL mqtt(s)://user:pass@host:port"
+            )
+        return NullCredentialManager()
+    dynsec = DynsecCredentialManager(
+        cfg.host,
+        cfg.port,
+        cfg.username,
+        cfg.password or "",
+        tls=cfg.tls,
+        topic_root=getattr(settings, "topic_root", "vpp/v1"),
+        client_id=f"{getattr(settings, 'mqtt_client_id_prefix', 'vpp-svc')}-dynsec-"
+        f"{secrets.token_hex(4)}",
+    )
+    return dynsec if mode == "dynsec" else AutoCredentialManager(dynsec)

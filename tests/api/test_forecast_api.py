@@ -1,0 +1,176 @@
+"""GET /v1/forecast over HTTP: the contract's shape, defaults, and 422s that name the field."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from api.auth import create_api_key
+from api.deps import get_services
+from api.routers.forecast import parse_duration_s, router
+from vpp.clock import ManualClock
+from vpp.db.models import Base, CapacityRequest, LedgerEntry
+from vpp.db.session import Database
+from vpp.fleet import FleetSnapshot
+from vpp.forecast.synthetic import make_fleet
+from vpp.settings import Settings
+
+NOW = 1_783_000_800_000  # on the 15-minute grid
+H = 3_600_000
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FakeFleet:
+    def __init__(self, snap: FleetSnapshot) -> None:
+        self.snap = snap
+
+    async def snapshot(self, force: bool = False) -> FleetSnapshot:
+        return self.snap
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'api.db'}")
+    async with db.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    snap = make_fleet(2000, ["ERCOT-NORTH"], now_ms=NOW, seed=9).snap
+    services = SimpleNamespace(
+        settings=Settings(regions=["ERCOT-NORTH", "PJM-DOM"], database_url=db.url),
+        clock=ManualClock(NOW),
+        db=db,
+        state=None,
+        fleet=FakeFleet(snap),
+        components={},
+    )
+    key = await create_api_key(db, "t-1", "hyperscaler", NOW)
+    app = FastAPI()
+    app.include_router(router)
+    app.dependency_overrides[get_services] = lambda: services
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers={"Authorization": f"Bearer {key}"}
+    ) as c:
+        yield c, services
+    await db.dispose()
+
+
+async def test_default_window_is_the_48h_horizon(client: Any) -> None:
+    c, _ = client
+    r = await c.get("/v1/forecast", params={"region": "ERCOT-NORTH"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["region"] == "ERCOT-NORTH" and body["step"] == "PT15M"
+    assert body["calibrated"] is False  # no history yet: the brief's defaults
+    rows = body["intervals"]
+    assert len(rows) == 192
+    assert rows[0]["start"] == iso(NOW)
+    assert rows[1]["start"] == iso(NOW + 900_000)
+    for row in rows:
+        assert set(row) == {"start", "p50_mw", "p90_mw", "committed_mw"}
+        assert 0 <= row["p90_mw"] <= row["p50_mw"]
+        assert row["committed_mw"] == 0
+
+
+async def test_window_step_firmness_and_committed(client: Any) -> None:
+    c, services = client
+    async with services.db.session() as session:
+        session.add(
+            CapacityRequest(
+                id="r1",
+                tenant_id="t-1",
+                region="ERCOT-NORTH",
+                mw=0.4,
+                start_ms=NOW + H,
+                end_ms=NOW + 2 * H,
+                status="committed",
+                created_ms=NOW,
+                updated_ms=NOW,
+            )
+        )
+        await session.flush()
+        for k in range(4):
+            session.add(
+                LedgerEntry(
+                    request_id="r1",
+                    interval_start_ms=NOW + H + k * 900_000,
+                    region="ERCOT-NORTH",
+                    mw=0.4,
+                )
+            )
+        await session.commit()
+    r = await c.get(
+        "/v1/forecast",
+        params={
+            "region": "ERCOT-NORTH",
+            "start": iso(NOW),
+            "end": iso(NOW + 3 * H),
+            "step": "PT1H",
+            "firmness": 0.95,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["step"] == "PT1H"
+    rows = body["intervals"]
+    assert [row["start"] for row in rows] == [iso(NOW), iso(NOW + H), iso(NOW + 2 * H)]
+    assert [row["committed_mw"] for row in rows] == [0, 0.4, 0]
+    assert all(row["firm_mw"] <= row["p90_mw"] for row in rows)
+
+
+async def test_region_without_devices_answers_zeros(client: Any) -> None:
+    c, _ = client
+    r = await c.get("/v1/forecast", params={"region": "PJM-DOM", "end": iso(NOW + 2 * H)})
+    assert r.status_code == 200, r.text
+    rows = r.json()["intervals"]
+    assert len(rows) == 8 and all(row["p90_mw"] == 0 and row["p50_mw"] == 0 for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"region": "MARS-1"}, "region"),
+        ({"region": "ERCOT-NORTH", "start": iso(NOW - 5 * H), "end": iso(NOW - 4 * H)}, "start"),
+        ({"region": "ERCOT-NORTH", "start": iso(NOW + 2 * H), "end": iso(NOW + H)}, "end"),
+        ({"region": "ERCOT-NORTH", "end": iso(NOW + 60 * H)}, "end"),
+        ({"region": "ERCOT-NORTH", "end": iso(NOW + H), "step": "PT7M"}, "step"),
+        ({"region": "ERCOT-NORTH", "step": "fifteen minutes"}, "step"),
+        ({"region": "ERCOT-NORTH", "start": "yesterday"}, "start"),
+        ({"region": "ERCOT-NORTH", "end": "2026-13-45T00:00:00Z"}, "end"),
+        ({"region": "ERCOT-NORTH", "firmness": 0.999}, "firmness"),
+    ],
+)
+async def test_bad_input_is_422_naming_the_field(
+    client: Any, params: dict[str, Any], field: str
+) -> None:
+    c, _ = client
+    r = await c.get("/v1/forecast", params=params)
+    assert r.status_code == 422, r.text
+    assert field in str(r.json()["detail"])
+
+
+async def test_needs_an_api_key(client: Any) -> None:
+    c, _ = client
+    r = await c.get("/v1/forecast", params={"region": "ERCOT-NORTH"}, headers={"Authorization": ""})
+    assert r.status_code == 401
+
+
+def test_parse_duration() -> None:
+    assert parse_duration_s("PT15M") == 900
+    assert parse_duration_s("PT1H") == 3600
+    assert parse_duration_s("P1D") == 86_400
+    assert parse_duration_s("PT1H30M") == 5400
+    for bad in ("", "P", "PT", "15M", "PT1.5S"):
+        with pytest.raises(ValueError):
+            parse_duration_s(bad)
+    assert np.int64(parse_duration_s("PT900S")) == 900

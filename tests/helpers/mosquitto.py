@@ -1,0 +1,235 @@
+"""A private Mosquitto for tests, run with the project's own config and dynamic-security plugin.
+
+``run_mosquitto()`` starts ``mosquitto`` in a temporary directory on a free port with
+``deploy/mosquitto/mosquitto.conf`` (its global part: security, limits, persistence), creates
+the dynsec file with ``deploy/mosquitto/init-dynsec.sh`` (admin, ``vpp-service`` and
+``vpp-gateway`` clients and roles), yields a :class:`MosquittoBroker` with the address and the
+credentials, and stops the broker afterwards. The system broker on 127.0.0.1:1883 is never
+touched.
+
+Use it as a context manager, or import the ``mosquitto_broker`` fixture (module scope: one
+broker per test module, about a second to start)::
+
+    from tests.helpers.mosquitto import mosquitto_broker  # noqa: F401  (registers the fixture)
+
+    async def test_x(mosquitto_broker):
+        settings = Settings(mqtt_url=mosquitto_broker.service_url, broker_credentials="dynsec")
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_CONF = REPO_ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
+INIT_SCRIPT = REPO_ROOT / "deploy" / "mosquitto" / "init-dynsec.sh"
+
+_PLUGIN_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+# Options the helper sets itself: paths into the temp dir, and the privilege drop.
+_OVERRIDDEN = {"plugin", "plugin_opt_config_file", "persistence_location", "log_dest", "pid_file"}
+
+
+@dataclass(frozen=True)
+class MosquittoBroker:
+    host: str
+    port: int
+    admin_username: str
+    admin_password: str
+    service_username: str
+    service_password: str
+    gateway_username: str
+    gateway_password: str
+    topic_root: str
+    workdir: Path
+    pid: int
+
+    def url(self, username: str, password: str) -> str:
+        """``mqtt://user:pass@host:port`` (the VPP_MQTT_URL format)."""
+        return (
+            f"mqtt://{quote(username, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}"
+        )
+
+    @property
+    def service_url(self) -> str:
+        return self.url(self.service_username, self.service_password)
+
+    @property
+    def admin_url(self) -> str:
+        return self.url(self.admin_username, self.admin_password)
+
+    @property
+    def gateway_url(self) -> str:
+        return self.url(self.gateway_username, self.gateway_password)
+
+    def log(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def dynsec_plugin_path() -> str | None:
+    return next((p for p in _PLUGIN_CANDIDATES if os.path.exists(p)), None)
+
+
+def mosquitto_available() -> bool:
+    return (
+        shutil.which("mosquitto") is not None
+        and shutil.which("mosquitto_ctrl") is not None
+        and dynsec_plugin_path() is not None
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def render_config(workdir: Path, port: int, plugin: str, extra_config: str = "") -> str:
+    """The deploy config's global part with the paths moved into ``workdir``, one local listener."""
+    kept: list[str] = []
+    for line in DEPLOY_CONF.read_text().splitlines():
+        key = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
+        if key == "listener":
+            break  # listeners come last in the deploy config; the test brings its own
+        if key in _OVERRIDDEN or key == "user":
+            continue
+        kept.append(line)
+    kept += [
+        "",
+        "# --- test overrides (tests/helpers/mosquitto.py) ---",
+        f"plugin {plugin}",
+        f"plugin_opt_config_file {workdir / 'dynamic-security.json'}",
+        f"persistence_location {workdir}/",
+        f"log_dest file {workdir / 'mosquitto.log'}",
+        "log_type information",
+    ]
+    if os.geteuid() == 0:
+        # Running as root, mosquitto would switch to the `mosquitto` user: stay root so that it
+        # can write the dynsec file in our temp dir.
+        kept.append("user root")
+    if extra_config:
+        kept.append(extra_config)
+    kept.append(f"listener {port} 127.0.0.1")
+    return "\n".join(kept) + "\n"
+
+
+def _wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@contextmanager
+def run_mosquitto(
+    topic_root: str = "vpp/v1", *, extra_config: str = "", startup_timeout_s: float = 10.0
+) -> Iterator[MosquittoBroker]:
+    """Start a private Mosquitto (project config + dynsec); stop it and remove its files after."""
+    plugin = dynsec_plugin_path()
+    if plugin is None or not mosquitto_available():
+        raise RuntimeError("mosquitto, mosquitto_ctrl and the dynamic-security plugin are needed")
+    workdir = Path(tempfile.mkdtemp(prefix="vpp-mosquitto-"))
+    creds = {
+        "admin": ("admin", secrets.token_urlsafe(16)),
+        "service": ("vpp-service", secrets.token_urlsafe(16)),
+        "gateway": ("vpp-gateway", secrets.token_urlsafe(16)),
+    }
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        env = {
+            **os.environ,
+            "DYNSEC_FILE": str(workdir / "dynamic-security.json"),
+            "DYNSEC_ADMIN_USER": creds["admin"][0],
+            "DYNSEC_ADMIN_PASSWORD": creds["admin"][1],
+            "VPP_SERVICE_USER": creds["service"][0],
+            "VPP_SERVICE_PASSWORD": creds["service"][1],
+            "VPP_GATEWAY_USER": creds["gateway"][0],
+            "VPP_GATEWAY_PASSWORD": creds["gateway"][1],
+            "VPP_TOPIC_ROOT": topic_root,
+            "MOSQUITTO_DYNSEC_PLUGIN": plugin,
+            "INIT_PORT": str(free_port()),
+        }
+        init = subprocess.run(
+            ["sh", str(INIT_SCRIPT)], env=env, capture_output=True, timeout=60, check=False
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"init-dynsec.sh failed: {init.stderr.decode(errors='replace')}")
+
+        # A free port can be taken between probing and binding: try a few.
+        for _attempt in range(5):
+            port = free_port()
+            conf = workdir / "mosquitto.conf"
+            conf.write_text(render_config(workdir, port, plugin, extra_config))
+            proc = subprocess.Popen(
+                ["mosquitto", "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if _wait_listening("127.0.0.1", port, proc, startup_timeout_s):
+                break
+            _stop(proc)
+            proc = None
+        if proc is None:
+            log = (workdir / "mosquitto.log").read_text(errors="replace")
+            raise RuntimeError(f"mosquitto did not start:\n{log}")
+        yield MosquittoBroker(
+            host="127.0.0.1",
+            port=port,
+            admin_username=creds["admin"][0],
+            admin_password=creds["admin"][1],
+            service_username=creds["service"][0],
+            service_password=creds["service"][1],
+            gateway_username=creds["gateway"][0],
+            gateway_password=creds["gateway"][1],
+            topic_root=topic_root,
+            workdir=workdir,
+            pid=proc.pid,
+        )
+    finally:
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mosquitto_broker() -> Iterator[MosquittoBroker]:
+    """A private dynsec Mosquitto for the test module (skips when Mosquitto is not installed)."""
+    if not mosquitto_available():
+        pytest.skip("mosquitto with the dynamic-security plugin is not installed")
+    with run_mosquitto() as broker:
+        yield broker

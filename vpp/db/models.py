@@ -1,0 +1,215 @@
+"""SQLAlchemy 2 models. Timestamps that devices or the market speak are epoch ms (BigInteger),
+so the same code runs on SQLite and PostgreSQL without time-zone surprises."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public key id (prefix)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    role: Mapped[str] = mapped_column(String(20))
+    # SHA-256 of the whole key: keys are 256-bit random, so a fast hash is safe and lookups O(1).
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str] = mapped_column(String(200), default="")
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    site_id: Mapped[str] = mapped_column(String(64))
+    region: Mapped[str] = mapped_column(String(64))
+    feeder: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    vendor: Mapped[str | None] = mapped_column(String(64), nullable=True)  # OEM, for outage shocks
+    lat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    enrolled: Mapped[bool] = mapped_column(Boolean, default=True)
+    offboarded_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
+    # Battery
+    capacity_wh: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_discharge_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_charge_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    backup_reserve_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Solar
+    rated_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Thermostat
+    hvac_rated_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    comfort_max_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    comfort_min_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_offset_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Enrollment settings: fairness budgets per customer.
+    max_events_per_season: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_hours_per_season: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        Index("ix_devices_region_kind", "region", "kind"),
+        Index("ix_devices_tenant_region", "tenant_id", "region"),
+    )
+
+
+class TelemetryInterval(Base):
+    """Per-device averages over a fixed interval (5 min by default): the history that baselines
+    (10-in-10), availability rates and forecast calibration are computed from."""
+
+    __tablename__ = "telemetry_intervals"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    interval_start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    power_w: Mapped[float | None] = mapped_column(Float, nullable=True)  # battery/solar output
+    soc_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
+    indoor_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    setpoint_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hvac_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outdoor_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_telemetry_intervals_start", "interval_start_ms"),)
+
+
+class CapacityRequest(Base):
+    __tablename__ = "capacity_requests"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    region: Mapped[str] = mapped_column(String(64), index=True)
+    mw: Mapped[float] = mapped_column(Float)
+    start_ms: Mapped[int] = mapped_column(BigInteger)
+    end_ms: Mapped[int] = mapped_column(BigInteger)
+    firmness: Mapped[float] = mapped_column(Float, default=0.9)
+    direction: Mapped[str] = mapped_column(String(20), default="load_reduction")
+    max_price_per_mwh: Mapped[float | None] = mapped_column(Float, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=50)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    quoted_mw: Mapped[float] = mapped_column(Float, default=0.0)
+    quote_expires_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    body_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    performance: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_request_idem"),)
+
+
+class LedgerEntry(Base):
+    """MW booked per request, region and interval. The sum per (region, interval) never exceeds
+    P90 − margin at commit time; rows go when a request is cancelled."""
+
+    __tablename__ = "ledger_entries"
+    request_id: Mapped[str] = mapped_column(ForeignKey("capacity_requests.id"), primary_key=True)
+    interval_start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    region: Mapped[str] = mapped_column(String(64))
+    mw: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_ledger_region_interval", "region", "interval_start_ms"),)
+
+
+class RegionLock(Base):
+    """One row per region: commits lock it (SELECT … FOR UPDATE) so two racing commits for the
+    last megawatts serialise."""
+
+    __tablename__ = "region_locks"
+    region: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class GridEvent(Base):
+    __tablename__ = "grid_events"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    region: Mapped[str] = mapped_column(String(64), index=True)
+    mw: Mapped[float] = mapped_column(Float)
+    start_ms: Mapped[int] = mapped_column(BigInteger)
+    end_ms: Mapped[int] = mapped_column(BigInteger)
+    priority: Mapped[int] = mapped_column(Integer, default=100)
+    preempt: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Plan(Base):
+    """A dispatch plan for one event (a capacity request or a grid event), stored before any
+    command is sent. ``version`` rises each time the plan is re-made."""
+
+    __tablename__ = "plans"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    interval_s: Mapped[int] = mapped_column(Integer)
+    start_ms: Mapped[int] = mapped_column(BigInteger)
+    # Per interval: target_mw, planned_mw, shortfall_mw, binding constraint; per cluster MW; and
+    # device counts by kind. JSON keeps the plan readable in one row.
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Command(Base):
+    """Every command, stored before it is published; the runner resumes from these after a crash."""
+
+    __tablename__ = "commands"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # command_id, c-…
+    event_id: Mapped[str] = mapped_column(String(64), index=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    setpoint_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    offset_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    limit_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    valid_from_ms: Mapped[int] = mapped_column(BigInteger)
+    valid_until_ms: Mapped[int] = mapped_column(BigInteger)
+    randomize_start_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # pending → sent → received/started/completed, or opted_out/rejected/expired/missed/replaced
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    sent_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    ack_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_commands_event_device", "event_id", "device_id"),)
+
+
+class SettlementLine(Base):
+    """One settlement interval of one event, with the inputs kept so it can be recomputed."""
+
+    __tablename__ = "settlement_lines"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    interval_start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    interval_end_ms: Mapped[int] = mapped_column(BigInteger)
+    target_mw: Mapped[float] = mapped_column(Float)
+    baseline_mw: Mapped[float] = mapped_column(Float)
+    actual_mw: Mapped[float] = mapped_column(Float)
+    delivered_mw: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(String(40))
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -1,0 +1,28 @@
+"""Prometheus metrics, one definition per metric for the whole process (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INGEST_MESSAGES = Counter(
+    "vpp_ingest_messages_total", "MQTT messages accepted by ingest", ["topic_kind"]
+)
+INGEST_REJECTED = Counter(
+    "vpp_ingest_rejected_total", "MQTT messages dropped by ingest, by reason", ["reason"]
+)
+INGEST_BATCH_SECONDS = Histogram(
+    "vpp_ingest_batch_seconds", "Time to validate and store one ingest batch"
+)
+INGEST_CONNECTED = Gauge("vpp_ingest_connected", "1 while the ingest worker is connected")
+HISTORY_ROWS = Counter("vpp_history_rows_total", "Interval-history rows written")
+
+FLEET_DEVICES = Gauge("vpp_fleet_devices", "Registered devices", ["region", "kind"])
+FLEET_AVAILABLE_MW = Gauge("vpp_fleet_available_mw", "MW available now", ["region", "kind"])
+
+COMMANDS_SENT = Counter("vpp_commands_sent_total", "Commands published", ["type"])
+ACKS_RECEIVED = Counter("vpp_acks_total", "Command acknowledgements", ["status"])
+DEVICES_REPLACED = Counter("vpp_devices_replaced_total", "Devices replaced during events", ["why"])
+EVENT_DELIVERED_MW = Gauge("vpp_event_delivered_mw", "Estimated delivered MW", ["event_id"])
+EVENT_TARGET_MW = Gauge("vpp_event_target_mw", "Target MW", ["event_id"])
+
+HTTP_REQUESTS = Counter("vpp_http_requests_total", "HTTP requests", ["method", "route", "status"])

@@ -1,0 +1,85 @@
+"""Service settings: every knob has an embedded default so the service runs with nothing installed.
+
+Real services are selected by URL: ``VPP_DATABASE_URL`` (PostgreSQL), ``VPP_MQTT_URL`` (Mosquitto
+or any MQTT 5 broker), ``VPP_REDIS_URL`` (Redis). The embedded defaults are a SQLite file, an
+in-process MQTT broker (``memory://``) and an in-process state store (``memory://``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VPP_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./vpp.db",
+        description="SQLAlchemy async URL; postgresql+asyncpg://… in production",
+    )
+    mqtt_url: str = Field(
+        "memory://",
+        description="mqtt://user:pass@host:1883 (mqtts:// for TLS), or memory:// for the "
+        "in-process broker",
+    )
+    redis_url: str = Field(
+        "memory://", description="redis://host:6379/0, or memory:// for the in-process store"
+    )
+    time_scale: float = Field(1.0, gt=0, description="service clock speed against the wall clock")
+    time_origin: int | None = Field(
+        None, description="epoch ms where scaled time starts; default: the process start"
+    )
+
+    state_prefix: str = Field("vpp", description="key prefix in Redis (one service per prefix)")
+    topic_root: str = "vpp/v1"
+    # MQTT 5 shared-subscription group: every ingest worker in the group gets a share of the load.
+    share_group: str = "vpp-ingest"
+    # Credentials of the service's own MQTT clients (ingest, event runner, credential admin).
+    mqtt_client_id_prefix: str = "vpp-svc"
+    # Broker-side credential management: "dynsec" (Mosquitto dynamic-security plugin) or "none".
+    broker_credentials: str = "auto"
+
+    # Telemetry and freshness (domain brief): fresh within 2 expected intervals, stale after 3,
+    # offline after 15 minutes or a Last Will.
+    telemetry_interval_s: float = 300.0
+    offline_after_s: float = 900.0
+    max_clock_skew_s: float = 60.0
+    future_tolerance_s: float = 300.0
+    max_payload_bytes: int = 4096
+    history_interval_s: int = 300
+    ingest_flush_ms: int = 100
+
+    # Market rules.
+    safety_margin_pct: float = 5.0
+    region_safety_margin_pct: dict[str, float] = Field(default_factory=dict)
+    quote_ttl_s: float = 900.0
+    forecast_horizon_h: float = 48.0
+    min_notice_s: float = 0.0
+    max_request_mw: float = 100_000.0
+
+    # Dispatch.
+    replacement_reserve_pct: float = 15.0
+    settlement_interval_min: int = 5
+    command_ack_timeout_s: float = 30.0
+    control_period_s: float = 60.0
+    battery_wear_cost_per_kwh: float = 0.05
+
+    # Regions the service sells in; devices may only be registered in these.
+    regions: list[str] = Field(
+        default_factory=lambda: ["ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM"]
+    )
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    log_level: str = "info"
+
+    def margin_pct(self, region: str) -> float:
+        return self.region_safety_margin_pct.get(region, self.safety_margin_pct)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,38 @@
+"""The state store: each device's latest state, its online status, the device registry that
+ingest workers check, and the ack queue between ingest and the event runner.
+
+Redis in production (``redis://``), an in-process store by default (``memory://``)."""
+
+from __future__ import annotations
+
+from vpp.state.base import (
+    STATE_DTYPE,
+    StateStore,
+    empty_state,
+    pack_state,
+    unpack_states,
+)
+
+
+def make_state_store(url: str, prefix: str = "vpp") -> StateStore:
+    if url.startswith("memory://"):
+        from vpp.state.memory import MemoryStateStore
+
+        return MemoryStateStore()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from vpp.state.redis import RedisStateStore
+
+        return RedisStateStore(url, prefix=prefix)
+    raise ValueError(
+        f"VPP_REDIS_URL: unsupported scheme in {url!r} (redis://, rediss://, memory://)"
+    )
+
+
+__all__ = [
+    "STATE_DTYPE",
+    "StateStore",
+    "empty_state",
+    "make_state_store",
+    "pack_state",
+    "unpack_states",
+]

@@ -1,0 +1,93 @@
+"""In-process state store: the embedded default. Same semantics as the Redis store."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping
+
+from vpp.state.base import StateStore
+
+
+class MemoryStateStore(StateStore):
+    def __init__(self) -> None:
+        self._states: dict[str, bytes] = {}
+        self._status: dict[str, tuple[bool, int]] = {}
+        self._registry: dict[str, int] = {}
+        self._registry_version = 0
+        self._acks: deque[bytes] = deque()
+        self._values: dict[str, tuple[bytes, float | None]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+
+    async def put_states(self, records: Mapping[str, bytes]) -> None:
+        self._states.update(records)
+
+    async def get_states(self, device_ids: list[str]) -> list[bytes | None]:
+        return [self._states.get(d) for d in device_ids]
+
+    async def all_states(self) -> dict[str, bytes]:
+        return dict(self._states)
+
+    async def put_status(self, statuses: Mapping[str, tuple[bool, int]]) -> None:
+        self._status.update(statuses)
+
+    async def all_status(self) -> dict[str, tuple[bool, int]]:
+        return dict(self._status)
+
+    async def registry_put(self, devices: Mapping[str, int]) -> None:
+        self._registry.update(devices)
+        self._registry_version += 1
+
+    async def registry_remove(self, device_ids: list[str]) -> None:
+        for d in device_ids:
+            self._registry.pop(d, None)
+        self._registry_version += 1
+
+    async def registry_all(self) -> dict[str, int]:
+        return dict(self._registry)
+
+    async def registry_version(self) -> int:
+        return self._registry_version
+
+    async def delete_devices(self, device_ids: list[str]) -> None:
+        for d in device_ids:
+            self._states.pop(d, None)
+            self._status.pop(d, None)
+
+    async def push_acks(self, acks: list[bytes]) -> None:
+        self._acks.extend(acks)
+
+    async def pop_acks(self, max_items: int = 10_000) -> list[bytes]:
+        out = []
+        while self._acks and len(out) < max_items:
+            out.append(self._acks.popleft())
+        return out
+
+    async def set_value(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        # Leases and TTLs are wall-clock bounded: they guard processes, not simulated time.
+        self._values[key] = (value, time.monotonic() + ttl_s if ttl_s else None)
+
+    async def get_value(self, key: str) -> bytes | None:
+        item = self._values.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and time.monotonic() > expires:
+            self._values.pop(key, None)
+            return None
+        return value
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        now = time.monotonic()
+        holder = self._leases.get(name)
+        if holder is None or holder[0] == owner or holder[1] < now:
+            self._leases[name] = (owner, now + ttl_s)
+            return True
+        return False
+
+    async def ping(self) -> bool:
+        return True
+
+    async def memory_bytes(self) -> int:
+        return sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in self._states.items())
