@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from vpp.clock import Clock
 from vpp.services import Services
 from vpp.settings import Settings, get_settings
 
@@ -26,6 +27,8 @@ ROUTERS = [
     "api.routers.forecast",
     "api.routers.capacity_requests",
     "api.routers.grid_events",
+    "api.routers.events",
+    "api.routers.settlement",
     "api.routers.dashboard",
 ]
 
@@ -34,6 +37,7 @@ ROUTERS = [
 COMPONENTS = [
     "devices.ingest:IngestWorker",
     "dispatch.runner:EventRunner",
+    "vpp.forecast.service:ForecastRefresher",
 ]
 
 DESCRIPTION = """
@@ -56,6 +60,7 @@ def create_app(
     settings: Settings | None = None,
     services: Services | None = None,
     run_components: bool = False,
+    clock: Clock | None = None,
 ) -> FastAPI:
     """``services`` given: the caller owns it (tests). ``run_components``: start ingest and the
     event runner in this process (``vpp serve``)."""
@@ -63,7 +68,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
-        svc = services or await Services.create(settings or get_settings())
+        svc = services or await Services.create(settings or get_settings(), clock=clock)
         app.state.services = svc
         started = []
         if run_components:

@@ -41,9 +41,16 @@ class Services:
         from devices.mqtt import default_broker, parse_mqtt_url
 
         broker = default_broker() if parse_mqtt_url(settings.mqtt_url).is_memory else None
+        if clock is None:
+            shared = get_clock()
+            same = shared.time_scale == settings.time_scale and settings.time_origin in (
+                None,
+                shared.origin_ms,
+            )
+            clock = shared if same else Clock(settings.time_scale, settings.time_origin)
         return cls(
             settings=settings,
-            clock=clock or get_clock(),
+            clock=clock,
             db=Database(settings.database_url),
             state=make_state_store(settings.redis_url, prefix=settings.state_prefix),
             credentials=make_credential_manager(settings),
