@@ -260,7 +260,7 @@ class Registry:
 
 
 def build_registry(rows: list[tuple[Any, ...]]) -> Registry:
-    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in _REGISTRY_COLUMNS]
+    cols: list[Any] = list(zip(*rows, strict=True)) if rows else [[] for _ in _REGISTRY_COLUMNS]
     data = dict(zip(_REGISTRY_COLUMNS, cols, strict=True))
     region_codes, regions = _codes(list(data["region"]))
     vendor_codes, vendors = _codes(list(data["vendor"]))

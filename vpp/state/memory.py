@@ -59,7 +59,7 @@ class MemoryStateStore(StateStore):
         self._acks.extend(acks)
 
     async def pop_acks(self, max_items: int = 10_000) -> list[bytes]:
-        out = []
+        out: list[bytes] = []
         while self._acks and len(out) < max_items:
             out.append(self._acks.popleft())
         return out
