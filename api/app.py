@@ -37,7 +37,6 @@ ROUTERS = [
 COMPONENTS = [
     "devices.ingest:IngestWorker",
     "dispatch.runner:EventRunner",
-    "vpp.forecast.service:ForecastRefresher",
 ]
 
 DESCRIPTION = """

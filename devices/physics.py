@@ -223,14 +223,14 @@ def solar_power_w(
     gamma_pdc: float = -0.004,
     system_losses: float = 0.14,
 ) -> Array:
-    """PVWatts DC model (as pvlib's ``pvwatts_dc``) with a simple cell-temperature rise and losses."""
+    """PVWatts DC model (as pvlib's ``pvwatts_dc``) with a cell-temperature rise and losses."""
     g = np.maximum(np.asarray(irradiance_w_m2, dtype=float), 0.0)
     cell_c = np.asarray(air_temp_c, dtype=float) + g * (45.0 - 20.0) / 800.0  # NOCT estimate
     dc = np.asarray(rated_w, dtype=float) * g / 1000.0 * (1.0 + gamma_pdc * (cell_c - 25.0))
     return np.maximum(dc * (1.0 - system_losses), 0.0)
 
 
-# --- Additions for the forecaster -----------------------------------------------------------------
+# --- Additions for the forecaster ------------------------------------------------------------
 def battery_soc_projection(
     soc_pct: ArrayLike,
     capacity_wh: ArrayLike,

@@ -72,6 +72,7 @@ async def test_default_window_is_the_48h_horizon(client: Any) -> None:
     body = r.json()
     assert body["region"] == "ERCOT-NORTH" and body["step"] == "PT15M"
     assert body["calibrated"] is False  # no history yet: the brief's defaults
+    assert body["event"] == "PT5H"  # a 48 h window is served as consecutive 5 h events
     rows = body["intervals"]
     assert len(rows) == 192
     assert rows[0]["start"] == iso(NOW)
@@ -128,6 +129,17 @@ async def test_window_step_firmness_and_committed(client: Any) -> None:
     assert all(row["firm_mw"] <= row["p90_mw"] for row in rows)
 
 
+async def test_shorter_events_shed_more_per_interval(client: Any) -> None:
+    c, _ = client
+    params = {"region": "ERCOT-NORTH", "start": iso(NOW + 2 * H), "end": iso(NOW + 6 * H)}
+    long_ = (await c.get("/v1/forecast", params=params)).json()
+    short = (await c.get("/v1/forecast", params={**params, "event": "PT1H"})).json()
+    assert long_["event"] == "PT4H" and short["event"] == "PT1H"
+    assert sum(r["p50_mw"] for r in short["intervals"]) > sum(
+        r["p50_mw"] for r in long_["intervals"]
+    )
+
+
 async def test_region_without_devices_answers_zeros(client: Any) -> None:
     c, _ = client
     r = await c.get("/v1/forecast", params={"region": "PJM-DOM", "end": iso(NOW + 2 * H)})
@@ -148,6 +160,8 @@ async def test_region_without_devices_answers_zeros(client: Any) -> None:
         ({"region": "ERCOT-NORTH", "start": "yesterday"}, "start"),
         ({"region": "ERCOT-NORTH", "end": "2026-13-45T00:00:00Z"}, "end"),
         ({"region": "ERCOT-NORTH", "firmness": 0.999}, "firmness"),
+        ({"region": "ERCOT-NORTH", "event": "PT9H"}, "event"),
+        ({"region": "ERCOT-NORTH", "event": "soon"}, "event"),
     ],
 )
 async def test_bad_input_is_422_naming_the_field(

@@ -1,0 +1,161 @@
+"""GET /v1/forecast: available MW per interval as P50 and P90, with what is already committed."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, Field
+
+from api.deps import get_services, require_roles
+from vpp.forecast.service import ForecastInputError, get_forecast_service
+
+router = APIRouter()
+
+_DURATION = re.compile(
+    r"^P(?:(?P<d>\d+)D)?(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+)
+
+
+class ForecastInterval(BaseModel):
+    start: str = Field(description="interval start, RFC 3339 UTC")
+    p50_mw: float = Field(description="MW the fleet delivers with 50 % probability")
+    p90_mw: float = Field(description="MW the fleet delivers with at least 90 % probability")
+    committed_mw: float = Field(description="MW already booked for this interval")
+    firm_mw: float | None = Field(None, description="MW at the requested firmness, if asked")
+
+
+class ForecastOut(BaseModel):
+    region: str
+    step: str = Field(description="ISO 8601 duration of each interval")
+    calibrated: bool = Field(
+        description="false while the region has too little history: the brief's defaults apply"
+    )
+    n_devices: int
+    firmness: float | None = None
+    event: str = Field(description="ISO 8601 length of the event each interval is valued in")
+    intervals: list[ForecastInterval]
+
+
+def _unprocessable(field: str, message: str) -> HTTPException:
+    # Same shape as FastAPI's own validation errors, so clients read one format.
+    return HTTPException(
+        status_code=422,
+        detail=[{"loc": ["query", field], "msg": f"{field}: {message}", "type": "value_error"}],
+    )
+
+
+def parse_duration_s(text: str) -> int:
+    """ISO 8601 duration (PT15M, PT1H, P1D, PT900S) → whole seconds."""
+    match = _DURATION.match(text.strip().upper()) if text else None
+    if match is None or not any(match.groupdict().values()) or text.strip().upper().endswith("T"):
+        raise ValueError("an ISO 8601 duration such as PT15M")
+    g = {k: float(v) if v else 0.0 for k, v in match.groupdict().items()}
+    seconds = g["d"] * 86_400 + g["h"] * 3_600 + g["m"] * 60 + g["s"]
+    if seconds != int(seconds):
+        raise ValueError("must be a whole number of seconds")
+    return int(seconds)
+
+
+def format_duration(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"PT{seconds // 3600}H"
+    if seconds % 60 == 0:
+        return f"PT{seconds // 60}M"
+    return f"PT{seconds}S"
+
+
+def parse_time_ms(text: str) -> int:
+    """RFC 3339 timestamp → epoch ms; a time without an offset is taken as UTC."""
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError("an RFC 3339 time such as 2026-07-15T17:00:00Z") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def format_time(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@router.get(
+    "/v1/forecast",
+    response_model=ForecastOut,
+    response_model_exclude_none=True,
+    tags=["fleet"],
+    summary="Available MW per interval: P50, P90 and already committed",
+    responses={422: {"description": "a bad region, start, end, step or firmness (named)"}},
+)
+async def get_forecast(
+    region: str = Query(..., description="ISO zone, e.g. ERCOT-NORTH"),
+    start: str | None = Query(None, description="RFC 3339 UTC; default now"),
+    end: str | None = Query(None, description="RFC 3339 UTC; default now + the 48 h horizon"),
+    step: str = Query("PT15M", description="ISO 8601 duration dividing the window"),
+    firmness: float | None = Query(
+        None, description="also answer firm_mw, the MW held with this probability (0.5–0.99)"
+    ),
+    event: str | None = Query(
+        None,
+        description="length of the event each interval is valued in (ISO 8601, PT15M–PT5H); "
+        "default the window, cut to 5 h",
+    ),
+    services: Any = Depends(get_services),
+    _principal: Any = Depends(require_roles("admin", "operator", "fleet", "hyperscaler")),
+) -> dict[str, Any]:
+    forecaster = get_forecast_service(services)
+    now_ms = int(services.clock.now_ms())
+    try:
+        step_s = parse_duration_s(step)
+    except ValueError as exc:
+        raise _unprocessable("step", str(exc)) from exc
+    try:
+        start_ms = parse_time_ms(start) if start else now_ms
+    except ValueError as exc:
+        raise _unprocessable("start", str(exc)) from exc
+    try:
+        end_ms = parse_time_ms(end) if end else None
+    except ValueError as exc:
+        raise _unprocessable("end", str(exc)) from exc
+    if end_ms is None:
+        # Default: as many whole steps as fit before the horizon.
+        horizon_ms = int(services.settings.forecast_horizon_h * 3_600_000)
+        step_ms = max(step_s, 1) * 1000
+        end_ms = start_ms + max((now_ms + horizon_ms - start_ms) // step_ms, 1) * step_ms
+    try:
+        event_h = parse_duration_s(event) / 3600.0 if event else None
+    except ValueError as exc:
+        raise _unprocessable("event", str(exc)) from exc
+    try:
+        result = await forecaster.forecast(
+            region, start_ms, end_ms, step_s, firmness, event_h=event_h
+        )
+    except ForecastInputError as exc:
+        raise _unprocessable(exc.field, exc.message) from exc
+    committed = await forecaster.committed_mw(region, result.starts_ms, step_s)
+    intervals = []
+    for i, s in enumerate(result.starts_ms.tolist()):
+        row: dict[str, Any] = {
+            "start": format_time(s),
+            "p50_mw": round(float(result.p50_mw[i]), 4),
+            "p90_mw": round(float(result.p90_mw[i]), 4),
+            "committed_mw": round(float(committed[i]), 4),
+        }
+        if firmness is not None:
+            row["firm_mw"] = round(float(result.firm_mw[i]), 4)
+        intervals.append(row)
+    return {
+        "region": region,
+        "step": format_duration(step_s),
+        "calibrated": bool(result.calibrated),
+        "n_devices": int(result.n_devices),
+        "firmness": firmness,
+        "event": format_duration(round(result.event_h * 3600)),
+        "intervals": intervals,
+    }
+
+
+__all__ = ["format_duration", "parse_duration_s", "parse_time_ms", "router"]

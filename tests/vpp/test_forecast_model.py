@@ -1,0 +1,281 @@
+"""The pure forecaster: hand-computed aggregates, shocks, firmness, calibration."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from devices import physics
+from vpp.domain import FreshnessCode
+from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.forecast import model as m
+from vpp.forecast.backtest import BacktestConfig, run_backtest
+from vpp.forecast.synthetic import make_fleet
+from vpp.state.base import empty_state
+
+NOW = 1_783_000_800_000  # a summer afternoon, on the 15-minute grid
+H = m.HOUR_MS
+NO_SHOCKS = m.ShockParams(
+    temp_sigma_c=0.0, vendor_outage_p=0.0, optout_wave_sigma=0.0, solar_sigma=0.0
+)
+
+
+def uniform_fleet(n: int, kind: int, **cols: float) -> FleetSnapshot:
+    """n identical devices of one kind in one region, online and fresh."""
+    state = np.repeat(empty_state(), n)
+    state["recv_ms"] = NOW
+    for name in ("soc_pct", "setpoint_c", "indoor_c", "backup_reserve_pct"):
+        if name in cols:
+            state[name] = cols[name]
+    state["mode"] = physics.MODE_COOL if kind == THERMOSTAT else -1
+
+    def col(name: str) -> np.ndarray:
+        return np.full(n, cols.get(name, np.nan))
+
+    return FleetSnapshot(
+        now_ms=NOW,
+        device_ids=np.array([f"d{i}" for i in range(n)], dtype=object),
+        tenant_ids=np.full(n, "t", dtype=object),
+        region_codes=np.zeros(n, np.int32),
+        regions=["ERCOT-NORTH"],
+        kind_codes=np.full(n, kind, np.int8),
+        vendor_codes=np.zeros(n, np.int32),
+        vendors=["v"],
+        feeder_codes=np.zeros(n, np.int32),
+        feeders=[""],
+        enrolled=np.ones(n, bool),
+        capacity_wh=col("capacity_wh"),
+        max_discharge_w=col("max_discharge_w"),
+        max_charge_w=col("max_charge_w"),
+        backup_reserve_pct=col("backup_reserve_pct"),
+        rated_w=col("rated_w"),
+        hvac_rated_w=col("hvac_rated_w"),
+        comfort_max_c=col("comfort_max_c"),
+        comfort_min_c=col("comfort_min_c"),
+        max_offset_c=col("max_offset_c"),
+        lat=col("lat"),
+        lon=col("lon"),
+        state=state,
+        online=np.ones(n, bool),
+        freshness=np.full(n, FreshnessCode.fresh, np.int8),
+    )
+
+
+def flat_weather(temp_c: float, ghi: float = 0.0, hours: int = 60) -> m.WeatherForecast:
+    n = hours * 4 + 2
+    return m.WeatherForecast(NOW, 900, np.full(n, ghi), np.full(n, temp_c), -5.0)
+
+
+def certain(n: int) -> m.RegionCalibration:
+    """Every device online and nobody opts out, no shocks: the forecast is pure physics."""
+    return m.RegionCalibration(
+        calibrated=True, online_rate=np.ones(n), optout_rate=np.zeros(n), shocks=NO_SHOCKS
+    )
+
+
+def run(
+    snap: FleetSnapshot,
+    calib: m.RegionCalibration,
+    start: int,
+    end: int,
+    weather: m.WeatherForecast | None = None,
+    **kw: Any,
+) -> m.ForecastResult:
+    rows = np.arange(len(snap))
+    dev = m.region_devices(snap, rows, calib)
+    return m.forecast_region(
+        "ERCOT-NORTH", dev, weather or flat_weather(35.0), NOW, start, end, 900, calib, **kw
+    )
+
+
+def test_quantile_for_firmness() -> None:
+    assert m.quantile_for_firmness(0.9) == pytest.approx(0.1)
+    assert m.quantile_for_firmness(0.5) == pytest.approx(0.5)
+    assert m.quantile_for_firmness(0.99) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        m.quantile_for_firmness(0.999)
+
+
+def test_batteries_sum_to_hand_computed_mw() -> None:
+    # 1000 × 13.5 kWh at 80 %, reserve 20 %, 5 kW, over a 2 h window starting now:
+    # 8.1 kWh × 0.949 / 2 h = 3.8435 kW each → 3.8435 MW, certain.
+    snap = uniform_fleet(
+        1000,
+        BATTERY,
+        capacity_wh=13_500.0,
+        max_discharge_w=5_000.0,
+        max_charge_w=5_000.0,
+        backup_reserve_pct=20.0,
+        soc_pct=80.0,
+    )
+    res = run(snap, certain(1000), NOW, NOW + 2 * H)
+    assert res.starts_ms.size == 8
+    np.testing.assert_allclose(res.p50_mw, 3.8435, atol=5e-3)
+    np.testing.assert_allclose(res.p90_mw, 3.8435, atol=5e-3)
+    assert res.calibrated and res.n_devices == 1000
+
+
+def test_online_rate_and_optout_scale_the_mw() -> None:
+    # Online 80 %, opt-out 10 % at 2 h: 3.8435 MW × 0.8 × 0.9 = 2.7673 MW expected.
+    snap = uniform_fleet(
+        1000,
+        BATTERY,
+        capacity_wh=13_500.0,
+        max_discharge_w=5_000.0,
+        max_charge_w=5_000.0,
+        backup_reserve_pct=20.0,
+        soc_pct=80.0,
+    )
+    # Present state forgotten at once (persistence ~0): the long-run rates alone apply.
+    calib = replace(
+        certain(1000),
+        online_rate=np.full(1000, 0.8),
+        optout_rate=np.full(1000, 0.1),
+        shocks=replace(NO_SHOCKS, persistence_h=1e-6),
+    )
+    res = run(snap, calib, NOW + H, NOW + 3 * H, weather=flat_weather(30.0, ghi=0.0))
+    # No PV in these homes: batteries are held in backup mode until the window.
+    assert res.expected_mw.mean() == pytest.approx(3.8435 * 0.8 * 0.9, rel=0.02)
+    # Binomial noise only: the P90 sits a little below the P50.
+    assert (res.p90_mw < res.p50_mw).all()
+    assert (res.p50_mw - res.p90_mw).max() < 0.05 * res.p50_mw.max()
+
+
+def test_thermostats_match_the_rc_model_and_fall_with_event_length() -> None:
+    # 1000 homes at 24 °C, comfort 26 °C, max offset 2 °C → the default +1.7 °C offset;
+    # 35 °C outside all day.
+    snap = uniform_fleet(
+        1000,
+        THERMOSTAT,
+        setpoint_c=24.0,
+        indoor_c=24.0,
+        hvac_rated_w=5_600.0,
+        comfort_max_c=26.0,
+        comfort_min_c=18.0,
+        max_offset_c=2.0,
+    )
+    two = run(snap, certain(1000), NOW + H, NOW + 3 * H)
+    four = run(snap, certain(1000), NOW + H, NOW + 5 * H)
+    shed2, _, _ = physics.thermostat_shed(24.0, 24.0, 35.0, 1.7, 2.0, 5.6)
+    shed4, _, _ = physics.thermostat_shed(24.0, 24.0, 35.0, 1.7, 4.0, 5.6)
+    np.testing.assert_allclose(two.p50_mw, float(shed2), rtol=0.01)
+    np.testing.assert_allclose(four.p50_mw, float(shed4), rtol=0.01)
+    assert four.p50_mw.mean() < two.p50_mw.mean()
+
+
+def test_temperature_error_spreads_thermostat_forecast() -> None:
+    snap = uniform_fleet(
+        1000,
+        THERMOSTAT,
+        setpoint_c=24.0,
+        hvac_rated_w=5_600.0,
+        comfort_max_c=27.0,
+        max_offset_c=2.0,
+    )
+    calib = replace(certain(1000), shocks=replace(NO_SHOCKS, temp_sigma_c=2.0))
+    res = run(snap, calib, NOW + 20 * H, NOW + 22 * H, weather=flat_weather(29.0))
+    assert (res.p90_mw < 0.97 * res.p50_mw).all()
+
+
+def test_vendor_outage_and_opt_out_wave_lower_p90() -> None:
+    snap = uniform_fleet(
+        2000,
+        BATTERY,
+        capacity_wh=13_500.0,
+        max_discharge_w=5_000.0,
+        max_charge_w=5_000.0,
+        backup_reserve_pct=20.0,
+        soc_pct=90.0,
+    )
+    calm = run(snap, certain(2000), NOW, NOW + 2 * H)
+    stormy_calib = replace(
+        certain(2000),
+        optout_rate=np.full(2000, 0.05),
+        shocks=replace(NO_SHOCKS, vendor_outage_p=0.15, optout_wave_sigma=0.8),
+    )
+    stormy = run(snap, stormy_calib, NOW, NOW + 2 * H)
+    assert stormy.p90_mw.mean() < 0.9 * calm.p90_mw.mean()
+
+
+def test_firmness_quantile_is_between() -> None:
+    fleet = make_fleet(3000, ["ERCOT-NORTH"], now_ms=NOW, seed=3)
+    calib = m.RegionCalibration()
+    res = run(fleet.snap, calib, NOW + 20 * H, NOW + 23 * H, firmness=0.97)
+    p70 = run(fleet.snap, calib, NOW + 20 * H, NOW + 23 * H, firmness=0.7)
+    assert (res.firm_mw <= res.p90_mw + 1e-9).all()
+    assert (p70.firm_mw >= p70.p90_mw - 1e-9).all()
+    assert (p70.firm_mw <= p70.p50_mw + 1e-9).all()
+    assert not res.calibrated  # no history: the brief's defaults
+
+
+def test_a_fifth_of_batteries_offline_moves_next_hour() -> None:
+    fleet = make_fleet(5000, ["ERCOT-NORTH"], now_ms=NOW, seed=4, kind_mix=(1.0, 0.0, 0.0))
+    snap = fleet.snap
+    before = run(snap, m.RegionCalibration(), NOW, NOW + 48 * H)
+    off = snap.online.copy()
+    off[np.arange(len(snap)) % 5 == 0] = False
+    after = run(replace(snap, online=off), m.RegionCalibration(), NOW, NOW + 48 * H)
+    first_hour = slice(0, 4)
+    assert after.p90_mw[first_hour].mean() < 0.85 * before.p90_mw[first_hour].mean()
+    # A day later the present outage says little: long-run rates dominate.
+    later = slice(96, 100)
+    assert after.p90_mw[later].mean() > 0.97 * before.p90_mw[later].mean()
+
+
+def test_region_without_devices_is_zero() -> None:
+    snap = uniform_fleet(10, BATTERY, soc_pct=50.0)
+    dev = m.region_devices(snap, np.zeros(0, np.int64), m.RegionCalibration())
+    res = m.forecast_region(
+        "X", dev, flat_weather(30.0), NOW, NOW, NOW + 4 * H, 900, m.RegionCalibration()
+    )
+    assert res.starts_ms.size == 16
+    assert (res.p50_mw == 0).all() and (res.p90_mw == 0).all() and res.n_devices == 0
+
+
+def test_shrunk_rates_stay_near_the_prior_with_little_history() -> None:
+    # 1 of 2 intervals seen, prior 0.9 worth 10: (1 + 9) / (2 + 10) = 0.8333.
+    assert m.shrunk_rate(np.array([1.0]), np.array([2.0]), 0.9, 10.0)[0] == pytest.approx(10 / 12)
+    rates = m.estimate_optout_rates(np.array([0.0, 5.0, 0.0]), np.array([0.0, 10.0, 2.0]), 0.1)
+    assert np.isnan(rates[0])  # no commands → default later
+    assert rates[1] == pytest.approx((5 + 1) / 20)
+    assert rates[2] == pytest.approx(1 / 12)
+    # Region 0: 100 and 50 of 100 intervals (pooled 0.75); region 1: no expected intervals.
+    online, pooled = m.estimate_online_rates(
+        np.array([100.0, 50.0, 0.0]),
+        np.array([100.0, 100.0, 0.0]),
+        [0, 0, 1],
+        prior_intervals=100.0,
+    )
+    np.testing.assert_allclose(pooled, [0.75, m.DEFAULT_ONLINE_RATE])
+    # (100 + 75) / 200 = 0.875; (50 + 75) / 200 = 0.625.
+    np.testing.assert_allclose(online[:2], [0.875, 0.625])
+    assert np.isnan(online[2])
+
+
+def test_quantile_map_learns_from_pits() -> None:
+    rng = np.random.default_rng(0)
+    uniform = m.QuantileMap(rng.random(20_000), guard=0.0)
+    assert float(uniform.level(0.1)) == pytest.approx(0.1, abs=0.01)
+    # Realised values fell below the forecast's 10th percentile 20 % of the time: the map asks
+    # for a lower level so the P90 holds again.
+    over = m.QuantileMap(
+        np.concatenate([rng.random(4000) * 0.1, 0.1 + rng.random(16_000) * 0.9]), guard=0.0
+    )
+    assert float(over.level(0.1)) < 0.06
+    assert float(m.QuantileMap().level(0.1)) == pytest.approx(0.09)  # guard only
+
+
+def test_pit() -> None:
+    scen = np.arange(100, dtype=float)[:, None] * np.ones((1, 2))
+    np.testing.assert_allclose(m.pit(scen, np.array([9.5, 200.0])), [0.1, 1.0])
+
+
+def test_small_backtest_runs_and_scores() -> None:
+    rep = run_backtest(BacktestConfig(n_devices=1500, history_days=6, test_days=6, n_scenarios=300))
+    assert rep.realised.shape == (13, 2, 12)
+    assert 0.5 <= rep.coverage() <= 1.0
+    assert rep.pinball("model", 0.5) > 0.0
+    assert rep.calibrated[-1].all() and not rep.calibrated[1].any()

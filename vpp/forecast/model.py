@@ -1,0 +1,765 @@
+"""The forecaster, pure: flexible MW per region and interval as a distribution, by scenarios.
+
+How it scales (1 M devices × 192 intervals in well under a second of numpy):
+1. Devices are grouped into clusters (kind × vendor × state bucket × online-now) with one
+   ``np.unique``; a cluster carries its mean physics parameters and the SUMS of its members'
+   availability probabilities, which is all the expectation needs (it is linear in them).
+2. Physics runs per cluster, not per device: thermostat shed at each interval for a grid of
+   outdoor-temperature errors, battery power from the state of charge projected to each event's
+   start for a grid of solar outcomes.
+3. Scenarios draw the shocks that move many devices together, per region and lead day:
+   temperature forecast error, a vendor's cloud going down, an opt-out wave (scaled by event
+   length and consecutive event days), a cloudy or sunny day for battery charging. Device-level
+   independent noise (online/opt-out coin flips) enters in closed form as a binomial variance.
+4. P90 = the value exceeded in 90 % of scenarios = the 10th percentile; a firmness f asks for the
+   (1 − f) quantile. A :class:`QuantileMap` learnt from past forecast-vs-realised outcomes
+   (probability integral transforms) moves the levels so that the P90 holds ~90 % of the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from devices import physics
+from vpp.domain import (
+    BATTERY_DEFAULT_CAPACITY_WH,
+    BATTERY_DEFAULT_MAX_DISCHARGE_W,
+    BATTERY_MIN_RESERVE_PCT,
+    THERMOSTAT_DEFAULT_MAX_OFFSET_C,
+    THERMOSTAT_DEFAULT_OFFSET_C,
+    THERMOSTAT_RATED_W,
+)
+from vpp.fleet import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+
+# --- Defaults from the domain brief (used until history says otherwise) -------------------------
+DEFAULT_ONLINE_RATE = 0.95  # share of intervals a device reports; brief: realised 67–79 % of plan
+DEFAULT_OPTOUT_AT_2H = {BATTERY: 0.03, THERMOSTAT: 0.10, SOLAR: 0.0}  # brief: ~10 % at 2 h
+OPTOUT_DURATION_EXPONENT = 0.7  # overrides grow with duration: 10 % at 2 h → 16 % at 4 h
+OPTOUT_PER_CONSECUTIVE_DAY = 0.2  # +20 % of the base rate per consecutive event day before
+MAX_EVENT_H = 5.0  # events last 1–5 h: a longer window is served as consecutive events
+DEFAULT_SETPOINT_C = 24.0
+DEFAULT_HEAT_SETPOINT_C = 20.0
+# Home load that batteries cover outside events (self-consumption), W by local hour.
+HOME_LOAD_W = np.array(
+    [
+        500,
+        450,
+        450,
+        450,
+        450,
+        500,
+        700,
+        900,
+        800,
+        700,
+        650,
+        650,
+        650,
+        650,
+        700,
+        800,
+        1000,
+        1400,
+        1600,
+        1600,
+        1400,
+        1100,
+        800,
+        600,
+    ],
+    dtype=float,
+)
+MAX_PV_PER_BATTERY_W = 10_000.0
+# Shock grids: physics is evaluated at these points and scenarios interpolate between them.
+TEMP_GRID_C = np.linspace(-8.0, 8.0, 17)
+SOLAR_GRID = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+
+
+@dataclass(frozen=True)
+class ShockParams:
+    """Magnitudes of the common shocks. Defaults are priors; :func:`estimate_*` learn them."""
+
+    temp_sigma_c: float = 1.5  # day-ahead error of the outdoor temperature, per region-day
+    temp_sigma_growth_per_day: float = 0.3  # relative growth of that error per lead day
+    vendor_outage_p: float = 0.02  # probability a vendor's cloud is down on a given day
+    vendor_outage_depth: tuple[float, float] = (0.5, 1.0)  # share of its fleet lost, uniform
+    optout_wave_sigma: float = 0.4  # log-sd of the opt-out multiplier shared by a region-day
+    solar_sigma: float = 0.3  # sd of the day's solar energy against its forecast (relative)
+    persistence_h: float = 2.0  # how long a device's present online/offline state persists
+
+
+@dataclass(frozen=True)
+class QuantileMap:
+    """Recalibration of quantile levels from past probability integral transforms (PIT).
+
+    A PIT is the share of a past forecast's scenarios below what was realised. If forecasts were
+    perfectly calibrated PITs would be uniform; the level that makes the realised value fall
+    below the forecast quantile with probability q is the q-quantile of the PITs (conformal /
+    Kuleshov recalibration). With few PITs the map shrinks toward the identity.
+    """
+
+    pits: F64 = field(default_factory=lambda: np.zeros(0))
+    prior_strength: float = 20.0
+    # Lower quantiles aim a little inside the promise: a P90 aims to hold 91 % of the time
+    # (inside the accepted 88–95 % band) because a shortfall costs the buyer's penalty,
+    # about $1,150/MWh, while unsold capacity costs only the margin.
+    guard: float = 0.1
+
+    def level(self, q: float | F64) -> F64:
+        q_arr = np.asarray(q, dtype=float)
+        aim = np.where(q_arr < 0.5, q_arr * (1.0 - self.guard), q_arr)
+        n = self.pits.size
+        if n == 0:
+            return aim
+        learnt = np.quantile(self.pits, np.clip(aim, 0.0, 1.0))
+        w = n / (n + self.prior_strength)
+        return np.clip(w * learnt + (1.0 - w) * aim, 0.0005, 0.9995)
+
+
+@dataclass
+class RegionCalibration:
+    """What history taught about one region. Per-device arrays align with the snapshot rows
+    (NaN: no history for that device → the brief's default)."""
+
+    calibrated: bool = False
+    online_rate: F64 | None = None
+    optout_rate: F64 | None = None  # at a 2 h event
+    shocks: ShockParams = field(default_factory=ShockParams)
+    quantiles: QuantileMap = field(default_factory=QuantileMap)
+    consecutive_event_days: int = 0
+
+
+@dataclass(frozen=True)
+class WeatherForecast:
+    """Forecast weather for one region on a regular grid from ``start_ms`` (pure data)."""
+
+    start_ms: int
+    dt_s: int
+    ghi_w_m2: F64
+    temp_c: F64
+    tz_offset_h: float = 0.0
+
+    def at(self, epoch_ms: npt.ArrayLike) -> tuple[F64, F64]:
+        t = (np.asarray(epoch_ms, dtype=float) - self.start_ms) / (self.dt_s * 1000.0)
+        x = np.arange(self.ghi_w_m2.size, dtype=float)
+        return np.interp(t, x, self.ghi_w_m2), np.interp(t, x, self.temp_c)
+
+
+@dataclass
+class ForecastResult:
+    region: str
+    starts_ms: I64
+    step_s: int
+    p50_mw: F64
+    p90_mw: F64
+    firm_mw: F64  # at the requested firmness, else = p90
+    calibrated: bool
+    n_devices: int
+    firmness: float | None = None
+    event_h: float = 2.0
+    expected_mw: F64 = field(default_factory=lambda: np.zeros(0))
+    scenarios_mw: F64 | None = None  # (S, T), kept only when asked for (back-tests)
+
+    def quantile(self, q: float) -> F64:
+        if self.scenarios_mw is None:
+            raise ValueError("scenarios were not kept")
+        return np.quantile(self.scenarios_mw, q, axis=0)
+
+
+def quantile_for_firmness(firmness: float) -> float:
+    """A firmness f (delivered with probability ≥ f) is the (1 − f) quantile of the MW."""
+    if not 0.5 <= firmness <= 0.99:
+        raise ValueError("firmness must be within 0.5–0.99")
+    return 1.0 - firmness
+
+
+def interval_starts(start_ms: int, end_ms: int, step_s: int) -> I64:
+    return np.arange(start_ms, end_ms, step_s * 1000, dtype=np.int64)
+
+
+def event_hours(start_ms: int, end_ms: int) -> float:
+    """Length of the event each interval is served by: the window, cut to the longest event."""
+    return float(min(max((end_ms - start_ms) / HOUR_MS, 0.25), MAX_EVENT_H))
+
+
+def optout_scale(event_h: float, consecutive_days: int) -> float:
+    """Opt-out rate relative to a 2 h event on a fresh day."""
+    return float(
+        (event_h / 2.0) ** OPTOUT_DURATION_EXPONENT
+        * (1 + OPTOUT_PER_CONSECUTIVE_DAY * max(consecutive_days, 0))
+    )
+
+
+def home_load_w(epoch_ms: npt.ArrayLike, tz_offset_h: float) -> F64:
+    hour = (np.asarray(epoch_ms, dtype=float) / HOUR_MS + tz_offset_h) % 24.0
+    lo = np.floor(hour).astype(int) % 24
+    frac = hour - np.floor(hour)
+    return HOME_LOAD_W[lo] * (1 - frac) + HOME_LOAD_W[(lo + 1) % 24] * frac
+
+
+# --- Clusters ------------------------------------------------------------------------------------
+@dataclass
+class Clusters:
+    """Devices of one kind in one region, grouped. Sums are over members."""
+
+    vendor: I64  # (C,)
+    n: F64  # members
+    online_now: F64  # 1 if the cluster's members are dispatchable now, else 0
+    sum_p: F64  # Σ long-run online rate
+    sum_r: F64  # Σ opt-out rate (2 h event)
+    sum_pr: F64  # Σ p·r
+    params: dict[str, F64]  # mean physics parameters
+
+
+def _bucket(x: F64, width: float, lo: float, n: int) -> I64:
+    return np.clip(np.floor((np.nan_to_num(x, nan=lo) - lo) / width), 0, n - 1).astype(np.int64)
+
+
+def _cluster(
+    keys: list[tuple[I64, int]],
+    vendor: I64,
+    online_now: npt.NDArray[np.bool_],
+    p: F64,
+    r: F64,
+    params: dict[str, F64],
+) -> Clusters:
+    """Group rows by the mixed-radix key and sum/mean what the forecast needs."""
+    key = np.zeros(vendor.size, dtype=np.int64)
+    for digits, radix in keys:
+        key = key * radix + digits
+    uniq, inv = np.unique(key, return_inverse=True)
+    c = uniq.size
+    n = np.bincount(inv, minlength=c).astype(float)
+
+    def total(w: F64) -> F64:
+        return np.asarray(np.bincount(inv, weights=w, minlength=c), dtype=float)
+
+    first = np.zeros(c, dtype=np.int64)
+    first[inv[::-1]] = np.arange(inv.size)[::-1]  # any member: vendor/online are in the key
+    return Clusters(
+        vendor=vendor[first].astype(np.int64),
+        n=n,
+        online_now=online_now[first].astype(float),
+        sum_p=total(p),
+        sum_r=total(r),
+        sum_pr=total(p * r),
+        params={k: total(v) / n for k, v in params.items()},
+    )
+
+
+def _rates(n: int, given: F64 | None, default: float) -> F64:
+    if given is None:
+        return np.full(n, default)
+    return np.where(np.isnan(given), default, np.clip(given, 0.0, 1.0))
+
+
+@dataclass
+class RegionDevices:
+    """One region's rows of a snapshot: the forecaster's input (built once per snapshot)."""
+
+    n_devices: int
+    n_vendors: int
+    batteries: Clusters | None
+    thermostats: Clusters | None
+    pv_share: float  # share of battery homes with PV
+    pv_w: float  # mean PV size of those homes
+    nameplate_kw: float
+
+
+def region_devices(
+    snap: FleetSnapshot,
+    rows: npt.NDArray[np.int64],
+    calib: RegionCalibration,
+) -> RegionDevices:
+    """Cluster a region's devices (``rows`` index the snapshot); vectorised, no device loop."""
+    kind = snap.kind_codes[rows]
+    enrolled = snap.enrolled[rows]
+    online_now = snap.dispatchable()[rows]
+    vendor = snap.vendor_codes[rows].astype(np.int64)
+    n_vendors = max(len(snap.vendors), 1)
+    st = snap.state[rows]
+    p_all = _rates(
+        rows.size,
+        None if calib.online_rate is None else calib.online_rate[rows],
+        DEFAULT_ONLINE_RATE,
+    )
+    p_all = np.where(enrolled, p_all, 0.0)  # not enrolled: never available
+    r_given = None if calib.optout_rate is None else calib.optout_rate[rows]
+
+    bat_rows = np.flatnonzero((kind == BATTERY) & enrolled)
+    th_rows = np.flatnonzero((kind == THERMOSTAT) & enrolled)
+    solar_rows = np.flatnonzero(kind == SOLAR)
+
+    batteries = None
+    if bat_rows.size:
+        cap = np.nan_to_num(snap.capacity_wh[rows][bat_rows], nan=BATTERY_DEFAULT_CAPACITY_WH)
+        dis = np.nan_to_num(
+            snap.max_discharge_w[rows][bat_rows], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W
+        )
+        chg = np.nan_to_num(snap.max_charge_w[rows][bat_rows], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W)
+        res_state = st["backup_reserve_pct"][bat_rows].astype(float)
+        reserve = physics.battery_reserve_pct(
+            np.where(
+                np.isnan(res_state),
+                np.nan_to_num(snap.backup_reserve_pct[rows][bat_rows], nan=BATTERY_MIN_RESERVE_PCT),
+                res_state,
+            )
+        )
+        soc = st["soc_pct"][bat_rows].astype(float)
+        soc = np.where(np.isnan(soc), 50.0, soc)  # never reported: assume half full
+        r = _rates(
+            bat_rows.size,
+            None if r_given is None else r_given[bat_rows],
+            DEFAULT_OPTOUT_AT_2H[BATTERY],
+        )
+        batteries = _cluster(
+            [
+                (vendor[bat_rows], n_vendors),
+                (_bucket(soc, 2.5, 0.0, 41), 41),
+                (_bucket(cap, 1000.0, 0.0, 64), 64),
+                (_bucket(dis, 500.0, 0.0, 64), 64),
+                (_bucket(chg, 1000.0, 0.0, 32), 32),
+                (_bucket(reserve, 5.0, 0.0, 21), 21),
+                (online_now[bat_rows].astype(np.int64), 2),
+            ],
+            vendor[bat_rows],
+            online_now[bat_rows],
+            p_all[bat_rows],
+            r,
+            {
+                "soc_pct": soc,
+                "capacity_wh": cap,
+                "max_discharge_w": dis,
+                "max_charge_w": chg,
+                "reserve_pct": reserve,
+            },
+        )
+
+    thermostats = None
+    if th_rows.size:
+        mode = st["mode"][th_rows].astype(np.int64)
+        mode = np.where((mode < 0) | (mode > physics.MODE_AUTO), physics.MODE_AUTO, mode)
+        sp = st["setpoint_c"][th_rows].astype(float)
+        sp = np.where(
+            np.isnan(sp),
+            np.where(mode == physics.MODE_HEAT, DEFAULT_HEAT_SETPOINT_C, DEFAULT_SETPOINT_C),
+            sp,
+        )
+        rated = np.nan_to_num(snap.hvac_rated_w[rows][th_rows], nan=THERMOSTAT_RATED_W)
+        offset = np.minimum(
+            THERMOSTAT_DEFAULT_OFFSET_C,
+            np.nan_to_num(snap.max_offset_c[rows][th_rows], nan=THERMOSTAT_DEFAULT_MAX_OFFSET_C),
+        )
+        room_cool = np.nan_to_num(snap.comfort_max_c[rows][th_rows], nan=99.0) - sp
+        room_heat = sp - np.nan_to_num(snap.comfort_min_c[rows][th_rows], nan=-99.0)
+        off_cool = np.clip(np.minimum(offset, room_cool), 0.0, None)
+        off_heat = np.clip(np.minimum(offset, room_heat), 0.0, None)
+        r = _rates(
+            th_rows.size,
+            None if r_given is None else r_given[th_rows],
+            DEFAULT_OPTOUT_AT_2H[THERMOSTAT],
+        )
+        # A unit switched off sheds nothing: it keeps its cluster (mode in the key) at offset 0.
+        is_off = mode == physics.MODE_OFF
+        off_cool = np.where(is_off, 0.0, off_cool)
+        off_heat = np.where(is_off, 0.0, off_heat)
+        thermostats = _cluster(
+            [
+                (vendor[th_rows], n_vendors),
+                (mode, 4),
+                (_bucket(sp, 0.5, 10.0, 41), 41),
+                (_bucket(rated, 500.0, 0.0, 40), 40),
+                (_bucket(off_cool, 0.25, 0.0, 13), 13),
+                (_bucket(off_heat, 0.25, 0.0, 13), 13),
+                (online_now[th_rows].astype(np.int64), 2),
+            ],
+            vendor[th_rows],
+            online_now[th_rows],
+            p_all[th_rows],
+            r,
+            {
+                "setpoint_c": sp,
+                "rated_kw": rated / 1000.0,
+                "off_cool": off_cool,
+                "off_heat": off_heat,
+                "mode": mode.astype(float),
+            },
+        )
+
+    # PV attached to battery homes: the registry does not pair them, so assume the region's
+    # solar devices sit in battery homes first (share ≤ 1) at their mean size.
+    n_bat = max(bat_rows.size, 1)
+    solar_rated = np.nan_to_num(snap.rated_w[rows][solar_rows], nan=0.0)
+    pv_share = float(min(1.0, solar_rows.size / n_bat)) if bat_rows.size else 0.0
+    pv_w = float(min(solar_rated.mean(), MAX_PV_PER_BATTERY_W)) if solar_rows.size else 0.0
+    nameplate_kw = float(
+        (
+            np.nan_to_num(
+                snap.max_discharge_w[rows][bat_rows], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W
+            ).sum()
+            / 1000.0
+        )
+        + 1.1 * th_rows.size  # brief: ~1.1 kW of one-hour shift per thermostat
+    )
+    return RegionDevices(
+        int(rows.size), n_vendors, batteries, thermostats, pv_share, pv_w, nameplate_kw
+    )
+
+
+# --- Physics per cluster --------------------------------------------------------------------------
+def _thermostat_table(cl: Clusters, out_c: F64, event_h: float) -> F64:
+    """Average shed kW per member, shape (C, T, K) over intervals × temperature errors."""
+    prm = cl.params
+    sp = prm["setpoint_c"][:, None, None]
+    temp = out_c[None, :, None] + TEMP_GRID_C[None, None, :]
+    mode = np.rint(prm["mode"]).astype(np.int64)[:, None, None]
+    heating = (mode == physics.MODE_HEAT) | ((mode == physics.MODE_AUTO) & (temp < sp))
+    offset = np.where(heating, prm["off_heat"][:, None, None], prm["off_cool"][:, None, None])
+    shed, _, _ = physics.thermostat_shed(
+        sp,
+        sp,
+        temp,
+        offset,
+        event_h,
+        prm["rated_kw"][:, None, None],
+        heating=heating,
+    )
+    return np.where(mode == physics.MODE_OFF, 0.0, np.nan_to_num(shed))
+
+
+def _battery_table(
+    cl: Clusters,
+    dev: RegionDevices,
+    weather: WeatherForecast,
+    now_ms: int,
+    event_starts_ms: I64,
+    event_h: float,
+) -> F64:
+    """Deliverable kW per member, shape (C, E, K) over event starts × solar outcomes."""
+    prm = cl.params
+    step_ms = weather.dt_s * 1000
+    n_steps = int(max(0, np.ceil((event_starts_ms.max() - now_ms) / step_ms)))
+    times = now_ms + np.arange(n_steps, dtype=np.int64) * step_ms + step_ms // 2
+    ghi, temp = weather.at(times)
+    pv_unit = physics.solar_power_w(ghi, 1.0, temp)  # W per W of rated PV
+    load = home_load_w(times, weather.tz_offset_h)
+    # Axis 0: with / without PV; 1: clusters; 2: solar outcomes.
+    pv_size = np.array([dev.pv_w, 0.0])[:, None, None]
+    pv = pv_unit[:, None, None, None] * pv_size[None] * SOLAR_GRID[None, None, None, :]
+    # Homes with PV run self-consumption (charge from the surplus, cover the evening); homes
+    # without PV keep their battery in backup mode (held), so only the former see the load.
+    load_by_variant = load[:, None, None, None] * np.array([1.0, 0.0])[None, :, None, None]
+    shape = (2, cl.n.size, SOLAR_GRID.size)
+
+    def b(name: str) -> F64:
+        return np.broadcast_to(prm[name][None, :, None], shape)
+
+    if n_steps:
+        soc_path = physics.battery_soc_projection(
+            b("soc_pct"),
+            b("capacity_wh"),
+            b("max_discharge_w"),
+            b("max_charge_w"),
+            b("reserve_pct"),
+            pv,
+            load_by_variant,
+            weather.dt_s,
+        )
+        idx = np.clip(np.ceil((event_starts_ms - now_ms) / step_ms).astype(int) - 1, -1, None)
+        soc0 = np.broadcast_to(b("soc_pct"), shape)[None]
+        soc_at = np.concatenate([soc0, soc_path])[idx + 1]  # (E, 2, C, K)
+    else:
+        soc_at = np.broadcast_to(b("soc_pct"), shape)[None].repeat(event_starts_ms.size, axis=0)
+    kw = physics.battery_deliverable_kw(
+        soc_at,
+        b("capacity_wh")[None],
+        b("max_discharge_w")[None],
+        b("reserve_pct")[None],
+        event_h,
+    )
+    kw = dev.pv_share * kw[:, 0] + (1.0 - dev.pv_share) * kw[:, 1]  # (E, C, K)
+    return np.transpose(kw, (1, 0, 2))
+
+
+def _group_tables(
+    cl: Clusters,
+    per_member: F64,
+    phi: F64,
+    n_groups: int,
+) -> tuple[F64, F64, F64]:
+    """Sum cluster tables (C, T, K) into vendor groups: availability-weighted MW (kW) without
+    opt-out, the opt-out part, and the independent (binomial) variance per interval."""
+    # Expected available members at lead time: Σp + (n·online_now − Σp)·φ(τ) (persistence).
+    avail = cl.sum_p[:, None] + (cl.n * cl.online_now - cl.sum_p)[:, None] * phi[None, :]
+    mean_r = cl.sum_r / np.maximum(cl.n, 1.0)
+    p_bar = np.clip(avail / np.maximum(cl.n[:, None], 1.0), 0.0, 1.0)  # (C, T)
+    # Σ p_i r_i, moved with the same persistence (r is a property of the customer, not of τ).
+    avail_r = cl.sum_pr[:, None] + (cl.n * cl.online_now * mean_r - cl.sum_pr)[:, None] * phi
+    onehot = np.zeros((n_groups, cl.n.size))
+    onehot[cl.vendor, np.arange(cl.n.size)] = 1.0
+    c, t, k = per_member.shape
+    ta = (onehot @ (per_member * avail[:, :, None]).reshape(c, t * k)).reshape(n_groups, t, k)
+    tr = (onehot @ (per_member * avail_r[:, :, None]).reshape(c, t * k)).reshape(n_groups, t, k)
+    q = np.clip(p_bar * (1.0 - mean_r[:, None]), 0.0, 1.0)
+    mid = per_member[:, :, k // 2]
+    var = (mid**2 * cl.n[:, None] * q * (1.0 - q)).sum(axis=0)
+    return ta, tr, var
+
+
+def _interp_grid(table: F64, grid: F64, x: F64) -> F64:
+    """table (G, T, K) on a uniform grid; x (S, T) → (G, S, T)."""
+    pos = np.clip((x - grid[0]) / (grid[1] - grid[0]), 0.0, grid.size - 1 - 1e-9)
+    lo = np.floor(pos).astype(np.int64)
+    frac = pos - lo
+    t_idx = np.arange(table.shape[1])[None, :]
+    return table[:, t_idx, lo] * (1.0 - frac) + table[:, t_idx, lo + 1] * frac
+
+
+# --- The forecast --------------------------------------------------------------------------------
+def simulate_region(
+    dev: RegionDevices,
+    weather: WeatherForecast,
+    now_ms: int,
+    starts_ms: I64,
+    step_s: int,
+    calib: RegionCalibration,
+    *,
+    event_h: float | None = None,
+    n_scenarios: int = 1000,
+    seed: int = 0,
+) -> tuple[F64, F64]:
+    """Scenario MW, shape (S, T), and the expected MW (T,) for one region's intervals."""
+    t_count = starts_ms.size
+    if t_count == 0 or (dev.batteries is None and dev.thermostats is None):
+        return np.zeros((n_scenarios, t_count)), np.zeros(t_count)
+    window_start = int(starts_ms[0])
+    window_end = int(starts_ms[-1]) + step_s * 1000
+    eh = event_h if event_h is not None else event_hours(window_start, window_end)
+    sh = calib.shocks
+    mids = starts_ms + step_s * 500
+    lead_h = np.maximum(mids - now_ms, 0) / HOUR_MS
+    phi = np.exp(-lead_h / max(sh.persistence_h, 1e-6))
+    # Lead day of each interval: shocks are drawn per region-day.
+    day = np.minimum((np.maximum(mids - now_ms, 0) // DAY_MS).astype(np.int64), 7)
+    n_days = int(day.max()) + 1
+    rng = np.random.default_rng(seed)
+    s = n_scenarios
+    g = dev.n_vendors
+    sigma_t = sh.temp_sigma_c * (1.0 + sh.temp_sigma_growth_per_day * np.arange(n_days))
+    temp_err = rng.standard_normal((s, n_days)) * sigma_t[None, :]
+    solar_mult = np.clip(1.0 + sh.solar_sigma * rng.standard_normal((s, n_days)), 0.0, 1.5)
+    down = rng.random((s, n_days, g)) < sh.vendor_outage_p
+    depth = rng.uniform(sh.vendor_outage_depth[0], sh.vendor_outage_depth[1], (s, n_days, g))
+    keep = 1.0 - down * depth  # (S, D, G)
+    ws = sh.optout_wave_sigma
+    wave = np.exp(ws * rng.standard_normal((s, n_days, 2)) - ws * ws / 2.0)  # per kind
+    r_scale = optout_scale(eh, calib.consecutive_event_days)
+
+    total = np.zeros((s, t_count))
+    expected = np.zeros(t_count)
+    variance = np.zeros(t_count)
+    keep_t = np.transpose(keep[:, day, :], (2, 0, 1))  # (G, S, T)
+    parts: list[tuple[Clusters, F64, F64, F64, int]] = []
+    if dev.thermostats is not None:
+        _, out_c = weather.at(mids)
+        parts.append(
+            (
+                dev.thermostats,
+                _thermostat_table(dev.thermostats, out_c, eh),
+                TEMP_GRID_C,
+                temp_err[:, day],
+                1,
+            )
+        )
+    if dev.batteries is not None:
+        # Windows longer than one event are served as consecutive events: each interval's
+        # batteries start from the state projected to its own event's start.
+        ev_idx = ((starts_ms - window_start) // int(eh * HOUR_MS)).astype(np.int64)
+        ev_starts = window_start + np.unique(ev_idx) * int(eh * HOUR_MS)
+        table = _battery_table(dev.batteries, dev, weather, now_ms, ev_starts, eh)
+        table = table[:, np.searchsorted(np.unique(ev_idx), ev_idx), :]  # (C, T, K)
+        parts.append((dev.batteries, table, SOLAR_GRID, solar_mult[:, day], 0))
+    for cl, per_member, grid, shock, kind_slot in parts:
+        ta, tr, var = _group_tables(cl, per_member, phi, g)
+        tr = tr * r_scale
+        mid_k = int(np.argmin(np.abs(grid - (0.0 if grid is TEMP_GRID_C else 1.0))))
+        variance += var
+        a = _interp_grid(ta, grid, shock)  # (G, S, T)
+        r = _interp_grid(tr, grid, shock)
+        w = wave[:, day, kind_slot][None]  # (1, S, T)
+        total += (keep_t * np.maximum(a - w * r, 0.0)).sum(axis=0)
+        expected += (ta[:, :, mid_k] - tr[:, :, mid_k]).sum(axis=0) * (
+            1 - sh.vendor_outage_p * np.mean(sh.vendor_outage_depth)
+        )
+    total += np.sqrt(variance)[None, :] * rng.standard_normal((s, t_count))
+    return np.maximum(total, 0.0) / 1000.0, np.maximum(expected, 0.0) / 1000.0
+
+
+def forecast_region(
+    region: str,
+    dev: RegionDevices,
+    weather: WeatherForecast,
+    now_ms: int,
+    start_ms: int,
+    end_ms: int,
+    step_s: int,
+    calib: RegionCalibration,
+    *,
+    firmness: float | None = None,
+    event_h: float | None = None,
+    n_scenarios: int = 1000,
+    seed: int = 0,
+    keep_scenarios: bool = False,
+) -> ForecastResult:
+    """P50, P90 (and the firmness quantile) per interval for one region."""
+    starts = interval_starts(start_ms, end_ms, step_s)
+    eh = event_h if event_h is not None else event_hours(start_ms, end_ms)
+    scen, expected = simulate_region(
+        dev, weather, now_ms, starts, step_s, calib, event_h=eh, n_scenarios=n_scenarios, seed=seed
+    )
+    levels = [0.5, 0.1] + ([quantile_for_firmness(firmness)] if firmness is not None else [])
+    adj = calib.quantiles.level(np.array(levels))
+    qs = np.quantile(scen, adj, axis=0) if starts.size else np.zeros((len(levels), 0))
+    p50, p90 = qs[0], np.minimum(qs[1], qs[0])
+    firm = np.minimum(qs[2], p50) if firmness is not None and firmness >= 0.5 else p90
+    return ForecastResult(
+        region=region,
+        starts_ms=starts,
+        step_s=step_s,
+        p50_mw=p50,
+        p90_mw=p90,
+        firm_mw=firm,
+        calibrated=calib.calibrated,
+        n_devices=dev.n_devices,
+        firmness=firmness,
+        event_h=eh,
+        expected_mw=expected,
+        scenarios_mw=scen if keep_scenarios else None,
+    )
+
+
+def pit(scenarios_mw: F64, realised_mw: F64) -> F64:
+    """Probability integral transform per interval: share of scenarios below the realised MW
+    (ties split), the input of :class:`QuantileMap`."""
+    below = (scenarios_mw < realised_mw[None, :]).mean(axis=0)
+    equal = (scenarios_mw == realised_mw[None, :]).mean(axis=0)
+    return np.asarray(below + 0.5 * equal, dtype=float)
+
+
+# --- Calibration from history (empirical Bayes) ------------------------------------------------
+def shrunk_rate(successes: F64, trials: F64, prior_mean: float | F64, prior_strength: float) -> F64:
+    """Beta-binomial posterior mean: a device with little history stays near its region's rate."""
+    s = np.asarray(successes, dtype=float)
+    n = np.asarray(trials, dtype=float)
+    return np.asarray((s + prior_strength * np.asarray(prior_mean)) / (n + prior_strength), float)
+
+
+def estimate_online_rates(
+    observed: F64,
+    expected: F64,
+    groups: npt.ArrayLike | None = None,
+    prior_intervals: float = 288.0,
+) -> tuple[F64, F64]:
+    """Per-device online rate from intervals with telemetry ÷ intervals expected (empirical
+    Bayes: each device shrunk toward its group's pooled rate with a prior worth
+    ``prior_intervals``, one day of 5-minute intervals). Devices with no expected intervals get
+    NaN (→ the default). Returns (rates, pooled rate per group)."""
+    exp_ = np.maximum(np.asarray(expected, float), 0.0)
+    obs = np.minimum(np.asarray(observed, float), exp_)
+    grp = np.zeros(exp_.size, np.int64) if groups is None else np.asarray(groups, np.int64)
+    n_groups = int(grp.max()) + 1 if grp.size else 1
+    obs_g = np.bincount(grp, weights=obs, minlength=n_groups)
+    exp_g = np.bincount(grp, weights=exp_, minlength=n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pooled = np.where(exp_g > 0, obs_g / exp_g, DEFAULT_ONLINE_RATE)
+    rates = shrunk_rate(obs, exp_, pooled[grp], prior_intervals)
+    return np.where(exp_ > 0, rates, np.nan), pooled
+
+
+def estimate_optout_rates(
+    opted_out: F64,
+    commands: F64,
+    default: F64 | float,
+    prior_strength: float = 10.0,
+) -> F64:
+    """Per-device opt-out rate from command acks; the prior is the kind's pooled rate when there
+    are enough commands, else the brief's default."""
+    k = np.asarray(opted_out, float)
+    n = np.asarray(commands, float)
+    prior = np.asarray(default, dtype=float)
+    if n.sum() >= 200:
+        prior = np.full(n.shape, k.sum() / n.sum()) if prior.ndim == 0 else prior
+    rates = shrunk_rate(k, n, prior, prior_strength)
+    return np.where(n > 0, rates, np.nan)
+
+
+def estimate_temp_sigma(forecast_c: F64, observed_c: F64, default: float) -> float:
+    """Day-level temperature forecast error: RMS of the daily mean error (one value per
+    region-day), shrunk toward the default with a 10-day prior."""
+    err = np.asarray(observed_c, float) - np.asarray(forecast_c, float)
+    err = err[np.isfinite(err)]
+    if err.size == 0:
+        return default
+    n = err.size
+    return float(np.sqrt((np.sum(err**2) + 10 * default**2) / (n + 10)))
+
+
+def estimate_solar_sigma(forecast_wh: F64, observed_wh: F64, default: float) -> float:
+    """Relative error of a day's solar energy against its forecast, shrunk toward the default."""
+    fc = np.asarray(forecast_wh, float)
+    ok = fc > 0
+    if not ok.any():
+        return default
+    rel = np.asarray(observed_wh, float)[ok] / fc[ok] - 1.0
+    k = rel.size
+    return float(np.sqrt((np.sum(rel**2) + 10 * default**2) / (k + 10)))
+
+
+def estimate_vendor_outages(
+    online_share: F64, default_p: float
+) -> tuple[float, tuple[float, float]]:
+    """From a (days × vendors) matrix of each vendor's online share: days where a vendor fell
+    below half of its typical share are outages. Returns (daily probability, depth range)."""
+    x = np.asarray(online_share, float)
+    if x.size == 0:
+        return default_p, (0.5, 1.0)
+    typical = np.nanmedian(x, axis=0, keepdims=True)
+    depth = 1.0 - x / np.maximum(typical, 1e-9)
+    hit = depth > 0.3
+    # Beta(1, 1/p0 − 1)-ish prior worth 50 vendor-days.
+    p = float((hit.sum() + 50 * default_p) / (np.isfinite(x).sum() + 50))
+    if hit.sum() >= 3:
+        d = depth[hit]
+        return p, (float(max(0.3, d.min())), float(min(1.0, d.max())))
+    return p, (0.5, 1.0)
+
+
+def estimate_wave_sigma(
+    opted: F64,
+    trials: F64,
+    expected_rate: F64,
+    default: float,
+) -> float:
+    """Log-sd of the opt-out multiplier shared by a region-day, from per-event opt-out counts:
+    the dispersion of observed/expected beyond what independent coin flips explain."""
+    k = np.asarray(opted, float)
+    n = np.asarray(trials, float)
+    e = np.asarray(expected_rate, float)
+    ok = (n > 20) & (e > 0)
+    if ok.sum() < 5:
+        return default
+    ratio = k[ok] / (n[ok] * e[ok])
+    binom_var = (1 - e[ok]) / (n[ok] * e[ok])
+    excess = max(float(np.var(ratio) - np.mean(binom_var)), 0.0)
+    sigma = float(np.sqrt(np.log1p(excess)))
+    m = int(ok.sum())
+    return float(np.sqrt((m * sigma**2 + 10 * default**2) / (m + 10)))

@@ -1,0 +1,427 @@
+"""The forecaster's edge: reads the fleet snapshot, history and commitments, runs the pure model.
+
+Kept current: results are cached per (region, window, step, firmness) only while the fleet
+snapshot they were computed from is still the current one and for at most ``cache_ttl_s`` of wall
+time, so a fifth of a region's batteries going offline moves the next hour's P90 as soon as the
+fleet cache sees it. Calibration (per-device online and opt-out rates from the database) changes
+slowly and is re-read every ``calibration_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from sqlalchemy import case, func, select
+
+from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.forecast import model as m
+from vpp.forecast.model import ForecastResult, QuantileMap, RegionCalibration, ShockParams
+from vpp.weather import weather_for_region
+
+F64 = npt.NDArray[np.float64]
+LEDGER_STEP_MS = 900_000  # ledger rows sit on the 15-minute grid
+HISTORY_DAYS = 14
+MIN_HISTORY_INTERVALS_SHARE = 0.5  # share of a region's devices with ≥ 1 day of history
+
+
+class ForecastInputError(ValueError):
+    """Bad forecast input; ``field`` names the offending parameter (region, start, end, step,
+    firmness)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def validate_window(
+    region: str,
+    start_ms: int,
+    end_ms: int,
+    step_s: int,
+    now_ms: int,
+    horizon_h: float,
+    known_regions: set[str],
+    firmness: float | None = None,
+) -> None:
+    """Raise :class:`ForecastInputError` naming the first bad field."""
+    if not region or region not in known_regions:
+        raise ForecastInputError("region", f"unknown region {region!r}")
+    if step_s <= 0:
+        raise ForecastInputError("step", "must be a positive duration")
+    if step_s < 60:
+        raise ForecastInputError("step", "must be at least one minute (PT1M)")
+    if end_ms <= start_ms:
+        raise ForecastInputError("end", "must be after start")
+    # One step of grace: a client's "now" is a little behind ours by the time it arrives.
+    if start_ms < now_ms - max(step_s, 900) * 1000:
+        raise ForecastInputError("start", "the window starts in the past")
+    horizon_ms = int(horizon_h * m.HOUR_MS)
+    if end_ms - start_ms > horizon_ms:
+        raise ForecastInputError("end", f"the window is longer than the {horizon_h:g} h horizon")
+    if end_ms > now_ms + horizon_ms:
+        raise ForecastInputError("end", f"beyond the forecast horizon of {horizon_h:g} h")
+    if (end_ms - start_ms) % (step_s * 1000) != 0:
+        raise ForecastInputError("step", "does not divide the window into whole intervals")
+    if firmness is not None and not 0.5 <= firmness <= 0.99:
+        raise ForecastInputError("firmness", "must be within 0.5–0.99")
+
+
+@dataclass
+class _History:
+    """Per-device history read from the database: (ids, values) columns per source."""
+
+    loaded_at: float
+    tel_ids: list[str]
+    tel_count: F64  # telemetry intervals present
+    tel_first_ms: F64
+    dev_ids: list[str]
+    dev_created_ms: F64
+    cmd_ids: list[str]
+    cmd_count: F64  # commands sent (not restores)
+    cmd_opted: F64  # of which the customer opted out
+    event_days: dict[str, set[int]]  # region → UTC day numbers with an event
+    now_ms: int
+    since_ms: int
+
+
+@dataclass
+class _Aligned:
+    """History aligned with one snapshot's rows (recomputed only when the registry changes)."""
+
+    device_ids: Any
+    history: _History
+    online_rate: F64
+    optout_rate: F64
+    has_history: npt.NDArray[np.bool_]
+
+
+@dataclass
+class _Tuning:
+    shocks: ShockParams = field(default_factory=ShockParams)
+    quantiles: QuantileMap = field(default_factory=QuantileMap)
+
+
+class ForecastService:
+    def __init__(
+        self,
+        services: Any,
+        *,
+        n_scenarios: int = 1000,
+        cache_ttl_s: float = 5.0,
+        calibration_ttl_s: float = 300.0,
+    ) -> None:
+        self.services = services
+        self.n_scenarios = n_scenarios
+        self.cache_ttl_s = cache_ttl_s
+        self.calibration_ttl_s = calibration_ttl_s
+        self._cache: dict[tuple[Any, ...], tuple[tuple[int, int], float, ForecastResult]] = {}
+        self._devices: dict[tuple[int, str], m.RegionDevices] = {}
+        self._history: _History | None = None
+        self._aligned: _Aligned | None = None
+        self._tuning: dict[str, _Tuning] = {}
+        self._lock = asyncio.Lock()
+
+    # --- public -------------------------------------------------------------------------------
+    def invalidate(self, region: str | None = None) -> None:
+        """Drop cached results (of one region, or all) and force a calibration re-read."""
+        if region is None:
+            self._cache.clear()
+            self._devices.clear()
+            self._history = None
+            self._aligned = None
+            return
+        for key in [k for k in self._cache if k[0] == region]:
+            del self._cache[key]
+        for dkey in [k for k in self._devices if k[1] == region]:
+            del self._devices[dkey]
+
+    def set_tuning(
+        self,
+        region: str,
+        shocks: ShockParams | None = None,
+        quantiles: QuantileMap | None = None,
+    ) -> None:
+        """Install shock magnitudes / a quantile map learnt by a calibration job (back-test)."""
+        t = self._tuning.setdefault(region, _Tuning())
+        if shocks is not None:
+            t.shocks = shocks
+        if quantiles is not None:
+            t.quantiles = quantiles
+        self.invalidate(region)
+
+    def known_regions(self, snap: FleetSnapshot | None = None) -> set[str]:
+        regions = set(self.services.settings.regions)
+        if snap is not None:
+            regions |= {r for r in snap.regions if r}
+        return regions
+
+    async def forecast(
+        self,
+        region: str,
+        start_ms: int,
+        end_ms: int,
+        step_s: int = 900,
+        firmness: float | None = None,
+        event_h: float | None = None,
+    ) -> ForecastResult:
+        """P50/P90 per interval of [start, end). Each interval is valued as part of an event as
+        long as the window (cut to 5 h: longer windows are served as consecutive events), or
+        of ``event_h`` hours if given. Raises :class:`ForecastInputError` naming a bad field."""
+        settings = self.services.settings
+        snap = await self.services.fleet.snapshot()
+        now_ms = int(self.services.clock.now_ms())
+        validate_window(
+            region,
+            int(start_ms),
+            int(end_ms),
+            int(step_s),
+            now_ms,
+            settings.forecast_horizon_h,
+            self.known_regions(snap),
+            firmness,
+        )
+        if event_h is not None and not 0.25 <= event_h <= m.MAX_EVENT_H:
+            raise ForecastInputError("event", f"must be within 15 min–{m.MAX_EVENT_H:g} h")
+        key = (region, int(start_ms), int(end_ms), int(step_s), firmness, event_h)
+        snap_id = (id(snap), snap.now_ms)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == snap_id and time.monotonic() - hit[1] < self.cache_ttl_s:
+            return hit[2]
+        calib = await self.calibration(region, snap, now_ms, int(start_ms))
+        dev = self._region_devices(snap, region, calib)
+        weather = self._weather(region, now_ms, int(end_ms), int(step_s))
+        seed = zlib.crc32(region.encode())  # same random numbers each call: stable quotes
+        result = await asyncio.to_thread(
+            m.forecast_region,
+            region,
+            dev,
+            weather,
+            now_ms,
+            int(start_ms),
+            int(end_ms),
+            int(step_s),
+            calib,
+            firmness=firmness,
+            event_h=event_h,
+            n_scenarios=self.n_scenarios,
+            seed=seed,
+        )
+        self._cache[key] = (snap_id, time.monotonic(), result)
+        if len(self._cache) > 512:
+            self._cache.pop(next(iter(self._cache)))
+        return result
+
+    async def committed_mw(self, region: str, starts_ms: npt.ArrayLike, step_s: int) -> F64:
+        """MW already booked per interval: per 15-minute ledger slot the sum over requests, per
+        interval the largest slot it overlaps (capacity is firm at every moment)."""
+        from vpp.db.models import LedgerEntry
+
+        starts = np.asarray(starts_ms, dtype=np.int64)
+        if starts.size == 0:
+            return np.zeros(0)
+        lo = int(starts[0]) - LEDGER_STEP_MS + 1
+        hi = int(starts[-1]) + step_s * 1000
+        async with self.services.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(LedgerEntry.interval_start_ms, func.sum(LedgerEntry.mw))
+                    .where(LedgerEntry.region == region)
+                    .where(LedgerEntry.interval_start_ms >= lo)
+                    .where(LedgerEntry.interval_start_ms < hi)
+                    .group_by(LedgerEntry.interval_start_ms)
+                )
+            ).all()
+        out = np.zeros(starts.size)
+        if not rows:
+            return out
+        slot = np.array([r[0] for r in rows], dtype=np.int64)
+        mw = np.array([float(r[1] or 0.0) for r in rows])
+        for s, v in zip(slot, mw, strict=True):  # a few hundred slots at most
+            overlap = (starts < s + LEDGER_STEP_MS) & (starts + step_s * 1000 > s)
+            out[overlap] = np.maximum(out[overlap], v)
+        return out
+
+    # --- internals ----------------------------------------------------------------------------
+    def _weather(self, region: str, now_ms: int, end_ms: int, step_s: int) -> m.WeatherForecast:
+        dt_s = min(step_s, 900)
+        n = int((end_ms - now_ms) // (dt_s * 1000)) + 2
+        times = now_ms + np.arange(max(n, 2), dtype=np.int64) * dt_s * 1000
+        wy = weather_for_region(region)
+        ghi, temp = wy.sample(times)
+        return m.WeatherForecast(now_ms, dt_s, ghi, temp, wy.tz_offset_h)
+
+    def _region_devices(
+        self,
+        snap: FleetSnapshot,
+        region: str,
+        calib: RegionCalibration,
+    ) -> m.RegionDevices:
+        key = (id(snap), region)
+        dev = self._devices.get(key)
+        if dev is None:
+            code = snap.region_code(region)
+            rows = np.flatnonzero(snap.region_codes == code) if code >= 0 else np.zeros(0, np.int64)
+            dev = m.region_devices(snap, rows, calib)
+            # Only the latest snapshot's clusters are worth keeping.
+            self._devices = {k: v for k, v in self._devices.items() if k[0] == id(snap)}
+            self._devices[key] = dev
+        return dev
+
+    async def calibration(
+        self,
+        region: str,
+        snap: FleetSnapshot,
+        now_ms: int,
+        start_ms: int,
+    ) -> RegionCalibration:
+        async with self._lock:
+            if (
+                self._history is None
+                or time.monotonic() - self._history.loaded_at > self.calibration_ttl_s
+            ):
+                self._history = await self._load_history(now_ms)
+                self._aligned = None
+            hist = self._history
+            if self._aligned is None or self._aligned.device_ids is not snap.device_ids:
+                self._aligned = _align(hist, snap, self.services.settings.history_interval_s)
+        al = self._aligned
+        code = snap.region_code(region)
+        in_region = snap.region_codes == code if code >= 0 else np.zeros(len(snap), bool)
+        n_region = int(in_region.sum())
+        share = float(al.has_history[in_region].mean()) if n_region else 0.0
+        calibrated = n_region > 0 and share >= MIN_HISTORY_INTERVALS_SHARE
+        tuning = self._tuning.get(region, _Tuning())
+        day = start_ms // m.DAY_MS
+        days = hist.event_days.get(region, set())
+        consecutive = 0
+        while day - consecutive - 1 in days:
+            consecutive += 1
+        return RegionCalibration(
+            calibrated=calibrated,
+            online_rate=al.online_rate if calibrated else None,
+            optout_rate=al.optout_rate if calibrated else None,
+            shocks=tuning.shocks,
+            quantiles=tuning.quantiles,
+            consecutive_event_days=consecutive,
+        )
+
+    async def _load_history(self, now_ms: int) -> _History:
+        from vpp.db.models import CapacityRequest, Command, Device, GridEvent, TelemetryInterval
+
+        since = now_ms - HISTORY_DAYS * m.DAY_MS
+        async with self.services.db.session() as session:
+            tel = (
+                await session.execute(
+                    select(
+                        TelemetryInterval.device_id,
+                        func.count(),
+                        func.min(TelemetryInterval.interval_start_ms),
+                    )
+                    .where(TelemetryInterval.interval_start_ms >= since)
+                    .where(TelemetryInterval.interval_start_ms < now_ms)
+                    .group_by(TelemetryInterval.device_id)
+                )
+            ).all()
+            created = (
+                await session.execute(
+                    select(Device.id, Device.created_ms).where(Device.offboarded_ms.is_(None))
+                )
+            ).all()
+            opted = func.sum(case((Command.status == "opted_out", 1), else_=0))
+            cmds = (
+                await session.execute(
+                    select(Command.device_id, func.count(), opted)
+                    .where(Command.type != "restore")
+                    .where(Command.created_ms >= since)
+                    .group_by(Command.device_id)
+                )
+            ).all()
+            booked = ("committed", "active", "completed")
+            req = (
+                await session.execute(
+                    select(CapacityRequest.region, CapacityRequest.start_ms)
+                    .where(CapacityRequest.status.in_(booked))
+                    .where(CapacityRequest.start_ms >= since)
+                )
+            ).all()
+            grid = (
+                await session.execute(
+                    select(GridEvent.region, GridEvent.start_ms)
+                    .where(GridEvent.start_ms >= since)
+                    .where(GridEvent.status != "aborted")
+                )
+            ).all()
+        event_days: dict[str, set[int]] = {}
+        for region, start in [*req, *grid]:
+            event_days.setdefault(region, set()).add(int(start) // m.DAY_MS)
+        return _History(
+            loaded_at=time.monotonic(),
+            tel_ids=[r[0] for r in tel],
+            tel_count=np.array([float(r[1]) for r in tel]),
+            tel_first_ms=np.array([float(r[2]) for r in tel]),
+            dev_ids=[r[0] for r in created],
+            dev_created_ms=np.array([float(r[1] or 0) for r in created]),
+            cmd_ids=[r[0] for r in cmds],
+            cmd_count=np.array([float(r[1]) for r in cmds]),
+            cmd_opted=np.array([float(r[2] or 0) for r in cmds]),
+            event_days=event_days,
+            now_ms=now_ms,
+            since_ms=since,
+        )
+
+
+def _lookup(ids: Any, keys: list[str], values: F64, missing: float) -> F64:
+    """values[keys.index(id)] for each id, vectorised (a hash join, not a loop of dict gets)."""
+    if not keys:
+        return np.full(len(ids), missing)
+    pos = pd.Index(keys).get_indexer(pd.Index(ids))
+    return np.where(pos >= 0, values[np.maximum(pos, 0)], missing)
+
+
+def _align(hist: _History, snap: FleetSnapshot, interval_s: int) -> _Aligned:
+    """Per-device rates in snapshot row order (recomputed when the registry changes)."""
+    ids = snap.device_ids
+    observed = _lookup(ids, hist.tel_ids, hist.tel_count, 0.0)
+    first = _lookup(ids, hist.tel_ids, hist.tel_first_ms, float(hist.now_ms))
+    created = _lookup(ids, hist.dev_ids, hist.dev_created_ms, np.nan)
+    created = np.where(np.isnan(created), first, created)
+    # Intervals the device should have reported since it joined (or since its first report,
+    # whichever came first) within the history window.
+    joined = np.maximum(np.minimum(created, first), hist.since_ms)
+    expected = np.maximum(np.floor((hist.now_ms - joined) / (interval_s * 1000.0)), 0.0)
+    online_rate, _ = m.estimate_online_rates(observed, expected, snap.region_codes)
+    cmd_n = _lookup(ids, hist.cmd_ids, hist.cmd_count, 0.0)
+    cmd_opted = _lookup(ids, hist.cmd_ids, hist.cmd_opted, 0.0)
+    default_r = np.where(
+        snap.kind_codes == BATTERY,
+        m.DEFAULT_OPTOUT_AT_2H[BATTERY],
+        np.where(snap.kind_codes == THERMOSTAT, m.DEFAULT_OPTOUT_AT_2H[THERMOSTAT], 0.0),
+    )
+    optout_rate = m.estimate_optout_rates(cmd_opted, cmd_n, default_r)
+    day_intervals = 86_400 / interval_s
+    return _Aligned(ids, hist, online_rate, optout_rate, expected >= day_intervals)
+
+
+def get_forecast_service(services: Any) -> ForecastService:
+    """The services object's forecaster: ``services.components["forecast"]``, made and attached
+    on first use, so the API, quotes and dispatch share one cache."""
+    components = getattr(services, "components", None)
+    if isinstance(components, dict):
+        svc = components.get("forecast")
+        if not isinstance(svc, ForecastService):
+            svc = ForecastService(services)
+            components["forecast"] = svc
+        return svc
+    svc = getattr(services, "_forecast_service", None)
+    if not isinstance(svc, ForecastService):
+        svc = ForecastService(services)
+        services._forecast_service = svc
+    return svc
