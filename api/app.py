@@ -37,6 +37,7 @@ ROUTERS = [
 COMPONENTS = [
     "devices.ingest:IngestWorker",
     "dispatch.runner:EventRunner",
+    "dispatch.market:MarketHousekeeper",
 ]
 
 DESCRIPTION = """

@@ -1,3 +1,184 @@
-from fastapi import APIRouter
+"""/v1/capacity-requests: quote, commit, cancel, get and list (the market's HTTP edge)."""
 
-router = APIRouter()
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response
+
+from api.deps import Principal, get_services, require_roles
+from api.schemas.capacity_requests import (
+    CapacityRequestIn,
+    CapacityRequestList,
+    CapacityRequestOut,
+    ListStatus,
+)
+from dispatch.market import MarketError, RequestInput, get_market
+from vpp.clock import to_ms
+from vpp.services import Services
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["capacity requests"])
+
+buyer = require_roles("hyperscaler", "operator")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no valid API key"},
+    403: {"description": "the key's role may not do this"},
+    404: {"description": "no such request for this tenant (another tenant's id looks the same)"},
+}
+_ID = Path(description="capacity request id, cr-<12 hex>", max_length=64)
+
+
+def _scope(principal: Principal) -> str | None:
+    return None if principal.sees_all_tenants else principal.tenant_id
+
+
+def _http(exc: MarketError) -> HTTPException:
+    return HTTPException(exc.status, exc.detail)
+
+
+@router.post(
+    "/v1/capacity-requests",
+    status_code=201,
+    response_model=CapacityRequestOut,
+    summary="Ask for firm capacity: answered with a quote (or a rejection naming why)",
+    responses={
+        **_ERRORS,
+        422: {
+            "description": "a bad field, named: mw, start, end, firmness, region, direction; or "
+            "an Idempotency-Key reused with a different body"
+        },
+    },
+)
+async def create_request(
+    body: CapacityRequestIn,
+    response: Response,
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        description="the same key and body return the same request, never a second one",
+        max_length=200,
+    ),
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(buyer),
+) -> dict[str, Any]:
+    market = get_market(services)
+    inp = RequestInput(
+        region=body.region,
+        mw=float(body.mw),
+        start_ms=to_ms(body.start),
+        end_ms=to_ms(body.end),
+        firmness=float(body.firmness),
+        direction=body.direction.value,
+        max_price_per_mwh=body.max_price_per_mwh,
+    )
+    try:
+        req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
+    except MarketError as exc:
+        raise _http(exc) from exc
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return await market.view(req)
+
+
+@router.post(
+    "/v1/capacity-requests/{request_id}/commit",
+    response_model=CapacityRequestOut,
+    summary="Book the quoted MW (409 if it is no longer there, or the quote expired)",
+    responses={
+        **_ERRORS,
+        409: {
+            "description": "the quote expired, was cancelled or rejected, the window started, "
+            "or the capacity is no longer available (the ledger is unchanged)"
+        },
+    },
+)
+async def commit_request(
+    request_id: str = _ID,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(buyer),
+) -> dict[str, Any]:
+    market = get_market(services)
+    try:
+        req, changed = await market.commit(request_id, _scope(principal))
+    except MarketError as exc:
+        raise _http(exc) from exc
+    if changed:
+        # The plan is made now so the buyer sees it; a failure here leaves the booking intact
+        # and the planner's refresh makes the plan later.
+        from dispatch.planner import get_planner
+
+        try:
+            await get_planner(services).plan_for(req.id, reason="committed")
+        except Exception:
+            log.exception("planning %s after commit", req.id)
+    return await market.view(req)
+
+
+@router.post(
+    "/v1/capacity-requests/{request_id}/cancel",
+    response_model=CapacityRequestOut,
+    summary="Cancel before the window opens; booked capacity is released",
+    responses={
+        **_ERRORS,
+        409: {"description": "the window started, or the request is completed/rejected/expired"},
+    },
+)
+async def cancel_request(
+    request_id: str = _ID,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(buyer),
+) -> dict[str, Any]:
+    market = get_market(services)
+    try:
+        req, _ = await market.cancel(request_id, _scope(principal))
+    except MarketError as exc:
+        raise _http(exc) from exc
+    return await market.view(req)
+
+
+@router.get(
+    "/v1/capacity-requests",
+    response_model=CapacityRequestList,
+    summary="Your tenant's requests (operator and admin: every tenant's), newest first",
+    responses=_ERRORS,
+)
+async def list_requests(
+    status: ListStatus | None = Query(None, description="only requests in this status"),
+    region: str | None = Query(None, max_length=64, description="only this region"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(buyer),
+) -> dict[str, Any]:
+    market = get_market(services)
+    rows, total = await market.list_requests(
+        _scope(principal), status=status, region=region, limit=limit, offset=offset
+    )
+    plans = await market.latest_plans([r.id for r in rows])
+    from dispatch.market import request_doc
+
+    items = [request_doc(r, plans.get(r.id)) for r in rows]
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+@router.get(
+    "/v1/capacity-requests/{request_id}",
+    response_model=CapacityRequestOut,
+    summary="A request: status, plan, booked MW and, once run, delivery and performance",
+    responses=_ERRORS,
+)
+async def get_request(
+    request_id: str = _ID,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(buyer),
+) -> dict[str, Any]:
+    market = get_market(services)
+    try:
+        req = await market.get(request_id, _scope(principal))
+    except MarketError as exc:
+        raise _http(exc) from exc
+    return await market.view(req)

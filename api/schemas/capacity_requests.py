@@ -1,0 +1,161 @@
+"""Request and response bodies of /v1/capacity-requests (the v1 contract, with added fields)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from vpp.domain import DEFAULT_FIRMNESS, Direction, RequestStatus
+
+MAX_REQUEST_MW = 100_000.0
+
+
+class CapacityRequestIn(BaseModel):
+    """A buyer's ask: firm MW in a region and a window."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "region": "ERCOT-NORTH",
+                    "mw": 25,
+                    "start": "2026-07-15T19:00:00Z",
+                    "end": "2026-07-15T21:00:00Z",
+                    "firmness": 0.9,
+                    "direction": "load_reduction",
+                }
+            ]
+        }
+    )
+
+    region: str = Field(
+        min_length=1,
+        max_length=64,
+        description="ISO zone the capacity is needed in, e.g. ERCOT-NORTH",
+    )
+    mw: float = Field(
+        gt=0,
+        le=MAX_REQUEST_MW,
+        allow_inf_nan=False,
+        description="MW asked for, held over the whole window (0 < mw ≤ 100 000)",
+    )
+    start: AwareDatetime = Field(
+        description="window start, RFC 3339 with an offset (UTC preferred); at least the "
+        "service's minimum notice ahead of now. Capacity is booked on the 15-minute grid: a "
+        "window off the grid books the 15-minute intervals it touches"
+    )
+    end: AwareDatetime = Field(
+        description="window end, RFC 3339 with an offset; after start and within the forecast "
+        "horizon (48 h by default). Events last at most 5 h: a longer window is quoted "
+        "'rejected' with the rule in reason"
+    )
+    firmness: float = Field(
+        DEFAULT_FIRMNESS,
+        ge=0.5,
+        le=0.99,
+        allow_inf_nan=False,
+        description="probability the MW is delivered (0.9 = P90), 0.5–0.99",
+    )
+    direction: Direction = Field(
+        Direction.load_reduction,
+        description="load_reduction (less drawn from the grid) or net_export (exports count too)",
+    )
+    max_price_per_mwh: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="the most the buyer pays per MWh (recorded)"
+    )
+
+
+class PlanInterval(BaseModel):
+    start: str = Field(description="interval start, RFC 3339 UTC")
+    target_mw: float = Field(description="MW asked of the fleet in this interval")
+    planned_mw: float = Field(description="MW the plan expects the fleet to deliver")
+    shortfall_mw: float = Field(description="target − planned, when the fleet cannot cover it")
+    binding: str = Field(
+        description="what limits the interval: none, fleet_power, fleet_energy, fatigue_budget, "
+        "no_devices, time_limit or preempted_by:<id>"
+    )
+
+
+class DevicesOfKind(BaseModel):
+    assigned: float = Field(description="devices the plan allots to this request")
+    reserve: float = Field(description="devices held back as replacement reserve")
+    mw: float = Field(description="peak planned MW from this kind")
+
+
+class PlanOut(BaseModel):
+    version: int = Field(description="rises each time the plan is re-made")
+    created_at: str = Field(description="when this version was made, RFC 3339 UTC")
+    interval_s: int = Field(description="plan interval length in seconds")
+    solver: str = Field(description="glop, pdlp, or greedy (fallback)")
+    status: str = Field(description="solver status")
+    reason: str | None = Field(None, description="why this version was made")
+    available_mw: float = Field(description="MW the region's fleet could deliver when planned")
+    intervals: list[PlanInterval]
+    devices_by_kind: dict[str, DevicesOfKind] = Field(
+        description="per device kind (battery, thermostat): devices allotted and in reserve"
+    )
+
+
+class BookedInterval(BaseModel):
+    start: str = Field(description="15-minute ledger interval start, RFC 3339 UTC")
+    mw: float = Field(description="MW booked for this request in the interval")
+
+
+class DeliveryInterval(BaseModel):
+    start: str = Field(description="settlement interval start, RFC 3339 UTC")
+    end: str = Field(description="settlement interval end, RFC 3339 UTC")
+    target_mw: float = Field(description="MW committed for the interval")
+    delivered_mw: float = Field(description="MW measured (baseline − actual)")
+    performance: float = Field(description="delivered ÷ committed, capped at 1")
+
+
+class CapacityRequestOut(BaseModel):
+    id: str = Field(description="cr-<12 hex>")
+    status: RequestStatus = Field(
+        description="quoted → committed → active → completed, or rejected / cancelled / expired"
+    )
+    quoted_mw: float = Field(
+        description="MW offered: at most what the forecast holds at this firmness, less the "
+        "safety margin and what is already committed, and at most the MW asked"
+    )
+    firmness: float
+    quote_expires_at: str | None = Field(
+        description="RFC 3339 UTC; commit before this (null for a rejected request)"
+    )
+    reason: str | None = Field(
+        None, description="why the request was rejected, or why the quote is short"
+    )
+    region: str
+    mw: float = Field(description="MW asked for")
+    committed_mw: float = Field(description="MW booked in the ledger (0 unless committed)")
+    start: str
+    end: str
+    direction: Direction
+    max_price_per_mwh: float | None = None
+    tenant_id: str
+    created_at: str
+    updated_at: str
+    booked: list[BookedInterval] = Field(
+        default_factory=list, description="the ledger rows of this request (once committed)"
+    )
+    plan: PlanOut | None = Field(None, description="the latest dispatch plan, once committed")
+    intervals: list[DeliveryInterval] = Field(
+        default_factory=list,
+        description="once the window has run: per settlement interval target and delivered MW",
+    )
+    performance: float | None = Field(
+        None, description="Σ min(delivered, committed) ÷ Σ committed over the settled intervals"
+    )
+
+
+class CapacityRequestList(BaseModel):
+    items: list[CapacityRequestOut]
+    total: int = Field(description="requests matching the filters")
+    limit: int
+    offset: int
+
+
+ListStatus = Literal[
+    "quoted", "committed", "active", "completed", "rejected", "cancelled", "expired"
+]
