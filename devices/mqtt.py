@@ -102,7 +102,7 @@ class MqttClient(abc.ABC):
 
     @abc.abstractmethod
     async def publish_many(self, messages: Iterable[OutMessage]) -> int:
-        """Publish and wait until the broker has accepted every QoS ≥ 1 message; returns the count."""
+        """Publish; wait until the broker accepted every QoS ≥ 1 message. Returns the count."""
 
     @abc.abstractmethod
     async def disconnect(self) -> None: ...
@@ -254,6 +254,58 @@ class MemoryClient(MqttClient):
 
 
 # --- paho-mqtt (real brokers) --------------------------------------------------------------------
+_buffered_paho_class: type | None = None
+
+
+def buffered_paho_class() -> type:
+    """paho's ``Client`` with buffered socket reads.
+
+    Stock paho reads each incoming packet with at least three ``recv`` calls (one byte of
+    header, the length byte by byte, then the body) and one ``select`` per packet: at tens of
+    thousands of small QoS-0 messages a second that is most of its cost. This subclass reads up
+    to 256 KiB per ``recv`` and serves paho's small reads from that buffer, and keeps parsing
+    while whole packets are buffered (``select`` cannot see them). Same protocol code otherwise.
+    """
+    global _buffered_paho_class
+    if _buffered_paho_class is not None:
+        return _buffered_paho_class
+    import paho.mqtt.client as paho
+
+    class BufferedPahoClient(paho.Client):  # type: ignore[misc]
+        _rbuf: bytes = b""
+        _rpos: int = 0
+
+        def _sock_recv(self, bufsize: int) -> bytes:
+            if self._rpos >= len(self._rbuf):
+                data = super()._sock_recv(262_144)  # raises BlockingIOError when none is there
+                if not data:
+                    return b""  # connection closed
+                self._rbuf = data
+                self._rpos = 0
+            pos = self._rpos
+            out = self._rbuf[pos : pos + bufsize]
+            self._rpos = pos + len(out)
+            return out
+
+        def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+            rc = super().loop_read(max_packets)
+            while (
+                rc == paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+                and self._rpos < len(self._rbuf)
+                and self._sock is not None
+            ):
+                rc = super().loop_read(max_packets)
+            return rc
+
+        def reconnect(self) -> paho.MQTTErrorCode:
+            self._rbuf = b""  # bytes of the old connection must not reach the new one
+            self._rpos = 0
+            return super().reconnect()
+
+    _buffered_paho_class = BufferedPahoClient
+    return BufferedPahoClient
+
+
 class PahoClient(MqttClient):
     def __init__(
         self,
@@ -275,7 +327,7 @@ class PahoClient(MqttClient):
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._acked_early: set[int] = set()  # PUBACKs that beat the registration of their future
         self._pending_lock = threading.RLock()
-        c = paho.Client(
+        c = buffered_paho_class()(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
@@ -294,6 +346,8 @@ class PahoClient(MqttClient):
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        self._subscribed_evt = threading.Event()  # SUBACK of the latest (re)subscription
         self._clean_start = clean_start
         self.client = c
 
@@ -302,7 +356,10 @@ class PahoClient(MqttClient):
         self._connect_rc = reason_code
         if not reason_code.is_failure:
             if self._filters:
+                self._subscribed_evt.clear()
                 client.subscribe([(f, q) for f, q in self._filters])
+            else:
+                self._subscribed_evt.set()
             self._connected_evt.set()
         else:
             log.warning("MQTT connect refused for %s: %s", self.client_id, reason_code)
@@ -311,6 +368,12 @@ class PahoClient(MqttClient):
         self._connected_evt.clear()
         if reason_code is not None and getattr(reason_code, "value", 0) != 0:
             log.warning("MQTT %s disconnected: %s (reconnecting)", self.client_id, reason_code)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):  # type: ignore[no-untyped-def]
+        bad = [rc for rc in reason_codes if rc.is_failure]
+        if bad:
+            log.warning("MQTT %s: subscription refused: %s", self.client_id, bad)
+        self._subscribed_evt.set()
 
     def _on_message(self, client, userdata, msg):  # type: ignore[no-untyped-def]
         cb = self.on_message
@@ -340,6 +403,10 @@ class PahoClient(MqttClient):
         )
         self.client.loop_start()
         ok = await asyncio.to_thread(self._connected_evt.wait, timeout_s)
+        if ok and self._filters:
+            # Return once the broker has confirmed the subscriptions: messages published after
+            # connect() returns then reach this client.
+            await asyncio.to_thread(self._subscribed_evt.wait, timeout_s)
         if not ok:
             self.client.loop_stop()
             rc = self._connect_rc
@@ -351,7 +418,9 @@ class PahoClient(MqttClient):
         new = [(f, qos) for f in filters]
         self._filters.extend(new)
         if self._connected_evt.is_set():
+            self._subscribed_evt.clear()
             self.client.subscribe(new)
+            await asyncio.to_thread(self._subscribed_evt.wait, 10.0)
 
     def publish_nowait(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False

@@ -1,0 +1,524 @@
+"""Ingest: MQTT telemetry, status and acks from devices into the state store and the history.
+
+One :class:`IngestWorker` per process (``vpp ingest``, or inside ``vpp serve``); run several and
+the MQTT 5 shared subscription ``$share/{share_group}/…`` splits the messages between them.
+
+Hot path. paho's network thread only appends ``(topic, payload)`` to a deque. Every
+``settings.ingest_flush_ms`` (100 ms) an asyncio task takes everything queued and, in one batch:
+validates each message (:mod:`devices.telemetry`), keeps the newest record per device, writes
+them to the state store in one call (a conditional write on Redis, so a reading never replaces a
+newer one, whichever worker wrote that), pushes acks to the ack queue, updates statuses, and
+adds the samples to the interval history, which is upserted to the database when an interval
+closes (in the background: the database never holds up ingest).
+
+Ordering. Each worker remembers every device's last accepted ``(ts, seq)``; devices it has not
+seen yet are checked by the state store's conditional write, and the stored record then seeds
+the worker's memory, so a restarted worker (or one that shares devices with another) still
+drops older messages.
+
+Faults. Nothing a device sends can stop the worker: every message is checked inside a
+try/except and every drop is counted by reason (``vpp_ingest_rejected_total``). When the broker
+goes away paho reconnects with backoff (1 s doubling to 30 s) and re-subscribes. When the state
+store write fails, the batch stays in memory (newest record per device, so memory is bounded
+by the fleet) and is retried with backoff: accepted state is never lost.
+
+Session choice. The worker connects with a clean session. With a persistent session, Mosquitto
+keeps routing a shared subscription's share to a member that is gone, where it waits for a
+restart that may never come (scale-down); with a clean one, a dead worker's share moves to the
+live ones at once. What the broker had queued for a worker that dies is lost: QoS-0 telemetry
+is superseded within one interval anyway, and a lost ack is recovered by the event runner,
+which re-sends an unacknowledged command with the same id after 30 s (devices answer
+idempotently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from devices.telemetry import (
+    Limits,
+    Rejected,
+    record_ts_seq,
+    validate_ack,
+    validate_status,
+    validate_telemetry,
+)
+from vpp import metrics
+from vpp.domain import RejectReason
+from vpp.history import IntervalHistory, write_intervals
+from vpp.state.base import STATE_DTYPE
+
+if TYPE_CHECKING:
+    from devices.mqtt import MqttClient
+    from vpp.services import Services
+    from vpp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REGISTRY_POLL_S = 1.0  # how soon a worker sees devices onboarded through another process
+FORCED_REFRESH_MIN_S = 0.25  # at most this often when messages name devices we do not know
+MAX_HELD_UNKNOWN = 10_000  # messages of unknown devices waiting for that refresh
+MAX_PENDING_HISTORY = 2_000_000  # samples kept while the state store is down (then dropped)
+HISTORY_RETRY_MAX_ROWS = 5_000_000
+
+
+def _is_newer(new_ts: int, new_seq: int, old_ts: int, old_seq: int) -> bool:
+    """The state store's ordering rule (same as the Redis script and the validator)."""
+    if new_seq >= 0 and old_seq >= 0:
+        return new_seq > old_seq and new_ts >= old_ts
+    return new_ts > old_ts
+
+
+async def put_states_if_newer(state: Any, records: dict[str, bytes]) -> dict[str, bytes]:
+    """Write records unless the stored one is newer; ``{device_id: stored record}`` refused.
+
+    Redis does it atomically in a script; other stores (the in-process one) compare here,
+    which is atomic too because nothing between the read and the write yields to the loop."""
+    fn = getattr(state, "put_states_if_newer", None)
+    if fn is not None:
+        return dict(await fn(records))
+    ids = list(records)
+    olds = await state.get_states(ids)
+    refused: dict[str, bytes] = {}
+    write: dict[str, bytes] = {}
+    for d, old in zip(ids, olds, strict=True):
+        new = records[d]
+        if old is not None and len(old) == STATE_DTYPE.itemsize:
+            ots, oseq = record_ts_seq(old)
+            nts, nseq = record_ts_seq(new)
+            if not _is_newer(nts, nseq, ots, oseq):
+                refused[d] = old
+                continue
+        write[d] = new
+    await state.put_states(write)
+    return refused
+
+
+class IngestWorker:
+    """``IngestWorker(services)``; ``await start()``, ``await stop()``, ``connected``."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        client_id: str | None = None,
+        flush_ms: int | None = None,
+        write_history: bool = True,
+    ) -> None:
+        self.services = services
+        s = services.settings
+        self.settings = s
+        self.limits = Limits.from_settings(s)
+        self.client_id = client_id or f"{s.mqtt_client_id_prefix}-ingest-{uuid.uuid4().hex[:10]}"
+        self.flush_s = (flush_ms if flush_ms is not None else s.ingest_flush_ms) / 1000.0
+        self.write_history = write_history
+        self._prefix = f"{s.topic_root}/devices/"
+        self._filters = [
+            f"$share/{s.share_group}/{s.topic_root}/devices/+/{leaf}"
+            for leaf in ("telemetry", "status", "ack")
+        ]
+        # paho's thread appends, the flush task pops: deque operations are thread-safe.
+        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._last: dict[str, tuple[int, int]] = {}
+        self._registry: dict[str, int] = {}
+        self._registry_version: int | None = None
+        self._registry_checked = 0.0
+        self._forced_refresh_at = 0.0
+        self._held: list[tuple[str, str, bytes]] = []  # unknown device, waiting for a refresh
+        # Accepted, not yet in the state store (kept across failed writes).
+        self._pend_states: dict[str, bytes] = {}
+        self._pend_count: Counter[str] = Counter()  # telemetry messages per pending device
+        self._pend_hist_ids: list[str] = []
+        self._pend_hist_recs: list[bytes] = []
+        self._pend_status: dict[str, tuple[bool, int]] = {}
+        self._pend_acks: list[bytes] = []
+        self._retry_at = 0.0
+        self._backoff_s = 0.0
+        self.history = IntervalHistory(s.history_interval_s)
+        self._history_rows: list[dict[str, Any]] = []
+        self._history_task: asyncio.Task[None] | None = None
+        self._history_retry_at = 0.0
+        self._client: MqttClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()  # wakes the flush loop early (stop)
+        # Counters (also in Prometheus): accepted by topic kind, rejected by reason.
+        self.accepted: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.received = 0  # messages taken off the MQTT client
+        self.batches = 0
+        self.store_failures = 0
+        self.last_rejections: deque[tuple[str, str, str, str]] = deque(maxlen=100)
+        self._m_accepted = {
+            k: metrics.INGEST_MESSAGES.labels(topic_kind=k) for k in ("telemetry", "status", "ack")
+        }
+        self._m_rejected = {r: metrics.INGEST_REJECTED.labels(reason=r.value) for r in RejectReason}
+
+    # --- lifecycle -------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    @property
+    def pending(self) -> int:
+        """Records and acks accepted but not yet in the state store."""
+        return (
+            len(self._pend_states) + len(self._pend_acks) + len(self._pend_status) + len(self._held)
+        )
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._wake = asyncio.Event()
+        await self._refresh_registry(force=True)
+        client = self.services.mqtt_client(self.client_id)
+        client.on_message = self._on_message
+        await client.subscribe(self._filters, qos=1)
+        self._client = client
+        self._task = asyncio.create_task(self._run(), name="ingest-flush")
+        try:
+            await client.connect()
+            metrics.INGEST_CONNECTED.set(1)
+        except (ConnectionError, OSError) as exc:
+            # Keep trying in the background: `vpp serve` starts even while the broker is down.
+            log.warning("ingest: broker not reachable yet (%s); retrying", exc)
+            self._connect_task = asyncio.create_task(self._connect_until_up(client))
+        log.info("ingest worker %s started on %s", self.client_id, self._filters)
+
+    async def _connect_until_up(self, client: MqttClient) -> None:
+        delay = 1.0
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                await client.connect()
+                metrics.INGEST_CONNECTED.set(1)
+                log.info("ingest: connected to the broker")
+                return
+            except (ConnectionError, OSError) as exc:
+                log.warning("ingest: broker still not reachable (%s)", exc)
+                delay = min(delay * 2, 30.0)
+
+    async def wait_connected(self, timeout_s: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.connected:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop receiving, store everything accepted so far, write all open history."""
+        self._stopping = True
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        if self._client is not None:
+            try:
+                await self._client.disconnect()
+            except Exception:
+                log.exception("ingest: disconnect")
+        if self._task is not None:
+            self._wake.set()
+            try:
+                await asyncio.wait_for(self._task, drain_timeout_s)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+            except Exception:
+                log.exception("ingest: flush loop")
+            self._task = None
+        # Final flush: whatever is queued, then retries until stored or out of time.
+        deadline = time.monotonic() + drain_timeout_s
+        while True:
+            try:
+                await self.flush(now_ms=self.services.clock.now_ms())
+            except Exception:
+                log.exception("ingest: final flush")
+            if (not self.pending and not self._inbox) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        if self.pending:
+            log.error("ingest: %d accepted records could not be stored at stop", self.pending)
+        if self.write_history:
+            self._history_rows.extend(self.history.take_closed(0, everything=True))
+            if self._history_task is not None:
+                with contextlib.suppress(Exception):
+                    await self._history_task
+            await self._write_history_rows()
+        metrics.INGEST_CONNECTED.set(0)
+
+    # --- receive (paho's thread) -----------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self._inbox.append((topic, payload))
+
+    # --- flush loop ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        # Not cancelled on stop (a batch taken off the inbox must not be dropped half-way):
+        # stop() sets _stopping and wakes the loop, which then ends between two flushes.
+        while not self._stopping:
+            t0 = time.monotonic()
+            try:
+                await self.flush()
+            except Exception:  # a bug must not stop ingest; the batch stays pending
+                log.exception("ingest: flush failed")
+            metrics.INGEST_CONNECTED.set(1 if self.connected else 0)
+            delay = max(0.0, self.flush_s - (time.monotonic() - t0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def flush(self, now_ms: int | None = None) -> int:
+        """Process everything received so far; returns the number of messages taken."""
+        inbox = self._inbox
+        n = len(inbox)
+        now = self.services.clock.now_ms() if now_ms is None else now_ms
+        mono = time.monotonic()
+        if mono - self._registry_checked >= REGISTRY_POLL_S:
+            await self._refresh_registry()
+        if n or self._held:
+            batch = [inbox.popleft() for _ in range(n)]
+            self.received += n
+            t0 = time.perf_counter()
+            await self._process(batch, now)
+            metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
+            self.batches += 1
+        if self.pending and mono >= self._retry_at:
+            await self._store()
+        if self.write_history:
+            self._maybe_write_history(now)
+        return n
+
+    async def _refresh_registry(self, force: bool = False) -> bool:
+        """Reload the registry if its version moved; True if it was reloaded."""
+        self._registry_checked = time.monotonic()
+        state = self.services.state
+        try:
+            version = await state.registry_version()
+            if force or version != self._registry_version:
+                self._registry = await state.registry_all()
+                self._registry_version = version
+                return True
+        except Exception as exc:
+            log.warning("ingest: registry refresh failed: %s", exc)
+        return False
+
+    def _reject(self, device_id: str, reason: RejectReason, field: str, message: str) -> None:
+        self.rejected[reason.value] += 1
+        self._m_rejected[reason].inc()
+        self.last_rejections.append((device_id, reason.value, field, message))
+
+    async def _process(self, batch: list[tuple[str, bytes]], now_ms: int) -> None:
+        prefix = self._prefix
+        plen = len(prefix)
+        registry = self._registry
+        held = self._held
+        known: list[tuple[str, str, bytes, int]] = []
+        for topic, payload in batch:
+            try:
+                if not topic.startswith(prefix):
+                    self._reject(topic[:100], RejectReason.bad_topic, "topic", "not a device topic")
+                    continue
+                device_id, sep, leaf = topic[plen:].partition("/")
+                if not sep or not device_id or "/" in leaf:
+                    self._reject(topic[:100], RejectReason.bad_topic, "topic", "not a device topic")
+                    continue
+                kind = registry.get(device_id)
+                if kind is None:
+                    if len(held) < MAX_HELD_UNKNOWN:
+                        held.append((device_id, leaf, payload))
+                    else:  # a flood of unknown ids: no more waiting for a refresh
+                        self._reject(device_id, RejectReason.unknown_device, "device_id", "unknown")
+                    continue
+                known.append((device_id, leaf, payload, kind))
+            except Exception as exc:  # never let one message stop the batch
+                self._reject("?", RejectReason.invalid_json, "payload", f"unexpected: {exc!r}")
+        if held and time.monotonic() - self._forced_refresh_at >= FORCED_REFRESH_MIN_S:
+            # Every message naming an unknown device waits for one registry refresh made after
+            # it arrived (at most FORCED_REFRESH_MIN_S): a device onboarded by another process a
+            # moment ago is not dropped. Held messages go first: they are the older ones.
+            self._forced_refresh_at = time.monotonic()
+            await self._refresh_registry()
+            registry = self._registry
+            resolved: list[tuple[str, str, bytes, int]] = []
+            for device_id, leaf, payload in held:
+                kind = registry.get(device_id)
+                if kind is None:
+                    self._reject(device_id, RejectReason.unknown_device, "device_id", "unknown")
+                else:
+                    resolved.append((device_id, leaf, payload, kind))
+            held.clear()
+            known = resolved + known
+        telemetry: list[tuple[str, bytes, int]] = []
+        for device_id, leaf, payload, kind in known:
+            if leaf == "telemetry":
+                telemetry.append((device_id, payload, kind))
+            else:
+                try:
+                    self._other(device_id, leaf, payload, kind, now_ms)
+                except Exception as exc:
+                    self._reject(device_id, RejectReason.invalid_json, "payload", f"{exc!r}")
+        if telemetry:
+            self._telemetry(telemetry, now_ms)
+
+    def _telemetry(self, items: list[tuple[str, bytes, int]], now_ms: int) -> None:
+        last = self._last
+        limits = self.limits
+        pend = self._pend_states
+        count = self._pend_count
+        hist_ids = self._pend_hist_ids
+        hist_recs = self._pend_hist_recs
+        keep_history = self.write_history and len(hist_ids) < MAX_PENDING_HISTORY
+        for device_id, payload, kind in items:
+            try:
+                r = validate_telemetry(payload, kind, last.get(device_id), now_ms, limits)
+            except Exception as exc:
+                self._reject(device_id, RejectReason.invalid_json, "payload", f"{exc!r}")
+                continue
+            if type(r) is Rejected:
+                self._reject(device_id, r.reason, r.field, r.message)
+                continue
+            rec, ts, seq = r  # type: ignore[misc]
+            last[device_id] = (ts, seq)
+            pend[device_id] = rec
+            count[device_id] += 1
+            if keep_history:
+                hist_ids.append(device_id)
+                hist_recs.append(rec)
+
+    def _other(self, device_id: str, leaf: str, payload: bytes, kind: int, now_ms: int) -> None:
+        if kind < 0:
+            self._reject(device_id, RejectReason.offboarded, "device_id", "offboarded")
+            return
+        if leaf == "status":
+            st = validate_status(payload)
+            if type(st) is Rejected:
+                self._reject(device_id, st.reason, st.field, st.message)
+                return
+            self._pend_status[device_id] = (bool(st), now_ms)
+            self.accepted["status"] += 1
+            self._m_accepted["status"].inc()
+        elif leaf == "ack":
+            ack = validate_ack(payload, device_id, now_ms, self.limits)
+            if type(ack) is Rejected:
+                self._reject(device_id, ack.reason, ack.field, ack.message)
+                return
+            assert isinstance(ack, bytes)
+            self._pend_acks.append(ack)
+            self.accepted["ack"] += 1
+            self._m_accepted["ack"].inc()
+        else:
+            self._reject(device_id, RejectReason.bad_topic, "topic", f"unknown leaf {leaf[:40]!r}")
+
+    # --- state store -----------------------------------------------------------------------
+    async def _store(self) -> None:
+        state = self.services.state
+        try:
+            if self._pend_acks:
+                await state.push_acks(self._pend_acks)
+                self._pend_acks = []
+            if self._pend_status:
+                await state.put_status(self._pend_status)
+                self._pend_status = {}
+            if self._pend_states:
+                refused = await put_states_if_newer(state, self._pend_states)
+                self._after_store(refused)
+        except Exception as exc:
+            self.store_failures += 1
+            self._backoff_s = min(max(self._backoff_s * 2, 0.2), 5.0)
+            self._retry_at = time.monotonic() + self._backoff_s
+            log.warning(
+                "ingest: state store write failed (%s); %d records kept, retry in %.1f s",
+                exc,
+                self.pending,
+                self._backoff_s,
+            )
+            return
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+
+    def _after_store(self, refused: dict[str, bytes]) -> None:
+        count = self._pend_count
+        n_ok = sum(count.values())
+        for device_id, stored in refused.items():
+            # Older than what another worker (or this one before a restart) already stored.
+            n = count.get(device_id, 0)
+            n_ok -= n
+            self.rejected[RejectReason.out_of_order.value] += n
+            self._m_rejected[RejectReason.out_of_order].inc(n)
+            self.last_rejections.append(
+                (device_id, "out_of_order", "ts", "older than the stored state")
+            )
+            if len(stored) == STATE_DTYPE.itemsize:
+                self._last[device_id] = record_ts_seq(stored)
+        self.accepted["telemetry"] += n_ok
+        self._m_accepted["telemetry"].inc(n_ok)
+        ids, recs = self._pend_hist_ids, self._pend_hist_recs
+        self._pend_states = {}
+        self._pend_count = Counter()
+        self._pend_hist_ids = []
+        self._pend_hist_recs = []
+        if self.write_history and ids:
+            arr = np.frombuffer(b"".join(recs), dtype=STATE_DTYPE)
+            if refused:
+                keep = np.fromiter((d not in refused for d in ids), dtype=bool, count=len(ids))
+                arr = arr[keep]
+                ids = [d for d in ids if d not in refused]
+            self.history.add(ids, arr)
+
+    # --- history ---------------------------------------------------------------------------
+    def _maybe_write_history(self, now_ms: int) -> None:
+        close = self.history.next_close_ms()
+        if close is not None and close <= now_ms:
+            self._history_rows.extend(self.history.take_closed(now_ms))
+        if (
+            self._history_rows
+            and (self._history_task is None or self._history_task.done())
+            and time.monotonic() >= self._history_retry_at
+        ):
+            self._history_task = asyncio.create_task(self._write_history_rows())
+
+    async def _write_history_rows(self) -> None:
+        rows, self._history_rows = self._history_rows, []
+        if not rows:
+            return
+        try:
+            n = await write_intervals(self.services.db, rows)
+            metrics.HISTORY_ROWS.inc(n)
+        except Exception as exc:
+            log.warning("ingest: history write failed (%s); %d rows kept", exc, len(rows))
+            self._history_retry_at = time.monotonic() + 5.0
+            # Keep them for the next try, newest last (bounded: drop the oldest past the cap).
+            self._history_rows = (rows + self._history_rows)[-HISTORY_RETRY_MAX_ROWS:]
+
+
+async def run_standalone(settings: Settings) -> None:
+    """``vpp ingest``: one worker until SIGTERM or SIGINT, then a clean stop."""
+    from vpp.services import Services
+
+    services = await Services.create(settings)
+    worker = IngestWorker(services)
+    services.components["devices.ingest:IngestWorker"] = worker
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await worker.start()
+        await stop.wait()
+        log.info("ingest: stopping")
+    finally:
+        services.components.pop("devices.ingest:IngestWorker", None)
+        await worker.stop()
+        await services.close()
+        log.info(
+            "ingest: stopped; accepted %s, rejected %s",
+            dict(worker.accepted),
+            dict(worker.rejected),
+        )
