@@ -51,4 +51,11 @@ fi
 [ -e /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so ] || ls /usr/lib/*/mosquitto_dynamic_security.so >/dev/null 2>&1 \
   || apt_install mosquitto
 
+# --- Chromium (the dashboard's browser tests drive Debian's headless chromium) -----------------
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing Chromium"
+  $SUDO apt-get update -qq && apt_updated=1
+  apt_install chromium || echo "warning: chromium not installed; browser tests will skip" >&2
+fi
+
 echo "services: PostgreSQL :5432, Redis :6379, Mosquitto :1883 reachable"

@@ -23,5 +23,8 @@ async def test_metrics_are_prometheus_text(api_factory, sqlite_url):
 
 
 async def test_unknown_and_missing_keys_are_401(api_factory, sqlite_url):
-    client, keys = await api_factory(make_settings(sqlite_url))
-    assert (await client.get("/v1/fleet")).status_code in (401, 404)
+    client, make_key = await api_factory(make_settings(sqlite_url))
+    assert (await client.get("/v1/fleet")).status_code == 401
+    bad = {"Authorization": "Bearer vpp_nope_nope"}
+    assert (await client.get("/v1/fleet", headers=bad)).status_code == 401
+    assert (await client.get("/v1/fleet", headers=await make_key("t1", "fleet"))).status_code == 200
