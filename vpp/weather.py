@@ -34,6 +34,32 @@ REGION_CLIMATE: dict[str, str] = {
 }
 
 
+# Where each region's homes are placed on a map (and by the simulator): the zone's main load
+# centre. Weather comes from the climate's file; only the position differs.
+REGION_CENTRE: dict[str, tuple[float, float]] = {
+    "ERCOT-NORTH": (32.78, -96.80),  # Dallas
+    "ERCOT-HOUSTON": (29.76, -95.37),
+    "ERCOT-SOUTH": (29.42, -98.49),  # San Antonio
+    "ERCOT-WEST": (31.99, -102.08),  # Midland
+    "FPL": (25.76, -80.19),  # Miami
+    "CAISO-SP15": (34.05, -118.24),  # Los Angeles
+    "CAISO-NP15": (37.77, -122.42),  # San Francisco
+    "PJM-DOM": (37.54, -77.44),  # Richmond
+    "PJM-AEP": (39.96, -82.99),  # Columbus
+    "NYISO-J": (40.71, -74.01),  # New York City
+    "MISO-NORTH": (44.98, -93.27),  # Minneapolis
+    "AK": (61.22, -149.90),  # Anchorage
+}
+
+
+def region_centre(region: str) -> tuple[float, float]:
+    """(lat, lon) of a region's load centre; the weather site for regions not in the table."""
+    if region in REGION_CENTRE:
+        return REGION_CENTRE[region]
+    w = weather_for_region(region)
+    return (w.latitude, w.longitude)
+
+
 @dataclass(frozen=True)
 class WeatherYear:
     name: str
