@@ -176,7 +176,8 @@ def available_kw(
             window_h,
             snap.hvac_rated_w[th] / 1000.0,
             heating=heating,
-            comfort_limit_c=np.nan_to_num(comfort, nan=99.0),
+            # No comfort limit on record: no limit (cooling up to 99 °C, heating down to -99).
+            comfort_limit_c=np.where(np.isnan(comfort), np.where(heating, -99.0, 99.0), comfort),
         )
         kw[th] = np.where((mode == physics.MODE_OFF) | np.isnan(setpoint), 0.0, np.nan_to_num(shed))
     if only_dispatchable:
@@ -184,9 +185,12 @@ def available_kw(
     return kw
 
 
-def summarise(snap: FleetSnapshot, window_h: float = 1.0) -> list[dict[str, Any]]:
-    """Per region and kind: registered, online, fresh, and MW available now."""
-    kw = available_kw(snap, window_h)
+def summarise(
+    snap: FleetSnapshot, window_h: float = 1.0, kw: F64 | None = None
+) -> list[dict[str, Any]]:
+    """Per region and kind: registered, online, fresh, and MW available now. ``kw``: the
+    snapshot's ``available_kw`` if the caller has it already."""
+    kw = available_kw(snap, window_h) if kw is None else kw
     n_kinds = 3
     key = snap.region_codes.astype(np.int64) * n_kinds + snap.kind_codes
     size = max(len(snap.regions), 1) * n_kinds
@@ -197,10 +201,16 @@ def summarise(snap: FleetSnapshot, window_h: float = 1.0) -> list[dict[str, Any]
     )
     fresh = np.bincount(key, weights=snap.freshness == FreshnessCode.fresh, minlength=size)
     mw = np.bincount(key, weights=kw, minlength=size) / 1000.0
+    # Where the devices are (for the dashboard's map): mean of the coordinates given, if any.
+    located = ~(np.isnan(snap.lat) | np.isnan(snap.lon))
+    n_located = np.bincount(key, weights=located, minlength=size)
+    lat_sum = np.bincount(key, weights=np.where(located, snap.lat, 0.0), minlength=size)
+    lon_sum = np.bincount(key, weights=np.where(located, snap.lon, 0.0), minlength=size)
     from vpp.domain import KIND_BY_CODE
 
     rows = []
     for k in np.flatnonzero(registered):
+        has_xy = n_located[k] > 0
         rows.append(
             {
                 "region": snap.regions[k // n_kinds],
@@ -210,6 +220,8 @@ def summarise(snap: FleetSnapshot, window_h: float = 1.0) -> list[dict[str, Any]
                 "online": int(online[k]),
                 "fresh": int(fresh[k]),
                 "available_mw": round(float(mw[k]), 6),
+                "lat": round(float(lat_sum[k] / n_located[k]), 4) if has_xy else None,
+                "lon": round(float(lon_sum[k] / n_located[k]), 4) if has_xy else None,
             }
         )
     return rows

@@ -1,3 +1,121 @@
-from fastapi import APIRouter
+"""GET /v1/fleet: devices registered, online and MW available now, per region and kind.
 
-router = APIRouter()
+Everything comes from the cached, vectorised fleet snapshot (``services.fleet``); the per-device
+``available_kw`` is computed once per snapshot and shared with the device endpoints, so the
+answer stays fast with a million devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from fastapi import APIRouter, Depends, Query
+
+from api.deps import Principal, any_role, get_services
+from api.schemas.devices import ErrorOut, FleetOut
+from vpp.domain import DeviceKind, FreshnessCode, Role
+from vpp.fleet import FleetSnapshot, available_kw, summarise
+from vpp.services import Services
+
+router = APIRouter(tags=["fleet"])
+
+WINDOW_H = 1.0
+_VIEW_KEY = "api.fleet_view"
+FRESHNESS_NAMES = {
+    FreshnessCode.fresh: "fresh",
+    FreshnessCode.stale: "stale",
+    FreshnessCode.offline: "offline",
+    FreshnessCode.never: "offline",  # registered, never heard from: offline to the outside
+}
+
+
+def rfc3339(epoch_ms: int | float) -> str:
+    dt = datetime.fromtimestamp(int(epoch_ms) / 1000.0, tz=UTC)
+    ms = int(epoch_ms) % 1000
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{ms:03d}Z" if ms else "Z")
+
+
+def freshness_name(code: int) -> str:
+    return FRESHNESS_NAMES[FreshnessCode(int(code))]
+
+
+@dataclass
+class FleetView:
+    """One snapshot with its per-device available kW, and summaries made from it."""
+
+    snapshot: FleetSnapshot
+    available_kw: npt.NDArray[np.float64]
+    capability_kw: npt.NDArray[np.float64]
+    summaries: dict[tuple[str | None, str | None, str | None], dict[str, Any]] = field(
+        default_factory=dict
+    )
+
+
+async def current_view(services: Services) -> FleetView:
+    """The fleet view of the current cached snapshot (rebuilt when the snapshot is)."""
+    snap = await services.fleet.snapshot()
+    view: FleetView | None = services.components.get(_VIEW_KEY)
+    if view is None or view.snapshot is not snap:
+        capability = available_kw(snap, WINDOW_H, only_dispatchable=False)
+        view = FleetView(snap, np.where(snap.dispatchable(), capability, 0.0), capability)
+        services.components[_VIEW_KEY] = view
+    return view
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("registered", "enrolled", "online", "fresh")
+    out: dict[str, Any] = {k: sum(r[k] for r in rows) for k in keys}
+    out["available_mw"] = round(sum(r["available_mw"] for r in rows), 6)
+    return out
+
+
+def fleet_summary(
+    view: FleetView, tenant: str | None, region: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    key = (tenant, region, kind)
+    cached = view.summaries.get(key)
+    if cached is not None:
+        return cached
+    snap = view.snapshot
+    if tenant is None and region is None and kind is None:
+        rows = summarise(snap, WINDOW_H, kw=view.available_kw)
+    else:
+        sel = snap.mask(region, kind)
+        if tenant is not None:
+            sel &= snap.tenant_ids == tenant
+        rows = summarise(snap.take(sel), WINDOW_H, kw=view.available_kw[sel])
+    rows.sort(key=lambda r: (r["region"], r["kind"]))
+    out = {
+        "as_of": rfc3339(snap.now_ms),
+        "window_h": WINDOW_H,
+        "regions": rows,
+        "totals": _totals(rows),
+    }
+    if len(view.summaries) > 256:  # many tenants: keep the cache bounded
+        view.summaries.clear()
+    view.summaries[key] = out
+    return out
+
+
+@router.get(
+    "/v1/fleet",
+    response_model=FleetOut,
+    summary="Devices and MW available now, per region and kind",
+    description="Any role. Per region and kind: devices registered, enrolled, online and fresh, "
+    "and the flexibility available now in MW (what the fleet could hold for the next hour). "
+    "A `fleet` key sees its own tenant's devices; every other role sees the whole fleet.",
+    responses={401: {"model": ErrorOut, "description": "no valid API key"}},
+)
+async def get_fleet(
+    region: str | None = Query(None, description="Only this region."),
+    kind: DeviceKind | None = Query(None, description="Only this kind."),
+    principal: Principal = Depends(any_role),
+    services: Services = Depends(get_services),
+) -> dict[str, Any]:
+    view = await current_view(services)
+    tenant = principal.tenant_id if principal.role == Role.fleet else None
+    return fleet_summary(view, tenant, region, kind.value if kind is not None else None)

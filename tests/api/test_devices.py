@@ -1,0 +1,423 @@
+"""/v1/devices as a fleet operator uses it: register, read live state, page, change, offboard.
+
+Runs on SQLite (in-process state store) and on PostgreSQL with the real Redis state store.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from tests.conftest import REDIS_URL, make_settings
+from vpp.clock import ManualClock
+from vpp.db.models import Device
+from vpp.settings import Settings
+from vpp.state import empty_state, pack_state
+
+NOW = 1_784_061_000_000  # 2026-07-14T20:30:00Z
+REGION = "ERCOT-NORTH"
+
+
+# --- helpers shared by the device, bulk, role and fleet tests -------------------------------------
+def settings_for(db_url: str, **overrides: Any) -> Settings:
+    """Embedded defaults on SQLite; the real Redis state store next to PostgreSQL."""
+    if db_url.startswith("postgresql"):
+        overrides.setdefault("redis_url", REDIS_URL)
+    return make_settings(db_url, **overrides)
+
+
+def uid(prefix: str = "d") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def battery(device_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kind": "battery",
+        "site_id": "site-1",
+        "region": REGION,
+        "capacity_wh": 13_500,
+        "max_discharge_w": 5_000,
+        "max_charge_w": 5_000,
+    }
+    if device_id is not None:
+        body["id"] = device_id
+    return {**body, **kw}
+
+
+def thermostat(device_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kind": "thermostat",
+        "site_id": "site-2",
+        "region": REGION,
+        "hvac_rated_w": 5_600,
+        "comfort_max_c": 28,
+        "comfort_min_c": 18,
+    }
+    if device_id is not None:
+        body["id"] = device_id
+    return {**body, **kw}
+
+
+def solar(device_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kind": "solar",
+        "site_id": "site-3",
+        "region": REGION,
+        "rated_w": 7_600,
+    }
+    if device_id is not None:
+        body["id"] = device_id
+    return {**body, **kw}
+
+
+def state(recv_ms: int, **fields: float) -> bytes:
+    """A packed state record as ingest writes it (received at ``recv_ms``)."""
+    rec = empty_state()
+    rec["recv_ms"] = recv_ms
+    rec["ts_ms"] = recv_ms - 1_000
+    for name, value in fields.items():
+        rec[name] = value
+    return pack_state(rec)
+
+
+def fields_of(resp: Any) -> set[str]:
+    return {e["field"] for e in resp.json()["errors"]}
+
+
+async def stored_ids(client: Any) -> set[str]:
+    async with client.services.db.session() as s:
+        return set((await s.execute(select(Device.id))).scalars().all())
+
+
+async def make_api(db_url: str, api_factory: Any) -> Any:
+    """A client on a fresh database with a ManualClock at NOW, and a fleet key of tenant acme."""
+    client, make_key = await api_factory(settings_for(db_url), ManualClock(NOW))
+    client.headers.update(await make_key("acme", "fleet"))
+    client.make_key = make_key
+    return client
+
+
+@pytest.fixture()
+async def api(db_url: str, api_factory: Any) -> Any:
+    return await make_api(db_url, api_factory)
+
+
+# --- registering --------------------------------------------------------------------------------
+async def test_register_each_kind_returns_device_and_mqtt_credentials(api: Any) -> None:
+    bid, tid, sid = uid("bat"), uid("th"), uid("pv")
+    for body in (battery(bid), thermostat(tid), solar(sid)):
+        r = await api.post("/v1/devices", json=body)
+        assert r.status_code == 201, r.text
+        dev = r.json()
+        assert dev["id"] == body["id"] and dev["tenant_id"] == "acme"
+        assert dev["created_at"].endswith("Z") and dev["enrolled"] is True
+        mqtt = dev["mqtt"]
+        assert mqtt["username"] == body["id"] and len(mqtt["password"]) >= 24
+        root = api.services.settings.topic_root
+        assert mqtt["topics"] == {
+            leaf: f"{root}/devices/{body['id']}/{leaf}"
+            for leaf in ("telemetry", "status", "ack", "cmd")
+        }
+    got = (await api.get(f"/v1/devices/{bid}")).json()
+    assert got["backup_reserve_pct"] == 20  # the contract's default
+    assert got["rated_w"] is None and "mqtt" not in got  # credentials shown once only
+    assert (await api.get(f"/v1/devices/{tid}")).json()["max_offset_c"] == 2
+    # Onboarded devices are in the ingest registry with their kind code.
+    registry = await api.services.state.registry_all()
+    assert (registry[bid], registry[sid], registry[tid]) == (0, 1, 2)
+
+
+async def test_id_is_generated_when_absent(api: Any) -> None:
+    r = await api.post("/v1/devices", json=battery())
+    assert r.status_code == 201, r.text
+    assert r.json()["id"].startswith("d-") and r.json()["mqtt"]["username"] == r.json()["id"]
+
+
+async def test_duplicate_id_is_409_and_the_first_device_is_untouched(api: Any) -> None:
+    did = uid("bat")
+    assert (await api.post("/v1/devices", json=battery(did))).status_code == 201
+    r = await api.post("/v1/devices", json=battery(did, capacity_wh=9_000))
+    assert r.status_code == 409
+    assert fields_of(r) == {"id"} and did in r.json()["detail"]
+    assert (await api.get(f"/v1/devices/{did}")).json()["capacity_wh"] == 13_500
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (battery(region="MARS-1"), "region"),
+        (battery(capacity_wh=0), "capacity_wh"),
+        (battery(capacity_wh=-5), "capacity_wh"),
+        (battery(backup_reserve_pct=101), "backup_reserve_pct"),
+        (battery(backup_reserve_pct=-1), "backup_reserve_pct"),
+        (battery(max_discharge_w="lots"), "max_discharge_w"),
+        (battery(rated_w=5_000), "rated_w"),  # a solar field on a battery
+        (solar(capacity_wh=13_500), "capacity_wh"),  # a battery field on a solar system
+        (thermostat(comfort_min_c=28, comfort_max_c=24), "comfort_min_c"),
+        (thermostat(comfort_min_c=24, comfort_max_c=24), "comfort_min_c"),
+        (thermostat(max_offset_c=0), "max_offset_c"),
+        ({k: v for k, v in thermostat().items() if k != "hvac_rated_w"}, "hvac_rated_w"),
+        ({k: v for k, v in battery().items() if k != "kind"}, "kind"),
+        (battery(kind="windmill"), "kind"),
+        (battery(id="a/b"), "id"),
+        (battery(id="dev+1"), "id"),
+        (battery(id="dev#"), "id"),
+        (battery(id="x" * 65), "id"),
+        (battery(id=""), "id"),
+        (battery(site_id=""), "site_id"),
+        (battery(lat=91), "lat"),
+        (battery(colour="red"), "colour"),
+    ],
+)
+async def test_bad_fields_are_422_naming_the_field_and_nothing_is_stored(
+    api: Any, body: dict[str, Any], field: str
+) -> None:
+    r = await api.post("/v1/devices", json=body)
+    assert r.status_code == 422, r.text
+    assert field in fields_of(r), r.json()
+    assert field in r.json()["detail"]
+    assert await stored_ids(api) == set()
+
+
+async def test_every_bad_field_of_one_device_is_named_at_once(api: Any) -> None:
+    r = await api.post(
+        "/v1/devices", json=battery(region="NOWHERE", capacity_wh=-1, rated_w=3, id="a/b")
+    )
+    assert r.status_code == 422
+    assert fields_of(r) == {"region", "capacity_wh", "rated_w", "id"}
+
+
+async def test_body_that_is_not_a_json_object_is_422(api: Any) -> None:
+    r = await api.post(
+        "/v1/devices", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and fields_of(r) == {"body"}
+    r = await api.post("/v1/devices", json=[battery()])
+    assert r.status_code == 422
+
+
+# --- reading live state -------------------------------------------------------------------------
+async def test_device_detail_shows_telemetry_freshness_and_flexibility_by_hand(api: Any) -> None:
+    full, low, stale, th = uid("b"), uid("b"), uid("b"), uid("t")
+    for body in (battery(full), battery(low), battery(stale), thermostat(th)):
+        assert (await api.post("/v1/devices", json=body)).status_code == 201
+    await api.services.state.put_states(
+        {
+            full: state(NOW - 60_000, soc_pct=100, power_w=-1_200, grid_up=1, seq=7),
+            low: state(NOW - 60_000, soc_pct=40, power_w=0),
+            stale: state(NOW - 700_000, soc_pct=100),  # > 2 intervals of 300 s ago
+            th: state(NOW - 30_000, indoor_c=24, setpoint_c=24, outdoor_c=35, hvac_w=2_400, mode=1),
+        }
+    )
+    d = (await api.get(f"/v1/devices/{full}")).json()
+    # 13.5 kWh at 100 %, reserve 20 %: 10.8 kWh × 0.949 = 10.25 kW over 1 h, capped at 5 kW.
+    assert d["freshness"] == "fresh" and d["online"] is True
+    assert d["available_kw"] == pytest.approx(5.0)
+    t = d["last_telemetry"]
+    assert t["soc_pct"] == 100 and t["power_kw"] == pytest.approx(-1.2) and t["grid"] == "up"
+    assert t["seq"] == 7 and t["received_ms"] == NOW - 60_000 and t["ts_ms"] == NOW - 61_000
+    assert t["received_at"] == "2026-07-14T20:29:00Z" and t["clock_skewed"] is False
+
+    # 40 %: (40 − 20) % × 13.5 kWh = 2.7 kWh × 0.949 = 2.5623 kW for one hour.
+    d = (await api.get(f"/v1/devices/{low}")).json()
+    assert d["available_kw"] == pytest.approx(2.5623, abs=1e-4)
+
+    d = (await api.get(f"/v1/devices/{stale}")).json()
+    assert d["freshness"] == "stale" and d["available_kw"] == 0  # stale counts 0
+    assert d["capability_kw"] == pytest.approx(5.0)
+
+    # RC home at 24 °C, 35 °C outside, +1.7 °C offset: T_eq = 35 + 2 × 0.5 = 36 °C;
+    # baseline 12 / (2 × 2.5) = 2.4 kW, new 10.3 / 5 = 2.06 kW; off for 4 h × ln(12 / 10.3).
+    t_off = 4 * math.log(12 / 10.3)
+    expected = 2.4 * t_off + (2.4 - 2.06) * (1 - t_off)
+    d = (await api.get(f"/v1/devices/{th}")).json()
+    assert d["available_kw"] == pytest.approx(expected, abs=1e-4)
+    assert d["last_telemetry"]["mode"] == "cool" and d["last_telemetry"]["hvac_kw"] == 2.4
+
+
+async def test_never_heard_and_last_will_devices_are_offline(api: Any) -> None:
+    quiet, gone = uid("b"), uid("b")
+    for d in (quiet, gone):
+        assert (await api.post("/v1/devices", json=battery(d))).status_code == 201
+    await api.services.state.put_states({gone: state(NOW - 10_000, soc_pct=90)})
+    await api.services.state.put_status({gone: (False, NOW - 5_000)})
+    api.services.fleet.invalidate()
+    for d in (quiet, gone):
+        got = (await api.get(f"/v1/devices/{d}")).json()
+        assert got["freshness"] == "offline" and got["online"] is False
+        assert got["available_kw"] == 0
+    assert (await api.get(f"/v1/devices/{quiet}")).json()["last_telemetry"] is None
+
+
+async def test_list_filters_and_pages_with_a_cursor(api: Any) -> None:
+    ids = sorted(uid("b") for _ in range(5))
+    for i, d in enumerate(ids):
+        region = REGION if i % 2 == 0 else "PJM-DOM"
+        assert (await api.post("/v1/devices", json=battery(d, region=region))).status_code == 201
+    pv = uid("pv")
+    assert (await api.post("/v1/devices", json=solar(pv))).status_code == 201
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, "kind": "battery"}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await api.get("/v1/devices", params=params)).json()
+        assert len(page["devices"]) <= 2
+        seen += [d["id"] for d in page["devices"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids
+
+    by_region = (await api.get("/v1/devices", params={"region": "PJM-DOM"})).json()["devices"]
+    assert [d["id"] for d in by_region] == ids[1::2]
+    everything = (await api.get("/v1/devices")).json()["devices"]
+    assert {d["id"] for d in everything} == {*ids, pv}
+
+    await api.services.state.put_states({ids[0]: state(NOW - 1_000, soc_pct=80)})
+    api.services.fleet.invalidate()
+    fresh = (await api.get("/v1/devices", params={"status": "fresh"})).json()["devices"]
+    assert [d["id"] for d in fresh] == [ids[0]] and fresh[0]["available_kw"] > 0
+    offline = (await api.get("/v1/devices", params={"status": "offline", "limit": 3})).json()
+    assert len(offline["devices"]) == 3 and ids[0] not in [d["id"] for d in offline["devices"]]
+    rest = (
+        await api.get("/v1/devices", params={"status": "offline", "cursor": offline["next_cursor"]})
+    ).json()
+    assert len(offline["devices"]) + len(rest["devices"]) == 5
+
+
+async def test_list_rejects_bad_paging_parameters(api: Any) -> None:
+    r = await api.get("/v1/devices", params={"limit": 5000})
+    assert r.status_code == 422 and "limit" in fields_of(r)
+    r = await api.get("/v1/devices", params={"cursor": "%%%"})
+    assert r.status_code == 422 and "cursor" in fields_of(r)
+    r = await api.get("/v1/devices", params={"status": "sleepy"})
+    assert r.status_code == 422 and "status" in fields_of(r)
+
+
+# --- changing -----------------------------------------------------------------------------------
+async def test_patch_opts_a_device_out_of_events(api: Any) -> None:
+    did = uid("b")
+    assert (await api.post("/v1/devices", json=battery(did))).status_code == 201
+    await api.services.state.put_states({did: state(NOW - 1_000, soc_pct=100)})
+    assert (await api.get(f"/v1/devices/{did}")).json()["available_kw"] == pytest.approx(5.0)
+
+    r = await api.patch(f"/v1/devices/{did}", json={"enrolled": False, "backup_reserve_pct": 50})
+    assert r.status_code == 200, r.text
+    assert r.json()["enrolled"] is False and r.json()["backup_reserve_pct"] == 50
+    d = (await api.get(f"/v1/devices/{did}")).json()
+    assert d["enrolled"] is False and d["available_kw"] == 0
+    snap = await api.services.fleet.snapshot()
+    assert not snap.enrolled[snap.index[did]] and not snap.dispatchable()[snap.index[did]]
+    # Still registered for ingest: opted-out devices keep reporting.
+    assert (await api.services.state.registry_all())[did] == 0
+
+    assert (await api.patch(f"/v1/devices/{did}", json={"enrolled": True})).status_code == 200
+    assert (await api.get(f"/v1/devices/{did}")).json()["available_kw"] > 0
+
+
+async def test_patch_names_fields_that_may_not_change(api: Any) -> None:
+    bid, tid = uid("b"), uid("t")
+    assert (await api.post("/v1/devices", json=battery(bid))).status_code == 201
+    assert (await api.post("/v1/devices", json=thermostat(tid))).status_code == 201
+    r = await api.patch(f"/v1/devices/{bid}", json={"region": "PJM-DOM", "kind": "solar"})
+    assert r.status_code == 422 and fields_of(r) == {"region", "kind"}
+    r = await api.patch(f"/v1/devices/{bid}", json={"max_offset_c": 1.0})
+    assert r.status_code == 422 and fields_of(r) == {"max_offset_c"}
+    r = await api.patch(f"/v1/devices/{bid}", json={"backup_reserve_pct": 120})
+    assert r.status_code == 422 and fields_of(r) == {"backup_reserve_pct"}
+    r = await api.patch(f"/v1/devices/{bid}", json={"capacity_wh": None})
+    assert r.status_code == 422 and fields_of(r) == {"capacity_wh"}
+    # Checked against the stored comfort_max_c (28).
+    r = await api.patch(f"/v1/devices/{tid}", json={"comfort_min_c": 29})
+    assert r.status_code == 422 and fields_of(r) == {"comfort_min_c"}
+    assert (await api.get(f"/v1/devices/{tid}")).json()["comfort_min_c"] == 18
+    r = await api.patch(f"/v1/devices/{tid}", json={"max_offset_c": 1.0, "feeder": "F-12"})
+    assert r.status_code == 200 and r.json()["feeder"] == "F-12"
+
+
+# --- offboarding --------------------------------------------------------------------------------
+async def test_offboarded_device_disappears_and_leaves_a_tombstone(api: Any) -> None:
+    gone, kept = uid("b"), uid("b")
+    for d in (gone, kept):
+        assert (await api.post("/v1/devices", json=battery(d))).status_code == 201
+    await api.services.state.put_states({gone: state(NOW - 1_000, soc_pct=90)})
+    fleet = (await api.get("/v1/fleet")).json()["totals"]
+    assert fleet["registered"] == 2
+
+    r = await api.delete(f"/v1/devices/{gone}")
+    assert r.status_code == 204
+    assert (await api.get(f"/v1/devices/{gone}")).status_code == 404
+    assert (await api.delete(f"/v1/devices/{gone}")).status_code == 404
+    assert (await api.patch(f"/v1/devices/{gone}", json={"enrolled": True})).status_code == 404
+    listed = [d["id"] for d in (await api.get("/v1/devices")).json()["devices"]]
+    assert listed == [kept]
+    registry = await api.services.state.registry_all()
+    assert registry[gone] == -1 and registry[kept] == 0
+    assert (await api.services.state.get_states([gone])) == [None]
+    assert (await api.get("/v1/fleet")).json()["totals"]["registered"] == 1
+    # The row stays (history), marked offboarded; its id is never handed out again.
+    async with api.services.db.session() as s:
+        row = (await s.execute(select(Device).where(Device.id == gone))).scalar_one()
+        assert row.offboarded_ms == NOW and row.enrolled is False
+        assert (await s.execute(select(func.count()).select_from(Device))).scalar_one() == 2
+    assert (await api.post("/v1/devices", json=battery(gone))).status_code == 409
+
+
+# --- against a real Mosquitto with dynamic security ---------------------------------------------
+@pytest.fixture(scope="module")
+def dynsec_broker() -> Iterator[Any]:
+    from tests.helpers.mosquitto import mosquitto_available, run_mosquitto
+
+    if not mosquitto_available():
+        pytest.skip("mosquitto with the dynamic-security plugin is not installed")
+    root = f"vppdev{secrets.token_hex(3)}/v1"
+    with run_mosquitto(root) as broker:
+        yield root, broker
+
+
+async def test_credentials_work_until_offboarding_revokes_them(
+    dynsec_broker: Any, sqlite_url: str, api_factory: Any
+) -> None:
+    from tests.devices.test_broker_security import WAIT_S, Client
+
+    root, broker = dynsec_broker
+    settings = make_settings(
+        sqlite_url,
+        mqtt_url=broker.service_url,
+        broker_credentials="dynsec",
+        topic_root=root,
+    )
+    client, make_key = await api_factory(settings, ManualClock(NOW))
+    headers = await make_key("acme", "fleet")
+    did = uid("bat")
+    r = await client.post("/v1/devices", json=battery(did), headers=headers)
+    assert r.status_code == 201, r.text
+    creds = r.json()["mqtt"]
+    device = Client(broker, creds["username"], creds["password"])
+    try:
+        assert not device.connect().is_failure
+        assert (await client.delete(f"/v1/devices/{did}", headers=headers)).status_code == 204
+        assert device.disconnected.wait(WAIT_S), "offboarded device still connected"
+    finally:
+        device.stop()
+    again = Client(broker, creds["username"], creds["password"])
+    try:
+        assert again.connect().is_failure
+    finally:
+        again.stop()
+
+
+def test_hand_figures_used_above() -> None:
+    # Kept next to the tests so a reader can check the arithmetic.
+    assert pytest.approx(10.2492) == 0.8 * 13_500 * 0.949 / 1000
+    assert pytest.approx(2.5623) == 0.2 * 13_500 * 0.949 / 1000
+    assert np.isclose(4 * math.log(12 / 10.3), 0.611049, atol=1e-6)
