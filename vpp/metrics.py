@@ -26,3 +26,10 @@ EVENT_DELIVERED_MW = Gauge("vpp_event_delivered_mw", "Estimated delivered MW", [
 EVENT_TARGET_MW = Gauge("vpp_event_target_mw", "Target MW", ["event_id"])
 
 HTTP_REQUESTS = Counter("vpp_http_requests_total", "HTTP requests", ["method", "route", "status"])
+
+MARKET_REQUESTS = Counter(
+    "vpp_market_requests_total",
+    "Capacity-request outcomes: quoted, rejected, committed, conflict, cancelled, expired",
+    ["outcome"],
+)
+PLANS_MADE = Counter("vpp_plans_total", "Dispatch plans stored, by why they were made", ["why"])

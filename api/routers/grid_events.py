@@ -1,3 +1,167 @@
-from fastapi import APIRouter
+"""/v1/grid-events: an operator's short-notice call on the fleet (roles operator, admin)."""
 
-router = APIRouter()
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from api.deps import Principal, get_services, require_roles
+from dispatch import events_service as es
+from vpp.services import Services
+
+router = APIRouter(tags=["grid events"])
+
+operator = require_roles("operator")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no valid API key"},
+    403: {"description": "the key's role may not do this (operator or admin only)"},
+}
+_ID = Path(description="grid event id, ge-<12 hex>", max_length=64)
+
+
+class GridEventIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "region": "ERCOT-NORTH",
+                    "mw": 10,
+                    "start": "2026-07-15T19:00:00Z",
+                    "end": "2026-07-15T20:00:00Z",
+                    "priority": 100,
+                    "preempt": False,
+                }
+            ]
+        },
+    )
+
+    region: str = Field(min_length=1, max_length=64, description="ISO zone, e.g. ERCOT-NORTH")
+    mw: float = Field(gt=0, allow_inf_nan=False, description="MW of load reduction asked for")
+    start: AwareDatetime = Field(
+        description="RFC 3339 with an offset; now or later (up to 5 minutes in the past is "
+        "taken as now)"
+    )
+    end: AwareDatetime = Field(description="RFC 3339 with an offset; after start, at most 24 h")
+    priority: int | None = Field(
+        None, ge=0, le=1000, description="higher wins (default 100; capacity requests are 50)"
+    )
+    preempt: bool = Field(
+        False,
+        description="false: dispatch only from what commitments leave free; true: may take "
+        "devices from lower-priority commitments",
+    )
+
+
+class GridInterval(BaseModel):
+    start: str | None
+    end: str | None
+    target_mw: float
+    delivered_mw: float
+    baseline_mw: float
+    actual_mw: float
+    performance: float = Field(description="delivered ÷ target in this interval, capped at 1")
+    method: str = Field(description="baseline method(s) the interval was measured with")
+
+
+class GridEventOut(BaseModel):
+    id: str
+    kind: str = "grid_event"
+    region: str
+    mw: float
+    start: str | None
+    end: str | None
+    priority: int
+    preempt: bool
+    status: str = Field(description="scheduled, active, completed or aborted")
+    created_at: str | None = None
+    settled: bool = Field(False, description="true once the settlement lines are stored")
+    intervals: list[GridInterval] = Field(default_factory=list)
+    performance: float | None = Field(
+        None, description="Σ min(delivered, target) ÷ Σ target over the intervals measured"
+    )
+    devices: dict[str, int] = Field(default_factory=dict)
+
+
+def _http(exc: es.EventError) -> HTTPException:
+    return HTTPException(exc.status, exc.detail)
+
+
+@router.post(
+    "/v1/grid-events",
+    status_code=201,
+    response_model=GridEventOut,
+    summary="Raise a grid event: the fleet is dispatched when its window opens",
+    responses={**_ERRORS, 422: {"description": "a field is invalid; detail names it"}},
+)
+async def create_grid_event(
+    body: GridEventIn,
+    principal: Principal = Depends(operator),
+    services: Services = Depends(get_services),
+) -> dict[str, Any]:
+    try:
+        return await es.create_grid_event(
+            services,
+            principal.tenant_id,
+            region=body.region,
+            mw=body.mw,
+            start=body.start,
+            end=body.end,
+            priority=body.priority,
+            preempt=body.preempt,
+        )
+    except es.EventError as exc:
+        raise _http(exc) from None
+
+
+@router.get(
+    "/v1/grid-events",
+    response_model=list[GridEventOut],
+    summary="Grid events, latest first",
+    responses=_ERRORS,
+)
+async def list_grid_events(
+    principal: Principal = Depends(operator), services: Services = Depends(get_services)
+) -> list[dict[str, Any]]:
+    return await es.list_grid_events(services)
+
+
+@router.get(
+    "/v1/grid-events/{event_id}",
+    response_model=GridEventOut,
+    summary="A grid event: status and, once running, target/delivered/performance per interval",
+    responses={**_ERRORS, 404: {"description": "no such grid event"}},
+)
+async def get_grid_event(
+    event_id: str = _ID,
+    principal: Principal = Depends(operator),
+    services: Services = Depends(get_services),
+) -> dict[str, Any]:
+    try:
+        return await es.get_grid_event(services, event_id)
+    except es.EventError as exc:
+        raise _http(exc) from None
+
+
+@router.post(
+    "/v1/grid-events/{event_id}/abort",
+    response_model=GridEventOut,
+    summary="Abort a grid event: every device is restored at once",
+    responses={
+        **_ERRORS,
+        404: {"description": "no such grid event"},
+        409: {"description": "already completed or aborted"},
+    },
+)
+async def abort_grid_event(
+    event_id: str = _ID,
+    principal: Principal = Depends(operator),
+    services: Services = Depends(get_services),
+) -> dict[str, Any]:
+    try:
+        return await es.abort_grid_event(services, event_id)
+    except es.EventError as exc:
+        raise _http(exc) from None

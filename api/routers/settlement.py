@@ -1,3 +1,72 @@
-from fastapi import APIRouter
+"""Settlement CSV exports: one line per settlement interval with the baseline inputs it used, so
+the figures can be recomputed and disputed."""
 
-router = APIRouter()
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from api.deps import Principal, get_services, require_roles
+from dispatch.settlement_service import settlement_csv
+from vpp.db.models import CapacityRequest, GridEvent
+from vpp.services import Services
+
+router = APIRouter(tags=["settlement"])
+
+_CSV: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/csv": {}}, "description": "settlement lines, one row an interval"},
+    401: {"description": "no valid API key"},
+    403: {"description": "the key's role may not do this"},
+    404: {"description": "no such event for this tenant"},
+}
+
+
+def _csv(body: str, name: str) -> Response:
+    return Response(
+        body,
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{name}-settlement.csv"'},
+    )
+
+
+@router.get(
+    "/v1/capacity-requests/{request_id}/settlement.csv",
+    summary="Settlement lines of a capacity request, with baseline inputs",
+    response_class=Response,
+    responses=_CSV,
+)
+async def request_settlement_csv(
+    request_id: str = Path(max_length=64),
+    principal: Principal = Depends(require_roles("hyperscaler", "operator")),
+    services: Services = Depends(get_services),
+) -> Response:
+    async with services.db.session() as s:
+        tenant = (
+            await s.execute(
+                select(CapacityRequest.tenant_id).where(CapacityRequest.id == request_id)
+            )
+        ).scalar_one_or_none()
+    if tenant is None or (not principal.sees_all_tenants and tenant != principal.tenant_id):
+        raise HTTPException(404, f"id: no capacity request {request_id!r}")
+    return _csv(await settlement_csv(services, request_id), request_id)
+
+
+@router.get(
+    "/v1/grid-events/{event_id}/settlement.csv",
+    summary="Settlement lines of a grid event, with baseline inputs",
+    response_class=Response,
+    responses=_CSV,
+)
+async def grid_settlement_csv(
+    event_id: str = Path(max_length=64),
+    principal: Principal = Depends(require_roles("operator")),
+    services: Services = Depends(get_services),
+) -> Response:
+    async with services.db.session() as s:
+        found = await s.get(GridEvent, event_id)
+    if found is None:
+        raise HTTPException(404, f"id: no grid event {event_id!r}")
+    return _csv(await settlement_csv(services, event_id), event_id)

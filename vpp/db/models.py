@@ -196,6 +196,11 @@ class Command(Base):
     ack_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_ms: Mapped[int] = mapped_column(BigInteger)
+    # The device's pre-event level (battery output W, thermostat HVAC W) when it was commanded:
+    # the closed loop's baseline, kept so a restarted runner estimates exactly as before.
+    baseline_w: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The kW the plan expects from the device while the command holds.
+    expected_kw: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_commands_event_device", "event_id", "device_id"),)
 
@@ -213,3 +218,20 @@ class SettlementLine(Base):
     delivered_mw: Mapped[float] = mapped_column(Float)
     method: Mapped[str] = mapped_column(String(40))
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class EventTimeline(Base):
+    """One row per event and control step (a service minute): what the closed loop saw and did.
+    The dashboard's event timeline reads these."""
+
+    __tablename__ = "event_timeline"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ts_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    target_mw: Mapped[float] = mapped_column(Float)
+    delivered_mw: Mapped[float] = mapped_column(Float)
+    commanded: Mapped[int] = mapped_column(Integer)
+    acknowledged: Mapped[int] = mapped_column(Integer)
+    opted_out: Mapped[int] = mapped_column(Integer)
+    replaced: Mapped[int] = mapped_column(Integer)
+    stale: Mapped[int] = mapped_column(Integer, default=0)
+    action: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 04:55:48.090629
+Create Date: 2026-11-29 05:13:13.352573
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def upgrade() -> None:
         sa.Column("ack_ms", sa.BigInteger(), nullable=True),
         sa.Column("reason", sa.String(length=200), nullable=True),
         sa.Column("created_ms", sa.BigInteger(), nullable=False),
+        sa.Column("baseline_w", sa.Float(), nullable=True),
+        sa.Column("expected_kw", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("commands", schema=None) as batch_op:
@@ -43,6 +45,20 @@ def upgrade() -> None:
         batch_op.create_index("ix_commands_event_device", ["event_id", "device_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_commands_event_id"), ["event_id"], unique=False)
 
+    op.create_table(
+        "event_timeline",
+        sa.Column("event_id", sa.String(length=64), nullable=False),
+        sa.Column("ts_ms", sa.BigInteger(), nullable=False),
+        sa.Column("target_mw", sa.Float(), nullable=False),
+        sa.Column("delivered_mw", sa.Float(), nullable=False),
+        sa.Column("commanded", sa.Integer(), nullable=False),
+        sa.Column("acknowledged", sa.Integer(), nullable=False),
+        sa.Column("opted_out", sa.Integer(), nullable=False),
+        sa.Column("replaced", sa.Integer(), nullable=False),
+        sa.Column("stale", sa.Integer(), nullable=False),
+        sa.Column("action", sa.String(length=200), nullable=True),
+        sa.PrimaryKeyConstraint("event_id", "ts_ms"),
+    )
     op.create_table(
         "plans",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -273,6 +289,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_plans_event_id"))
 
     op.drop_table("plans")
+    op.drop_table("event_timeline")
     with op.batch_alter_table("commands", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_commands_event_id"))
         batch_op.drop_index("ix_commands_event_device")

@@ -1,0 +1,407 @@
+"""Grid events (an operator's short-notice call on the fleet) and the uniform view of both kinds of
+event (capacity requests and grid events) that the event runner and the events API read.
+
+Edge code: database rows in, plain dicts and :class:`EventInfo` out.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from dispatch.types import GRID_EVENT_PRIORITY
+from vpp.clock import to_datetime
+from vpp.db.models import CapacityRequest, GridEvent
+from vpp.domain import Direction, GridEventStatus, RequestStatus
+from vpp.services import Services
+
+KIND_REQUEST = "capacity_request"
+KIND_GRID = "grid_event"
+
+MAX_GRID_EVENT_H = 24.0
+# A grid event may be raised "now": a start up to this far in the past is taken as now.
+START_GRACE_S = 300.0
+
+
+class EventError(Exception):
+    """A caller's mistake or a state conflict: ``status`` is the HTTP status, ``detail`` names
+    the field."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """A capacity request or a grid event, as the runner sees it."""
+
+    id: str
+    kind: str  # KIND_REQUEST | KIND_GRID
+    tenant_id: str
+    region: str
+    mw: float  # committed MW (a request's quoted/committed MW, a grid event's MW)
+    start_ms: int
+    end_ms: int
+    priority: int
+    preempt: bool
+    direction: str
+    status: str
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind == KIND_GRID
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return to_datetime(ms).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def from_request(r: CapacityRequest) -> EventInfo:
+    committed = r.quoted_mw if r.quoted_mw and r.quoted_mw > 0 else r.mw
+    return EventInfo(
+        id=r.id,
+        kind=KIND_REQUEST,
+        tenant_id=r.tenant_id,
+        region=r.region,
+        mw=float(committed),
+        start_ms=int(r.start_ms),
+        end_ms=int(r.end_ms),
+        priority=int(r.priority if r.priority is not None else 50),
+        preempt=False,
+        direction=r.direction or Direction.load_reduction.value,
+        status=r.status,
+    )
+
+
+def from_grid(g: GridEvent) -> EventInfo:
+    return EventInfo(
+        id=g.id,
+        kind=KIND_GRID,
+        tenant_id=g.tenant_id,
+        region=g.region,
+        mw=float(g.mw),
+        start_ms=int(g.start_ms),
+        end_ms=int(g.end_ms),
+        priority=int(g.priority),
+        preempt=bool(g.preempt),
+        direction=Direction.load_reduction.value,
+        status=g.status,
+    )
+
+
+async def load_event(services: Services, event_id: str) -> EventInfo | None:
+    async with services.db.session() as s:
+        if event_id.startswith("ge-"):
+            g = await s.get(GridEvent, event_id)
+            return from_grid(g) if g is not None else None
+        r = await s.get(CapacityRequest, event_id)
+        return from_request(r) if r is not None else None
+
+
+# --- grid events ---------------------------------------------------------------------------------
+def _parse_time(name: str, value: Any) -> int:
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise EventError(
+                422, f"{name}: an RFC 3339 time such as 2026-07-15T17:00:00Z"
+            ) from None
+    else:
+        raise EventError(422, f"{name}: an RFC 3339 time such as 2026-07-15T17:00:00Z")
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+async def create_grid_event(
+    services: Services,
+    tenant_id: str,
+    *,
+    region: str,
+    mw: float,
+    start: Any,
+    end: Any,
+    priority: int | None = None,
+    preempt: bool = False,
+) -> dict[str, Any]:
+    now = services.clock.now_ms()
+    if region not in services.settings.regions:
+        raise EventError(
+            422,
+            f"region: unknown region {region!r} (one of {', '.join(services.settings.regions)})",
+        )
+    start_ms, end_ms = _parse_time("start", start), _parse_time("end", end)
+    if end_ms <= start_ms:
+        raise EventError(422, "end: must be after start")
+    if end_ms <= now:
+        raise EventError(422, "end: must be in the future")
+    if start_ms < now - START_GRACE_S * 1000:
+        raise EventError(422, "start: must not be more than 5 minutes in the past")
+    if (end_ms - start_ms) / 3.6e6 > MAX_GRID_EVENT_H:
+        raise EventError(422, f"end: a grid event lasts at most {MAX_GRID_EVENT_H:g} h")
+    if not (mw > 0 and mw <= services.settings.max_request_mw):
+        raise EventError(422, f"mw: must be > 0 and ≤ {services.settings.max_request_mw:g}")
+    prio = GRID_EVENT_PRIORITY if priority is None else int(priority)
+    if not 0 <= prio <= 1000:
+        raise EventError(422, "priority: must be within 0..1000")
+    row = GridEvent(
+        id=f"ge-{secrets.token_hex(6)}",
+        tenant_id=tenant_id,
+        region=region,
+        mw=float(mw),
+        start_ms=max(start_ms, now) if start_ms < now else start_ms,
+        end_ms=end_ms,
+        priority=prio,
+        preempt=bool(preempt),
+        status=GridEventStatus.scheduled.value,
+        created_ms=now,
+        updated_ms=now,
+    )
+    from api.auth import ensure_tenant
+
+    await ensure_tenant(services.db, tenant_id, now)
+    async with services.db.session() as s, s.begin():
+        s.add(row)
+    _wake_runner(services)
+    return await grid_event_view(services, from_grid(row), created_ms=now)
+
+
+async def get_grid_event(services: Services, event_id: str) -> dict[str, Any]:
+    async with services.db.session() as s:
+        g = await s.get(GridEvent, event_id)
+    if g is None:
+        raise EventError(404, f"id: no grid event {event_id!r}")
+    return await grid_event_view(services, from_grid(g), created_ms=g.created_ms)
+
+
+async def list_grid_events(services: Services, limit: int = 100) -> list[dict[str, Any]]:
+    async with services.db.session() as s:
+        rows = (
+            (await s.execute(select(GridEvent).order_by(GridEvent.start_ms.desc()).limit(limit)))
+            .scalars()
+            .all()
+        )
+    return [_base_view(from_grid(g), g.created_ms) for g in rows]
+
+
+async def abort_grid_event(services: Services, event_id: str) -> dict[str, Any]:
+    """Abort: every device is restored at once (the runner sends restores with no stagger)."""
+    now = services.clock.now_ms()
+    async with services.db.session() as s, s.begin():
+        g = await s.get(GridEvent, event_id, with_for_update=True)
+        if g is None:
+            raise EventError(404, f"id: no grid event {event_id!r}")
+        if g.status in (GridEventStatus.completed.value, GridEventStatus.aborted.value):
+            raise EventError(409, f"status: the grid event is already {g.status}")
+        g.status = GridEventStatus.aborted.value
+        g.updated_ms = now
+    _wake_runner(services)
+    return await get_grid_event(services, event_id)
+
+
+def _wake_runner(services: Services) -> None:
+    runner = services.components.get("dispatch.runner:EventRunner")
+    if runner is not None and hasattr(runner, "wake"):
+        runner.wake()
+
+
+def _base_view(ev: EventInfo, created_ms: int | None = None) -> dict[str, Any]:
+    return {
+        "id": ev.id,
+        "kind": ev.kind,
+        "region": ev.region,
+        "mw": ev.mw,
+        "start": iso(ev.start_ms),
+        "end": iso(ev.end_ms),
+        "priority": ev.priority,
+        "preempt": ev.preempt,
+        "status": ev.status,
+        "created_at": iso(created_ms),
+    }
+
+
+async def grid_event_view(
+    services: Services, ev: EventInfo, created_ms: int | None = None
+) -> dict[str, Any]:
+    from dispatch.settlement_service import settlement_view
+
+    out = _base_view(ev, created_ms)
+    out.update(await settlement_view(services, ev.id))
+    return out
+
+
+# --- both kinds, for the runner and the events API -----------------------------------------------
+async def due_events(services: Services, now_ms: int) -> list[EventInfo]:
+    """Events whose window has opened and that no runner has started: committed requests and
+    scheduled grid events (those whose window already closed are returned too, so the runner can
+    close them)."""
+    async with services.db.session() as s:
+        reqs = (
+            (
+                await s.execute(
+                    select(CapacityRequest).where(
+                        CapacityRequest.status == RequestStatus.committed.value,
+                        CapacityRequest.start_ms <= now_ms,
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        grids = (
+            (
+                await s.execute(
+                    select(GridEvent).where(
+                        GridEvent.status == GridEventStatus.scheduled.value,
+                        GridEvent.start_ms <= now_ms,
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+    out = [from_request(r) for r in reqs] + [from_grid(g) for g in grids]
+    # Higher priority first, so a preempting grid event picks its devices before the rest.
+    return sorted(out, key=lambda e: (-e.priority, e.start_ms, e.id))
+
+
+async def active_events(services: Services) -> list[EventInfo]:
+    async with services.db.session() as s:
+        reqs = (
+            (
+                await s.execute(
+                    select(CapacityRequest).where(
+                        CapacityRequest.status == RequestStatus.active.value
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        grids = (
+            (
+                await s.execute(
+                    select(GridEvent).where(GridEvent.status == GridEventStatus.active.value)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return [from_request(r) for r in reqs] + [from_grid(g) for g in grids]
+
+
+async def overlapping_commitments(
+    services: Services, region: str, start_ms: int, end_ms: int, exclude_id: str
+) -> list[EventInfo]:
+    """Committed (not yet running) requests and scheduled grid events overlapping a window: the
+    planner leaves their capacity alone unless the event may preempt them."""
+    async with services.db.session() as s:
+        reqs = (
+            (
+                await s.execute(
+                    select(CapacityRequest).where(
+                        CapacityRequest.region == region,
+                        CapacityRequest.status == RequestStatus.committed.value,
+                        CapacityRequest.start_ms < end_ms,
+                        CapacityRequest.end_ms > start_ms,
+                        CapacityRequest.id != exclude_id,
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return [from_request(r) for r in reqs]
+
+
+async def statuses(services: Services, ids: list[str]) -> dict[str, str]:
+    """Current status of each event id (requests and grid events)."""
+    out: dict[str, str] = {}
+    req_ids = [i for i in ids if not i.startswith("ge-")]
+    grid_ids = [i for i in ids if i.startswith("ge-")]
+    async with services.db.session() as s:
+        if req_ids:
+            for i, st in (
+                await s.execute(
+                    select(CapacityRequest.id, CapacityRequest.status).where(
+                        CapacityRequest.id.in_(req_ids)
+                    )
+                )
+            ).all():
+                out[i] = st
+        if grid_ids:
+            for i, st in (
+                await s.execute(
+                    select(GridEvent.id, GridEvent.status).where(GridEvent.id.in_(grid_ids))
+                )
+            ).all():
+                out[i] = st
+    return out
+
+
+async def set_status(
+    services: Services, ev: EventInfo, status: str, *, only_from: tuple[str, ...] = ()
+) -> bool:
+    """Move an event to ``status`` (optionally only from the given statuses); True if it moved."""
+    now = services.clock.now_ms()
+    model: Any = GridEvent if ev.is_grid else CapacityRequest
+    stmt = update(model).where(model.id == ev.id)
+    if only_from:
+        stmt = stmt.where(model.status.in_(only_from))
+    async with services.db.session() as s, s.begin():
+        res = await s.execute(stmt.values(status=status, updated_ms=now))
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+async def list_events(
+    services: Services, *, status: str, tenant_id: str | None, now_ms: int, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Both kinds of event: ``active`` (running now) or ``recent`` (ended in the last 7 days)."""
+    week_ms = 7 * 86_400_000
+    async with services.db.session() as s:
+        rq = select(CapacityRequest)
+        gq = select(GridEvent)
+        if status == "active":
+            rq = rq.where(CapacityRequest.status == RequestStatus.active.value)
+            gq = gq.where(GridEvent.status == GridEventStatus.active.value)
+        else:
+            rq = rq.where(
+                CapacityRequest.status.in_(
+                    [RequestStatus.completed.value, RequestStatus.cancelled.value]
+                ),
+                CapacityRequest.end_ms >= now_ms - week_ms,
+                CapacityRequest.start_ms <= now_ms,
+            )
+            gq = gq.where(
+                GridEvent.status.in_(
+                    [GridEventStatus.completed.value, GridEventStatus.aborted.value]
+                ),
+                GridEvent.end_ms >= now_ms - week_ms,
+            )
+        if tenant_id is not None:
+            rq = rq.where(CapacityRequest.tenant_id == tenant_id)
+        reqs = (
+            await s.execute(rq.order_by(CapacityRequest.start_ms.desc()).limit(limit))
+        ).scalars()
+        evs = [(from_request(r), r.created_ms, r.tenant_id) for r in reqs]
+        if tenant_id is None:
+            grids = (await s.execute(gq.order_by(GridEvent.start_ms.desc()).limit(limit))).scalars()
+            evs += [(from_grid(g), g.created_ms, g.tenant_id) for g in grids]
+    evs.sort(key=lambda e: -e[0].start_ms)
+    out = []
+    for ev, created, tenant in evs[:limit]:
+        v = _base_view(ev, created)
+        v["tenant_id"] = tenant
+        out.append(v)
+    return out

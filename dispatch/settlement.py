@@ -1,0 +1,416 @@
+"""Measurement and settlement: baseline and delivered MW per settlement interval. Pure: numpy in,
+dataclasses out, no I/O (the edge is :mod:`dispatch.settlement_service`).
+
+Delivered = baseline − actual, on load (a battery's output counts as negative load):
+
+- Batteries, meter-before/meter-after: each device's own output against its level just before the
+  event (meter-before; the level just after the event when nothing was metered before). Only the
+  intervals the device was under command count; an interval with no reading counts 0 delivered
+  (nothing proven). A battery in self-consumption follows its home's load and the sun, so its
+  output would have drifted during the window anyway: when a randomised control group of
+  batteries was held back, their mean drift since before the event is added to every baseline
+  (a same-day adjustment, like CAISO's, measured instead of assumed).
+- Thermostats, randomised control group: 5–10 % of the eligible thermostats are held back from
+  dispatch. Each treated device's baseline in an interval is its own pre-event level scaled by
+  how the control group's load moved since before the event (a difference-in-differences in ratio
+  form: the control group carries the weather and time-of-day, the device's own level carries its
+  size). Without a usable control group: CAISO's 10-in-10 (mean of the same interval on the 10
+  most recent eligible days) with the same-day adjustment capped at ±20 %, where history allows;
+  otherwise the device's pre-event level unadjusted.
+- Performance = Σ min(delivered, committed) ÷ Σ committed, delivered floored at 0.
+
+Every figure a line used goes into its ``inputs`` so the line can be recomputed and disputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+B = npt.NDArray[np.bool_]
+
+METHOD_BATTERY = "meter_before_after"
+METHOD_BATTERY_ADJ = "meter_before_after+control_drift"
+METHOD_CONTROL = "control_group"
+METHOD_TEN_IN_TEN = "10in10_same_day_adj"
+METHOD_PRE_EVENT = "pre_event_level"
+
+MIN_CONTROL_DEVICES = 5  # fewer control devices with readings: fall back to 10-in-10
+MIN_HISTORY_DAYS = 5  # CAISO asks for 10; with fewer than 5 eligible days we do not trust it
+SAME_DAY_CAP = 0.20  # ±20 %
+RATIO_CLIP = (0.2, 5.0)  # a control-group ratio outside this is noise, not weather
+
+
+@dataclass(frozen=True)
+class SettlementGrid:
+    """Settlement intervals [start_ms, end_ms) of ``interval_s`` (5 or 15 minutes)."""
+
+    start_ms: int
+    end_ms: int
+    interval_s: int
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"interval_s: must be > 0, got {self.interval_s}")
+        if self.end_ms <= self.start_ms:
+            raise ValueError("end_ms: must be after start_ms")
+
+    @property
+    def step_ms(self) -> int:
+        return self.interval_s * 1000
+
+    @property
+    def n(self) -> int:
+        return int(-(-(self.end_ms - self.start_ms) // self.step_ms))
+
+    @property
+    def starts_ms(self) -> I64:
+        return self.start_ms + np.arange(self.n, dtype=np.int64) * self.step_ms
+
+    @property
+    def ends_ms(self) -> I64:
+        return np.minimum(self.starts_ms + self.step_ms, self.end_ms)
+
+
+def resample(values: F64, slot_starts_ms: I64, grid: SettlementGrid) -> F64:
+    """Mean of history slots (columns, e.g. 5-minute device averages) per settlement interval.
+
+    ``values`` is (devices, slots) with NaN where a device has no reading; the result is
+    (devices, grid.n), NaN where no slot of the interval has a reading."""
+    values = np.asarray(values, dtype=float)
+    slot_starts_ms = np.asarray(slot_starts_ms, dtype=np.int64)
+    out = np.full((values.shape[0], grid.n), np.nan)
+    if values.size == 0 or slot_starts_ms.size == 0:
+        return out
+    k = (slot_starts_ms - grid.start_ms) // grid.step_ms
+    inside = (slot_starts_ms >= grid.start_ms) & (slot_starts_ms < grid.end_ms)
+    if not inside.any():
+        return out
+    v = values[:, inside]
+    k = k[inside]
+    have = ~np.isnan(v)
+    sums = np.zeros((values.shape[0], grid.n))
+    counts = np.zeros((values.shape[0], grid.n))
+    np.add.at(sums.T, k, np.where(have, v, 0.0).T)
+    np.add.at(counts.T, k, have.T.astype(float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def active_mask(
+    from_ms: I64, until_ms: I64, grid: SettlementGrid, rows: I64 | None = None, n_rows: int = 0
+) -> B:
+    """(devices, intervals): True where a command window [from, until) overlaps the interval.
+
+    One entry per command; ``rows`` maps commands to device rows (several commands of one device
+    OR together)."""
+    from_ms = np.asarray(from_ms, dtype=np.int64)
+    until_ms = np.asarray(until_ms, dtype=np.int64)
+    starts, ends = grid.starts_ms, grid.ends_ms
+    per_cmd = (from_ms[:, None] < ends[None, :]) & (until_ms[:, None] > starts[None, :])
+    if rows is None:
+        return per_cmd
+    out = np.zeros((n_rows, grid.n), dtype=bool)
+    np.logical_or.at(out, np.asarray(rows, dtype=np.int64), per_cmd)
+    return out
+
+
+@dataclass
+class TenInTen:
+    """History for CAISO's 10-in-10 baseline of the treated thermostats.
+
+    ``days_w``: (devices, days, intervals) load on the same settlement intervals of prior eligible
+    (non-event) days, most recent first, NaN where missing. ``adjust_days_w``: (devices, days) mean
+    load over the adjustment window (the hours before the event) on those days;
+    ``adjust_today_w``: (devices,) the same window on the event day."""
+
+    days_w: F64
+    adjust_days_w: F64
+    adjust_today_w: F64
+    max_days: int = 10
+
+
+def ten_in_ten_baseline(h: TenInTen) -> tuple[F64, F64, I64]:
+    """Per-device baseline (devices, intervals), the same-day factor (devices,) and the number of
+    days used (devices,). Devices with fewer than MIN_HISTORY_DAYS days give NaN."""
+    days = np.asarray(h.days_w, dtype=float)[:, : h.max_days, :]
+    adj_days = np.asarray(h.adjust_days_w, dtype=float)[:, : h.max_days]
+    have_day = ~np.all(np.isnan(days), axis=2)
+    n_days = have_day.sum(axis=1).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+        base = np.nanmean(days, axis=1)
+        adj_base = np.nanmean(np.where(have_day, adj_days, np.nan), axis=1)
+        factor = np.asarray(h.adjust_today_w, dtype=float) / adj_base
+    factor = np.where(np.isfinite(factor), factor, 1.0)
+    factor = np.clip(factor, 1.0 - SAME_DAY_CAP, 1.0 + SAME_DAY_CAP)
+    base = np.where((n_days >= MIN_HISTORY_DAYS)[:, None], base * factor[:, None], np.nan)
+    return base, factor, n_days
+
+
+class _quiet:
+    """Silence numpy's "mean of empty slice" warnings: all-NaN rows are expected here."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._w.__exit__(*exc)
+
+
+@dataclass
+class SettlementInputs:
+    grid: SettlementGrid
+    target_mw: F64  # (intervals,)
+    # Batteries under command: output W (+ discharging) per interval, levels before/after.
+    battery_actual_w: F64 = field(default_factory=lambda: np.zeros((0, 0)))
+    battery_before_w: F64 = field(default_factory=lambda: np.zeros(0))
+    battery_after_w: F64 = field(default_factory=lambda: np.zeros(0))
+    battery_active: B = field(default_factory=lambda: np.zeros((0, 0), bool))
+    # Batteries held back as a control group: their output per interval and before the event.
+    battery_control_actual_w: F64 = field(default_factory=lambda: np.zeros((0, 0)))
+    battery_control_before_w: F64 = field(default_factory=lambda: np.zeros(0))
+    # Thermostats under command: HVAC W per interval and their pre-event level.
+    thermostat_actual_w: F64 = field(default_factory=lambda: np.zeros((0, 0)))
+    thermostat_before_w: F64 = field(default_factory=lambda: np.zeros(0))
+    thermostat_active: B = field(default_factory=lambda: np.zeros((0, 0), bool))
+    # The control group held back from dispatch.
+    control_actual_w: F64 = field(default_factory=lambda: np.zeros((0, 0)))
+    control_before_w: F64 = field(default_factory=lambda: np.zeros(0))
+    ten_in_ten: TenInTen | None = None
+
+    def validate(self) -> None:
+        n = self.grid.n
+        if np.asarray(self.target_mw).shape != (n,):
+            raise ValueError(f"target_mw: expected {n} values, got {np.shape(self.target_mw)}")
+        for prefix, per_dev in (
+            ("battery", ("before_w", "after_w")),
+            ("thermostat", ("before_w",)),
+            ("control", ("before_w",)),
+        ):
+            actual = np.asarray(getattr(self, f"{prefix}_actual_w"))
+            m = actual.shape[0]
+            if actual.size and actual.shape != (m, n):
+                raise ValueError(f"{prefix}_actual_w: expected (devices, {n}), got {actual.shape}")
+            for name in per_dev:
+                arr = np.asarray(getattr(self, f"{prefix}_{name}"))
+                if arr.shape != (m,) and not (m == 0 and arr.size == 0):
+                    raise ValueError(f"{prefix}_{name}: expected {m} values, got {arr.shape}")
+        for prefix in ("battery", "thermostat"):
+            act = np.asarray(getattr(self, f"{prefix}_active"))
+            m = np.asarray(getattr(self, f"{prefix}_actual_w")).shape[0]
+            if m and act.shape != (m, n):
+                raise ValueError(f"{prefix}_active: expected ({m}, {n}), got {act.shape}")
+
+
+@dataclass
+class Line:
+    interval_start_ms: int
+    interval_end_ms: int
+    target_mw: float
+    baseline_mw: float
+    actual_mw: float
+    delivered_mw: float
+    performance: float
+    method: str
+    inputs: dict[str, Any]
+
+
+@dataclass
+class Settlement:
+    lines: list[Line]
+    performance: float  # Σ min(delivered, committed) ÷ Σ committed
+    delivered_mw: F64
+    target_mw: F64
+    methods: dict[str, str]
+
+
+def performance(delivered_mw: F64, committed_mw: F64) -> float:
+    committed = np.maximum(np.asarray(committed_mw, dtype=float), 0.0)
+    total = float(committed.sum())
+    if total <= 0:
+        return 0.0
+    d = np.maximum(np.nan_to_num(np.asarray(delivered_mw, dtype=float)), 0.0)
+    return float(np.minimum(d, committed).sum() / total)
+
+
+def _r(x: float, nd: int = 6) -> float:
+    return round(float(x), nd)
+
+
+def settle(inp: SettlementInputs) -> Settlement:
+    """Baseline, actual and delivered MW per settlement interval, and the performance."""
+    inp.validate()
+    n = inp.grid.n
+    target = np.asarray(inp.target_mw, dtype=float)
+
+    # --- batteries: meter-before (meter-after when nothing was metered before) ----------------
+    b_act = np.asarray(inp.battery_actual_w, dtype=float).reshape(-1, n)
+    nb = b_act.shape[0]
+    b_base = np.asarray(inp.battery_before_w, dtype=float).reshape(nb)
+    b_after = np.asarray(inp.battery_after_w, dtype=float).reshape(-1)
+    if b_after.shape == (nb,):
+        b_base = np.where(np.isnan(b_base), b_after, b_base)
+    b_base = np.nan_to_num(b_base, nan=0.0)
+    bc_act = np.asarray(inp.battery_control_actual_w, dtype=float).reshape(-1, n)
+    bc_before = np.asarray(inp.battery_control_before_w, dtype=float).reshape(-1)
+    drift_w = np.zeros(n)
+    drift_ok = np.zeros(n, bool)
+    if bc_act.shape[0] and bc_before.shape == (bc_act.shape[0],):
+        # Per control device: its output now minus its own level before; mean over devices.
+        d = bc_act - bc_before[:, None]
+        have_d = ~np.isnan(d)
+        n_d = have_d.sum(axis=0)
+        drift_ok = n_d >= MIN_CONTROL_DEVICES
+        drift_w = np.where(drift_ok, np.where(have_d, d, 0.0).sum(axis=0) / np.maximum(n_d, 1), 0.0)
+    b_on = np.asarray(inp.battery_active, dtype=bool).reshape(nb, n)
+    b_have = b_on & ~np.isnan(b_act)
+    # No reading in an interval: delivery not proven, so actual = baseline there.
+    b_base_t = np.where(b_on, b_base[:, None] + drift_w[None, :], 0.0)
+    b_act_t = np.where(b_have, b_act, b_base_t)
+    bat_baseline_out = b_base_t.sum(axis=0)  # W of output
+    bat_actual_out = b_act_t.sum(axis=0)
+
+    # --- thermostats --------------------------------------------------------------------------
+    t_act = np.asarray(inp.thermostat_actual_w, dtype=float).reshape(-1, n)
+    nt = t_act.shape[0]
+    t_before = np.asarray(inp.thermostat_before_w, dtype=float).reshape(nt)
+    t_on = np.asarray(inp.thermostat_active, dtype=bool).reshape(nt, n)
+    c_act = np.asarray(inp.control_actual_w, dtype=float).reshape(-1, n)
+    c_before = np.asarray(inp.control_before_w, dtype=float).reshape(-1)
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+        c_mean_t = np.nanmean(c_act, axis=0) if c_act.shape[0] else np.full(n, np.nan)
+        c_mean_pre = float(np.nanmean(c_before)) if c_before.size else float("nan")
+    c_n_t = (~np.isnan(c_act)).sum(axis=0) if c_act.shape[0] else np.zeros(n, np.int64)
+    control_ok = (
+        (c_n_t >= MIN_CONTROL_DEVICES) & np.isfinite(c_mean_t) & (np.isfinite(c_mean_pre))
+    ) & (c_mean_pre > 1e-6)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.clip(np.where(control_ok, c_mean_t / c_mean_pre, 1.0), *RATIO_CLIP)
+
+    tt_base = np.full((nt, n), np.nan)
+    tt_factor = np.ones(nt)
+    tt_days = np.zeros(nt, np.int64)
+    if inp.ten_in_ten is not None and nt:
+        tt_base, tt_factor, tt_days = ten_in_ten_baseline(inp.ten_in_ten)
+        tt_base = np.asarray(tt_base).reshape(nt, n)
+    # Per device and interval, the method in order of preference.
+    ctrl_base = t_before[:, None] * ratio[None, :]
+    ctrl_base = np.where(
+        np.isnan(t_before)[:, None] & control_ok[None, :], c_mean_t[None, :], ctrl_base
+    )
+    use_ctrl = control_ok[None, :] & ~np.isnan(ctrl_base)
+    use_tt = ~use_ctrl & ~np.isnan(tt_base)
+    th_base = np.where(use_ctrl, ctrl_base, np.where(use_tt, tt_base, t_before[:, None]))
+    th_base = np.nan_to_num(th_base, nan=0.0)
+    t_have = t_on & ~np.isnan(t_act)
+    th_base_t = np.where(t_on, th_base, 0.0)
+    th_act_t = np.where(t_have, t_act, th_base_t)
+    th_baseline_load = th_base_t.sum(axis=0)
+    th_actual_load = th_act_t.sum(axis=0)
+    n_ctrl_dev = (use_ctrl & t_on).sum(axis=0)
+    n_tt_dev = (use_tt & t_on).sum(axis=0)
+    n_pre_dev = (~use_ctrl & ~use_tt & t_on).sum(axis=0)
+
+    # Load view: thermostats add load, batteries' output takes it away.
+    baseline_w = th_baseline_load - bat_baseline_out
+    actual_w = th_actual_load - bat_actual_out
+    delivered_w = baseline_w - actual_w
+    delivered_mw = delivered_w / 1e6
+
+    starts, ends = inp.grid.starts_ms, inp.grid.ends_ms
+    lines: list[Line] = []
+    methods: dict[str, str] = {}
+    if nb:
+        methods["battery"] = METHOD_BATTERY_ADJ if drift_ok.any() else METHOD_BATTERY
+    for t in range(n):
+        th_methods = [
+            m
+            for m, k in (
+                (METHOD_CONTROL, n_ctrl_dev[t]),
+                (METHOD_TEN_IN_TEN, n_tt_dev[t]),
+                (METHOD_PRE_EVENT, n_pre_dev[t]),
+            )
+            if k
+        ]
+        method = "+".join(
+            (
+                [f"battery:{METHOD_BATTERY_ADJ if drift_ok[t] else METHOD_BATTERY}"]
+                if b_on[:, t].any()
+                else []
+            )
+            + [f"thermostat:{m}" for m in th_methods]
+        )
+        for m in th_methods:
+            methods.setdefault("thermostat", m)
+        tgt = float(target[t])
+        d = float(delivered_mw[t])
+        perf = min(max(d, 0.0), tgt) / tgt if tgt > 0 else 0.0
+        lines.append(
+            Line(
+                interval_start_ms=int(starts[t]),
+                interval_end_ms=int(ends[t]),
+                target_mw=_r(tgt),
+                baseline_mw=_r(baseline_w[t] / 1e6),
+                actual_mw=_r(actual_w[t] / 1e6),
+                delivered_mw=_r(d),
+                performance=_r(perf, 4),
+                method=method or "none",
+                inputs={
+                    "battery": {
+                        "devices": int(b_on[:, t].sum()),
+                        "with_readings": int(b_have[:, t].sum()),
+                        "baseline_output_kw": _r(bat_baseline_out[t] / 1e3, 3),
+                        "actual_output_kw": _r(bat_actual_out[t] / 1e3, 3),
+                        "control_devices": int(bc_act.shape[0]),
+                        "control_drift_kw": _r(drift_w[t] / 1e3, 4),
+                        "control_drift_used": bool(drift_ok[t]),
+                    },
+                    "thermostat": {
+                        "devices": int(t_on[:, t].sum()),
+                        "with_readings": int(t_have[:, t].sum()),
+                        "pre_event_sum_kw": _r(
+                            np.nansum(np.where(t_on[:, t], t_before, 0)) / 1e3, 3
+                        ),
+                        "baseline_load_kw": _r(th_baseline_load[t] / 1e3, 3),
+                        "actual_load_kw": _r(th_actual_load[t] / 1e3, 3),
+                        "by_method": {
+                            METHOD_CONTROL: int(n_ctrl_dev[t]),
+                            METHOD_TEN_IN_TEN: int(n_tt_dev[t]),
+                            METHOD_PRE_EVENT: int(n_pre_dev[t]),
+                        },
+                        "ten_in_ten_days_mean": _r(
+                            float(tt_days[t_on[:, t]].mean()) if t_on[:, t].any() else 0.0, 2
+                        ),
+                        "same_day_factor_mean": _r(
+                            float(tt_factor[t_on[:, t]].mean()) if t_on[:, t].any() else 1.0, 4
+                        ),
+                    },
+                    "control": {
+                        "devices": int(c_act.shape[0]),
+                        "with_readings": int(c_n_t[t]),
+                        "mean_kw": _r(c_mean_t[t] / 1e3 if np.isfinite(c_mean_t[t]) else 0.0, 4),
+                        "pre_event_mean_kw": _r(
+                            c_mean_pre / 1e3 if np.isfinite(c_mean_pre) else 0.0, 4
+                        ),
+                        "ratio": _r(ratio[t], 4),
+                        "used": bool(control_ok[t]),
+                    },
+                },
+            )
+        )
+    return Settlement(
+        lines=lines,
+        performance=performance(delivered_mw, target),
+        delivered_mw=delivered_mw,
+        target_mw=target,
+        methods=methods,
+    )

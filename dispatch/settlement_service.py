@@ -1,0 +1,569 @@
+"""Settlement at the edge: read an event's commands, control group and interval history, run the
+pure :func:`dispatch.settlement.settle`, store one ``SettlementLine`` per interval (with the inputs
+kept), and serve the per-interval view and the CSV export.
+
+``settlement_view(services, event_id)`` is what GET /v1/capacity-requests/{id} and
+GET /v1/grid-events/{id} add to their answer: target, delivered and performance per interval.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert, select, update
+
+from dispatch import events_service as es
+from dispatch.settlement import (
+    MIN_CONTROL_DEVICES,
+    Settlement,
+    SettlementGrid,
+    SettlementInputs,
+    TenInTen,
+    active_mask,
+    resample,
+    settle,
+)
+from vpp.db.models import (
+    CapacityRequest,
+    Command,
+    EventTimeline,
+    Plan,
+    SettlementLine,
+    TelemetryInterval,
+)
+from vpp.domain import CommandType
+from vpp.services import Services
+
+PRE_WINDOW_MS = 30 * 60_000  # meter-before: the 30 minutes before the event
+POST_WINDOW_MS = 30 * 60_000  # meter-after: the 30 minutes after it
+DAY_MS = 86_400_000
+TEN_IN_TEN_LOOKBACK_DAYS = 20
+ADJUST_FROM_H, ADJUST_TO_H = 4.0, 1.0  # same-day adjustment: hours −4..−1 before the start
+NOT_DISPATCHED = ("pending", "restored")  # stored but never published
+
+
+async def _runner_body(services: Services, event_id: str) -> dict[str, Any]:
+    async with services.db.session() as s:
+        plan = (
+            await s.execute(
+                select(Plan).where(Plan.event_id == event_id).order_by(Plan.version.desc()).limit(1)
+            )
+        ).scalar_one_or_none()
+    if plan is None:
+        return {}
+    body = plan.body or {}
+    out: dict[str, Any] = dict(body.get("runner", {}))
+    out["_plan"] = body.get("plan")
+    return out
+
+
+async def _history(
+    services: Services, device_ids: list[str], lo_ms: int, hi_ms: int
+) -> dict[str, list[tuple[int, float | None, float | None]]]:
+    """device → [(slot start, power_w, hvac_w)] in [lo, hi)."""
+    out: dict[str, list[tuple[int, float | None, float | None]]] = defaultdict(list)
+    async with services.db.session() as s:
+        for k in range(0, len(device_ids), 10_000):
+            chunk = device_ids[k : k + 10_000]
+            rows = (
+                await s.execute(
+                    select(
+                        TelemetryInterval.device_id,
+                        TelemetryInterval.interval_start_ms,
+                        TelemetryInterval.power_w,
+                        TelemetryInterval.hvac_w,
+                    ).where(
+                        TelemetryInterval.device_id.in_(chunk),
+                        TelemetryInterval.interval_start_ms >= lo_ms,
+                        TelemetryInterval.interval_start_ms < hi_ms,
+                    )
+                )
+            ).all()
+            for dev, start, p, h in rows:
+                out[dev].append((int(start), p, h))
+    return out
+
+
+def _matrix(
+    hist: dict[str, list[tuple[int, float | None, float | None]]],
+    ids: list[str],
+    column: int,
+    slot_ms: int,
+    lo_ms: int,
+    hi_ms: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(devices, slots) values of one column on the slot grid [lo, hi); NaN where missing."""
+    n_slots = max(0, int(-(-(hi_ms - lo_ms) // slot_ms)))
+    starts = lo_ms + np.arange(n_slots, dtype=np.int64) * slot_ms
+    m = np.full((len(ids), n_slots), np.nan)
+    for r, dev in enumerate(ids):
+        for start, *vals in hist.get(dev, ()):
+            k = (start - lo_ms) // slot_ms
+            v = vals[column]
+            if 0 <= k < n_slots and v is not None:
+                m[r, k] = v
+    return m, starts
+
+
+async def compute_settlement(
+    services: Services, event_id: str
+) -> tuple[es.EventInfo, Settlement] | None:
+    ev = await es.load_event(services, event_id)
+    if ev is None:
+        return None
+    s = services.settings
+    grid = SettlementGrid(ev.start_ms, ev.end_ms, int(s.settlement_interval_min * 60))
+    body = await _runner_body(services, event_id)
+    target = np.full(grid.n, ev.mw)
+    if body.get("target_mw") and body.get("horizon", {}).get("interval_s") == grid.interval_s:
+        t = np.asarray(body["target_mw"], dtype=float)
+        if t.shape == (grid.n,):
+            target = t
+    all_control: list[str] = list(body.get("control_ids", []))
+    control_kinds = list(body.get("control_kinds", [2] * len(all_control)))
+    control_ids = [d for d, k in zip(all_control, control_kinds, strict=False) if k == 2]
+    battery_control_ids = [d for d, k in zip(all_control, control_kinds, strict=False) if k == 0]
+
+    async with services.db.session() as session:
+        cmds = (
+            await session.execute(
+                select(
+                    Command.device_id,
+                    Command.type,
+                    Command.status,
+                    Command.valid_from_ms,
+                    Command.valid_until_ms,
+                ).where(Command.event_id == event_id)
+            )
+        ).all()
+        devs = sorted({c[0] for c in cmds})
+        # Any later command to the same device (a restore, another event) ends this one.
+        later: dict[str, list[int]] = defaultdict(list)
+        for k in range(0, len(devs), 10_000):
+            for dev, vf in (
+                await session.execute(
+                    select(Command.device_id, Command.valid_from_ms).where(
+                        Command.device_id.in_(devs[k : k + 10_000]),
+                        Command.valid_from_ms < ev.end_ms,
+                        Command.valid_until_ms > ev.start_ms,
+                        Command.status.notin_(NOT_DISPATCHED),
+                    )
+                )
+            ).all():
+                later[dev].append(int(vf))
+    dispatch = [c for c in cmds if c[1] != CommandType.restore.value and c[2] not in NOT_DISPATCHED]
+    kinds: dict[str, str] = {}
+    windows: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for dev, typ, _status, vf, vu in dispatch:
+        kinds[dev] = typ
+        ends = [x for x in later[dev] if x > vf]
+        until = min([int(vu), *ends])
+        windows[dev].append((int(vf), until))
+    bat_ids = sorted(d for d, t in kinds.items() if t == "battery_discharge")
+    th_ids = sorted(d for d, t in kinds.items() if t == "thermostat_offset")
+
+    slot_ms = int(s.history_interval_s * 1000)
+    lo, hi = ev.start_ms - PRE_WINDOW_MS, ev.end_ms + POST_WINDOW_MS
+    hist = await _history(services, bat_ids + th_ids + all_control, lo, hi)
+
+    def block(ids: list[str], col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        m, starts = _matrix(hist, ids, col, slot_ms, lo, hi)
+        with np.errstate(all="ignore"):
+            pre = starts < ev.start_ms
+            post = starts >= ev.end_ms
+            before = _nanmean_rows(m[:, pre])
+            after = _nanmean_rows(m[:, post])
+        return resample(m, starts, grid), before, after
+
+    def active(ids: list[str]) -> np.ndarray:
+        rows, vf, vu = [], [], []
+        for r, d in enumerate(ids):
+            for a, b in windows[d]:
+                rows.append(r)
+                vf.append(a)
+                vu.append(b)
+        if not rows:
+            return np.zeros((len(ids), grid.n), bool)
+        return active_mask(np.array(vf), np.array(vu), grid, rows=np.array(rows), n_rows=len(ids))
+
+    b_act, b_before, b_after = block(bat_ids, 0)
+    t_act, t_before, _ = block(th_ids, 1)
+    c_act, c_before, _ = block(control_ids, 1)
+    bc_act, bc_before, _ = block(battery_control_ids, 0)
+    tt = None
+    if th_ids and len(control_ids) < MIN_CONTROL_DEVICES:
+        tt = await _ten_in_ten(services, th_ids, grid, slot_ms)
+    inputs = SettlementInputs(
+        grid=grid,
+        target_mw=target,
+        battery_actual_w=b_act,
+        battery_before_w=b_before,
+        battery_after_w=b_after,
+        battery_active=active(bat_ids),
+        battery_control_actual_w=bc_act,
+        battery_control_before_w=bc_before,
+        thermostat_actual_w=t_act,
+        thermostat_before_w=t_before,
+        thermostat_active=active(th_ids),
+        control_actual_w=c_act,
+        control_before_w=c_before,
+        ten_in_ten=tt,
+    )
+    return ev, settle(inputs)
+
+
+def _nanmean_rows(m: np.ndarray) -> np.ndarray:
+    have = ~np.isnan(m)
+    cnt = have.sum(axis=1)
+    tot = np.where(have, m, 0.0).sum(axis=1)
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+
+
+async def _ten_in_ten(
+    services: Services, ids: list[str], grid: SettlementGrid, slot_ms: int
+) -> TenInTen | None:
+    """CAISO 10-in-10 inputs: the same intervals on the most recent prior days with history on
+    which the device had no event, and the same-day adjustment window on each."""
+    adj_lo = int(ADJUST_FROM_H * 3_600_000)
+    adj_hi = int(ADJUST_TO_H * 3_600_000)
+    lo = grid.start_ms - TEN_IN_TEN_LOOKBACK_DAYS * DAY_MS - adj_lo
+    hist = await _history(services, ids, lo, grid.end_ms)
+    async with services.db.session() as s:
+        event_days: dict[str, set[int]] = defaultdict(set)
+        for k in range(0, len(ids), 10_000):
+            for dev, vf in (
+                await s.execute(
+                    select(Command.device_id, Command.valid_from_ms).where(
+                        Command.device_id.in_(ids[k : k + 10_000]),
+                        Command.type != CommandType.restore.value,
+                        Command.valid_from_ms >= lo,
+                        Command.valid_from_ms < grid.start_ms - DAY_MS // 2,
+                    )
+                )
+            ).all():
+                event_days[dev].add(round((grid.start_ms - vf) / DAY_MS))
+    n_days = TEN_IN_TEN_LOOKBACK_DAYS
+    days = np.full((len(ids), n_days, grid.n), np.nan)
+    adj_days = np.full((len(ids), n_days), np.nan)
+    today = np.full(len(ids), np.nan)
+    for r, dev in enumerate(ids):
+        rows = hist.get(dev, [])
+        if not rows:
+            continue
+        st = np.array([x[0] for x in rows], dtype=np.int64)
+        hv = np.array([np.nan if x[2] is None else x[2] for x in rows], dtype=float)
+        win = (st >= grid.start_ms - adj_lo) & (st < grid.start_ms - adj_hi)
+        if win.any():
+            today[r] = float(np.nanmean(hv[win])) if np.isfinite(hv[win]).any() else np.nan
+        col = 0
+        for back in range(1, n_days + 1):
+            if back in event_days.get(dev, ()):
+                continue
+            shift = back * DAY_MS
+            day_g = SettlementGrid(grid.start_ms - shift, grid.end_ms - shift, grid.interval_s)
+            vals = resample(hv[None, :], st, day_g)[0]
+            if np.all(np.isnan(vals)):
+                continue
+            days[r, col] = vals
+            w = (st >= day_g.start_ms - adj_lo) & (st < day_g.start_ms - adj_hi)
+            if w.any() and np.isfinite(hv[w]).any():
+                adj_days[r, col] = float(np.nanmean(hv[w]))
+            col += 1
+            if col >= 10:
+                break
+    return TenInTen(days_w=days, adjust_days_w=adj_days, adjust_today_w=today)
+
+
+async def settle_event(
+    services: Services, event_id: str, until_ms: int | None = None
+) -> Settlement | None:
+    """Compute and store the settlement lines of an event (replacing earlier ones). With
+    ``until_ms`` only the intervals that ended by then are stored (a provisional settlement while
+    the event runs); the request's performance is stored once every interval is in."""
+    res = await compute_settlement(services, event_id)
+    if res is None:
+        return None
+    ev, st = res
+    final = until_ms is None or until_ms >= ev.end_ms
+    if until_ms is not None and not final:
+        st.lines = [ln for ln in st.lines if ln.interval_end_ms <= until_ms]
+    rows = [
+        {
+            "event_id": event_id,
+            "interval_start_ms": ln.interval_start_ms,
+            "interval_end_ms": ln.interval_end_ms,
+            "target_mw": ln.target_mw,
+            "baseline_mw": ln.baseline_mw,
+            "actual_mw": ln.actual_mw,
+            "delivered_mw": ln.delivered_mw,
+            "method": ln.method[:40],
+            "inputs": {**ln.inputs, "method": ln.method, "performance": ln.performance},
+        }
+        for ln in st.lines
+    ]
+    async with services.db.session() as s, s.begin():
+        await s.execute(delete(SettlementLine).where(SettlementLine.event_id == event_id))
+        if rows:
+            await s.execute(insert(SettlementLine), rows)
+        if final and not ev.is_grid:
+            await s.execute(
+                update(CapacityRequest)
+                .where(CapacityRequest.id == event_id)
+                .values(performance=round(st.performance, 6))
+            )
+    return st
+
+
+def _interval_dict(
+    start_ms: int,
+    end_ms: int,
+    target: float,
+    delivered: float,
+    baseline: float,
+    actual: float,
+    method: str,
+) -> dict[str, Any]:
+    perf = min(max(delivered, 0.0), target) / target if target > 0 else 0.0
+    return {
+        "start": es.iso(start_ms),
+        "end": es.iso(end_ms),
+        "target_mw": round(target, 6),
+        "delivered_mw": round(delivered, 6),
+        "baseline_mw": round(baseline, 6),
+        "actual_mw": round(actual, 6),
+        "performance": round(perf, 4),
+        "method": method,
+    }
+
+
+async def settlement_view(services: Services, event_id: str) -> dict[str, Any]:
+    """Per-interval target, delivered and performance (stored lines once settled; a provisional
+    measurement while the event runs), plus device counts."""
+    async with services.db.session() as s:
+        lines = (
+            (
+                await s.execute(
+                    select(SettlementLine)
+                    .where(SettlementLine.event_id == event_id)
+                    .order_by(SettlementLine.interval_start_ms)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        counts: dict[str, int] = dict(
+            (
+                await s.execute(
+                    select(Command.status, _count())
+                    .where(Command.event_id == event_id, Command.type != CommandType.restore.value)
+                    .group_by(Command.status)
+                )
+            ).all()
+        )
+    devices = {
+        "commanded": int(sum(counts.values())),
+        "acknowledged": int(sum(counts.get(k, 0) for k in ("received", "started", "completed"))),
+        "opted_out": int(counts.get("opted_out", 0)),
+        "replaced": int(
+            sum(counts.get(k, 0) for k in ("opted_out", "rejected", "expired", "missed", "stale"))
+        ),
+    }
+    if lines:
+        intervals = [
+            _interval_dict(
+                ln.interval_start_ms,
+                ln.interval_end_ms,
+                ln.target_mw,
+                ln.delivered_mw,
+                ln.baseline_mw,
+                ln.actual_mw,
+                ln.method,
+            )
+            for ln in lines
+        ]
+        tgt = np.array([ln.target_mw for ln in lines])
+        dl = np.array([ln.delivered_mw for ln in lines])
+        from dispatch.settlement import performance
+
+        return {
+            "settled": True,
+            "intervals": intervals,
+            "performance": round(performance(dl, tgt), 4),
+            "devices": devices,
+        }
+    now = services.clock.now_ms()
+    ev = await es.load_event(services, event_id)
+    if ev is None or devices["commanded"] == 0 or now < ev.start_ms:
+        return {"settled": False, "intervals": [], "performance": None, "devices": devices}
+    res = await compute_settlement(services, event_id)
+    if res is None:
+        return {"settled": False, "intervals": [], "performance": None, "devices": devices}
+    _, st = res
+    intervals = [
+        _interval_dict(
+            ln.interval_start_ms,
+            ln.interval_end_ms,
+            ln.target_mw,
+            ln.delivered_mw,
+            ln.baseline_mw,
+            ln.actual_mw,
+            ln.method,
+        )
+        for ln in st.lines
+        if ln.interval_end_ms <= now
+    ]
+    done = [ln for ln in st.lines if ln.interval_end_ms <= now]
+    from dispatch.settlement import performance
+
+    perf = (
+        performance(
+            np.array([ln.delivered_mw for ln in done]), np.array([ln.target_mw for ln in done])
+        )
+        if done
+        else None
+    )
+    return {
+        "settled": False,
+        "intervals": intervals,
+        "performance": None if perf is None else round(perf, 4),
+        "devices": devices,
+    }
+
+
+def _count() -> Any:
+    from sqlalchemy import func
+
+    return func.count()
+
+
+CSV_COLUMNS = [
+    "event_id",
+    "interval_start",
+    "interval_end",
+    "target_mw",
+    "baseline_mw",
+    "actual_mw",
+    "delivered_mw",
+    "performance",
+    "method",
+    "battery_devices",
+    "battery_with_readings",
+    "battery_baseline_output_kw",
+    "battery_actual_output_kw",
+    "battery_control_drift_kw",
+    "thermostat_devices",
+    "thermostat_with_readings",
+    "thermostat_pre_event_sum_kw",
+    "thermostat_baseline_load_kw",
+    "thermostat_actual_load_kw",
+    "control_devices",
+    "control_with_readings",
+    "control_mean_kw",
+    "control_pre_event_mean_kw",
+    "control_ratio",
+    "control_used",
+    "inputs_json",
+]
+
+
+async def settlement_csv(services: Services, event_id: str) -> str:
+    """The settlement lines with their baseline inputs, one row an interval. Settles first if the
+    event ran but has no stored lines yet."""
+    import orjson
+
+    async def load() -> list[SettlementLine]:
+        async with services.db.session() as s:
+            return list(
+                (
+                    await s.execute(
+                        select(SettlementLine)
+                        .where(SettlementLine.event_id == event_id)
+                        .order_by(SettlementLine.interval_start_ms)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+
+    lines = await load()
+    ev = await es.load_event(services, event_id)
+    if not lines and ev is not None and services.clock.now_ms() >= ev.end_ms:
+        await settle_event(services, event_id)
+        lines = await load()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for ln in lines:
+        inp = ln.inputs or {}
+        b, t, c = inp.get("battery", {}), inp.get("thermostat", {}), inp.get("control", {})
+        perf = inp.get("performance")
+        if perf is None:
+            perf = (
+                min(max(ln.delivered_mw, 0.0), ln.target_mw) / ln.target_mw
+                if ln.target_mw > 0
+                else 0.0
+            )
+        w.writerow(
+            [
+                event_id,
+                es.iso(ln.interval_start_ms),
+                es.iso(ln.interval_end_ms),
+                ln.target_mw,
+                ln.baseline_mw,
+                ln.actual_mw,
+                ln.delivered_mw,
+                perf,
+                inp.get("method", ln.method),
+                b.get("devices", 0),
+                b.get("with_readings", 0),
+                b.get("baseline_output_kw", 0),
+                b.get("actual_output_kw", 0),
+                b.get("control_drift_kw", 0),
+                t.get("devices", 0),
+                t.get("with_readings", 0),
+                t.get("pre_event_sum_kw", 0),
+                t.get("baseline_load_kw", 0),
+                t.get("actual_load_kw", 0),
+                c.get("devices", 0),
+                c.get("with_readings", 0),
+                c.get("mean_kw", 0),
+                c.get("pre_event_mean_kw", 0),
+                c.get("ratio", 1),
+                c.get("used", False),
+                orjson.dumps(inp).decode(),
+            ]
+        )
+    return buf.getvalue()
+
+
+async def timeline(services: Services, event_id: str) -> list[dict[str, Any]]:
+    async with services.db.session() as s:
+        rows = (
+            (
+                await s.execute(
+                    select(EventTimeline)
+                    .where(EventTimeline.event_id == event_id)
+                    .order_by(EventTimeline.ts_ms)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return [
+        {
+            "ts": es.iso(r.ts_ms),
+            "target_mw": r.target_mw,
+            "delivered_mw": r.delivered_mw,
+            "commanded": r.commanded,
+            "acknowledged": r.acknowledged,
+            "opted_out": r.opted_out,
+            "replaced": r.replaced,
+            "stale": r.stale,
+            "action": r.action,
+        }
+        for r in rows
+    ]
