@@ -442,25 +442,36 @@ def check_single(
 
 
 def parse_csv(text: str) -> list[dict[str, Any]]:
-    """CSV with a header row of field names → row dicts; empty cells are absent fields."""
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise InvalidDevice([FieldError("body", "CSV needs a header row of field names")])
-    header = [h.strip() for h in reader.fieldnames]
-    if "" in header or len(set(header)) != len(header):
-        raise InvalidDevice([FieldError("header", "field names must be non-empty and distinct")])
-    rows: list[dict[str, Any]] = []
-    for raw in reader:
-        row: dict[str, Any] = {}
-        extra = raw.pop(None, None)  # type: ignore[call-overload]
-        for name, value in zip(header, raw.values(), strict=True):
-            if value is not None and value.strip() != "":
-                row[name] = value.strip()
-        if extra:
-            row["__extra_cells__"] = extra
-        rows.append(row)
-        if len(rows) > MAX_BULK_DEVICES:
-            break
+    """CSV with a header row of field names → row dicts; empty cells are absent fields.
+    Text the csv module cannot read (a stray carriage return in a cell, an over-long field) is a
+    422 naming the body and the line, never a crash."""
+    # newline="": the csv module reads \r, \n and \r\n line ends itself (and quoted ones).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        fieldnames = reader.fieldnames
+        if not fieldnames:
+            raise InvalidDevice([FieldError("body", "CSV needs a header row of field names")])
+        header = [h.strip() for h in fieldnames]
+        if "" in header or len(set(header)) != len(header):
+            raise InvalidDevice(
+                [FieldError("header", "field names must be non-empty and distinct")]
+            )
+        rows: list[dict[str, Any]] = []
+        for raw in reader:
+            row: dict[str, Any] = {}
+            extra = raw.pop(None, None)  # type: ignore[call-overload]
+            for name, value in zip(header, raw.values(), strict=True):
+                if value is not None and value.strip() != "":
+                    row[name] = value.strip()
+            if extra:
+                row["__extra_cells__"] = extra
+            rows.append(row)
+            if len(rows) > MAX_BULK_DEVICES:
+                break
+    except csv.Error as exc:
+        raise InvalidDevice(
+            [FieldError("body", f"not valid CSV (line {reader.line_num}): {exc}")]
+        ) from None
     bad = [
         FieldError("row", "more cells than header fields", i)
         for i, r in enumerate(rows)
@@ -598,7 +609,7 @@ async def onboard(
         except BaseException:
             await _undo(services, ids, provisioned, registered)
             raise
-    services.fleet.invalidate()
+    services.fleet.apply_changes(rows)  # visible in the next snapshot, no registry reload
     return Onboarded(devices=rows, passwords=passwords)
 
 
@@ -776,7 +787,7 @@ async def update_device(
         # Same kind code again: the write bumps the registry version, so fleet snapshots in
         # other processes (event runner, forecaster) reload enrollment too.
         await services.state.registry_put({device_id: KIND_CODE[DeviceKind(result["kind"])]})
-        services.fleet.invalidate()
+        services.fleet.apply_changes([result])
     return result
 
 
@@ -805,4 +816,4 @@ async def offboard(services: Services, device_id: str, scope: TenantScope) -> No
             ) from exc
     await services.state.registry_put({device_id: REGISTRY_TOMBSTONE})
     await services.state.delete_devices([device_id])
-    services.fleet.invalidate()
+    services.fleet.apply_changes([], [device_id])

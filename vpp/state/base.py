@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import abc
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 STATE_DTYPE = np.dtype(
     [
@@ -67,6 +69,24 @@ def unpack_states(blobs: Iterable[bytes | None], count: int | None = None) -> np
     return np.frombuffer(buf, dtype=STATE_DTYPE).copy()
 
 
+# Packed answers for whole-fleet reads: chunks of (device ids, 64-byte records back to back) and
+# (device ids, online flags). Ids are str or UTF-8 bytes. The chunks come back in the same order
+# from one read to the next while the devices stay the same, so a reader can cache where each
+# chunk's devices go and look up only chunks that changed.
+PackedStates: TypeAlias = tuple[Sequence[Any], bytes]
+PackedStatus: TypeAlias = tuple[Sequence[Any], npt.NDArray[np.bool_]]
+PACKED_CHUNK = 4096
+
+
+def pack_records(ids: Sequence[Any], records: Sequence[bytes | None]) -> PackedStates:
+    """(ids, records joined), leaving out any record that is not exactly 64 bytes."""
+    blob = b"".join(r for r in records if r is not None)
+    if len(blob) == STATE_DTYPE.itemsize * len(ids):
+        return list(ids), blob
+    good = [(d, r) for d, r in zip(ids, records, strict=True) if r and len(r) == 64]
+    return [d for d, _ in good], b"".join(r for _, r in good)
+
+
 def bucket_of(device_id: str, n_buckets: int) -> int:
     """Stable across processes and machines (unlike ``hash``)."""
     return zlib.crc32(device_id.encode()) % n_buckets
@@ -85,12 +105,31 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def all_states(self) -> dict[str, bytes]: ...
 
+    async def all_states_packed(self) -> list[PackedStates]:
+        """Every latest state, packed for the fleet snapshot (see ``PackedStates``)."""
+        states = await self.all_states()
+        ids, records = list(states), list(states.values())
+        return [
+            pack_records(ids[lo : lo + PACKED_CHUNK], records[lo : lo + PACKED_CHUNK])
+            for lo in range(0, len(ids), PACKED_CHUNK)
+        ]
+
     # --- online status (status topic / Last Will): device_id -> (online, service ms) ---
     @abc.abstractmethod
     async def put_status(self, statuses: Mapping[str, tuple[bool, int]]) -> None: ...
 
     @abc.abstractmethod
     async def all_status(self) -> dict[str, tuple[bool, int]]: ...
+
+    async def all_status_packed(self) -> list[PackedStatus]:
+        """Every online flag, packed for the fleet snapshot (see ``PackedStatus``)."""
+        status = await self.all_status()
+        ids = list(status)
+        flags = np.fromiter((v[0] for v in status.values()), dtype=bool, count=len(ids))
+        return [
+            (ids[lo : lo + PACKED_CHUNK], flags[lo : lo + PACKED_CHUNK])
+            for lo in range(0, len(ids), PACKED_CHUNK)
+        ]
 
     # --- registry that ingest checks: device_id -> kind code, for enrolled, onboarded devices ---
     @abc.abstractmethod

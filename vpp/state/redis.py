@@ -16,9 +16,17 @@ import zlib
 from collections import defaultdict
 from collections.abc import Mapping
 
+import numpy as np
 import redis.asyncio as aioredis
 
-from vpp.state.base import STATE_DTYPE, StateStore, bucket_of
+from vpp.state.base import (
+    STATE_DTYPE,
+    PackedStates,
+    PackedStatus,
+    StateStore,
+    bucket_of,
+    pack_records,
+)
 
 N_BUCKETS = 4096
 
@@ -146,6 +154,28 @@ class RedisStateStore(StateStore):
 
     async def all_states(self) -> dict[str, bytes]:
         return {k.decode(): v for k, v in (await self._all_hash("st")).items()}
+
+    async def _all_hash_chunks(self, kind: str) -> list[dict[bytes, bytes]]:
+        """Every bucket's hash, in bucket order (empty buckets left out)."""
+        out: list[dict[bytes, bytes]] = []
+        step = 128  # smaller pipelines: shorter event-loop stalls while replies are parsed
+        for lo in range(0, self.n_buckets, step):
+            pipe = self.redis.pipeline(transaction=False)
+            for b in range(lo, min(lo + step, self.n_buckets)):
+                pipe.hgetall(self._k(kind, b))
+            out.extend(h for h in await pipe.execute() if h)
+        return out
+
+    async def all_states_packed(self) -> list[PackedStates]:
+        """One chunk a bucket, ids as raw bytes (no decoding of a million ids)."""
+        return [pack_records(list(h), list(h.values())) for h in await self._all_hash_chunks("st")]
+
+    async def all_status_packed(self) -> list[PackedStatus]:
+        # Values are "1:ts" / "0:ts": the first byte is the flag.
+        return [
+            (list(h), np.array(list(h.values()), dtype="S1") == b"1")
+            for h in await self._all_hash_chunks("on")
+        ]
 
     async def put_status(self, statuses: Mapping[str, tuple[bool, int]]) -> None:
         if not statuses:
