@@ -1,4 +1,4 @@
-"""Domain vocabulary shared by every package: kinds, roles, states, and the brief's default figures."""
+"""Domain vocabulary shared by every package: kinds, roles, states, the brief's figures."""
 
 from __future__ import annotations
 
