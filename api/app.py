@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vpp.clock import Clock
 from vpp.services import Services
@@ -113,7 +117,151 @@ def create_app(
         message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse(status_code=422, content={"detail": message, "errors": errors})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route matching the path; list every
+            # method the path has (GET and POST /v1/devices are two routes).
+            allowed = _allowed_methods(app, request)
+            if allowed:
+                return JSONResponse(
+                    status_code=405,
+                    content={"detail": f"method: {request.method} not allowed here"},
+                    headers={"Allow": ", ".join(allowed)},
+                )
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+            # FastAPI's answer to a body that is not UTF-8: the service's 422 naming the body,
+            # as for any other unreadable JSON.
+            return JSONResponse(
+                status_code=422,
+                content={
+                    "detail": "body: not valid JSON (not UTF-8 text)",
+                    "errors": [{"field": "body", "message": "not valid JSON (not UTF-8 text)"}],
+                },
+            )
+        return await http_exception_handler(request, exc)
+
     for path in ROUTERS:
         module = importlib.import_module(path)
         app.include_router(module.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description,
+                    routes=app.routes,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods the OpenAPI document lists for the request's path."""
+    patterns: list[tuple[re.Pattern[str], list[str]]] | None = getattr(
+        app.state, "allow_patterns", None
+    )
+    if patterns is None:
+        patterns = [
+            (
+                re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)) + "$"),
+                sorted(m.upper() for m in item if m in _HTTP_METHODS),
+            )
+            for path, item in app.openapi().get("paths", {}).items()
+        ]
+        app.state.allow_patterns = patterns
+    path = request.url.path
+    # A literal path wins over a template (POST /v1/devices/bulk, not /v1/devices/{device_id}).
+    literal = [listed for pattern, listed in patterns if pattern.pattern == _literal(path)]
+    matched = literal or [listed for pattern, listed in patterns if pattern.match(path)]
+    return sorted({m for listed in matched for m in listed})
+
+
+def _literal(path: str) -> str:
+    return "^" + re.escape(path) + "$"
+
+
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+# --- OpenAPI: one error shape, every error an operation can answer declared -----------------
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {
+            "type": "string",
+            "description": "What is wrong, naming each offending field (`field: message; …`).",
+        },
+        "errors": {
+            "type": "array",
+            "description": "Every problem found: `field`, `message` and, in a bulk import, the "
+            "row `index`.",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {
+                    "index": {"type": ["integer", "null"], "description": "Row (bulk import)."},
+                    "field": {"type": "string", "description": "The offending field."},
+                    "message": {"type": "string", "description": "What is wrong with it."},
+                    "type": {"type": ["string", "null"], "description": "Error code."},
+                },
+            },
+        },
+        "bad_rows": {
+            "type": ["integer", "null"],
+            "description": "Bulk import: how many rows are bad.",
+        },
+    },
+}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+_STANDARD = {
+    "401": "no valid API key (`Authorization: Bearer <key>` missing, unknown or revoked)",
+    "403": "the key's role may not do this",
+    "404": "no such object for this key (another tenant's looks the same as a missing one)",
+    "422": "a parameter or body field is invalid; `detail` names it",
+}
+# Operations any role may call: they never answer 403.
+ANY_ROLE = {("get", "/v1/fleet"), ("get", "/v1/forecast")}
+
+
+def document_errors(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every error answer in the document gets the one error shape the service sends
+    (``{"detail": "field: message", "errors": [...]}``, never FastAPI's list-shaped
+    ``HTTPValidationError``), and every /v1 operation declares the errors it can answer: 401 and
+    403 (role rules), 404 when it names an object by id, 422 when it takes input."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path, item in doc.get("paths", {}).items():
+        for method, op in item.items():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses: dict[str, Any] = op["responses"]
+            if path.startswith("/v1/"):
+                wanted = ["401"]
+                if (method, path) not in ANY_ROLE:
+                    wanted.append("403")
+                if "{" in path:
+                    wanted.append("404")
+                if op.get("parameters") or op.get("requestBody"):
+                    wanted.append("422")
+                for code in wanted:
+                    responses.setdefault(code, {"description": _STANDARD[code]})
+            for code, resp in responses.items():
+                if not str(code).startswith(("4", "5")):
+                    continue
+                content = resp.setdefault("content", {})
+                body = content.get("application/json")
+                schema = (body or {}).get("schema", {})
+                if body is None or not schema or "HTTPValidationError" in str(schema.get("$ref")):
+                    content["application/json"] = {"schema": _ERROR_REF}
+    return doc

@@ -24,9 +24,12 @@ router = APIRouter(tags=["capacity requests"])
 
 buyer = require_roles("hyperscaler", "operator")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+_AUTH: dict[int | str, dict[str, Any]] = {
     401: {"description": "no valid API key"},
-    403: {"description": "the key's role may not do this"},
+    403: {"description": "the key's role may not do this (hyperscaler, operator or admin)"},
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_AUTH,
     404: {"description": "no such request for this tenant (another tenant's id looks the same)"},
 }
 _ID = Path(description="capacity request id, cr-<12 hex>", max_length=64)
@@ -46,7 +49,7 @@ def _http(exc: MarketError) -> HTTPException:
     response_model=CapacityRequestOut,
     summary="Ask for firm capacity: answered with a quote (or a rejection naming why)",
     responses={
-        **_ERRORS,
+        **_AUTH,
         422: {
             "description": "a bad field, named: mw, start, end, firmness, region, direction; or "
             "an Idempotency-Key reused with a different body"
@@ -144,13 +147,13 @@ async def cancel_request(
     "/v1/capacity-requests",
     response_model=CapacityRequestList,
     summary="Your tenant's requests (operator and admin: every tenant's), newest first",
-    responses=_ERRORS,
+    responses=_AUTH,
 )
 async def list_requests(
     status: ListStatus | None = Query(None, description="only requests in this status"),
     region: str | None = Query(None, max_length=64, description="only this region"),
-    limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000, description="page size (1–1000)"),
+    offset: int = Query(0, ge=0, le=1_000_000_000, description="requests to skip (newest first)"),
     services: Services = Depends(get_services),
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:

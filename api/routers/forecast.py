@@ -28,23 +28,20 @@ class ForecastInterval(BaseModel):
 
 
 class ForecastOut(BaseModel):
-    region: str
+    region: str = Field(description="ISO zone asked for")
     step: str = Field(description="ISO 8601 duration of each interval")
     calibrated: bool = Field(
         description="false while the region has too little history: the brief's defaults apply"
     )
-    n_devices: int
-    firmness: float | None = None
+    n_devices: int = Field(description="devices of the region the forecast is made from")
+    firmness: float | None = Field(None, description="the firmness asked for, if any")
     event: str = Field(description="ISO 8601 length of the event each interval is valued in")
-    intervals: list[ForecastInterval]
+    intervals: list[ForecastInterval] = Field(description="one row per step of the window")
 
 
 def _unprocessable(field: str, message: str) -> HTTPException:
-    # Same shape as FastAPI's own validation errors, so clients read one format.
-    return HTTPException(
-        status_code=422,
-        detail=[{"loc": ["query", field], "msg": f"{field}: {message}", "type": "value_error"}],
-    )
+    # The service's error shape: {"detail": "field: message"}.
+    return HTTPException(status_code=422, detail=f"{field}: {message}")
 
 
 def parse_duration_s(text: str) -> int:
@@ -91,12 +88,16 @@ def format_time(epoch_ms: int) -> str:
     responses={422: {"description": "a bad region, start, end, step or firmness (named)"}},
 )
 async def get_forecast(
-    region: str = Query(..., description="ISO zone, e.g. ERCOT-NORTH"),
+    region: str = Query(..., min_length=1, max_length=64, description="ISO zone, e.g. ERCOT-NORTH"),
     start: str | None = Query(None, description="RFC 3339 UTC; default now"),
     end: str | None = Query(None, description="RFC 3339 UTC; default now + the 48 h horizon"),
     step: str = Query("PT15M", description="ISO 8601 duration dividing the window"),
     firmness: float | None = Query(
-        None, description="also answer firm_mw, the MW held with this probability (0.5–0.99)"
+        None,
+        ge=0.5,
+        le=0.99,
+        allow_inf_nan=False,
+        description="also answer firm_mw, the MW held with this probability (0.5–0.99)",
     ),
     event: str | None = Query(
         None,
@@ -124,6 +125,9 @@ async def get_forecast(
         # Default: as many whole steps as fit before the horizon.
         horizon_ms = int(services.settings.forecast_horizon_h * 3_600_000)
         step_ms = max(step_s, 1) * 1000
+        if step_ms > horizon_ms:
+            horizon_h = services.settings.forecast_horizon_h
+            raise _unprocessable("step", f"longer than the {horizon_h:g} h forecast horizon")
         end_ms = start_ms + max((now_ms + horizon_ms - start_ms) // step_ms, 1) * step_ms
     try:
         event_h = parse_duration_s(event) / 3600.0 if event else None

@@ -24,7 +24,12 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Database, broker and state store reachable",
-    responses={503: {"description": "a dependency is down; the body says which"}},
+    responses={
+        503: {
+            "description": "a dependency is down; `checks` says which (database, broker, "
+            "state_store: ok or unreachable)"
+        }
+    },
 )
 async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     async def db_ok() -> bool:
@@ -40,6 +45,10 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
         if ingest is not None and hasattr(ingest, "connected"):
             return bool(ingest.connected)
         try:
+            # Without an ingest worker in this process: the broker must accept a connection
+            # (the credential manager's ping alone says nothing when it manages no credentials).
+            if not await asyncio.wait_for(_broker_accepts(services.settings.mqtt_url), 3):
+                return False
             return bool(await asyncio.wait_for(services.credentials.ping(), 3))
         except Exception:
             return False
@@ -62,6 +71,35 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def _broker_accepts(mqtt_url: str) -> bool:
+    """True for the in-process broker, else when the broker's port takes a TCP connection."""
+    from devices.mqtt import parse_mqtt_url
+
+    cfg = parse_mqtt_url(mqtt_url)
+    if cfg.is_memory:
+        return True
+    try:
+        _, writer = await asyncio.open_connection(cfg.host, cfg.port)
+    except OSError:
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -91,7 +91,7 @@ class PlanOut(BaseModel):
     status: str = Field(description="solver status")
     reason: str | None = Field(None, description="why this version was made")
     available_mw: float = Field(description="MW the region's fleet could deliver when planned")
-    intervals: list[PlanInterval]
+    intervals: list[PlanInterval] = Field(description="the plan per interval of the window")
     devices_by_kind: dict[str, DevicesOfKind] = Field(
         description="per device kind (battery, thermostat): devices allotted and in reserve"
     )
@@ -119,23 +119,25 @@ class CapacityRequestOut(BaseModel):
         description="MW offered: at most what the forecast holds at this firmness, less the "
         "safety margin and what is already committed, and at most the MW asked"
     )
-    firmness: float
+    firmness: float = Field(description="probability the MW is delivered, as asked (0.5–0.99)")
     quote_expires_at: str | None = Field(
         description="RFC 3339 UTC; commit before this (null for a rejected request)"
     )
     reason: str | None = Field(
         None, description="why the request was rejected, or why the quote is short"
     )
-    region: str
+    region: str = Field(description="ISO zone, e.g. ERCOT-NORTH")
     mw: float = Field(description="MW asked for")
     committed_mw: float = Field(description="MW booked in the ledger (0 unless committed)")
-    start: str
-    end: str
-    direction: Direction
-    max_price_per_mwh: float | None = None
-    tenant_id: str
-    created_at: str
-    updated_at: str
+    start: str = Field(description="window start, RFC 3339 UTC")
+    end: str = Field(description="window end, RFC 3339 UTC")
+    direction: Direction = Field(description="load_reduction or net_export")
+    max_price_per_mwh: float | None = Field(
+        None, description="the most the buyer pays per MWh, as asked (recorded)"
+    )
+    tenant_id: str = Field(description="the buyer's tenant")
+    created_at: str = Field(description="when the request was made, RFC 3339 UTC")
+    updated_at: str = Field(description="its last status change, RFC 3339 UTC")
     booked: list[BookedInterval] = Field(
         default_factory=list, description="the ledger rows of this request (once committed)"
     )
@@ -150,10 +152,10 @@ class CapacityRequestOut(BaseModel):
 
 
 class CapacityRequestList(BaseModel):
-    items: list[CapacityRequestOut]
+    items: list[CapacityRequestOut] = Field(description="this page, newest first")
     total: int = Field(description="requests matching the filters")
-    limit: int
-    offset: int
+    limit: int = Field(description="page size asked for")
+    offset: int = Field(description="requests skipped before this page")
 
 
 ListStatus = Literal[

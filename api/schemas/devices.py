@@ -74,14 +74,14 @@ class MqttTopics(BaseModel):
 class MqttCredentials(BaseModel):
     username: str = Field(description="MQTT username: the device id.")
     password: str = Field(description="MQTT password; shown only in this answer, never again.")
-    topics: MqttTopics
+    topics: MqttTopics = Field(description="The device's own topics (it may touch no others).")
 
 
 # --- Devices ------------------------------------------------------------------------------------
 class DeviceOut(BaseModel):
     id: str = Field(description="Device id, also its MQTT username.")
     tenant_id: str = Field(description="Tenant that owns the device.")
-    kind: Literal["battery", "solar", "thermostat"]
+    kind: Literal["battery", "solar", "thermostat"] = Field(description="Device kind.")
     site_id: str = Field(description="The customer's site.")
     region: str = Field(description="Market region (ISO zone).")
     feeder: str | None = Field(None, description="Distribution feeder id.")
@@ -157,21 +157,21 @@ class DeviceDetail(DeviceOut):
 
 
 class DeviceSummary(DeviceOut):
-    online: bool
-    freshness: Freshness
+    online: bool = Field(description="As in GET /v1/devices/{id}.")
+    freshness: Freshness = Field(description="fresh, stale or offline, as in GET /v1/devices/{id}.")
     available_kw: float = Field(description="As in GET /v1/devices/{id}, kW.")
 
 
 class DeviceList(BaseModel):
-    devices: list[DeviceSummary]
+    devices: list[DeviceSummary] = Field(description="This page of devices, ordered by id.")
     next_cursor: str | None = Field(
         None, description="Pass as `cursor` for the next page; null on the last page."
     )
 
 
 class BulkDevice(BaseModel):
-    id: str
-    mqtt: MqttCredentials
+    id: str = Field(description="Device id, also its MQTT username.")
+    mqtt: MqttCredentials = Field(description="The device's broker login; shown this once.")
 
 
 class BulkCreated(BaseModel):
@@ -181,8 +181,8 @@ class BulkCreated(BaseModel):
 
 # --- Fleet --------------------------------------------------------------------------------------
 class FleetRow(BaseModel):
-    region: str
-    kind: Literal["battery", "solar", "thermostat"]
+    region: str = Field(description="Market region (ISO zone).")
+    kind: Literal["battery", "solar", "thermostat"] = Field(description="Device kind.")
     registered: int = Field(description="Devices registered (not offboarded).")
     enrolled: int = Field(description="Of which enrolled in events.")
     online: int = Field(description="Of which online and not offline by freshness.")
@@ -191,8 +191,6 @@ class FleetRow(BaseModel):
         description="MW deliverable now, held for the next hour, by enrolled, online, fresh "
         "devices."
     )
-    lat: float | None = Field(None, description="Mean latitude of the devices that gave one.")
-    lon: float | None = Field(None, description="Mean longitude of the devices that gave one.")
     lat: float | None = Field(
         None, description="Mean latitude of the devices that gave one (for maps); else null."
     )
@@ -202,15 +200,15 @@ class FleetRow(BaseModel):
 
 
 class FleetTotals(BaseModel):
-    registered: int
-    enrolled: int
-    online: int
-    fresh: int
-    available_mw: float
+    registered: int = Field(description="Devices registered, every region and kind.")
+    enrolled: int = Field(description="Of which enrolled in events.")
+    online: int = Field(description="Of which online and not offline by freshness.")
+    fresh: int = Field(description="Of which fresh.")
+    available_mw: float = Field(description="MW deliverable now, held for the next hour.")
 
 
 class FleetOut(BaseModel):
     as_of: str = Field(description="Time of the fleet state summed, RFC 3339 UTC.")
     window_h: float = Field(1.0, description="Hours the available MW is held for.")
     regions: list[FleetRow] = Field(description="One row per region and kind with devices.")
-    totals: FleetTotals
+    totals: FleetTotals = Field(description="The rows summed.")
