@@ -14,7 +14,7 @@ import numpy as np
 from devices import physics
 from vpp.domain import KIND_CODE, DeviceKind
 from vpp.fleet import FleetSnapshot, compute_freshness
-from vpp.state.base import STATE_DTYPE
+from vpp.state.base import empty_state
 
 from .types import DeviceUsage
 
@@ -60,18 +60,7 @@ def synthetic_fleet(
     max_offset = np.where(th & (rng.random(n) > 0.1), rng.uniform(1.0, 3.0, n), np.nan)
 
     # Latest state.
-    st = np.zeros(n, dtype=STATE_DTYPE)
-    for name in (
-        "power_w",
-        "soc_pct",
-        "backup_reserve_pct",
-        "indoor_c",
-        "setpoint_c",
-        "hvac_w",
-        "outdoor_c",
-        "energy_wh",
-    ):
-        st[name] = np.nan
+    st = np.repeat(empty_state(), n)
     stale = rng.random(n) < 0.03
     age_ms = np.where(stale, rng.uniform(700_000, 2_000_000, n), rng.uniform(0, 500_000, n))
     st["recv_ms"] = now_ms - age_ms.astype(np.int64)
