@@ -42,6 +42,7 @@ COMPONENTS = [
     "devices.ingest:IngestWorker",
     "dispatch.runner:EventRunner",
     "dispatch.market:MarketHousekeeper",
+    "vpp.forecast.calibrator:ForecastCalibrator",
 ]
 
 DESCRIPTION = """

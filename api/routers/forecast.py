@@ -33,6 +33,12 @@ class ForecastOut(BaseModel):
     calibrated: bool = Field(
         description="false while the region has too little history: the brief's defaults apply"
     )
+    calibration: dict[str, Any] | None = Field(
+        None,
+        description="the shock sizes and quantile correction in use, learnt from the region's "
+        "own history once a day: days and PIT samples learnt from (0: defaults), the guard and "
+        "scenario level of the P90, the temperature-forecast error sigma",
+    )
     n_devices: int = Field(description="devices of the region the forecast is made from")
     firmness: float | None = Field(None, description="the firmness asked for, if any")
     event: str = Field(description="ISO 8601 length of the event each interval is valued in")
@@ -155,6 +161,7 @@ async def get_forecast(
         "region": region,
         "step": format_duration(step_s),
         "calibrated": bool(result.calibrated),
+        "calibration": await forecaster.tuning_info(region),
         "n_devices": int(result.n_devices),
         "firmness": firmness,
         "event": format_duration(round(result.event_h * 3600)),

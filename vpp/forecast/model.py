@@ -763,3 +763,121 @@ def estimate_wave_sigma(
     sigma = float(np.sqrt(np.log1p(excess)))
     m = int(ok.sum())
     return float(np.sqrt((m * sigma**2 + 10 * default**2) / (m + 10)))
+
+
+# --- Calibration of the running service from its own history ----------------------------------
+def first_reported(values: F64) -> F64:
+    """(T, N) readings with NaN where a device did not report → (N,) its first reading (NaN if
+    it never reported)."""
+    v = np.asarray(values, dtype=float)
+    if v.shape[0] == 0:
+        return np.full(v.shape[1:], np.nan)
+    ok = np.isfinite(v)
+    idx = np.argmax(ok, axis=0)
+    first = v[idx, np.arange(v.shape[1])]
+    return np.where(ok.any(axis=0), first, np.nan)
+
+
+def realised_window_mw(
+    snap: FleetSnapshot,
+    online: npt.NDArray[np.bool_],
+    soc_pct: F64,
+    setpoint_c: F64,
+    outdoor_c: F64,
+    opted_out: npt.NDArray[np.bool_],
+    event_h: float,
+) -> F64:
+    """What a fleet could have delivered per interval of a past window, from its history: the
+    devices online at each interval (``online`` (T, N)) and not opted out, times their capability
+    then — a battery's deliverable kW from its state of charge at its first report in the window
+    (held over the event), a thermostat's shed at the interval's outdoor temperature
+    (``outdoor_c`` (T,)) and its reported setpoint. The same quantity the back-test scores."""
+    kind = snap.kind_codes
+    t_count = online.shape[0]
+    avail = online & (snap.enrolled & ~np.asarray(opted_out, bool))[None, :]
+    out = np.zeros(t_count)
+    bat = np.flatnonzero(kind == BATTERY)
+    if bat.size:
+        cap = np.nan_to_num(snap.capacity_wh[bat], nan=BATTERY_DEFAULT_CAPACITY_WH)
+        dis = np.nan_to_num(snap.max_discharge_w[bat], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W)
+        reserve = physics.battery_reserve_pct(
+            np.nan_to_num(snap.backup_reserve_pct[bat], nan=BATTERY_MIN_RESERVE_PCT)
+        )
+        soc0 = first_reported(soc_pct[:, bat])
+        soc0 = np.where(np.isnan(soc0), 50.0, soc0)  # online without a reading: assume half full
+        kw = physics.battery_deliverable_kw(soc0, cap, dis, reserve, event_h)
+        out += (avail[:, bat] * kw[None, :]).sum(axis=1)
+    th = np.flatnonzero((kind == THERMOSTAT) & snap.enrolled)
+    if th.size:
+        st = snap.state[th]
+        mode = st["mode"].astype(np.int64)
+        mode = np.where((mode < 0) | (mode > physics.MODE_AUTO), physics.MODE_AUTO, mode)
+        sp_state = st["setpoint_c"].astype(float)
+        sp_state = np.where(
+            np.isnan(sp_state),
+            np.where(mode == physics.MODE_HEAT, DEFAULT_HEAT_SETPOINT_C, DEFAULT_SETPOINT_C),
+            sp_state,
+        )
+        sp = first_reported(setpoint_c[:, th])
+        sp = np.where(np.isnan(sp), sp_state, sp)
+        rated_kw = np.nan_to_num(snap.hvac_rated_w[th], nan=THERMOSTAT_RATED_W) / 1000.0
+        offset = np.minimum(
+            THERMOSTAT_DEFAULT_OFFSET_C,
+            np.nan_to_num(snap.max_offset_c[th], nan=THERMOSTAT_DEFAULT_MAX_OFFSET_C),
+        )
+        off_cool = np.clip(
+            np.minimum(offset, np.nan_to_num(snap.comfort_max_c[th], nan=99.0) - sp), 0.0, None
+        )
+        off_heat = np.clip(
+            np.minimum(offset, sp - np.nan_to_num(snap.comfort_min_c[th], nan=-99.0)), 0.0, None
+        )
+        temp = np.asarray(outdoor_c, dtype=float)[:, None]
+        heating = (mode == physics.MODE_HEAT)[None, :] | (
+            (mode == physics.MODE_AUTO)[None, :] & (temp < sp[None, :])
+        )
+        off = np.where(heating, off_heat[None, :], off_cool[None, :])
+        off = np.where((mode == physics.MODE_OFF)[None, :], 0.0, off)
+        shed, _, _ = physics.thermostat_shed(
+            sp[None, :], sp[None, :], temp, off, event_h, rated_kw[None, :], heating=heating
+        )
+        out += (avail[:, th] * np.nan_to_num(shed)).sum(axis=1)
+    return out / 1000.0
+
+
+def vendor_online_share(
+    online_any: npt.NDArray[np.bool_],
+    vendor: npt.ArrayLike,
+    n_vendors: int,
+    eligible: npt.NDArray[np.bool_],
+    min_devices: int = 20,
+) -> F64:
+    """(D, N) online-in-the-window flags and (D, N) eligibility (the device existed that day)
+    → (D, V) each vendor's online share of its eligible devices (NaN for a vendor with fewer
+    than ``min_devices``: too few to tell an outage from chance).
+    The input of :func:`estimate_vendor_outages`."""
+    elig = np.broadcast_to(np.asarray(eligible, bool), np.shape(online_any))
+    on = np.asarray(online_any, bool) & elig
+    v = np.asarray(vendor, np.int64)
+    n_v = max(int(n_vendors), int(v.max()) + 1 if v.size else 1)
+    onehot = np.zeros((v.size, n_v))
+    onehot[np.arange(v.size), v] = 1.0
+    counts = elig.astype(float) @ onehot
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = (on @ onehot) / counts
+    return np.where(counts >= min_devices, share, np.nan)
+
+
+def fit_quantile_map(
+    pits_by_day: F64,
+    prior_days: float = 3.0,
+    guard: float = QuantileMap.guard,
+) -> QuantileMap:
+    """A :class:`QuantileMap` from (days × intervals) PITs. The intervals of one day share its
+    shocks, so the evidence is worth about one sample per day: the prior toward the identity is
+    ``prior_days`` days' worth of PITs."""
+    p = np.asarray(pits_by_day, dtype=float)
+    if p.ndim == 1:
+        p = p[:, None]
+    per_day = max(p.shape[1], 1)
+    flat = p[np.isfinite(p)]
+    return QuantileMap(pits=flat, prior_strength=float(prior_days * per_day), guard=guard)

@@ -10,13 +10,15 @@ slowly and is re-read every ``calibration_ttl_s``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import pandas as pd
 from sqlalchemy import case, func, select
 
@@ -25,6 +27,7 @@ from vpp.forecast import model as m
 from vpp.forecast.model import ForecastResult, QuantileMap, RegionCalibration, ShockParams
 from vpp.weather import weather_for_region
 
+log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 LEDGER_STEP_MS = 900_000  # ledger rows sit on the 15-minute grid
 HISTORY_DAYS = 14
@@ -107,6 +110,45 @@ class _Aligned:
 class _Tuning:
     shocks: ShockParams = field(default_factory=ShockParams)
     quantiles: QuantileMap = field(default_factory=QuantileMap)
+    # What the calibrator reported with it (days, samples, learnt_ms, …); empty: defaults.
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+TUNING_KEY = "forecast:tuning:{region}"
+
+
+def tuning_to_json(
+    shocks: ShockParams, quantiles: QuantileMap, info: dict[str, Any]
+) -> dict[str, Any]:
+    """The persisted form of a region's tuning (see :func:`tuning_from_json`)."""
+    sh = asdict(shocks)
+    sh["vendor_outage_depth"] = list(shocks.vendor_outage_depth)
+    return {
+        "version": 1,
+        "shocks": sh,
+        "quantiles": {
+            "pits": [round(float(x), 5) for x in quantiles.pits],
+            "prior_strength": float(quantiles.prior_strength),
+            "guard": float(quantiles.guard),
+        },
+        "info": info,
+    }
+
+
+def tuning_from_json(doc: dict[str, Any]) -> tuple[ShockParams, QuantileMap, dict[str, Any]]:
+    """Inverse of :func:`tuning_to_json`; unknown shock fields are ignored (older/newer writer)."""
+    known = {f.name for f in fields(ShockParams)}
+    sh = {k: v for k, v in dict(doc.get("shocks") or {}).items() if k in known}
+    if "vendor_outage_depth" in sh:
+        lo, hi = sh["vendor_outage_depth"]
+        sh["vendor_outage_depth"] = (float(lo), float(hi))
+    q = dict(doc.get("quantiles") or {})
+    quantiles = QuantileMap(
+        pits=np.asarray(q.get("pits") or [], dtype=float),
+        prior_strength=float(q.get("prior_strength", QuantileMap.prior_strength)),
+        guard=float(q.get("guard", QuantileMap.guard)),
+    )
+    return ShockParams(**sh), quantiles, dict(doc.get("info") or {})
 
 
 class ForecastService:
@@ -127,6 +169,7 @@ class ForecastService:
         self._history: _History | None = None
         self._aligned: _Aligned | None = None
         self._tuning: dict[str, _Tuning] = {}
+        self._tuning_read_at: dict[str, float] = {}  # monotonic time of the last store read
         self._lock = asyncio.Lock()
 
     # --- public -------------------------------------------------------------------------------
@@ -148,14 +191,63 @@ class ForecastService:
         region: str,
         shocks: ShockParams | None = None,
         quantiles: QuantileMap | None = None,
+        info: dict[str, Any] | None = None,
     ) -> None:
-        """Install shock magnitudes / a quantile map learnt by a calibration job (back-test)."""
+        """Install shock magnitudes / a quantile map learnt by a calibration job (back-test or
+        :class:`vpp.forecast.calibrator.ForecastCalibrator`); ``info`` is what it reports."""
         t = self._tuning.setdefault(region, _Tuning())
         if shocks is not None:
             t.shocks = shocks
         if quantiles is not None:
             t.quantiles = quantiles
+        t.info = dict(info) if info is not None else {}
+        t.info.setdefault("learnt_ms", int(self.services.clock.now_ms()))
+        self._tuning_read_at[region] = time.monotonic()
         self.invalidate(region)
+
+    async def load_tuning(self, region: str, force: bool = False) -> None:
+        """Adopt the tuning persisted by a calibrator (this process's or another's) when it is
+        newer than what is installed; re-read at most every ``calibration_ttl_s``."""
+        last = self._tuning_read_at.get(region)
+        if not force and last is not None and time.monotonic() - last < self.calibration_ttl_s:
+            return
+        self._tuning_read_at[region] = time.monotonic()
+        state = getattr(self.services, "state", None)
+        if state is None:
+            return
+        try:
+            raw = await state.get_value(TUNING_KEY.format(region=region))
+            if raw is None:
+                return
+            shocks, quantiles, info = tuning_from_json(orjson.loads(raw))
+        except Exception:  # a bad or unreachable record: keep what is installed
+            log.warning("forecast tuning of %s unreadable; keeping the current one", region)
+            return
+        current = self._tuning.get(region)
+        have = int(current.info.get("learnt_ms", -1)) if current is not None else -1
+        if int(info.get("learnt_ms", 0)) > have:
+            t = self._tuning.setdefault(region, _Tuning())
+            t.shocks, t.quantiles, t.info = shocks, quantiles, info
+            self._tuning_read_at[region] = time.monotonic()
+            self.invalidate(region)
+
+    async def tuning_info(self, region: str) -> dict[str, Any]:
+        """The region's current tuning in a few numbers (for ``GET /v1/forecast``)."""
+        await self.load_tuning(region)
+        t = self._tuning.get(region, _Tuning())
+        info = t.info
+        return {
+            "learnt": bool(info.get("days")),
+            "days": int(info.get("days", 0)),
+            "samples": int(t.quantiles.pits.size),
+            "quantile_guard": float(t.quantiles.guard),
+            "p90_level": round(float(t.quantiles.level(0.1)), 4),
+            "temp_sigma_c": round(float(t.shocks.temp_sigma_c), 3),
+            "temp_samples": int(info.get("temp_samples", 0)),
+            "vendor_outage_p": round(float(t.shocks.vendor_outage_p), 4),
+            "optout_wave_sigma": round(float(t.shocks.optout_wave_sigma), 3),
+            "learnt_at_ms": int(info["learnt_ms"]) if info.get("days") else None,
+        }
 
     def known_regions(self, snap: FleetSnapshot | None = None) -> set[str]:
         regions = set(self.services.settings.regions)
@@ -298,6 +390,7 @@ class ForecastService:
         n_region = int(in_region.sum())
         share = float(al.has_history[in_region].mean()) if n_region else 0.0
         calibrated = n_region > 0 and share >= MIN_HISTORY_INTERVALS_SHARE
+        await self.load_tuning(region)
         tuning = self._tuning.get(region, _Tuning())
         day = start_ms // m.DAY_MS
         days = hist.event_days.get(region, set())

@@ -1,0 +1,218 @@
+"""The running service learns its forecast's calibration from its own interval history."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import orjson
+from sqlalchemy import insert
+
+from vpp.clock import ManualClock
+from vpp.db.models import Base, TelemetryInterval
+from vpp.db.session import Database
+from vpp.fleet import BATTERY, FleetSnapshot
+from vpp.forecast import model as m
+from vpp.forecast.calibrator import ForecastCalibrator
+from vpp.forecast.service import ForecastService, get_forecast_service
+from vpp.forecast.synthetic import SyntheticFleet, make_fleet
+from vpp.settings import Settings
+from vpp.state.memory import MemoryStateStore
+from vpp.weather import weather_for_region
+
+NOW = 1_783_000_800_000  # 2026-07-02 13:00 UTC
+H = 3_600_000
+DAY = 86_400_000
+REGION = "ERCOT-NORTH"
+SHORT = "PJM-DOM"  # only a few days of history
+
+
+class FakeFleet:
+    def __init__(self, snap: FleetSnapshot) -> None:
+        self.snap = snap
+
+    async def snapshot(self, force: bool = False) -> FleetSnapshot:
+        return self.snap
+
+
+async def write_history(
+    db: Database, fleet: SyntheticFleet, days: int, short_days: int, seed: int = 3
+) -> None:
+    """Hourly telemetry: devices report 90 % of hours (a day-level ± 2 % swing); in the evening
+    window batteries hold only ~85 % of the energy above reserve they had the evening before
+    (homes use it first: a bias the model does not know), and reported outdoor temperatures
+    differ from the weather file by a day-level error of sd 2 °C."""
+    rng = np.random.default_rng(seed)
+    snap = fleet.snap
+    n = len(snap)
+    tz = weather_for_region(REGION).tz_offset_h
+    wy = weather_for_region(REGION)
+    is_bat = snap.kind_codes == BATTERY
+    in_short = snap.region_codes == snap.region_code(SHORT)
+    soc_base = np.where(is_bat, rng.uniform(70.0, 95.0, n), np.nan)
+    reserve = m.physics.battery_reserve_pct(np.nan_to_num(snap.backup_reserve_pct, nan=20.0))
+    first_hour = (NOW // H) - days * 24
+    rows: list[dict[str, Any]] = []
+    day_online = 0.9 + 0.02 * rng.standard_normal(days + 2)
+    day_soc = np.clip(0.85 + 0.05 * rng.standard_normal(days + 2), 0.6, 1.0)
+    day_temp = 2.0 * rng.standard_normal(days + 2)
+    for k in range(days * 24):
+        ts = (first_hour + k) * H
+        d = k // 24
+        local_h = ((ts / H) + tz) % 24
+        evening = 17 <= local_h < 20
+        present = rng.random(n) < day_online[d]
+        present &= ~in_short | (ts >= NOW - short_days * DAY)
+        soc = soc_base
+        if evening:
+            soc = reserve + (soc_base - reserve) * day_soc[d]
+        _, file_temp = wy.sample(np.array([ts + 1_800_000]))
+        outdoor = float(file_temp[0]) + day_temp[d]
+        for i in np.flatnonzero(present):
+            rows.append(
+                {
+                    "device_id": snap.device_ids[i],
+                    "interval_start_ms": int(ts),
+                    "samples": 12,
+                    "soc_pct": None if np.isnan(soc[i]) else float(soc[i]),
+                    "setpoint_c": None if is_bat[i] else float(snap.state["setpoint_c"][i]),
+                    "outdoor_c": None if is_bat[i] else outdoor,
+                }
+            )
+    async with db.session() as session:
+        for start in range(0, len(rows), 20_000):
+            await session.execute(insert(TelemetryInterval), rows[start : start + 20_000])
+        await session.commit()
+
+
+async def make_services(url: str, fleet: SyntheticFleet, create: bool) -> Any:
+    db = Database(url)
+    if create:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+    settings = Settings(regions=[REGION, SHORT], database_url=url, history_interval_s=3600)
+    return SimpleNamespace(
+        settings=settings,
+        clock=ManualClock(NOW),
+        db=db,
+        state=MemoryStateStore(),
+        fleet=FakeFleet(fleet.snap),
+        components={},
+    )
+
+
+def small_fleet(n: int) -> SyntheticFleet:
+    # Batteries and thermostats only (no PV: batteries hold their charge between events).
+    return make_fleet(n, [REGION, SHORT], seed=4, now_ms=NOW, kind_mix=(0.6, 0.0, 0.4))
+
+
+async def evening_p90(fs: ForecastService) -> float:
+    tz = weather_for_region(REGION).tz_offset_h
+    midnight = ((NOW + int(tz * H)) // DAY) * DAY - int(tz * H)
+    start = midnight + 17 * H
+    if start < NOW:
+        start += DAY
+    res = await fs.forecast(REGION, start, start + 3 * H, 900)
+    return float(res.p90_mw.mean())
+
+
+async def test_learns_the_bias_holds_coverage_persists_and_reloads(tmp_path: Path) -> None:
+    fleet = small_fleet(400)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cal.db'}"
+    services = await make_services(url, fleet, create=True)
+    try:
+        await write_history(services.db, fleet, days=36, short_days=3)
+        fs = ForecastService(services, n_scenarios=500)
+        services.components["forecast"] = fs
+        p90_default = await evening_p90(fs)
+        assert (await fs.tuning_info(REGION))["samples"] == 0
+
+        # Learn on days −35…−15 (as if it were two weeks ago); hold out the last 14 days.
+        learn_now = NOW - 14 * DAY
+        cal = ForecastCalibrator(services, history_days=20, n_scenarios=500)
+        report = await cal.run_once(learn_now)
+        got = report[REGION]
+        assert got["status"] == "learnt", got
+        assert got["days"] >= 15
+        assert got["samples"] == got["days"] * 12
+        assert got["mean_pit"] < 0.3  # the fleet delivered less than the forecast said
+        assert got["temp_sigma_c"] > m.ShockParams().temp_sigma_c  # 2 °C errors, prior 1.5
+        assert got["p90_level"] < 0.09  # the P90 moves down the scenario distribution
+        # The short-history region keeps the defaults and says why.
+        assert report[SHORT]["status"] == "insufficient_history"
+        assert report[SHORT]["defaults"] is True
+        assert await services.state.get_value(f"forecast:tuning:{SHORT}") is None
+
+        # Held-out days: coverage of the learnt P90 vs the default one.
+        fs.invalidate()
+        rows = np.flatnonzero(fleet.snap.region_codes == 0)
+        sub = fleet.snap.take(rows)
+        held = await cal.reconstruct_days(REGION, sub, np.full(len(sub), np.nan), None, NOW)
+        held = [d for d in held if d.window_start_ms > learn_now]
+        assert len(held) >= 10
+        tuning = fs._tuning[REGION]
+        calib = await fs.calibration(REGION, fleet.snap, NOW, NOW)
+        rate = None if calib.online_rate is None else calib.online_rate[rows]
+        hits_learnt, hits_default = [], []
+        for d in held:
+            scen = cal.forecast_scenarios(
+                REGION, sub, d, rate, None, tuning.shocks, 500, 7, consecutive=0
+            )
+            learnt = np.quantile(scen, tuning.quantiles.level(0.1), axis=0)
+            scen0 = cal.forecast_scenarios(
+                REGION, sub, d, rate, None, m.ShockParams(), 500, 7, consecutive=0
+            )
+            default = np.quantile(scen0, m.QuantileMap().level(0.1), axis=0)
+            hits_learnt.append(d.realised_mw >= learnt - 1e-9)
+            hits_default.append(d.realised_mw >= default - 1e-9)
+        cov_learnt = float(np.mean(hits_learnt))
+        cov_default = float(np.mean(hits_default))
+        print(f"held-out P90 coverage: learnt {cov_learnt:.3f}, defaults {cov_default:.3f}")
+        assert cov_learnt <= cov_default + 1e-9  # learnt P90 is lower: the fleet delivers less
+        assert 0.78 <= cov_learnt <= 1.0
+
+        # The running service's P90 moved the right way (down), and the API field says so.
+        services.clock = ManualClock(NOW)
+        fs.invalidate()
+        p90_learnt = await evening_p90(fs)
+        assert p90_learnt < p90_default
+        info = await fs.tuning_info(REGION)
+        assert info["samples"] == got["samples"] and info["days"] == got["days"]
+
+        # Persisted: a new service (a restart, another process) starts from it.
+        raw = await services.state.get_value(f"forecast:tuning:{REGION}")
+        assert raw is not None and orjson.loads(raw)["info"]["days"] == got["days"]
+        fresh = ForecastService(services, n_scenarios=500)
+        assert (await fresh.tuning_info(REGION))["samples"] == got["samples"]
+        assert abs(await evening_p90(fresh) - p90_learnt) < 1e-9
+        assert (await fresh.tuning_info(SHORT))["samples"] == 0
+    finally:
+        await services.db.dispose()
+
+
+async def test_postgres_run_once_and_component(fresh_pg_url: str) -> None:
+    fleet = small_fleet(120)
+    services = await make_services(fresh_pg_url, fleet, create=False)
+    try:
+        await write_history(services.db, fleet, days=10, short_days=2)
+        cal = ForecastCalibrator(services, history_days=9, min_days=7, n_scenarios=200)
+        report = await cal.run_once(NOW)
+        assert report[REGION]["status"] == "learnt"
+        assert report[REGION]["samples"] == report[REGION]["days"] * 12
+        assert report[SHORT]["status"] == "insufficient_history"
+        fs = get_forecast_service(services)
+        assert (await fs.tuning_info(REGION))["days"] == report[REGION]["days"]
+        # As a component: start runs a calibration for the service day, stop ends it.
+        other = ForecastCalibrator(services, history_days=9, n_scenarios=200)
+        await other.start()
+        for _ in range(400):
+            if other.last_day is not None:
+                break
+            await asyncio.sleep(0.05)
+        await other.stop()
+        assert other.last_day is not None and REGION in other.last_report
+    finally:
+        await services.db.dispose()
