@@ -101,6 +101,9 @@ MAX_ATTEMPTS = 2  # first send + one retry; no ack after that → missed, replac
 VALID_MARGIN_S = 60.0  # a command outlives its window by this, for clock skew and transit
 RELEASE_STAGGER_S = 900.0  # thermostats release over 0–15 min after the window (10–30 min rule)
 BATTERY_RESTORE_SPREAD_S = 30
+# A report this soon after a command came into force may still average over the switch-over;
+# the closed loop waits for a later one (service ms).
+ACT_LAG_MS = 30_000
 # Floors in wall seconds: a sped-up service clock must not outrun the broker and ingest.
 MIN_ACK_WAIT_WALL_S = 2.0
 MIN_SETTLE_WALL_S = 3.0
@@ -1140,6 +1143,8 @@ class EventRunner:
         fleet = await self.services.fleet.snapshot()
         n = len(fleet)
         exclude = np.zeros(n, bool)
+        # Every device already in the event stays out (one dispatch command per device and
+        # event: replaced devices failed, released ones are recovering).
         taken = (
             set(run.table.device_id.tolist())
             | set(run.control_ids)
@@ -1216,12 +1221,22 @@ class EventRunner:
         st = fleet.state[np.where(known, idx, 0)] if n else fleet.state[:0]
         recv = np.where(known, st["recv_ms"], 0) if n else np.zeros(0, np.int64)
         stale_after_ms = self.event_stale_ms()
-        fresh = known & (recv >= now_ms - stale_after_ms)
-        # Devices commanded moments ago cannot show it yet: count what the plan expects.
+        # Only a report from after the command came into force shows what the device does: an
+        # older one (devices report every 5 minutes outside events) still shows its pre-event
+        # level, and counting it would read as a shortfall and enlist far too many devices.
+        # (The first report after the start may average over the switch: skip ACT_LAG_MS.)
+        acting = known & (recv >= t.valid_from_ms + ACT_LAG_MS)
+        fresh = acting & (recv >= now_ms - stale_after_ms)
+        # Devices commanded moments ago cannot show it yet: count what the plan expects, until
+        # they have had the stale horizon to report (after that, silence means stale).
         settle_wall = max(
             self.clock.wall_seconds(self.settings.control_period_s), MIN_SETTLE_WALL_S
         )
-        settling = (time.monotonic() - t.sent_wall < settle_wall) | (t.status == PENDING)
+        settling = (
+            (time.monotonic() - t.sent_wall < settle_wall)
+            | (t.status == PENDING)
+            | (~acting & (now_ms - t.valid_from_ms < stale_after_ms))
+        )
         bat = t.kind == BATTERY
         level = np.where(bat, st["power_w"], st["hvac_w"]).astype(float) if n else np.zeros(0)
         ratio, drift_w = self.control_adjustment(run, fleet, now_ms)

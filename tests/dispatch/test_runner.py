@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import pytest
 from sqlalchemy import select
 
 from dispatch.runner import (
@@ -92,8 +93,6 @@ async def test_grid_event_runs_restores_and_settles(sqlite_url, services_factory
         gt = np.array([members.get(int(s), 0.0) for s in range(start, end, 300_000)])
         print("target", mw, "delivered", delivered.round(3), "truth", gt.round(3))
         print(body["intervals"][3])
-        for p in []:
-            print(p)
         assert abs(delivered.sum() - gt.sum()) <= 0.1 * gt.sum()
         csv = await st.client.get(
             f"/v1/grid-events/{ev_id}/settlement.csv", headers=await st.operator()
@@ -234,3 +233,44 @@ def _batch_of(run: Running) -> CommandBatch:
         valid_from_ms=t.valid_from_ms, valid_until_ms=t.valid_until_ms,
         randomize_s=np.zeros(n, np.int64), baseline_w=t.baseline_w, expected_kw=t.expected_kw,
     )  # fmt: skip
+
+
+async def test_estimate_waits_for_telemetry_from_after_the_start(
+    sqlite_url, services_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """At the window's start every device's latest report is from before it acted (devices
+    report every 5 minutes outside events, and the first report after the start averages over
+    the switch): the closed loop must count what the plan expects, not a shortfall — it used to
+    read ~0 MW there, enlist every free device of the region, and have none left when the
+    thermostats' shed faded later in the window. Once a device has had time to report and has
+    not, it is stale."""
+    from dispatch.runner import ACT_LAG_MS, STARTED
+    from tests.dispatch.test_optimiser import fleet_of
+    from vpp.clock import ManualClock
+
+    start = 1_784_061_000_000
+    clock = ManualClock(start + 20_000)
+    svc = await services_factory(make_settings(sqlite_url), clock=clock)
+    runner = EventRunner(svc)
+    run = _fake_run(4, start)
+    run.table.status[:] = STARTED
+    run.table.sent_wall[:] = 0.0  # sent long ago (the commands went out ahead of the window)
+    fleet = fleet_of("bbbb")
+    fleet.device_ids = np.array([f"d-{i}" for i in range(4)], dtype=object)
+    fleet.index = {f"d-{i}": i for i in range(4)}
+    # d-0, d-1: last report 4 minutes before the start (idle); d-2: a report 5 s after the
+    # start (half a step of discharge); d-3: a report after the switch-over, discharging 3 kW.
+    fleet.state["recv_ms"] = [start - 240_000, start - 240_000, start + 5_000, start + ACT_LAG_MS]
+    fleet.state["power_w"] = [0.0, 0.0, 1_000.0, 3_000.0]
+    clock._now_ms = start + ACT_LAG_MS + 1_000
+    est = runner.estimate(run, fleet, clock.now_ms())
+    assert est["settling"][:3].all() and not est["settling"][3]
+    assert not est["stale"].any()
+    assert est["delivered_mw"] == pytest.approx(0.012)  # 4 × 3 kW: on plan, nothing to enlist
+    # Four minutes on, d-0 has still not reported since the start: stale (to be replaced).
+    clock._now_ms = start + 240_000
+    fleet.state["recv_ms"] = [start - 240_000, start + 200_000, start + 200_000, start + 200_000]
+    fleet.state["power_w"] = [0.0, 3_000.0, 3_000.0, 3_000.0]
+    est = runner.estimate(run, fleet, clock.now_ms())
+    assert est["stale"].tolist() == [True, False, False, False]
+    assert est["delivered_mw"] == pytest.approx(0.009)
