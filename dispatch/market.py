@@ -561,7 +561,11 @@ class Market:
             req = await self._load(session, request_id, tenant_id, lock=True)
             if req.status == RequestStatus.cancelled.value:
                 return req, False
-            if req.status in (RequestStatus.active.value, RequestStatus.completed.value):
+            # "active" before the window only means the runner sent its commands early (they
+            # take effect at the start): still cancellable, and the runner restores the devices.
+            if req.status == RequestStatus.completed.value or (
+                req.status == RequestStatus.active.value and now >= req.start_ms
+            ):
                 raise conflict(
                     f"request is {req.status}: only a request before its window can be cancelled"
                 )

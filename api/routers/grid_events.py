@@ -15,9 +15,15 @@ router = APIRouter(tags=["grid events"])
 
 operator = require_roles("operator")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+_AUTH: dict[int | str, dict[str, Any]] = {
     401: {"description": "no valid API key"},
     403: {"description": "the key's role may not do this (operator or admin only)"},
+}
+# Grid events belong to the grid, not to a tenant: every operator and admin key sees them all.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_AUTH,
+    404: {"description": "no such grid event"},
+    422: {"description": "the id is malformed (over 64 characters)"},
 }
 _ID = Path(description="grid event id, ge-<12 hex>", max_length=64)
 
@@ -57,33 +63,47 @@ class GridEventIn(BaseModel):
 
 
 class GridInterval(BaseModel):
-    start: str | None
-    end: str | None
-    target_mw: float
-    delivered_mw: float
-    baseline_mw: float
-    actual_mw: float
+    start: str | None = Field(description="settlement interval start, RFC 3339 UTC")
+    end: str | None = Field(description="settlement interval end, RFC 3339 UTC")
+    target_mw: float = Field(description="MW of load reduction asked for in the interval")
+    delivered_mw: float = Field(description="MW measured: baseline − actual")
+    baseline_mw: float = Field(
+        description="what the dispatched devices would have drawn (net) without the event, MW"
+    )
+    actual_mw: float = Field(description="what the dispatched devices drew (net), MW")
     performance: float = Field(description="delivered ÷ target in this interval, capped at 1")
     method: str = Field(description="baseline method(s) the interval was measured with")
 
 
 class GridEventOut(BaseModel):
-    id: str
-    kind: str = "grid_event"
-    region: str
-    mw: float
-    start: str | None
-    end: str | None
-    priority: int
-    preempt: bool
+    id: str = Field(description="ge-<12 hex>")
+    kind: str = Field("grid_event", description="always grid_event")
+    region: str = Field(description="ISO zone, e.g. ERCOT-NORTH")
+    mw: float = Field(description="MW of load reduction asked for")
+    start: str | None = Field(
+        description="window start, RFC 3339 UTC (a start given in the past is stored as now)"
+    )
+    end: str | None = Field(description="window end, RFC 3339 UTC")
+    priority: int = Field(description="higher wins (0–1000; capacity requests are 50)")
+    preempt: bool = Field(
+        description="true: may take devices from lower-priority commitments; false: only what "
+        "commitments leave free"
+    )
     status: str = Field(description="scheduled, active, completed or aborted")
-    created_at: str | None = None
+    created_at: str | None = Field(None, description="when it was raised, RFC 3339 UTC")
     settled: bool = Field(False, description="true once the settlement lines are stored")
-    intervals: list[GridInterval] = Field(default_factory=list)
+    intervals: list[GridInterval] = Field(
+        default_factory=list,
+        description="per settlement interval: target, delivered and performance (provisional "
+        "while the event runs, stored lines once settled; empty before the window)",
+    )
     performance: float | None = Field(
         None, description="Σ min(delivered, target) ÷ Σ target over the intervals measured"
     )
-    devices: dict[str, int] = Field(default_factory=dict)
+    devices: dict[str, int] = Field(
+        default_factory=dict,
+        description="device counts: commanded, acknowledged, opted_out, replaced",
+    )
 
 
 def _http(exc: es.EventError) -> HTTPException:
@@ -95,7 +115,14 @@ def _http(exc: es.EventError) -> HTTPException:
     status_code=201,
     response_model=GridEventOut,
     summary="Raise a grid event: the fleet is dispatched when its window opens",
-    responses={**_ERRORS, 422: {"description": "a field is invalid; detail names it"}},
+    responses={
+        **_AUTH,
+        422: {
+            "description": "a bad field, named: region (unknown), mw (≤ 0 or too large), start "
+            "(more than 5 minutes in the past, or not RFC 3339 with an offset), end (not after "
+            "start, in the past, or over 24 h after start), priority (outside 0–1000)"
+        },
+    },
 )
 async def create_grid_event(
     body: GridEventIn,
@@ -121,7 +148,7 @@ async def create_grid_event(
     "/v1/grid-events",
     response_model=list[GridEventOut],
     summary="Grid events, latest first",
-    responses=_ERRORS,
+    responses=_AUTH,
 )
 async def list_grid_events(
     principal: Principal = Depends(operator), services: Services = Depends(get_services)
@@ -133,7 +160,7 @@ async def list_grid_events(
     "/v1/grid-events/{event_id}",
     response_model=GridEventOut,
     summary="A grid event: status and, once running, target/delivered/performance per interval",
-    responses={**_ERRORS, 404: {"description": "no such grid event"}},
+    responses=_ERRORS,
 )
 async def get_grid_event(
     event_id: str = _ID,
@@ -152,8 +179,7 @@ async def get_grid_event(
     summary="Abort a grid event: every device is restored at once",
     responses={
         **_ERRORS,
-        404: {"description": "no such grid event"},
-        409: {"description": "already completed or aborted"},
+        409: {"description": "the grid event is already completed or aborted"},
     },
 )
 async def abort_grid_event(

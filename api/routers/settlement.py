@@ -19,8 +19,17 @@ router = APIRouter(tags=["settlement"])
 _CSV: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/csv": {}}, "description": "settlement lines, one row an interval"},
     401: {"description": "no valid API key"},
-    403: {"description": "the key's role may not do this"},
-    404: {"description": "no such event for this tenant"},
+    422: {"description": "the id is malformed (over 64 characters)"},
+}
+_REQUEST_CSV: dict[int | str, dict[str, Any]] = {
+    **_CSV,
+    403: {"description": "the key's role may not do this (hyperscaler, operator or admin)"},
+    404: {"description": "no such request for this tenant (another tenant's id looks the same)"},
+}
+_GRID_CSV: dict[int | str, dict[str, Any]] = {
+    **_CSV,
+    403: {"description": "the key's role may not do this (operator or admin only)"},
+    404: {"description": "no such grid event"},
 }
 
 
@@ -36,10 +45,10 @@ def _csv(body: str, name: str) -> Response:
     "/v1/capacity-requests/{request_id}/settlement.csv",
     summary="Settlement lines of a capacity request, with baseline inputs",
     response_class=Response,
-    responses=_CSV,
+    responses=_REQUEST_CSV,
 )
 async def request_settlement_csv(
-    request_id: str = Path(max_length=64),
+    request_id: str = Path(description="capacity request id, cr-<12 hex>", max_length=64),
     principal: Principal = Depends(require_roles("hyperscaler", "operator")),
     services: Services = Depends(get_services),
 ) -> Response:
@@ -58,10 +67,10 @@ async def request_settlement_csv(
     "/v1/grid-events/{event_id}/settlement.csv",
     summary="Settlement lines of a grid event, with baseline inputs",
     response_class=Response,
-    responses=_CSV,
+    responses=_GRID_CSV,
 )
 async def grid_settlement_csv(
-    event_id: str = Path(max_length=64),
+    event_id: str = Path(description="grid event id, ge-<12 hex>", max_length=64),
     principal: Principal = Depends(require_roles("operator")),
     services: Services = Depends(get_services),
 ) -> Response:
