@@ -65,7 +65,7 @@ from vpp.domain import (
     THERMOSTAT_RATED_W,
     DeviceKind,
 )
-from vpp.weather import weather_for_region
+from vpp.weather import region_centre, weather_for_region
 
 if TYPE_CHECKING:
     import httpx
@@ -270,8 +270,9 @@ class SimFleet:
         ]
         self.index: dict[str, int] = {d: i for i, d in enumerate(self.ids)}
         self._weather = [weather_for_region(r) for r in self.regions]
-        site_lat = np.array([w.latitude for w in self._weather])
-        site_lon = np.array([w.longitude for w in self._weather])
+        # Homes sit around their region's load centre; weather comes from the climate's file.
+        site_lat = np.array([region_centre(r)[0] for r in self.regions])
+        site_lon = np.array([region_centre(r)[1] for r in self.regions])
         self.tz_offset_h = np.array([w.tz_offset_h for w in self._weather])[self.region_idx]
         self.lat = site_lat[self.region_idx] + rng.uniform(-0.3, 0.3, n)
         self.lon = site_lon[self.region_idx] + rng.uniform(-0.3, 0.3, n)
