@@ -82,14 +82,22 @@ def _build(
         return Assignment.empty(horizon, demands, reserve_pct)
     r = np.concatenate(rows.row)
     kind = np.where(cl.row_power_kw[r] > 0, BATTERY, THERMOSTAT).astype(np.int8)
-    setpoint = np.concatenate(rows.setpoint)
+    increment = np.concatenate(rows.setpoint)
     is_bat = kind == BATTERY
     demand = np.concatenate(rows.demand)
-    expected = np.where(is_bat, setpoint, cl.row_shed_kw[r, demand] if len(r) else 0.0)
-    profiles = np.stack(rows.profiles) if rows.profiles else np.zeros((0, horizon.n_intervals))
+    # A battery's planned kW is its increment over its pre-event output (what settlement
+    # credits); the setpoint it is sent is its total output: pre-event + increment.
+    pre = cl.row_pre_kw[r] if cl.row_pre_kw.size == len(cl.device_index) else np.zeros(len(r))
+    setpoint = np.where(is_bat, increment + pre, increment)
     # Battery setpoints rounded down to whole watts: never above rating or energy.
     setpoint_w = np.where(is_bat, np.floor(setpoint * 1000.0), np.nan)
     setpoint = np.where(is_bat, setpoint_w / 1000.0, setpoint)
+    expected = np.where(
+        is_bat,
+        np.maximum(setpoint - pre, 0.0),
+        cl.row_shed_kw[r, demand] if len(r) else 0.0,
+    )
+    profiles = np.stack(rows.profiles) if rows.profiles else np.zeros((0, horizon.n_intervals))
     offset = np.where(is_bat, np.nan, np.floor(cl.row_offset_c[r] * 100.0) / 100.0)
     return Assignment(
         horizon=horizon,
@@ -98,7 +106,7 @@ def _build(
         demand_index=demand,
         kind_code=kind,
         setpoint_kw=setpoint,
-        expected_kw=np.where(is_bat, setpoint, expected),
+        expected_kw=expected,
         start_interval=np.concatenate(rows.start),
         end_interval=np.concatenate(rows.end),
         is_reserve=np.concatenate(rows.reserve),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -88,8 +88,8 @@ class Clusters:
     device_index: I64
     row_cluster: I64
     starts: I64  # rows of cluster c are starts[c]:starts[c+1]
-    row_power_kw: F64  # battery max discharge (0 for thermostats)
-    row_energy_kwh: F64  # battery AC energy above reserve (0 for thermostats)
+    row_power_kw: F64  # battery max discharge above its pre-event output (0 for thermostats)
+    row_energy_kwh: F64  # battery AC energy above reserve net of pre-event output (see below)
     row_shed_kw: F64  # (rows, demands): thermostat expected shed while active; battery sustained
     row_recovery_kwh: F64  # (rows, demands) thermostat snapback after its block
     row_offset_c: F64  # thermostat offset to command (cut to comfort and device max)
@@ -108,6 +108,9 @@ class Clusters:
     energy_cost_per_mwh: F64
     event_cost: F64  # mean per device-event
     fatigue_lost_mw: F64  # (demands,) sustained MW of devices held back by budgets or rest
+    # Battery output before the event, kW (0 for thermostats): a battery's setpoint is this plus
+    # the increment planned on row_power_kw / row_energy_kwh.
+    row_pre_kw: F64 = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return len(self.count)
@@ -136,8 +139,10 @@ def _nan0(a: np.ndarray, fill: float = 0.0) -> F64:
     return np.nan_to_num(np.asarray(a, dtype=float), nan=fill, posinf=fill, neginf=fill)
 
 
-def _battery_flex(fleet: FleetSnapshot, idx: I64) -> tuple[F64, F64]:
-    """(power kW, AC energy kWh above the reserve) of batteries ``idx``."""
+def _battery_flex(fleet: FleetSnapshot, idx: I64) -> tuple[F64, F64, F64]:
+    """(max discharge kW, AC energy kWh above the reserve, pre-event output kW) of batteries
+    ``idx``. The pre-event output is what the battery already gives its home (self-consumption,
+    ≥ 0): settlement subtracts it, and it drains the same energy during the window."""
     st = fleet.state
     state_reserve = st["backup_reserve_pct"][idx].astype(float)
     reserve = np.where(np.isnan(state_reserve), _nan0(fleet.backup_reserve_pct[idx]), state_reserve)
@@ -148,7 +153,8 @@ def _battery_flex(fleet: FleetSnapshot, idx: I64) -> tuple[F64, F64]:
     )
     power_kw = np.maximum(_nan0(fleet.max_discharge_w[idx]), 0.0) / 1000.0
     energy_kwh = usable_wh * BATTERY_ONE_WAY_EFFICIENCY / 1000.0
-    return power_kw, energy_kwh
+    pre_kw = np.clip(_nan0(st["power_w"][idx].astype(float)) / 1000.0, 0.0, power_kw)
+    return power_kw, energy_kwh, pre_kw
 
 
 def _outdoor_c(fleet: FleetSnapshot, idx: I64) -> F64:
@@ -295,8 +301,17 @@ def build_clusters(
 
     power_kw = np.zeros(m)
     energy_kwh = np.zeros(m)
+    pre_kw = np.zeros(m)
     if bat_rows.size:
-        power_kw[bat_rows], energy_kwh[bat_rows] = _battery_flex(fleet, cand[bat_rows])
+        max_kw, total_kwh, pre_kw[bat_rows] = _battery_flex(fleet, cand[bat_rows])
+        # Plan on the increment over what the battery already gives its home: a battery at
+        # 1.5 kW before the event, commanded to 5 kW, delivers 3.5 kW, and its energy above the
+        # reserve must last the window at the full 5 kW. So power = max discharge − pre-event,
+        # energy = energy above reserve − pre-event × the longest window (then for a window of
+        # h hours, energy / h ≤ usable / h − pre-event: never past the reserve).
+        longest_h = max((w.hours for w in windows if w.b > w.a), default=0.0)
+        power_kw[bat_rows] = np.maximum(max_kw - pre_kw[bat_rows], 0.0)
+        energy_kwh[bat_rows] = np.maximum(total_kwh - pre_kw[bat_rows] * longest_h, 0.0)
     offset_c = np.full(m, np.nan)
     shed_kw = np.zeros((m, nd))
     recovery_kwh = np.zeros((m, nd))
@@ -441,4 +456,5 @@ def build_clusters(
         energy_cost_per_mwh=mean(energy_cost[order]) * 1000.0,
         event_cost=mean(event_cost[order]),
         fatigue_lost_mw=fatigue_lost_mw,
+        row_pre_kw=pre_kw[order],
     )

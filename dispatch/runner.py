@@ -41,6 +41,7 @@ import orjson
 from sqlalchemy import func, insert, select, update
 
 from dispatch import events_service as es
+from dispatch.settlement import MIN_CONTROL_DEVICES, RATIO_CLIP
 from dispatch.types import (
     CMD_BATTERY,
     CMD_THERMOSTAT,
@@ -101,6 +102,11 @@ MAX_ATTEMPTS = 2  # first send + one retry; no ack after that → missed, replac
 VALID_MARGIN_S = 60.0  # a command outlives its window by this, for clock skew and transit
 RELEASE_STAGGER_S = 900.0  # thermostats release over 0–15 min after the window (10–30 min rule)
 BATTERY_RESTORE_SPREAD_S = 30
+# How long a thermostat's front-loaded shed is averaged over when deciding how many to start
+# with (the rest are held back and enlisted as the shed fades).
+FRONT_LOAD_H = 0.25
+# Over-delivery beyond this share of the target is released even if it is expected to fade.
+RELEASE_AT = 0.035
 # A report this soon after a command came into force may still average over the switch-over;
 # the closed loop waits for a later one (service ms).
 ACT_LAG_MS = 30_000
@@ -325,6 +331,9 @@ class DeviceTable:
     valid_until_ms: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     baseline_w: F64 = field(default_factory=lambda: np.zeros(0))
     expected_kw: F64 = field(default_factory=lambda: np.zeros(0))
+    # kW counted for a row while it settles (before telemetry shows it): its expected kW, or
+    # what it gives at first when that is more (front-loaded shed, a charging battery's bonus).
+    settle_kw: F64 = field(default_factory=lambda: np.zeros(0))
     restore_id: npt.NDArray[np.object_] = field(default_factory=lambda: np.zeros(0, object))
     # Service ms at which the end-of-event restore goes out (thermostats: staggered); 0 = none.
     release_at_ms: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -626,6 +635,7 @@ class EventRunner:
             valid_until_ms=b.valid_until_ms.astype(np.int64),
             baseline_w=b.baseline_w.astype(float),
             expected_kw=b.expected_kw.astype(float),
+            settle_kw=b.expected_kw.astype(float),
             restore_id=np.full(n, None, dtype=object),
             release_at_ms=np.zeros(n, np.int64),
             payload=payloads(event_id, b),
@@ -805,6 +815,50 @@ class EventRunner:
             expected_kw=asg.expected_kw[rows].astype(float),
         )
 
+    def hold_back_front_load(
+        self, fleet: FleetSnapshot, asg: Assignment, rows: I64, target_mw: float
+    ) -> tuple[I64, I64, F64]:
+        """Split the plan's ``rows`` into those to start now and those held back; with each
+        started row's kW at first.
+
+        A row's planned kW is its average increment over its block, but the increment is
+        front-loaded: a thermostat's unit is off until the home drifts to the new setpoint, then
+        holds it at a lower duty; a battery charging from the sun before the event gives its
+        setpoint plus the charge it stops, a bonus that fades as the twin it is measured against
+        (the control group) fills up and stops charging. Starting every planned row at once
+        over-delivers early, and the excess, released, is lost for the rest of the window (one
+        command per device per event). So start, in plan order, only as many as cover the
+        target with their early kW (the first FRONT_LOAD_H), and keep the rest, in order, at the
+        head of the reserve: the closed loop enlists them as the early excess fades."""
+        early = asg.expected_kw[rows].astype(float).copy()
+        if rows.size == 0 or target_mw <= 0:
+            return rows, np.zeros(0, np.int64), early
+        th = asg.kind_code[rows] == THERMOSTAT
+        if th.any():
+            from devices import physics
+            from dispatch.clusters import _thermostat_inputs
+
+            inp = _thermostat_inputs(fleet, asg.device_index[rows[th]], self.params)
+            shed, _, _ = physics.thermostat_shed(
+                inp["indoor"],
+                inp["setpoint"],
+                inp["outdoor"],
+                inp["offset"],
+                FRONT_LOAD_H,
+                inp["rated_kw"],
+                heating=inp["heating"].astype(bool),
+            )
+            early[th] = np.maximum(np.nan_to_num(shed), early[th])
+        bat = asg.kind_code[rows] == BATTERY
+        if bat.any():
+            level_kw = np.nan_to_num(self.live_levels(fleet, asg.device_index[rows[bat]])) / 1e3
+            charging_kw = np.maximum(-level_kw, 0.0)
+            early[bat] = early[bat] + charging_kw
+        k = min(
+            int(np.searchsorted(np.cumsum(early), target_mw * 1000.0 * (1 - 1e-9))) + 1, rows.size
+        )
+        return rows[:k], rows[k:], early[:k]
+
     async def start_event(self, ev: es.EventInfo, already_active: bool = False) -> Running | None:
         """Plan an event, store the plan and its commands, then publish them."""
         now = self.clock.now_ms()
@@ -880,6 +934,12 @@ class EventRunner:
         )
         mine = np.flatnonzero((asg.demand_index == 0) & ~asg.is_reserve)
         reserve_rows = np.flatnonzero((asg.demand_index == 0) & asg.is_reserve)
+        mine, held, early_kw = self.hold_back_front_load(
+            fleet, asg, mine, float(target.max(initial=0.0))
+        )
+        if held.size:
+            # Held back first in the reserve: the closed loop enlists them as the shed fades.
+            reserve_rows = np.concatenate([held, reserve_rows])
         ids_mine = fleet.device_ids[asg.device_index[mine]].tolist()
         baselines = await self.pre_event_levels(ids_mine, ev.start_ms)
         batch = self.batch_from_assignment(asg, mine, fleet, ev.end_ms, baselines, now)
@@ -969,6 +1029,8 @@ class EventRunner:
             reserve_ids=reserve_ids,
             last_control_wall=time.monotonic(),
         )
+        if len(early_kw) == len(run.table):
+            run.table.settle_kw = early_kw.astype(float)
         self._register(run)
         metrics.EVENT_TARGET_MW.labels(ev.id).set(float(target.max(initial=0.0)))
         log.info(
@@ -1172,8 +1234,10 @@ class EventRunner:
         if rows.size == 0:
             return 0
         ids = fleet.device_ids[new.device_index[rows]].tolist()
-        levels = self.live_levels(fleet, new.device_index[rows])
-        baselines = {d: float(v) for d, v in zip(ids, levels, strict=True) if v == v}
+        # The same baseline settlement uses: the device's level over the 30 minutes before the
+        # event (then scaled by the control group). Its level now already carries the drift
+        # since, which the control group would add a second time. Live level as a fallback.
+        baselines = await self.pre_event_levels(ids, run.info.start_ms)
         batch = self.batch_from_assignment(new, rows, fleet, run.info.end_ms, baselines, now)
         await self.add_commands(run, batch)
         return len(batch)
@@ -1243,8 +1307,22 @@ class EventRunner:
         base = np.nan_to_num(t.baseline_w, nan=0.0)
         kw = np.where(bat, level - (base + drift_w), base * ratio - level) / 1000.0
         kw = np.where(fresh & ~np.isnan(kw), kw, 0.0)
-        kw = np.where(settling, t.expected_kw, kw)
-        kw = np.where(live, kw, 0.0)
+        settle_kw = t.settle_kw if len(t.settle_kw) == n else t.expected_kw
+        kw = np.where(settling, settle_kw, kw)
+        # Settlement counts every dispatched command over its whole validity, failed ones too
+        # (an opted-out thermostat's snapback is negative delivery until its command expires; a
+        # dropped device proves nothing: 0). Count them the same way, or loop and settlement
+        # disagree by the overrides' snapback.
+        failed = (
+            np.isin(t.status, FAILED)
+            & (t.sent_ms > 0)
+            & (t.valid_from_ms <= now_ms)
+            & (t.valid_until_ms > now_ms)
+            & np.array([r is None for r in t.restore_id], dtype=bool)
+        )
+        failed_kw = np.where(failed & ~bat & known & (recv >= now_ms - stale_after_ms), kw, 0.0)
+        failed_kw = np.where(settling, 0.0, failed_kw)
+        kw = np.where(live, kw, failed_kw)
         return {
             "delivered_mw": float(kw.sum() / 1000.0),
             "kw": kw,
@@ -1278,13 +1356,17 @@ class EventRunner:
         st = fleet.state[np.where(ok, idx, 0)]
         ok &= st["recv_ms"] >= now_ms - self.event_stale_ms()
         th = ok & (kinds == THERMOSTAT)
-        if th.sum() >= 5:
+        # The same formulas as settlement (dispatch.settlement.settle): the mean load of the
+        # reporting control thermostats over the mean pre-event level of all of them, clipped
+        # alike; the batteries' mean per-device drift from at least MIN_CONTROL_DEVICES.
+        if th.sum() >= MIN_CONTROL_DEVICES:
             now_mean = float(np.nanmean(st["hvac_w"][th]))
-            pre_mean = float(np.nanmean(run.control_baseline_w[th]))
+            all_th = kinds == THERMOSTAT
+            pre_mean = float(np.nanmean(run.control_baseline_w[all_th]))
             if pre_mean > 1e-6 and np.isfinite(now_mean):
-                ratio = float(np.clip(now_mean / pre_mean, 0.5, 2.0))
+                ratio = float(np.clip(now_mean / pre_mean, *RATIO_CLIP))
         bt = ok & (kinds == BATTERY)
-        if bt.sum() >= 5:
+        if bt.sum() >= MIN_CONTROL_DEVICES:
             d = st["power_w"][bt].astype(float) - run.control_baseline_w[bt]
             if np.isfinite(d).any():
                 drift = float(np.nanmean(d))
@@ -1318,8 +1400,20 @@ class EventRunner:
             k = await self.enlist(run, err * 1000.0)
             action = (action + "; " if action else "") + f"enlisted {k} for {err:.3f} MW short"
         elif err < -tol:
-            k = await self.release(run, est, -err * 1000.0)
-            action = (action + "; " if action else "") + f"released {k} for {-err:.3f} MW over"
+            # Increments are front-loaded (see hold_back_front_load) and fall towards the plan:
+            # what live devices give above their plan will fade by itself, and a released
+            # device is lost for the rest of the window. Release only what will not
+            # fade, unless the excess would put the interval near the ±5 % band.
+            over = -err
+            kw = est["kw"]
+            measured = est["live"] & est["fresh"] & ~est["settling"]
+            fading = float(np.maximum(kw[measured] - t.expected_kw[measured], 0.0).sum()) / 1000.0
+            to_release = max(over - fading, over - RELEASE_AT * target)
+            if to_release > tol:
+                k = await self.release(run, est, to_release * 1000.0)
+                action = (action + "; " if action else "") + (
+                    f"released {k} for {to_release:.3f} of {over:.3f} MW over"
+                )
         run.last_estimate_mw = delivered
         metrics.EVENT_DELIVERED_MW.labels(run.id).set(delivered)
         await self.record_timeline(run, now, target, delivered, int(est["stale"].sum()), action)

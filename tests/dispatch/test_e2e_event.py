@@ -85,6 +85,31 @@ async def test_capacity_request_delivered_measured_and_settled(
         tl = await st.client.get(f"/v1/events/{req_id}/timeline", headers=buyer)
         for point in tl.json()["points"][::3]:
             print(point)
+        # What each kind delivered per interval (batteries: output over baseline; thermostats:
+        # baseline over load), for diagnosing a miss.
+        from sqlalchemy import select
+
+        from vpp.db.models import SettlementLine
+
+        async with svc.db.session() as s:
+            lines = (
+                (
+                    await s.execute(
+                        select(SettlementLine)
+                        .where(SettlementLine.event_id == req_id)
+                        .order_by(SettlementLine.interval_start_ms)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        for ln in lines:
+            b, th, ctl = ln.inputs["battery"], ln.inputs["thermostat"], ln.inputs["control"]
+            print(
+                f"bat {b['devices']:4d} {b['actual_output_kw'] - b['baseline_output_kw']:8.1f} kW"
+                f" | th {th['devices']:4d} {th['baseline_load_kw'] - th['actual_load_kw']:8.1f} kW"
+                f" | ratio {ctl['ratio']:.3f} drift {b['control_drift_kw']:.3f}"
+            )
 
     target = np.array([i["target_mw"] for i in body["intervals"]])
     delivered = np.array([i["delivered_mw"] for i in body["intervals"]])

@@ -486,6 +486,21 @@ def _battery_table(
         b("reserve_pct")[None],
         event_h,
     )
+    # Settlement credits a battery only above what it would have given its home anyway (its
+    # pre-event output, moved by the control group's drift), and that self-consumption drains
+    # the same energy: quote the increment, total − own output averaged over the window (start,
+    # middle, end), not the gross discharge.
+    own_t = event_starts_ms[:, None] + (np.array([0.0, 0.5, 1.0]) * event_h * HOUR_MS)[None, :]
+    ghi_e, temp_e = weather.at(own_t)
+    pv_e = physics.solar_power_w(ghi_e, 1.0, temp_e)[..., None, None, None] * (
+        pv_size[None, None] * SOLAR_GRID[None, None, None, None, :]
+    )
+    load_e = (
+        home_load_w(own_t, weather.tz_offset_h)[..., None, None, None]
+        * np.array([1.0, 0.0])[None, None, :, None, None]
+    )
+    own_kw = np.clip(load_e - pv_e, 0.0, b("max_discharge_w")[None, None]).mean(axis=1) / 1000.0
+    kw = np.maximum(kw - own_kw, 0.0)
     kw = dev.pv_share * kw[:, 0] + (1.0 - dev.pv_share) * kw[:, 1]  # (E, C, K)
     return np.transpose(kw, (1, 0, 2))
 
