@@ -671,8 +671,12 @@ class EventRunner:
             busy.update(run.control_ids)
         return busy
 
-    async def usage_for(self, fleet: FleetSnapshot, exclude_event: str) -> DeviceUsage:
-        """Each device's events, hours and last event end this season (from past commands)."""
+    async def usage_for(
+        self, fleet: FleetSnapshot, exclude_event: str, preempted: tuple[str, ...] = ()
+    ) -> DeviceUsage:
+        """Each device's events, hours and last event end this season (from past commands).
+        Commands of ``preempted`` events (running, lower priority, being preempted) do not count:
+        their live commands end now, so they must not make the device look busy or unrested."""
         n = len(fleet)
         usage = DeviceUsage.empty(n)
         season_start = self.clock.now_ms() - 183 * 86_400_000
@@ -688,7 +692,7 @@ class EventRunner:
                     .where(
                         Command.type != CommandType.restore.value,
                         Command.created_ms >= season_start,
-                        Command.event_id != exclude_event,
+                        Command.event_id.notin_([exclude_event, *preempted]),
                         Command.status.notin_(["pending", "opted_out", "rejected", "missed"]),
                     )
                     .group_by(Command.device_id)
@@ -922,7 +926,12 @@ class EventRunner:
             )
             for o in others[:30]
         ]
-        usage = await self.usage_for(fleet, ev.id)
+        preempted = tuple(
+            r.id
+            for r in self.running.values()
+            if ev.preempt and r.id != ev.id and r.ending is None and r.info.priority < ev.priority
+        )
+        usage = await self.usage_for(fleet, ev.id, preempted)
         from dispatch.assign import assign
         from dispatch.optimiser import optimise
 

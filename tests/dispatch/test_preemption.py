@@ -9,7 +9,6 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 
 from api.auth import ensure_tenant
@@ -103,14 +102,6 @@ async def _running_request(st: Stack, mw_share: float) -> tuple[str, float, int]
     return rid, avail, end
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner bug: EventRunner.usage_for (dispatch/runner.py:664-694) counts the running "
-    "lower-priority request's live commands as a past event ending at their valid_until (in the "
-    "future), so build_clusters' rest rule (dispatch/clusters.py:332) holds those devices back "
-    "and the grid event's plan is short with binding fatigue_budget: a preempting grid event "
-    "never takes a device from a request that is already running",
-)
 async def test_preempting_grid_event_takes_devices_from_a_request(  # type: ignore[no-untyped-def]
     fresh_pg_url, redis_url, services_factory
 ) -> None:
