@@ -926,12 +926,12 @@ class EventRunner:
             )
             for o in others[:30]
         ]
-        preempted = tuple(
+        preempted_events = tuple(
             r.id
             for r in self.running.values()
             if ev.preempt and r.id != ev.id and r.ending is None and r.info.priority < ev.priority
         )
-        usage = await self.usage_for(fleet, ev.id, preempted)
+        usage = await self.usage_for(fleet, ev.id, preempted_events)
         from dispatch.assign import assign
         from dispatch.optimiser import optimise
 

@@ -116,14 +116,25 @@ async def test_preempting_grid_event_takes_devices_from_a_request(  # type: igno
         assert await wait_for(lambda: ge in st.runner.running, 20)
         assert await _status(svc, GridEvent, ge) == "active"
 
-        cr_cmds = await _commands(svc, rid)
-        preempted = [c for c in cr_cmds if c.status == "preempted"]
-        assert preempted, "the grid event took no device from the request"
+        # The grid event is running as soon as its plan is made; its commands and the request's
+        # preempted marks are written right after, so wait for them.
+        async def preempted_commands() -> list[Any]:
+            return [c for c in await _commands(svc, rid) if c.status == "preempted"]
+
+        async def some_preempted() -> bool:
+            return bool(await preempted_commands())
+
+        assert await wait_for(some_preempted, 20), "the grid event took no device from the request"
+        preempted = await preempted_commands()
         assert all(ge in (c.reason or "") for c in preempted)
         taken = {c.device_id for c in preempted}
         assert taken <= held
+
         # Those devices now serve the grid event (one command each, not two events at once).
-        assert taken <= _live_devices(await _commands(svc, ge))
+        async def serving_grid_event() -> bool:
+            return taken <= _live_devices(await _commands(svc, ge))
+
+        assert await wait_for(serving_grid_event, 20)
         assert not taken & _live_devices(await _commands(svc, rid))
 
         # The request's closed loop sees the loss and tries to make it up.
