@@ -35,8 +35,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dispatch.settlement_service import settlement_lines
 from vpp.clock import to_datetime
-from vpp.db.models import CapacityRequest, LedgerEntry, Plan, RegionLock, SettlementLine
+from vpp.db.models import CapacityRequest, LedgerEntry, Plan, RegionLock
 from vpp.domain import Direction, RequestStatus
 from vpp.metrics import MARKET_REQUESTS
 
@@ -749,15 +750,7 @@ class Market:
             {"start": rfc3339(int(t)), "mw": round(float(v), 6)}
             for t, v in zip(starts.tolist(), mw.tolist(), strict=True)
         ]
-        async with self.services.db.session() as session:
-            lines = (
-                await session.execute(
-                    select(SettlementLine)
-                    .where(SettlementLine.event_id == req.id)
-                    .order_by(SettlementLine.interval_start_ms)
-                )
-            ).scalars()
-            lines = list(lines)
+        lines = await settlement_lines(self.services, req.id)
         if lines:
             target = np.array([ln.target_mw for ln in lines], dtype=float)
             delivered = np.array([ln.delivered_mw for ln in lines], dtype=float)

@@ -887,7 +887,7 @@ class EventRunner:
         busy = self.busy_devices(
             exclude_event=ev.id, below_priority=ev.priority if ev.preempt else None
         )
-        busy_mask = np.fromiter((d in busy for d in fleet.device_ids), bool, len(fleet))
+        busy_mask = fleet.mask_of(busy)
         # Randomised control groups, held back from dispatch: thermostats (their baseline) and
         # batteries (the drift of self-consumption output during the window).
         ctrl_parts = []
@@ -1221,7 +1221,7 @@ class EventRunner:
             | set(run.control_ids)
             | self.busy_devices(exclude_event=run.id)
         )
-        exclude |= np.fromiter((d in taken for d in fleet.device_ids), bool, n)
+        exclude |= fleet.mask_of(taken)
         asg = self._reserve_for(run, fleet)
         usage = await self.usage_for(fleet, run.id)
         h = run.horizon

@@ -340,21 +340,22 @@ def _interval_dict(
     }
 
 
+async def settlement_lines(services: Services, event_id: str) -> list[SettlementLine]:
+    """An event's stored settlement lines, in interval order."""
+    async with services.db.session() as s:
+        result = await s.execute(
+            select(SettlementLine)
+            .where(SettlementLine.event_id == event_id)
+            .order_by(SettlementLine.interval_start_ms)
+        )
+        return list(result.scalars().all())
+
+
 async def settlement_view(services: Services, event_id: str) -> dict[str, Any]:
     """Per-interval target, delivered and performance (stored lines once settled; a provisional
     measurement while the event runs), plus device counts."""
+    lines = await settlement_lines(services, event_id)
     async with services.db.session() as s:
-        lines = (
-            (
-                await s.execute(
-                    select(SettlementLine)
-                    .where(SettlementLine.event_id == event_id)
-                    .order_by(SettlementLine.interval_start_ms)
-                )
-            )
-            .scalars()
-            .all()
-        )
         counts: dict[str, int] = dict(
             (
                 await s.execute(
@@ -475,25 +476,11 @@ async def settlement_csv(services: Services, event_id: str) -> str:
     event ran but has no stored lines yet."""
     import orjson
 
-    async def load() -> list[SettlementLine]:
-        async with services.db.session() as s:
-            return list(
-                (
-                    await s.execute(
-                        select(SettlementLine)
-                        .where(SettlementLine.event_id == event_id)
-                        .order_by(SettlementLine.interval_start_ms)
-                    )
-                )
-                .scalars()
-                .all()
-            )
-
-    lines = await load()
+    lines = await settlement_lines(services, event_id)
     ev = await es.load_event(services, event_id)
     if not lines and ev is not None and services.clock.now_ms() >= ev.end_ms:
         await settle_event(services, event_id)
-        lines = await load()
+        lines = await settlement_lines(services, event_id)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
