@@ -214,6 +214,63 @@ def thermostat_shed(
     return avg_shed_kw, t_off, recovery_kwh
 
 
+def thermostat_flat_shed(
+    setpoint_c: ArrayLike,
+    outdoor_c: ArrayLike,
+    offset_c: ArrayLike,
+    window_h: ArrayLike,
+    rated_kw: ArrayLike,
+    *,
+    heating: ArrayLike = False,
+    r_c_per_kw: ArrayLike = THERMOSTAT_R_C_PER_KW,
+    c_kwh_per_c: ArrayLike = THERMOSTAT_C_KWH_PER_C,
+    cop: ArrayLike = THERMOSTAT_COP,
+    q_gain_kw: ArrayLike = THERMOSTAT_Q_GAIN_KW,
+) -> Array:
+    """Shed per thermostat a fleet can hold FLAT for ``window_h`` hours (kW per device used).
+
+    A home sheds its whole base load ``b`` until it has drifted to the new setpoint (``T`` hours
+    from its setpoint), then only ``d = b − new duty``. A buyer of firm capacity wants the same
+    MW at every interval, so the fleet starts ``F / b`` homes and enlists more each time a cohort
+    fades: after ``k`` cohort lifetimes it has used ``F/b · Σ_{j≤k} (1 − d/b)^j`` homes, which
+    gives, over a window of ``m = H/T`` lifetimes (at least one),
+    ``F / N = d / (1 − (1 − d/b)^m)``: ``b`` for a short window, falling towards the steady
+    ``d`` for a long one. Never above the average shed (energy bound); 0 where there is no base
+    load to shed. This is what the forecaster quotes, where the average shed would promise the
+    end of a two-hour window about twice what its homes give by then.
+    """
+    sp = np.asarray(setpoint_c, dtype=float)
+    avg, t_off, _ = thermostat_shed(
+        sp,
+        sp,
+        outdoor_c,
+        offset_c,
+        window_h,
+        rated_kw,
+        heating=heating,
+        r_c_per_kw=r_c_per_kw,
+        c_kwh_per_c=c_kwh_per_c,
+        cop=cop,
+        q_gain_kw=q_gain_kw,
+    )
+    heat = np.asarray(heating, dtype=bool)
+    r = np.asarray(r_c_per_kw, dtype=float)
+    cop_a = np.asarray(cop, dtype=float)
+    t_eq = np.asarray(outdoor_c, dtype=float) + r * np.asarray(q_gain_kw, dtype=float)
+    gap_set = np.where(heat, -1.0, 1.0) * (t_eq - sp)
+    rated = np.asarray(rated_kw, dtype=float)
+    base_kw = np.clip(gap_set / (r * cop_a), 0.0, rated)
+    offset = np.maximum(np.asarray(offset_c, dtype=float), 0.0)
+    steady_kw = base_kw - np.clip((gap_set - offset) / (r * cop_a), 0.0, rated)
+    hours = np.maximum(np.asarray(window_h, dtype=float), 1e-9)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lifetimes = np.maximum(hours / np.maximum(t_off, 1e-9), 1.0)
+        fade = np.clip(1.0 - steady_kw / np.maximum(base_kw, 1e-12), 0.0, 1.0)
+        flat = steady_kw / np.maximum(1.0 - fade**lifetimes, 1e-12)
+    flat = np.where(t_off >= hours, avg, flat)  # never fades inside the window
+    return np.where(base_kw > 0, np.clip(flat, 0.0, avg), 0.0)
+
+
 # --- Solar --------------------------------------------------------------------------------------
 def solar_power_w(
     irradiance_w_m2: ArrayLike,

@@ -458,7 +458,10 @@ class SimFleet:
             starting = np.flatnonzero(has_cmd & ~self.cmd_started & (frac > 0))
             if starting.size:
                 self.cmd_started[starting] = True
-                self.next_due_ms[starting] = np.minimum(self.next_due_ms[starting], t1)
+                # Report after the first whole step under command: a reading is the step's
+                # average power, and one straddling the switch-over would show a meter
+                # half-way between the two levels (a real device reports what it does now).
+                self.next_due_ms[starting] = int(t1 + dt_ms)
                 start_ts = np.maximum(self.cmd_start_ms[starting], int(t0)).tolist()
                 for i, ts in zip(starting.tolist(), start_ts, strict=True):
                     self._emit(i, "started", ts)

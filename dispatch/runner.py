@@ -41,7 +41,12 @@ import orjson
 from sqlalchemy import func, insert, select, update
 
 from dispatch import events_service as es
-from dispatch.settlement import MIN_CONTROL_DEVICES, RATIO_CLIP
+from dispatch.settlement import (
+    MIN_CONTROL_DEVICES,
+    RATIO_CLIP,
+    BatteryDrift,
+    fit_battery_drift,
+)
 from dispatch.types import (
     CMD_BATTERY,
     CMD_THERMOSTAT,
@@ -1248,6 +1253,18 @@ class EventRunner:
         # since, which the control group would add a second time. Live level as a fallback.
         baselines = await self.pre_event_levels(ids, run.info.start_ms)
         batch = self.batch_from_assignment(new, rows, fleet, run.info.end_ms, baselines, now)
+        # The plan values a battery at its setpoint over its pre-event output floored at 0; one
+        # that was charging from its PV gives more than that until the sun fades, and counting
+        # only the plan while it settles would enlist or keep too much (the overshoot after a
+        # drop-out). Expect what the loop will measure: setpoint − baseline − drift now.
+        bat = batch.kind == BATTERY
+        if bat.any():
+            _, drift = self.control_adjustment(run, fleet, now)
+            base = np.nan_to_num(batch.baseline_w, nan=0.0)
+            credit_kw = (batch.setpoint_w - base - drift.for_devices(base)[:, 0]) / 1000.0
+            batch.expected_kw = np.where(
+                bat & np.isfinite(credit_kw), np.maximum(credit_kw, 0.0), batch.expected_kw
+            )
         await self.add_commands(run, batch)
         return len(batch)
 
@@ -1312,8 +1329,9 @@ class EventRunner:
         )
         bat = t.kind == BATTERY
         level = np.where(bat, st["power_w"], st["hvac_w"]).astype(float) if n else np.zeros(0)
-        ratio, drift_w = self.control_adjustment(run, fleet, now_ms)
+        ratio, drift = self.control_adjustment(run, fleet, now_ms)
         base = np.nan_to_num(t.baseline_w, nan=0.0)
+        drift_w = drift.for_devices(base)[:, 0] if n else np.zeros(0)
         kw = np.where(bat, level - (base + drift_w), base * ratio - level) / 1000.0
         kw = np.where(fresh & ~np.isnan(kw), kw, 0.0)
         settle_kw = t.settle_kw if len(t.settle_kw) == n else t.expected_kw
@@ -1348,11 +1366,12 @@ class EventRunner:
 
     def control_adjustment(
         self, run: Running, fleet: FleetSnapshot, now_ms: int
-    ) -> tuple[float, float]:
+    ) -> tuple[float, BatteryDrift]:
         """From the control groups: how thermostat load moved since before the event (a ratio:
         weather, time of day) and how batteries' own output drifted (W: self-consumption
         follows the home's load and the sun)."""
-        ratio, drift = 1.0, 0.0
+        ratio = 1.0
+        drift = fit_battery_drift(np.zeros((0, 1)), np.zeros(0), 1)
         if not run.control_ids or len(run.control_baseline_w) != len(run.control_ids):
             return ratio, drift
         idx = np.fromiter((fleet.index.get(d, -1) for d in run.control_ids), np.int64)
@@ -1367,7 +1386,7 @@ class EventRunner:
         th = ok & (kinds == THERMOSTAT)
         # The same formulas as settlement (dispatch.settlement.settle): the mean load of the
         # reporting control thermostats over the mean pre-event level of all of them, clipped
-        # alike; the batteries' mean per-device drift from at least MIN_CONTROL_DEVICES.
+        # alike; the batteries' drift line on their pre-event level (fit_battery_drift).
         if th.sum() >= MIN_CONTROL_DEVICES:
             now_mean = float(np.nanmean(st["hvac_w"][th]))
             all_th = kinds == THERMOSTAT
@@ -1376,9 +1395,9 @@ class EventRunner:
                 ratio = float(np.clip(now_mean / pre_mean, *RATIO_CLIP))
         bt = ok & (kinds == BATTERY)
         if bt.sum() >= MIN_CONTROL_DEVICES:
-            d = st["power_w"][bt].astype(float) - run.control_baseline_w[bt]
-            if np.isfinite(d).any():
-                drift = float(np.nanmean(d))
+            drift = fit_battery_drift(
+                st["power_w"][bt].astype(float)[:, None], run.control_baseline_w[bt], 1
+            )
         return ratio, drift
 
     async def control(self, run: Running) -> None:

@@ -99,6 +99,28 @@ def test_worked_example_35c_plus_2c() -> None:
     assert physics.thermostat_hold_kw(24.0, 35.0, 5.6) == pytest.approx(2.4)
 
 
+def test_thermostat_flat_shed_staggers_cohorts() -> None:
+    # The worked example: b = 2.4 kW off, d = 0.4 kW once drifted, T = 0.7293 h. A fleet held
+    # flat starts F/b homes and enlists a new cohort as each one fades; over m = H/T lifetimes
+    # that costs F/b · (1 − q^m)/(1 − q) homes with q = 1 − d/b, so F per home = d / (1 − q^m).
+    b, d, t_off = 2.4, 0.4, 4.0 * np.log(1.2)
+    q = 1 - d / b
+    flat2 = physics.thermostat_flat_shed(24.0, 35.0, 2.0, 2.0, 5.6)
+    assert flat2 == pytest.approx(d / (1 - q ** (2.0 / t_off)), rel=1e-6)
+    avg2, _, _ = physics.thermostat_shed(24.0, 24.0, 35.0, 2.0, 2.0, 5.6)
+    assert d < flat2 < avg2  # below the average: the end of the window is what binds
+    # A window shorter than the drift: nothing fades, flat = average = b.
+    short = physics.thermostat_flat_shed(24.0, 35.0, 2.0, 0.5, 5.6)
+    assert short == pytest.approx(2.4)
+    # Longer windows fall towards the steady shed, never below it.
+    hours = np.array([0.5, 1.0, 2.0, 4.0, 8.0, 24.0])
+    flat = physics.thermostat_flat_shed(24.0, 35.0, 2.0, hours, 5.6)
+    assert (np.diff(flat) <= 1e-12).all() and (flat >= d - 1e-9).all()
+    assert flat[-1] == pytest.approx(d, rel=0.01)
+    # Nothing to shed on a cool day.
+    assert physics.thermostat_flat_shed(24.0, 20.0, 2.0, 2.0, 5.6) == 0.0
+
+
 def test_thermostat_comfort_limit_cuts_the_offset() -> None:
     # Comfort max 25 °C at a 24 °C setpoint: only +1 °C. Gap 12 → 11, off = 4·ln(12/11) = 0.348 h;
     # shed over 2 h = (2.4 × 0.348 + 0.2 × 1.652) / 2 = 0.5828 kW; recovery 2 × 1 / 2.5 = 0.8 kWh.

@@ -13,6 +13,7 @@ from dispatch.settlement import (
     SettlementInputs,
     TenInTen,
     active_mask,
+    fit_battery_drift,
     performance,
     resample,
     settle,
@@ -125,3 +126,23 @@ def test_bad_inputs_name_the_field() -> None:
         settle(SettlementInputs(grid=GRID, target_mw=np.ones(3)))
     with pytest.raises(ValueError, match="interval_s"):
         SettlementGrid(T0, T0 + 1, 0)
+
+
+def test_battery_drift_read_at_each_batterys_own_pre_event_level() -> None:
+    # 60 control batteries: 45 charging from PV before the event (−2 kW) drift up 1.8 kW as the
+    # sun fades, 15 serving their home (+0.8 kW) drift up 0.3 kW. Mean drift 1.425 kW.
+    rng = np.random.default_rng(3)
+    pre = np.r_[np.full(45, -2000.0), np.full(15, 800.0)] + rng.normal(0, 50, 60)
+    drift = np.where(pre < 0, 1800.0, 300.0) + rng.normal(0, 50, 60)
+    fit = fit_battery_drift((pre + drift)[:, None], pre, 1)
+    assert fit.ok[0] and fit.mean_w[0] == pytest.approx(1425.0, abs=40)
+    # The optimiser dispatched charging batteries: their counterfactual drift is 1.8 kW, not the
+    # mean; a device outside the controls' range is read at the range's edge.
+    got = fit.for_devices(np.array([-2000.0, 800.0, -9000.0]))[:, 0]
+    assert got[0] == pytest.approx(1800.0, abs=60)
+    assert got[1] == pytest.approx(300.0, abs=60)
+    assert got[2] == pytest.approx(got[0], abs=80)
+    # Too few controls for a line: one mean drift for all; none at all: nothing used.
+    few = fit_battery_drift((pre + drift)[:10, None], pre[:10], 1)
+    assert few.slope[0] == 0.0 and few.ok[0]
+    assert not fit_battery_drift((pre + drift)[:3, None], pre[:3], 1).ok[0]

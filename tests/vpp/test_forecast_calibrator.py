@@ -171,7 +171,9 @@ async def test_learns_the_bias_holds_coverage_persists_and_reloads(tmp_path: Pat
         cov_learnt = float(np.mean(hits_learnt))
         cov_default = float(np.mean(hits_default))
         print(f"held-out P90 coverage: learnt {cov_learnt:.3f}, defaults {cov_default:.3f}")
-        assert cov_learnt <= cov_default + 1e-9  # learnt P90 is lower: the fleet delivers less
+        # The fleet delivers less than the defaults assume, so the learnt P90 is lower and is
+        # met at least as often as the default one.
+        assert cov_learnt >= cov_default - 1e-9
         assert 0.78 <= cov_learnt <= 1.0
 
         # The running service's P90 moved the right way (down), and the API field says so.

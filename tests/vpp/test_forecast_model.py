@@ -159,8 +159,9 @@ def test_thermostats_match_the_rc_model_and_fall_with_event_length() -> None:
     )
     two = run(snap, certain(1000), NOW + H, NOW + 3 * H)
     four = run(snap, certain(1000), NOW + H, NOW + 5 * H)
-    shed2, _, _ = physics.thermostat_shed(24.0, 24.0, 35.0, 1.7, 2.0, 5.6)
-    shed4, _, _ = physics.thermostat_shed(24.0, 24.0, 35.0, 1.7, 4.0, 5.6)
+    # Firm capacity is flat: the forecast quotes the staggered-start flat shed, not the average.
+    shed2 = physics.thermostat_flat_shed(24.0, 35.0, 1.7, 2.0, 5.6)
+    shed4 = physics.thermostat_flat_shed(24.0, 35.0, 1.7, 4.0, 5.6)
     np.testing.assert_allclose(two.p50_mw, float(shed2), rtol=0.01)
     np.testing.assert_allclose(four.p50_mw, float(shed4), rtol=0.01)
     assert four.p50_mw.mean() < two.p50_mw.mean()

@@ -87,7 +87,7 @@ async def test_forecast_48h_without_history_uses_defaults(setup: Any) -> None:
     assert res.calibrated is False
     assert res.n_devices == 2000
     assert (res.p90_mw <= res.p50_mw).all() and (res.p90_mw >= 0).all()
-    assert res.p50_mw.max() > 1.0  # thousands of devices: MW, not kW
+    assert res.p50_mw.max() > 0.5  # 2 000 devices held flat for 5 h: MW, not kW
     firm = await svc.forecast("ERCOT-NORTH", NOW, NOW + 2 * H, 900, firmness=0.97)
     assert (firm.firm_mw <= firm.p90_mw + 1e-9).all()
 

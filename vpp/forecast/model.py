@@ -18,6 +18,7 @@ How it scales (1 M devices × 192 intervals in well under a second of numpy):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -273,6 +274,9 @@ class RegionDevices:
     pv_share: float  # share of battery homes with PV
     pv_w: float  # mean PV size of those homes
     nameplate_kw: float
+    # Mean reported output of the region's fresh batteries now (kW, + discharging), None when
+    # too few report: anchors the model of their own output through a window.
+    battery_own_kw_now: float | None = None
 
 
 def region_devices(
@@ -410,28 +414,38 @@ def region_devices(
         )
         + 1.1 * th_rows.size  # brief: ~1.1 kW of one-hour shift per thermostat
     )
+    own_now = None
+    fresh_bat = bat_rows[online_now[bat_rows]]
+    if fresh_bat.size >= 5:
+        power = st["power_w"][fresh_bat].astype(float)
+        power = power[np.isfinite(power)]
+        if power.size >= 5:
+            own_now = float(np.clip(power, -20_000.0, 20_000.0).mean()) / 1000.0
     return RegionDevices(
-        int(rows.size), n_vendors, batteries, thermostats, pv_share, pv_w, nameplate_kw
+        int(rows.size),
+        n_vendors,
+        batteries,
+        thermostats,
+        pv_share,
+        pv_w,
+        nameplate_kw,
+        battery_own_kw_now=own_now,
     )
 
 
 # --- Physics per cluster --------------------------------------------------------------------------
 def _thermostat_table(cl: Clusters, out_c: F64, event_h: float) -> F64:
-    """Average shed kW per member, shape (C, T, K) over intervals × temperature errors."""
+    """Shed kW per member a fleet holds flat through an event of ``event_h`` (staggered starts,
+    :func:`devices.physics.thermostat_flat_shed`), shape (C, T, K) over intervals ×
+    temperature errors."""
     prm = cl.params
     sp = prm["setpoint_c"][:, None, None]
     temp = out_c[None, :, None] + TEMP_GRID_C[None, None, :]
     mode = np.rint(prm["mode"]).astype(np.int64)[:, None, None]
     heating = (mode == physics.MODE_HEAT) | ((mode == physics.MODE_AUTO) & (temp < sp))
     offset = np.where(heating, prm["off_heat"][:, None, None], prm["off_cool"][:, None, None])
-    shed, _, _ = physics.thermostat_shed(
-        sp,
-        sp,
-        temp,
-        offset,
-        event_h,
-        prm["rated_kw"][:, None, None],
-        heating=heating,
+    shed = physics.thermostat_flat_shed(
+        sp, temp, offset, event_h, prm["rated_kw"][:, None, None], heating=heating
     )
     return np.where(mode == physics.MODE_OFF, 0.0, np.nan_to_num(shed))
 
@@ -486,23 +500,94 @@ def _battery_table(
         b("reserve_pct")[None],
         event_h,
     )
-    # Settlement credits a battery only above what it would have given its home anyway (its
-    # pre-event output, moved by the control group's drift), and that self-consumption drains
-    # the same energy: quote the increment, total − own output averaged over the window (start,
-    # middle, end), not the gross discharge.
-    own_t = event_starts_ms[:, None] + (np.array([0.0, 0.5, 1.0]) * event_h * HOUR_MS)[None, :]
-    ghi_e, temp_e = weather.at(own_t)
-    pv_e = physics.solar_power_w(ghi_e, 1.0, temp_e)[..., None, None, None] * (
-        pv_size[None, None] * SOLAR_GRID[None, None, None, None, :]
-    )
-    load_e = (
-        home_load_w(own_t, weather.tz_offset_h)[..., None, None, None]
-        * np.array([1.0, 0.0])[None, None, :, None, None]
-    )
-    own_kw = np.clip(load_e - pv_e, 0.0, b("max_discharge_w")[None, None]).mean(axis=1) / 1000.0
-    kw = np.maximum(kw - own_kw, 0.0)
+    # Settlement credits a battery only above what it would have given its home anyway: its
+    # pre-event output moved by the control group's drift, i.e. the home's own output at each
+    # moment of the window. A battery holds its setpoint, so the increment it can promise FLAT
+    # is its deliverable power less the HIGHEST own output inside the window (on a summer
+    # afternoon the sun fades and the homes' own discharge rises through the event), not the
+    # average. A home charging from its PV (own < 0) adds to the increment, but only while the
+    # sun lasts: never counted below 0.
+    own_kw = _battery_own_kw(cl, dev, weather, now_ms, event_starts_ms, event_h, soc_at, b, pv_size)
+    kw = np.maximum(kw - np.maximum(own_kw, 0.0), 0.0)
     kw = dev.pv_share * kw[:, 0] + (1.0 - dev.pv_share) * kw[:, 1]  # (E, C, K)
     return np.transpose(kw, (1, 0, 2))
+
+
+OWN_SAMPLES = np.array([0.0, 0.25, 0.5, 0.75, 1.0])  # points of the window own output is taken at
+
+
+def _battery_own_kw(
+    cl: Clusters,
+    dev: RegionDevices,
+    weather: WeatherForecast,
+    now_ms: int,
+    event_starts_ms: I64,
+    event_h: float,
+    soc_at: F64,
+    b: Callable[[str], F64],
+    pv_size: F64,
+) -> F64:
+    """Highest own output (kW, self-consumption: + serving the home, − charging from PV) of a
+    battery home inside each event window, shape (E, 2, C, K) like ``soc_at``.
+
+    The registry does not pair PV with batteries, so the PV behind a battery is a guess; the
+    fleet's own telemetry corrects it: the PV scale is fitted so that the model's mean own output
+    now equals the batteries' reported mean output now (``dev.battery_own_kw_now``)."""
+    t = event_starts_ms[:, None] + (OWN_SAMPLES * event_h * HOUR_MS)[None, :]  # (E, P)
+    ghi, temp = weather.at(t)
+    pv_unit = physics.solar_power_w(ghi, 1.0, temp)  # (E, P)
+    load = home_load_w(t, weather.tz_offset_h)
+    with_load = np.array([1.0, 0.0])  # variant 0 runs self-consumption, 1 holds (see above)
+    dis = b("max_discharge_w")
+    chg = b("max_charge_w")
+    scale = _fit_pv_scale(cl, dev, weather, now_ms, with_load, pv_size, b)
+    pv = pv_unit[..., None, None, None] * (scale * pv_size * SOLAR_GRID[None, None, :])[None, None]
+    own = load[..., None, None, None] * with_load[None, None, :, None, None] - pv
+    # A full battery cannot charge: its own output is floored at 0 instead of −max charge.
+    floor = np.where(soc_at >= 99.0, 0.0, -chg[None])[:, None]  # (E, 1, 2, C, K)
+    own = np.clip(own * with_load[None, None, :, None, None], floor, dis[None, None])
+    return own.max(axis=1) / 1000.0
+
+
+def _fit_pv_scale(
+    cl: Clusters,
+    dev: RegionDevices,
+    weather: WeatherForecast,
+    now_ms: int,
+    with_load: F64,
+    pv_size: F64,
+    b: Callable[[str], F64],
+) -> float:
+    """Scale of the assumed PV behind batteries that makes the modelled mean own output now match
+    the reported one (bisection: own output falls as PV grows). 1 without a report or sun."""
+    observed = dev.battery_own_kw_now
+    ghi, temp = weather.at(np.array([now_ms]))
+    pv_unit = float(physics.solar_power_w(ghi, 1.0, temp)[0])
+    if observed is None or pv_unit < 0.05 or dev.pv_share <= 0 or dev.pv_w <= 0:
+        return 1.0
+    load = float(home_load_w(np.array([now_ms]), weather.tz_offset_h)[0])
+    mid = int(np.argmin(np.abs(SOLAR_GRID - 1.0)))
+    weights = cl.sum_p / max(float(cl.sum_p.sum()), 1e-9)
+    dis = b("max_discharge_w")[0, :, mid]
+    chg = b("max_charge_w")[0, :, mid]
+    full = b("soc_pct")[0, :, mid] >= 99.0
+
+    def mean_own_kw(scale: float) -> float:
+        own = np.clip(load - scale * dev.pv_w * pv_unit, np.where(full, 0.0, -chg), dis)
+        return float(dev.pv_share * (weights * own).sum()) / 1000.0
+
+    lo, hi = 0.0, 3.0
+    if mean_own_kw(lo) <= observed:
+        return lo
+    if mean_own_kw(hi) >= observed:
+        return hi
+    for _ in range(40):
+        mid_s = (lo + hi) / 2
+        if mean_own_kw(mid_s) > observed:
+            lo = mid_s
+        else:
+            hi = mid_s
+    return (lo + hi) / 2
 
 
 def _group_tables(
@@ -805,7 +890,7 @@ def realised_window_mw(
     """What a fleet could have delivered per interval of a past window, from its history: the
     devices online at each interval (``online`` (T, N)) and not opted out, times their capability
     then — a battery's deliverable kW from its state of charge at its first report in the window
-    (held over the event), a thermostat's shed at the interval's outdoor temperature
+    (held over the event), a thermostat's flat shed at the interval's outdoor temperature
     (``outdoor_c`` (T,)) and its reported setpoint. The same quantity the back-test scores."""
     kind = snap.kind_codes
     t_count = online.shape[0]
@@ -852,8 +937,8 @@ def realised_window_mw(
         )
         off = np.where(heating, off_heat[None, :], off_cool[None, :])
         off = np.where((mode == physics.MODE_OFF)[None, :], 0.0, off)
-        shed, _, _ = physics.thermostat_shed(
-            sp[None, :], sp[None, :], temp, off, event_h, rated_kw[None, :], heating=heating
+        shed = physics.thermostat_flat_shed(
+            sp[None, :], temp, off, event_h, rated_kw[None, :], heating=heating
         )
         out += (avail[:, th] * np.nan_to_num(shed)).sum(axis=1)
     return out / 1000.0
