@@ -253,15 +253,12 @@ def thermostat_flat_shed(
         cop=cop,
         q_gain_kw=q_gain_kw,
     )
-    heat = np.asarray(heating, dtype=bool)
-    r = np.asarray(r_c_per_kw, dtype=float)
-    cop_a = np.asarray(cop, dtype=float)
-    t_eq = np.asarray(outdoor_c, dtype=float) + r * np.asarray(q_gain_kw, dtype=float)
-    gap_set = np.where(heat, -1.0, 1.0) * (t_eq - sp)
-    rated = np.asarray(rated_kw, dtype=float)
-    base_kw = np.clip(gap_set / (r * cop_a), 0.0, rated)
+    # b: the duty that holds the setpoint; d: what stops once the home holds the moved one.
+    hold = {"heating": heating, "r_c_per_kw": r_c_per_kw, "cop": cop, "q_gain_kw": q_gain_kw}
     offset = np.maximum(np.asarray(offset_c, dtype=float), 0.0)
-    steady_kw = base_kw - np.clip((gap_set - offset) / (r * cop_a), 0.0, rated)
+    moved_sp = sp + np.where(np.asarray(heating, dtype=bool), -offset, offset)
+    base_kw = thermostat_hold_kw(sp, outdoor_c, rated_kw, **hold)
+    steady_kw = base_kw - thermostat_hold_kw(moved_sp, outdoor_c, rated_kw, **hold)
     hours = np.maximum(np.asarray(window_h, dtype=float), 1e-9)
     with np.errstate(divide="ignore", invalid="ignore"):
         lifetimes = np.maximum(hours / np.maximum(t_off, 1e-9), 1.0)

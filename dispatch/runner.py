@@ -1371,7 +1371,7 @@ class EventRunner:
         weather, time of day) and how batteries' own output drifted (W: self-consumption
         follows the home's load and the sun)."""
         ratio = 1.0
-        drift = fit_battery_drift(np.zeros((0, 1)), np.zeros(0), 1)
+        drift = BatteryDrift.none(1)
         if not run.control_ids or len(run.control_baseline_w) != len(run.control_ids):
             return ratio, drift
         idx = np.fromiter((fleet.index.get(d, -1) for d in run.control_ids), np.int64)

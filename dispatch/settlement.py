@@ -264,6 +264,12 @@ class BatteryDrift:
     pre_hi_w: float
     ok: B  # (intervals,) enough control readings to use it
 
+    @classmethod
+    def none(cls, n: int) -> BatteryDrift:
+        """No usable control group: no drift in any of ``n`` intervals."""
+        zeros = np.zeros(n)
+        return cls(zeros, zeros, zeros, 0.0, 0.0, np.zeros(n, bool))
+
     def for_devices(self, pre_w: F64) -> F64:
         """(devices, intervals) drift for batteries with pre-event levels ``pre_w``."""
         pre = np.clip(np.asarray(pre_w, dtype=float), self.pre_lo_w, self.pre_hi_w)
@@ -284,9 +290,8 @@ def fit_battery_drift(control_actual_w: F64, control_before_w: F64, n: int) -> B
     difference-in-differences)."""
     act = np.asarray(control_actual_w, dtype=float).reshape(-1, n)
     before = np.asarray(control_before_w, dtype=float).reshape(-1)
-    zeros = np.zeros(n)
     if act.shape[0] == 0 or before.shape != (act.shape[0],):
-        return BatteryDrift(zeros, zeros, zeros, 0.0, 0.0, np.zeros(n, bool))
+        return BatteryDrift.none(n)
     d = act - before[:, None]
     have = ~np.isnan(d) & ~np.isnan(before)[:, None]
     n_d = have.sum(axis=0)
@@ -326,7 +331,6 @@ def settle(inp: SettlementInputs) -> Settlement:
     bc_act = np.asarray(inp.battery_control_actual_w, dtype=float).reshape(-1, n)
     bc_before = np.asarray(inp.battery_control_before_w, dtype=float).reshape(-1)
     drift = fit_battery_drift(bc_act, bc_before, n)
-    drift_ok = drift.ok
     b_on = np.asarray(inp.battery_active, dtype=bool).reshape(nb, n)
     b_have = b_on & ~np.isnan(b_act)
     # No reading in an interval: delivery not proven, so actual = baseline there.
@@ -386,7 +390,7 @@ def settle(inp: SettlementInputs) -> Settlement:
     lines: list[Line] = []
     methods: dict[str, str] = {}
     if nb:
-        methods["battery"] = METHOD_BATTERY_ADJ if drift_ok.any() else METHOD_BATTERY
+        methods["battery"] = METHOD_BATTERY_ADJ if drift.ok.any() else METHOD_BATTERY
     for t in range(n):
         th_methods = [
             m
@@ -399,7 +403,7 @@ def settle(inp: SettlementInputs) -> Settlement:
         ]
         method = "+".join(
             (
-                [f"battery:{METHOD_BATTERY_ADJ if drift_ok[t] else METHOD_BATTERY}"]
+                [f"battery:{METHOD_BATTERY_ADJ if drift.ok[t] else METHOD_BATTERY}"]
                 if b_on[:, t].any()
                 else []
             )
@@ -434,7 +438,7 @@ def settle(inp: SettlementInputs) -> Settlement:
                             _r(drift.pre_lo_w / 1e3, 4),
                             _r(drift.pre_hi_w / 1e3, 4),
                         ],
-                        "control_drift_used": bool(drift_ok[t]),
+                        "control_drift_used": bool(drift.ok[t]),
                     },
                     "thermostat": {
                         "devices": int(t_on[:, t].sum()),

@@ -414,13 +414,12 @@ def region_devices(
         )
         + 1.1 * th_rows.size  # brief: ~1.1 kW of one-hour shift per thermostat
     )
+    power = st["power_w"][bat_rows[online_now[bat_rows]]].astype(float)
+    power = power[np.isfinite(power)]
+    # A handful of reports is no fleet mean: below 5, keep the model's own guess.
     own_now = None
-    fresh_bat = bat_rows[online_now[bat_rows]]
-    if fresh_bat.size >= 5:
-        power = st["power_w"][fresh_bat].astype(float)
-        power = power[np.isfinite(power)]
-        if power.size >= 5:
-            own_now = float(np.clip(power, -20_000.0, 20_000.0).mean()) / 1000.0
+    if power.size >= 5:
+        own_now = float(np.clip(power, -20_000.0, 20_000.0).mean()) / 1000.0
     return RegionDevices(
         int(rows.size),
         n_vendors,
@@ -450,6 +449,18 @@ def _thermostat_table(cl: Clusters, out_c: F64, event_h: float) -> F64:
     return np.where(mode == physics.MODE_OFF, 0.0, np.nan_to_num(shed))
 
 
+# Battery homes in two variants: with PV they run self-consumption (charge from the surplus,
+# cover the evening); without PV they keep the battery in backup mode (held), so only the former
+# see the home's load.
+SELF_CONSUMING = np.array([1.0, 0.0])
+
+
+def _pv_unit_and_load(weather: WeatherForecast, times_ms: npt.ArrayLike) -> tuple[F64, F64]:
+    """PV output per W of rated PV, and a home's load (W), at ``times_ms``."""
+    ghi, temp = weather.at(times_ms)
+    return physics.solar_power_w(ghi, 1.0, temp), home_load_w(times_ms, weather.tz_offset_h)
+
+
 def _battery_table(
     cl: Clusters,
     dev: RegionDevices,
@@ -463,15 +474,11 @@ def _battery_table(
     step_ms = weather.dt_s * 1000
     n_steps = int(max(0, np.ceil((event_starts_ms.max() - now_ms) / step_ms)))
     times = now_ms + np.arange(n_steps, dtype=np.int64) * step_ms + step_ms // 2
-    ghi, temp = weather.at(times)
-    pv_unit = physics.solar_power_w(ghi, 1.0, temp)  # W per W of rated PV
-    load = home_load_w(times, weather.tz_offset_h)
+    pv_unit, load = _pv_unit_and_load(weather, times)
     # Axis 0: with / without PV; 1: clusters; 2: solar outcomes.
     pv_size = np.array([dev.pv_w, 0.0])[:, None, None]
     pv = pv_unit[:, None, None, None] * pv_size[None] * SOLAR_GRID[None, None, None, :]
-    # Homes with PV run self-consumption (charge from the surplus, cover the evening); homes
-    # without PV keep their battery in backup mode (held), so only the former see the load.
-    load_by_variant = load[:, None, None, None] * np.array([1.0, 0.0])[None, :, None, None]
+    load_by_variant = load[:, None, None, None] * SELF_CONSUMING[None, :, None, None]
     shape = (2, cl.n.size, SOLAR_GRID.size)
 
     def b(name: str) -> F64:
@@ -534,18 +541,14 @@ def _battery_own_kw(
     fleet's own telemetry corrects it: the PV scale is fitted so that the model's mean own output
     now equals the batteries' reported mean output now (``dev.battery_own_kw_now``)."""
     t = event_starts_ms[:, None] + (OWN_SAMPLES * event_h * HOUR_MS)[None, :]  # (E, P)
-    ghi, temp = weather.at(t)
-    pv_unit = physics.solar_power_w(ghi, 1.0, temp)  # (E, P)
-    load = home_load_w(t, weather.tz_offset_h)
-    with_load = np.array([1.0, 0.0])  # variant 0 runs self-consumption, 1 holds (see above)
-    dis = b("max_discharge_w")
-    chg = b("max_charge_w")
-    scale = _fit_pv_scale(cl, dev, weather, now_ms, with_load, pv_size, b)
+    pv_unit, load = _pv_unit_and_load(weather, t)
+    scale = _fit_pv_scale(cl, dev, weather, now_ms, b)
     pv = pv_unit[..., None, None, None] * (scale * pv_size * SOLAR_GRID[None, None, :])[None, None]
-    own = load[..., None, None, None] * with_load[None, None, :, None, None] - pv
+    # Held batteries (the variant without PV) give their home nothing.
+    own = (load[..., None, None, None] - pv) * SELF_CONSUMING[None, None, :, None, None]
     # A full battery cannot charge: its own output is floored at 0 instead of −max charge.
-    floor = np.where(soc_at >= 99.0, 0.0, -chg[None])[:, None]  # (E, 1, 2, C, K)
-    own = np.clip(own * with_load[None, None, :, None, None], floor, dis[None, None])
+    floor = np.where(soc_at >= 99.0, 0.0, -b("max_charge_w")[None])[:, None]  # (E, 1, 2, C, K)
+    own = np.clip(own, floor, b("max_discharge_w")[None, None])
     return own.max(axis=1) / 1000.0
 
 
@@ -554,18 +557,15 @@ def _fit_pv_scale(
     dev: RegionDevices,
     weather: WeatherForecast,
     now_ms: int,
-    with_load: F64,
-    pv_size: F64,
     b: Callable[[str], F64],
 ) -> float:
     """Scale of the assumed PV behind batteries that makes the modelled mean own output now match
     the reported one (bisection: own output falls as PV grows). 1 without a report or sun."""
     observed = dev.battery_own_kw_now
-    ghi, temp = weather.at(np.array([now_ms]))
-    pv_unit = float(physics.solar_power_w(ghi, 1.0, temp)[0])
+    pv_now, load_now = _pv_unit_and_load(weather, np.array([now_ms]))
+    pv_unit, load = float(pv_now[0]), float(load_now[0])
     if observed is None or pv_unit < 0.05 or dev.pv_share <= 0 or dev.pv_w <= 0:
         return 1.0
-    load = float(home_load_w(np.array([now_ms]), weather.tz_offset_h)[0])
     mid = int(np.argmin(np.abs(SOLAR_GRID - 1.0)))
     weights = cl.sum_p / max(float(cl.sum_p.sum()), 1e-9)
     dis = b("max_discharge_w")[0, :, mid]
