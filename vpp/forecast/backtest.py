@@ -6,7 +6,9 @@ forecasts the next day's evening window. The simulator then decides, device by d
 fleet could actually have delivered: true weather (pvlib's typical year), each device's hidden
 online rate and opt-out propensity, and shocks drawn from a seed the forecaster never saw —
 temperature forecast error, vendor cloud outages, opt-out waves that grow with event length and
-consecutive event days, a cloudier or sunnier day than forecast.
+consecutive event days, a cloudier or sunnier day than forecast. What it scores is what a
+buyer is settled on, held flat through the window: a battery's deliverable power less its
+highest own output (serving its home) in the window, a thermostat's staggered-start flat shed.
 """
 
 from __future__ import annotations
@@ -142,14 +144,22 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
     soc_path[0] = soc
     has_pv = fleet.pv_w[b_idx] > 0
     load_noise = rng.lognormal(0.0, 0.2, (total_steps, n_reg))
+    # Settlement credits a battery above what it gives its home anyway, and a battery holds its
+    # setpoint: what it delivers flat through a day's window is its deliverable power less its
+    # highest own output (serving the home) inside the window. Kept per day, per battery.
+    win_steps = range(int(w_lo * 4), int(w_lo * 4) + t_count)
+    own_max_w = np.zeros((n_days + 1, b_idx.size))
     for k in range(total_steps):
         hour_local = ((k % steps_per_day) + 0.5) * STEP_S / 3600.0
         base_load = np.interp(hour_local, np.arange(25), np.append(m.HOME_LOAD_W, m.HOME_LOAD_W[0]))
         # Homes without PV hold their battery in backup mode (as the forecaster assumes).
         load = base_load * fleet.load_scale[b_idx] * load_noise[k, reg_b] * has_pv
         pv = fleet.pv_w[b_idx] * pv_unit[reg_b, k]
-        soc, _ = physics.battery_step(soc, load - pv, cap, dis, chg, res, STEP_S)
+        soc, own_w = physics.battery_step(soc, load - pv, cap, dis, chg, res, STEP_S)
         soc_path[k + 1] = soc
+        if k % steps_per_day in win_steps:
+            day = k // steps_per_day
+            own_max_w[day] = np.maximum(own_max_w[day], own_w)
 
     # Shocks per day.
     vendor_down = rng.random((n_days + 1, n_reg, n_vendors)) < truth.vendor_outage_p
@@ -283,6 +293,7 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
         avail = online & ~opted & snap.enrolled
         step0 = d * steps_per_day + window_step0
         kw_bat = physics.battery_deliverable_kw(soc_path[step0], cap, dis, res, event_h)
+        kw_bat = np.maximum(kw_bat - own_max_w[d] / 1000.0, 0.0)
         for r in range(n_reg):
             in_r = region_of == r
             mw = np.zeros(t_count)
@@ -290,8 +301,8 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
             mw += (kw_bat * avail[b_idx] * b_sel).sum()
             t_sel = in_r[th_idx]
             for k in range(t_count):
-                shed, _, _ = physics.thermostat_shed(
-                    sp_th[t_sel],
+                # Flat for the window (staggered starts), as the forecast quotes it.
+                shed = physics.thermostat_flat_shed(
                     sp_th[t_sel],
                     temp_true[r, step0 + k],
                     offsets[t_sel],
