@@ -21,8 +21,8 @@ services:
 	./scripts/ensure_services.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vpp devices dispatch api tests bench
-	$(VENV)/bin/ruff format --check vpp devices dispatch api tests bench
+	$(VENV)/bin/ruff check vpp store devices sim dispatch api cli tests bench
+	$(VENV)/bin/ruff format --check vpp store devices sim dispatch api cli tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -18,8 +18,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from devices.edges import Services
 from vpp.clock import Clock
-from vpp.services import Services
 from vpp.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ COMPONENTS = [
     "devices.ingest:IngestWorker",
     "dispatch.runner:EventRunner",
     "dispatch.market:MarketHousekeeper",
-    "vpp.forecast.calibrator:ForecastCalibrator",
+    "dispatch.forecast_calibrator:ForecastCalibrator",
 ]
 
 DESCRIPTION = """

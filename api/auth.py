@@ -7,8 +7,8 @@ import secrets
 
 from sqlalchemy import select
 
-from vpp.db.models import ApiKey, Tenant
-from vpp.db.session import Database
+from store.database import Database
+from store.models import ApiKey, Tenant
 from vpp.domain import Role
 
 

@@ -12,8 +12,8 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import hash_key
+from devices.edges import Services
 from vpp.domain import Role
-from vpp.services import Services
 
 bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer vpp_…`")
 
@@ -59,7 +59,7 @@ async def authenticate(
     else:
         from sqlalchemy import select
 
-        from vpp.db.models import ApiKey
+        from store.models import ApiKey
 
         async with services.db.session() as session:
             row = (

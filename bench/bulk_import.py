@@ -80,8 +80,8 @@ async def run(db_url: str, n: int, label: str) -> None:
     from api.app import create_app
     from api.auth import create_api_key
     from devices import onboarding
-    from vpp.db.migrate import upgrade
-    from vpp.services import Services
+    from devices.edges import Services
+    from store.migrate import upgrade
     from vpp.settings import Settings
 
     await asyncio.to_thread(upgrade, db_url)

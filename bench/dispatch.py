@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dispatch.assign import assign
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise
-from dispatch.synthetic import synthetic_fleet, synthetic_usage
 from dispatch.types import Demand, DispatchParams, Horizon
-from vpp.fleet import FleetSnapshot, available_kw
+from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
+from vpp.fleet.snapshot import FleetSnapshot, available_kw
 
 NOW_MS = 1_784_061_000_000
 HOUR_MS = 3_600_000

@@ -78,12 +78,12 @@ def bare_paho(messages: list[tuple[str, bytes]], window: int = 1000) -> float:
 
 
 async def main(n: int) -> None:
-    from dispatch import events_service as es
+    from devices.edges import Services
+    from dispatch import events as es
     from dispatch.runner import CommandBatch, EventRunner, Running, new_command_id
     from dispatch.types import Horizon
+    from store.migrate import upgrade
     from vpp.clock import Clock
-    from vpp.db.migrate import upgrade
-    from vpp.services import Services
     from vpp.settings import Settings
 
     db = f"vpp_bench_fanout_{uuid.uuid4().hex[:8]}"

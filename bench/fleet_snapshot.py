@@ -2,7 +2,7 @@
 request) and after (vectorised build, packed state read with cached positions, stale-while-
 revalidate, incremental onboarding), against the real PostgreSQL and Redis on this machine.
 
-For each size it writes a synthetic fleet (``dispatch.synthetic.synthetic_fleet``) to a
+For each size it writes a synthetic fleet (``sim.synthetic_dispatch.synthetic_fleet``) to a
 PostgreSQL database and a Redis prefix of its own (both dropped afterwards) and prints:
 
 - registry: database read, row-wise build (before) vs vectorised build (after);
@@ -36,10 +36,11 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dispatch.synthetic import synthetic_fleet  # noqa: E402
-from vpp import fleet as F  # noqa: E402
+from sim.synthetic_dispatch import synthetic_fleet  # noqa: E402
 from vpp.domain import KIND_BY_CODE, KIND_CODE, DeviceKind  # noqa: E402
-from vpp.state.base import STATE_DTYPE, unpack_states  # noqa: E402
+from vpp.fleet import registry as R  # noqa: E402
+from vpp.fleet import snapshot as F  # noqa: E402
+from vpp.fleet.records import STATE_DTYPE, unpack_states  # noqa: E402
 
 PG_ADMIN_DSN = os.environ.get("VPP_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VPP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -56,9 +57,9 @@ def legacy_codes(values: list[Any]) -> tuple[np.ndarray, list[str]]:
     return codes, list(table)
 
 
-def legacy_build_registry(rows: list[tuple[Any, ...]]) -> F.Registry:
-    cols: list[Any] = list(zip(*rows, strict=True)) if rows else [[] for _ in F._REGISTRY_COLUMNS]
-    data = dict(zip(F._REGISTRY_COLUMNS, cols, strict=True))
+def legacy_build_registry(rows: list[tuple[Any, ...]]) -> R.Registry:
+    cols: list[Any] = list(zip(*rows, strict=True)) if rows else [[] for _ in R.REGISTRY_COLUMNS]
+    data = dict(zip(R.REGISTRY_COLUMNS, cols, strict=True))
     region_codes, regions = legacy_codes(list(data["region"]))
     vendor_codes, vendors = legacy_codes(list(data["vendor"]))
     feeder_codes, feeders = legacy_codes(list(data["feeder"]))
@@ -75,21 +76,21 @@ def legacy_build_registry(rows: list[tuple[Any, ...]]) -> F.Registry:
         "feeder_codes": feeder_codes,
         "enrolled": np.array(data["enrolled"], dtype=bool),
     }
-    for name in F._REGISTRY_COLUMNS[7:]:
+    for name in R.REGISTRY_COLUMNS[7:]:
         columns[name] = f64(name)
-    return F.Registry(
+    return R.Registry(
         columns, regions, vendors, feeders, {d: i for i, d in enumerate(columns["device_ids"])}
     )
 
 
 def legacy_assemble(
-    registry: F.Registry, states: dict[str, bytes], statuses: dict[str, tuple[bool, int]], now: int
+    registry: R.Registry, states: dict[str, bytes], statuses: dict[str, tuple[bool, int]], now: int
 ) -> F.FleetSnapshot:
     ids = registry.columns["device_ids"]
     state = unpack_states(states.get(d) for d in ids) if len(ids) else np.zeros(0, STATE_DTYPE)
     online = np.fromiter((statuses.get(d, (True, 0))[0] for d in ids), dtype=bool, count=len(ids))
     freshness = F.compute_freshness(state["recv_ms"], online, now, 300.0, 900.0)
-    return F._make_snapshot(registry, state, online, freshness, now)
+    return R._make_snapshot(registry, state, online, freshness, now)
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ DEVICE_COLUMNS = [
 
 
 async def write_fleet(services: Any, n: int, now_ms: int) -> F.FleetSnapshot:
-    from vpp.db.models import Tenant
+    from store.models import Tenant
 
     rows, snap = device_rows(n, now_ms)
     async with services.db.session() as session, session.begin():
@@ -240,9 +241,9 @@ def new_battery_row(device_id: str) -> dict[str, Any]:
 
 
 async def bench_size(n: int) -> None:
+    from devices.edges import Services
+    from store.migrate import upgrade
     from vpp.clock import ManualClock
-    from vpp.db.migrate import upgrade
-    from vpp.services import Services
     from vpp.settings import Settings
 
     now_ms = 1_784_061_000_000
@@ -271,9 +272,9 @@ async def bench_size(n: int) -> None:
         # Registry: database read, then the build.
         from sqlalchemy import select
 
-        from vpp.db.models import Device
+        from store.models import Device
 
-        cols = [getattr(Device, c) for c in F._REGISTRY_COLUMNS]
+        cols = [getattr(Device, c) for c in R.REGISTRY_COLUMNS]
         q = select(*cols).where(Device.offboarded_ms.is_(None)).order_by(Device.id)
 
         async def read_rows(plain: bool) -> list[Any]:
@@ -284,7 +285,7 @@ async def bench_size(n: int) -> None:
         legacy_rows, t_db_before = await atimed(read_rows(False))
         reg_before, t_reg_before = timed(legacy_build_registry, legacy_rows)
         rows, t_db_rows = await atimed(read_rows(True))
-        _, t_reg_rows = timed(F.build_registry, rows)
+        _, t_reg_rows = timed(R.build_registry, rows)
         reg_after, t_load_after = await atimed(cache._load_registry())
         for name, col in reg_before.columns.items():
             other = reg_after.columns[name]
@@ -311,12 +312,12 @@ async def bench_size(n: int) -> None:
         )
         snap_before, t_asm_before = timed(legacy_assemble, reg_after, states, statuses, now_ms)
         args = (pstates, pstatus, now_ms, 300.0, 900.0)
-        snap_cold, t_asm_cold = timed(F.assemble_packed, reg_after, *args)
+        snap_cold, t_asm_cold = timed(R.assemble_packed, reg_after, *args)
         (pstates, pstatus), _ = await atimed(
             asyncio.gather(store.all_states_packed(), store.all_status_packed())
         )
         args = (pstates, pstatus, now_ms, 300.0, 900.0)
-        snap_warm, t_asm_warm = timed(F.assemble_packed, reg_after, *args)
+        snap_warm, t_asm_warm = timed(R.assemble_packed, reg_after, *args)
         assert snap_before.state.tobytes() == snap_warm.state.tobytes()
         assert (snap_before.online == snap_cold.online).all()
         print(

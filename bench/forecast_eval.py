@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
+from sim.backtest import BacktestConfig, run_backtest
+from sim.synthetic import make_fleet
 from vpp.forecast import model as m
-from vpp.forecast.backtest import BacktestConfig, run_backtest
-from vpp.forecast.synthetic import make_fleet
 from vpp.weather import weather_for_region
 
 NOW_MS = 1_783_000_800_000  # 2026-07-02 13:00 UTC, on the 15-minute grid

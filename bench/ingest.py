@@ -165,8 +165,8 @@ def role_worker(cfg: dict[str, Any]) -> None:
 
 
 async def _worker(cfg: dict[str, Any]) -> None:
+    from devices.edges import Services
     from devices.ingest import IngestWorker
-    from vpp.services import Services
 
     services = await Services.create(_settings(cfg))
     worker = IngestWorker(services)
@@ -265,8 +265,8 @@ def run_round(role: str, n_subscribers: int, cfg: dict[str, Any]) -> dict[str, A
 
 
 async def _setup(cfg: dict[str, Any]) -> None:
-    from vpp.db.migrate import upgrade
-    from vpp.state.redis import RedisStateStore
+    from store.migrate import upgrade
+    from store.state.redis import RedisStateStore
 
     await asyncio.to_thread(upgrade, str(cfg["database_url"]))
     store = RedisStateStore(REDIS_URL, prefix=str(cfg["prefix"]))
@@ -277,7 +277,7 @@ async def _setup(cfg: dict[str, Any]) -> None:
 
 async def _reset_states(cfg: dict[str, Any]) -> None:
     """Forget stored states between rounds so every round ingests the same stream afresh."""
-    from vpp.state.redis import RedisStateStore
+    from store.state.redis import RedisStateStore
 
     store = RedisStateStore(REDIS_URL, prefix=str(cfg["prefix"]))
     keys = [k async for k in store.redis.scan_iter(match=f"{cfg['prefix']}:st:*", count=5000)]
@@ -287,7 +287,7 @@ async def _reset_states(cfg: dict[str, Any]) -> None:
 
 
 async def _cleanup(cfg: dict[str, Any]) -> None:
-    from vpp.state.redis import RedisStateStore
+    from store.state.redis import RedisStateStore
 
     store = RedisStateStore(REDIS_URL, prefix=str(cfg["prefix"]))
     await store.flush_prefix()
@@ -379,7 +379,7 @@ def main() -> None:
 
 async def _memory_at(cfg: dict[str, Any], devices: int) -> float:
     """Bytes per device of the state hashes with every device stored (through ingest's write)."""
-    from vpp.state.redis import RedisStateStore
+    from store.state.redis import RedisStateStore
 
     store = RedisStateStore(REDIS_URL, prefix=f"{cfg['prefix']}-mem")
     try:

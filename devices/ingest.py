@@ -52,14 +52,14 @@ from devices.telemetry import (
     validate_status,
     validate_telemetry,
 )
+from store.history import IntervalHistory, write_intervals
 from vpp import metrics
 from vpp.domain import RejectReason
-from vpp.history import IntervalHistory, write_intervals
-from vpp.state.base import STATE_DTYPE
+from vpp.fleet.records import STATE_DTYPE
 
 if TYPE_CHECKING:
+    from devices.edges import Services
     from devices.mqtt import MqttClient
-    from vpp.services import Services
     from vpp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -499,7 +499,7 @@ class IngestWorker:
 
 async def run_standalone(settings: Settings) -> None:
     """``vpp ingest``: one worker until SIGTERM or SIGINT, then a clean stop."""
-    from vpp.services import Services
+    from devices.edges import Services
 
     services = await Services.create(settings)
     worker = IngestWorker(services)

@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from devices.credentials import CredentialError, device_topics
-from vpp.db.models import Device, Tenant
+from store.models import Device, Tenant
 from vpp.domain import (
     BATTERY_MIN_RESERVE_PCT,
     KIND_CODE,
@@ -43,7 +43,7 @@ from vpp.domain import (
 )
 
 if TYPE_CHECKING:
-    from vpp.services import Services
+    from devices.edges import Services
 
 MAX_BULK_DEVICES = 100_000
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"

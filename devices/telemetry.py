@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from devices.physics import MODE_CODE
 from vpp.domain import AckStatus, RejectReason
-from vpp.state.base import STATE_DTYPE
+from vpp.fleet.records import STATE_DTYPE
+from vpp.physics import MODE_CODE
 
 # ts_ms, recv_ms, seq, power_w, soc_pct, backup_reserve_pct, indoor_c, setpoint_c, hvac_w,
 # outdoor_c, energy_wh, mode, grid_up, clock_skewed, kind: the STATE_DTYPE layout, packed.

@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
-
-from .clusters import Clusters, build_clusters
-from .optimiser import demand_values
-from .types import (
+from dispatch.clusters import Clusters, build_clusters
+from dispatch.optimiser import demand_values
+from dispatch.types import (
     CMD_BATTERY,
     CMD_THERMOSTAT,
     Assignment,
@@ -34,6 +32,7 @@ from .types import (
     Horizon,
     Plan,
 )
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]

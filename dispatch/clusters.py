@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from devices import physics
+from dispatch.types import Demand, DeviceUsage, DispatchParams, Horizon
+from vpp import physics
 from vpp.domain import BATTERY_ONE_WAY_EFFICIENCY, THERMOSTAT_DEFAULT_MAX_OFFSET_C
-from vpp.fleet import BATTERY, DEFAULT_OUTDOOR_C, SOLAR, THERMOSTAT, FleetSnapshot
-
-from .types import Demand, DeviceUsage, DispatchParams, Horizon
+from vpp.fleet.snapshot import BATTERY, DEFAULT_OUTDOOR_C, SOLAR, THERMOSTAT, FleetSnapshot
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -159,7 +158,7 @@ def _battery_flex(fleet: FleetSnapshot, idx: I64) -> tuple[F64, F64, F64]:
 
 def _outdoor_c(fleet: FleetSnapshot, idx: I64) -> F64:
     """Outdoor temperature of devices ``idx``: their own reading, else the median reading of
-    the others in their region (as :func:`vpp.fleet.outdoor_temperatures`, over ``idx`` only)."""
+    the others in their region (as ``snapshot.outdoor_temperatures``, over ``idx`` only)."""
     out = fleet.state["outdoor_c"][idx].astype(float)
     missing = np.isnan(out)
     if missing.any():

@@ -36,8 +36,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatch.settlement_service import settlement_lines
+from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock
 from vpp.clock import to_datetime
-from vpp.db.models import CapacityRequest, LedgerEntry, Plan, RegionLock
 from vpp.domain import Direction, RequestStatus
 from vpp.metrics import MARKET_REQUESTS
 
@@ -270,7 +270,7 @@ class Market:
         return int(self.services.clock.now_ms())
 
     def _forecaster(self) -> Any:
-        from vpp.forecast.service import get_forecast_service
+        from dispatch.forecast_service import get_forecast_service
 
         return get_forecast_service(self.services)
 
@@ -285,7 +285,7 @@ class Market:
 
     async def _forecast(self, inp: RequestInput, slots: I64) -> tuple[F64, F64]:
         """(firm MW at the request's firmness, P90 MW) per ledger slot."""
-        from vpp.forecast.service import ForecastInputError
+        from dispatch.forecast_service import ForecastInputError
 
         try:
             res = await self._forecaster().forecast(

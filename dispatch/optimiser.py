@@ -34,11 +34,8 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from ortools.linear_solver.python import model_builder_helper as mbh
 
-from vpp.domain import KIND_BY_CODE
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
-
-from .clusters import Clusters, build_clusters
-from .types import (
+from dispatch.clusters import Clusters, build_clusters
+from dispatch.types import (
     BINDING_ENERGY,
     BINDING_FATIGUE,
     BINDING_NO_DEVICES,
@@ -50,6 +47,8 @@ from .types import (
     Horizon,
     Plan,
 )
+from vpp.domain import KIND_BY_CODE
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]

@@ -34,10 +34,10 @@ from dispatch.types import (
     Horizon,
 )
 from dispatch.types import Plan as OptimiserPlan
-from vpp.db.models import CapacityRequest, Command, GridEvent
-from vpp.db.models import Plan as PlanRow
+from store.models import CapacityRequest, Command, GridEvent
+from store.models import Plan as PlanRow
 from vpp.domain import GridEventStatus, RequestStatus
-from vpp.fleet import FleetSnapshot, available_kw
+from vpp.fleet.snapshot import FleetSnapshot, available_kw
 from vpp.metrics import PLANS_MADE
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,8 @@ import numpy.typing as npt
 import orjson
 from sqlalchemy import func, insert, select, update
 
-from dispatch import events_service as es
+from devices.edges import Services
+from dispatch import events as es
 from dispatch.settlement import (
     MIN_CONTROL_DEVICES,
     RATIO_CLIP,
@@ -57,11 +58,10 @@ from dispatch.types import (
     DispatchParams,
     Horizon,
 )
+from store.models import Command, EventTimeline, Plan, TelemetryInterval
 from vpp import metrics
-from vpp.db.models import Command, EventTimeline, Plan, TelemetryInterval
 from vpp.domain import CommandType, GridEventStatus, RequestStatus
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
-from vpp.services import Services
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -755,7 +755,7 @@ class EventRunner:
         target[a:b] = ev.mw
         if ev.is_grid:
             return target
-        from vpp.db.models import LedgerEntry
+        from store.models import LedgerEntry
 
         async with self.services.db.session() as s:
             rows = (
@@ -844,8 +844,8 @@ class EventRunner:
             return rows, np.zeros(0, np.int64), early
         th = asg.kind_code[rows] == THERMOSTAT
         if th.any():
-            from devices import physics
             from dispatch.clusters import _thermostat_inputs
+            from vpp import physics
 
             inp = _thermostat_inputs(fleet, asg.device_index[rows[th]], self.params)
             shed, _, _ = physics.thermostat_shed(

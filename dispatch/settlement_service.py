@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, insert, select, update
 
-from dispatch import events_service as es
+from devices.edges import Services
+from dispatch import events as es
 from dispatch.settlement import (
     MIN_CONTROL_DEVICES,
     Settlement,
@@ -27,7 +28,7 @@ from dispatch.settlement import (
     resample,
     settle,
 )
-from vpp.db.models import (
+from store.models import (
     CapacityRequest,
     Command,
     EventTimeline,
@@ -36,7 +37,6 @@ from vpp.db.models import (
     TelemetryInterval,
 )
 from vpp.domain import CommandType
-from vpp.services import Services
 
 PRE_WINDOW_MS = 30 * 60_000  # meter-before: the 30 minutes before the event
 POST_WINDOW_MS = 30 * 60_000  # meter-after: the 30 minutes after it

@@ -4,15 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
-rm -f vpp/migrations/versions/0001_initial.py
+rm -f store/migrations/versions/0001_initial.py
 .venv/bin/python - "$tmp" <<'PY'
 import sys
 from alembic import command
-from vpp.db.migrate import alembic_config
+from store.migrate import alembic_config
 cfg = alembic_config(f"sqlite+aiosqlite:///{sys.argv[1]}/gen.db")
 command.revision(cfg, message="initial schema", autogenerate=True, rev_id="0001")
 PY
-mv vpp/migrations/versions/0001_*.py vpp/migrations/versions/0001_initial.py
-.venv/bin/ruff format -q vpp/migrations/versions/0001_initial.py
-.venv/bin/ruff check -q --fix vpp/migrations/versions/0001_initial.py || true
+mv store/migrations/versions/0001_*.py store/migrations/versions/0001_initial.py
+.venv/bin/ruff format -q store/migrations/versions/0001_initial.py
+.venv/bin/ruff check -q --fix store/migrations/versions/0001_initial.py || true
 rm -rf "$tmp"

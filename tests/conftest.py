@@ -38,7 +38,7 @@ def pg_url() -> Iterator[str]:
 def pg_template(pg_url: str) -> Iterator[str]:
     """A migrated database nobody connects to, cloned for each test that needs its own:
     CREATE DATABASE … TEMPLATE copies it in milliseconds instead of re-running migrations."""
-    from vpp.db.migrate import upgrade
+    from store.migrate import upgrade
 
     name = f"vpp_t_{RUN_ID}_tpl"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
@@ -118,9 +118,9 @@ ServicesFactory = Callable[..., Awaitable["Services"]]  # type: ignore[name-defi
 async def services_factory() -> AsyncIterator[ServicesFactory]:
     """``await services_factory(settings, clock=None)``: migrated database, ready Services;
     closed (and Redis keys removed) after the test."""
+    from devices.edges import Services
     from devices.mqtt import InProcessBroker
-    from vpp.db.migrate import upgrade
-    from vpp.services import Services
+    from store.migrate import upgrade
 
     made: list[Services] = []
 

@@ -14,9 +14,9 @@ from api.schemas.capacity_requests import (
     CapacityRequestOut,
     ListStatus,
 )
+from devices.edges import Services
 from dispatch.market import MarketError, RequestInput, get_market
 from vpp.clock import to_ms
-from vpp.services import Services
 
 log = logging.getLogger(__name__)
 

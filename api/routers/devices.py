@@ -33,7 +33,8 @@ from api.schemas.devices import (
     DevicePatch,
     ErrorOut,
 )
-from devices import onboarding, physics
+from devices import onboarding
+from devices.edges import Services
 from devices.onboarding import (
     FieldError,
     InvalidDevice,
@@ -41,10 +42,11 @@ from devices.onboarding import (
     TenantScope,
     pydantic_field_errors,
 )
+from vpp import physics
 from vpp.domain import DeviceKind, FreshnessCode, Role
-from vpp.fleet import _REGISTRY_COLUMNS, DEFAULT_OUTDOOR_C, assemble, available_kw, build_registry
-from vpp.services import Services
-from vpp.state import unpack_states
+from vpp.fleet.records import unpack_states
+from vpp.fleet.registry import REGISTRY_COLUMNS, assemble, build_registry
+from vpp.fleet.snapshot import DEFAULT_OUTDOOR_C, available_kw
 
 
 class DeviceRoute(APIRoute):
@@ -432,7 +434,7 @@ async def get_device(
     online = bool(view.snapshot.online[i]) if i is not None else True
     settings = services.settings
     one = assemble(
-        build_registry([tuple(row[c] for c in _REGISTRY_COLUMNS)]),
+        build_registry([tuple(row[c] for c in REGISTRY_COLUMNS)]),
         {device_id: blob} if blob is not None else {},
         {device_id: (online, 0)},
         services.clock.now_ms(),

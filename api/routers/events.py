@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from api.deps import Principal, get_services, require_roles
-from dispatch import events_service as es
+from devices.edges import Services
+from dispatch import events as es
 from dispatch.settlement_service import timeline
-from vpp.services import Services
 
 router = APIRouter(tags=["events"])
 

@@ -17,9 +17,9 @@ from fastapi import APIRouter, Depends, Query
 
 from api.deps import Principal, any_role, get_services
 from api.schemas.devices import ErrorOut, FleetOut
+from devices.edges import Services
 from vpp.domain import DeviceKind, FreshnessCode, Role
-from vpp.fleet import FleetSnapshot, available_kw, summarise
-from vpp.services import Services
+from vpp.fleet.snapshot import FleetSnapshot, available_kw, summarise
 
 router = APIRouter(tags=["fleet"])
 

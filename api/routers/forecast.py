@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from api.deps import get_services, require_roles
-from vpp.forecast.service import ForecastInputError, get_forecast_service
+from dispatch.forecast_service import ForecastInputError, get_forecast_service
 
 router = APIRouter()
 

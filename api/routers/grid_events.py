@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.deps import Principal, get_services, require_roles
-from dispatch import events_service as es
-from vpp.services import Services
+from devices.edges import Services
+from dispatch import events as es
 
 router = APIRouter(tags=["grid events"])
 

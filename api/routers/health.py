@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 import vpp.metrics  # noqa: F401  (registers every metric before the first scrape)
 from api.deps import get_services
-from vpp.services import Services
+from devices.edges import Services
 
 router = APIRouter(tags=["service"])
 

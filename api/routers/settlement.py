@@ -10,9 +10,9 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from api.deps import Principal, get_services, require_roles
+from devices.edges import Services
 from dispatch.settlement_service import settlement_csv
-from vpp.db.models import CapacityRequest, GridEvent
-from vpp.services import Services
+from store.models import CapacityRequest, GridEvent
 
 router = APIRouter(tags=["settlement"])
 

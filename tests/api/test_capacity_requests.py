@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from store.models import LedgerEntry, SettlementLine
 from tests.conftest import make_settings
 from tests.dispatch.test_market import NOW, REGION, battery_fleet, install_stub
 from vpp.clock import ManualClock
-from vpp.db.models import LedgerEntry, SettlementLine
-from vpp.fleet import FleetSnapshot
+from vpp.fleet.snapshot import FleetSnapshot
 
 H = 3_600_000
 

@@ -15,10 +15,10 @@ from sqlalchemy import func, select
 
 from api.app import create_app
 from api.auth import create_api_key
+from store.models import LedgerEntry
 from tests.conftest import make_settings
 from tests.dispatch.test_market import install_stub
 from vpp.clock import Clock
-from vpp.db.models import LedgerEntry
 
 H = 3_600_000
 REGION = "PJM-DOM"

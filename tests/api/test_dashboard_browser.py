@@ -39,7 +39,7 @@ async def demo(tmp_path: Path) -> AsyncIterator[Any]:
     """The demo's service and simulated fleet, small and fast: 400 homes, clock ×120."""
     from rich.console import Console
 
-    from vpp.demo import Demo, DemoOptions
+    from cli.demo import Demo, DemoOptions
 
     opts = DemoOptions(
         devices=400,

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from store.models import Device
 from tests.conftest import REDIS_URL, make_settings
 from vpp.clock import ManualClock
-from vpp.db.models import Device
+from vpp.fleet.records import empty_state, pack_state
 from vpp.settings import Settings
-from vpp.state import empty_state, pack_state
 
 NOW = 1_784_061_000_000  # 2026-07-14T20:30:00Z
 REGION = "ERCOT-NORTH"

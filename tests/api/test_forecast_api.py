@@ -16,11 +16,11 @@ from fastapi import FastAPI
 from api.auth import create_api_key
 from api.deps import get_services
 from api.routers.forecast import parse_duration_s, router
+from sim.synthetic import make_fleet
+from store.database import Database
+from store.models import Base, CapacityRequest, LedgerEntry
 from vpp.clock import ManualClock
-from vpp.db.models import Base, CapacityRequest, LedgerEntry
-from vpp.db.session import Database
-from vpp.fleet import FleetSnapshot
-from vpp.forecast.synthetic import make_fleet
+from vpp.fleet.snapshot import FleetSnapshot
 from vpp.settings import Settings
 
 NOW = 1_783_000_800_000  # on the 15-minute grid

@@ -136,9 +136,9 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
     leaves nothing under command."""
     from sqlalchemy import select
 
+    from store.models import Command
     from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
-    from vpp.db.models import Command
-    from vpp.fleet import available_kw
+    from vpp.fleet.snapshot import available_kw
 
     scale = 240.0
     svc = await services_factory(

@@ -86,9 +86,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _build_services(app: FastAPI) -> Any:
     import httpx
 
+    from devices.edges import Services
     from devices.mqtt import InProcessBroker
-    from vpp.db.migrate import upgrade
-    from vpp.services import Services
+    from store.migrate import upgrade
 
     test_settings: Settings = _STATE["settings"]
     await asyncio.to_thread(upgrade, test_settings.database_url)

@@ -22,18 +22,18 @@ import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import select
 
+from devices.edges import Services
 from devices.ingest import IngestWorker
 from devices.mqtt import MqttClient
 from devices.telemetry import BATTERY, SOLAR, THERMOSTAT
+from store.history import IntervalHistory, write_intervals
+from store.models import TelemetryInterval
 from tests.conftest import MQTT_URL, REDIS_URL, make_settings, unique
 from tests.helpers.mosquitto import free_port
 from vpp.clock import ManualClock
-from vpp.db.models import TelemetryInterval
 from vpp.domain import RejectReason
-from vpp.history import IntervalHistory, write_intervals
-from vpp.services import Services
+from vpp.fleet.records import STATE_DTYPE, unpack_states
 from vpp.settings import Settings
-from vpp.state.base import STATE_DTYPE, unpack_states
 
 T0 = 1_784_061_000_000  # 2026-07-14T20:30:00Z, on a 5-minute boundary
 

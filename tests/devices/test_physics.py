@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from devices import physics
+from vpp import physics
 
 # --- Battery -------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from devices.simulator import (
+from sim.simulator import (
     BATTERY,
     CMD_NONE,
     SOLAR,

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.physics import MODE_COOL
 from devices.telemetry import (
     BATTERY,
     OFFBOARDED,
@@ -24,7 +23,8 @@ from devices.telemetry import (
     validate_telemetry,
 )
 from vpp.domain import RejectReason
-from vpp.state.base import STATE_DTYPE
+from vpp.fleet.records import STATE_DTYPE
+from vpp.physics import MODE_COOL
 
 NOW = 1_784_061_042_000
 MIN = 60_000

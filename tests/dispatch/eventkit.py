@@ -86,8 +86,8 @@ async def running_stack(
     from api.app import create_app
     from api.auth import create_api_key
     from devices.ingest import IngestWorker
-    from devices.simulator import FleetSimulator
     from dispatch.runner import EventRunner
+    from sim.simulator import FleetSimulator
 
     app = create_app(services=services)
     client = httpx.AsyncClient(

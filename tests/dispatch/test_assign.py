@@ -8,11 +8,11 @@ import pytest
 from dispatch.assign import assign, replacements
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise
-from dispatch.synthetic import synthetic_fleet, synthetic_usage
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams
+from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
 from tests.dispatch.test_optimiser import NOW, REGION, demand, fleet_of, horizon
 from vpp.domain import FreshnessCode
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 
 
 def plan_and_assign(

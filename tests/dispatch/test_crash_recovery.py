@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 def _serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     exe = ROOT / ".venv" / "bin" / "vpp"
-    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "vpp.cli", "serve"]
+    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cli.main", "serve"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
@@ -49,10 +49,10 @@ async def test_kill_9_mid_event_resumes_without_conflicting_commands(
 ) -> None:  # type: ignore[no-untyped-def]
     from api.auth import create_api_key
     from devices.mqtt import make_client
-    from devices.simulator import FleetSimulator
-    from vpp.db.migrate import upgrade
-    from vpp.db.models import Command, EventTimeline, GridEvent
-    from vpp.db.session import Database
+    from sim.simulator import FleetSimulator
+    from store.database import Database
+    from store.migrate import upgrade
+    from store.models import Command, EventTimeline, GridEvent
 
     port = _free_port()
     origin = summer_origin_ms(SCALE)

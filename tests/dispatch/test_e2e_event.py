@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from devices.simulator import performance as truth_performance
+from sim.simulator import performance as truth_performance
 from tests.conftest import REDIS_URL, make_settings
 from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
 
@@ -89,7 +89,7 @@ async def test_capacity_request_delivered_measured_and_settled(
         # baseline over load), for diagnosing a miss.
         from sqlalchemy import select
 
-        from vpp.db.models import SettlementLine
+        from store.models import SettlementLine
 
         async with svc.db.session() as s:
             lines = (

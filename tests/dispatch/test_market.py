@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from dispatch.forecast_service import ForecastService, validate_window
 from dispatch.market import (
     MarketError,
     MarketHousekeeper,
@@ -26,14 +27,13 @@ from dispatch.market import (
     window_rule,
 )
 from dispatch.planner import get_planner, material_change
-from dispatch.synthetic import synthetic_fleet
+from sim.synthetic_dispatch import synthetic_fleet
+from store.models import LedgerEntry, Tenant
 from tests.conftest import make_settings
 from vpp.clock import ManualClock
-from vpp.db.models import LedgerEntry, Tenant
 from vpp.domain import FreshnessCode
-from vpp.fleet import BATTERY, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, FleetSnapshot
 from vpp.forecast.model import ForecastResult
-from vpp.forecast.service import ForecastService, validate_window
 
 H = 3_600_000
 SLOT = 900_000

@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from devices import physics
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise, optimise_greedy
-from dispatch.synthetic import synthetic_fleet, synthetic_usage
 from dispatch.types import Demand, DeviceUsage, DispatchParams, Horizon, Plan
+from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
+from vpp import physics
 from vpp.domain import FreshnessCode
-from vpp.fleet import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
 
 NOW = 1_784_061_000_000
 H = 3_600_000

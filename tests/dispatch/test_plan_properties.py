@@ -7,12 +7,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices import physics
 from dispatch.assign import assign, replacements
 from dispatch.optimiser import optimise
-from dispatch.synthetic import synthetic_fleet, synthetic_usage
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams, Horizon
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot, outdoor_temperatures
+from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
+from vpp import physics
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot, outdoor_temperatures
 
 NOW = 1_784_061_000_000
 H = 3_600_000

@@ -17,10 +17,10 @@ from dispatch.runner import (
     Running,
     payloads,
 )
+from store.models import Command, GridEvent, SettlementLine
 from tests.conftest import make_settings
 from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
-from vpp.db.models import Command, GridEvent, SettlementLine
-from vpp.fleet import available_kw
+from vpp.fleet.snapshot import available_kw
 
 SCALE = 240.0
 
@@ -124,7 +124,7 @@ async def test_abort_restores_everyone_at_once(sqlite_url, services_factory) -> 
 
 
 def _fake_run(n: int, now: int) -> Running:
-    from dispatch import events_service as es
+    from dispatch import events as es
     from dispatch.types import Horizon
 
     b = CommandBatch(

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from cli.main import app
 from tests.conftest import make_settings
-from vpp.cli import app
 
 runner = CliRunner()
 
@@ -37,8 +37,8 @@ class LiveServer:
         import uvicorn
 
         from api.app import create_app
-        from vpp.db.migrate import upgrade
-        from vpp.services import Services
+        from devices.edges import Services
+        from store.migrate import upgrade
 
         await asyncio.to_thread(upgrade, self.settings.database_url)
         self.services = await Services.create(self.settings)
@@ -258,7 +258,7 @@ def test_events_list_show_and_abort_a_grid_event(live: LiveServer, tmp_path: Pat
         url=live.url,
         key=fleet_key,
     )
-    from vpp.client_cli import resolve_time
+    from cli.client import resolve_time
 
     now_ms = live.services.clock.now_ms()
     body = {

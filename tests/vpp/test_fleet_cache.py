@@ -1,6 +1,7 @@
-"""vpp.fleet at scale: the vectorised registry build and state join give the same snapshot as the
-row-by-row code they replaced; the cache serves stale-while-revalidate, takes local changes
-without a database reload, and still shows a change at once after ``invalidate()``."""
+"""The fleet cache at scale: the vectorised registry build and state join give the same
+snapshot as the row-by-row code they replaced; the cache serves stale-while-revalidate, takes
+local changes without a database reload, and still shows a change at once after
+``invalidate()``."""
 
 from __future__ import annotations
 
@@ -12,22 +13,21 @@ from typing import Any
 import numpy as np
 import pytest
 
+from store.fleet_cache import FleetCache
+from store.state.memory import MemoryStateStore
 from vpp.clock import ManualClock
 from vpp.domain import KIND_CODE, DeviceKind, FreshnessCode
-from vpp.fleet import (
-    _REGISTRY_COLUMNS,
-    FleetCache,
-    FleetSnapshot,
+from vpp.fleet.records import STATE_DTYPE, empty_state, pack_state, unpack_states
+from vpp.fleet.registry import (
+    REGISTRY_COLUMNS,
     Registry,
     assemble,
     assemble_packed,
     build_registry,
-    compute_freshness,
     registry_with_changes,
     snapshot_with_changes,
 )
-from vpp.state import STATE_DTYPE, empty_state, pack_state, unpack_states
-from vpp.state.memory import MemoryStateStore
+from vpp.fleet.snapshot import FleetSnapshot, compute_freshness
 
 NOW = 1_784_061_000_000
 INTERVAL_S = 300.0
@@ -44,7 +44,7 @@ def reference_snapshot(
     """Per device id: registry values and state, computed one device at a time."""
     out: dict[str, Any] = {}
     for row in rows:
-        d = dict(zip(_REGISTRY_COLUMNS, row, strict=True))
+        d = dict(zip(REGISTRY_COLUMNS, row, strict=True))
         blob = states.get(d["id"])
         state = unpack_states([blob])[0]
         online = statuses.get(d["id"], (True, 0))[0]
@@ -67,7 +67,7 @@ def as_reference(snap: FleetSnapshot) -> dict[str, Any]:
             "feeder": snap.feeders[snap.feeder_codes[i]],
             "enrolled": bool(snap.enrolled[i]),
         }
-        for name in _REGISTRY_COLUMNS[7:]:
+        for name in REGISTRY_COLUMNS[7:]:
             v = float(getattr(snap, name)[i])
             d[name] = None if np.isnan(v) else v
         out[did] = (d, snap.state[i].tobytes(), bool(snap.online[i]), int(snap.freshness[i]))
@@ -83,7 +83,7 @@ def normalise(ref: dict[str, Any]) -> dict[str, Any]:
         d["vendor"] = d["vendor"] or ""
         d["feeder"] = d["feeder"] or ""
         d["enrolled"] = bool(d["enrolled"])
-        for name in _REGISTRY_COLUMNS[7:]:
+        for name in REGISTRY_COLUMNS[7:]:
             d[name] = None if d[name] is None else float(d[name])
         out[did] = (d, state, online, fresh)
     return out
@@ -144,7 +144,7 @@ def packed_chunks(
     states: dict[str, bytes], statuses: dict[str, tuple[bool, int]], seed: int, size: int = 7
 ) -> tuple[list[Any], list[Any]]:
     """The store's packed answer in a shuffled order, ids as bytes (like Redis)."""
-    from vpp.state.base import pack_records
+    from vpp.fleet.records import pack_records
 
     rng = random.Random(seed)
     items = list(states.items())
@@ -178,7 +178,7 @@ def test_vectorised_build_and_join_match_the_row_by_row_code(seed: int) -> None:
         packed = assemble_packed(registry, st, stat, NOW, INTERVAL_S, OFFLINE_S)
         assert as_reference(packed) == expected
     # Rows as dicts build the same registry.
-    as_dicts: list[Any] = [dict(zip(_REGISTRY_COLUMNS, r, strict=True)) for r in rows]
+    as_dicts: list[Any] = [dict(zip(REGISTRY_COLUMNS, r, strict=True)) for r in rows]
     same = build_registry(as_dicts)
     assert same.regions == registry.regions and same.vendors == registry.vendors
     for name, col in registry.columns.items():
@@ -347,7 +347,7 @@ async def test_local_changes_apply_at_once_without_a_database_reload() -> None:
     # PATCH (opt out) and offboarding.
     await store.registry_put({"b2": 0})
     cache.apply_changes(
-        [dict(zip(_REGISTRY_COLUMNS, battery_row("b2", enrolled=False), strict=True))]
+        [dict(zip(REGISTRY_COLUMNS, battery_row("b2", enrolled=False), strict=True))]
     )
     await store.registry_put({"b3": -1})
     cache.apply_changes([], ["b3"])

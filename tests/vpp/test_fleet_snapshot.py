@@ -1,5 +1,5 @@
-"""vpp.fleet, pure: freshness, available kW per device and the per-region sums, against figures
-worked out by hand from the domain brief."""
+"""The fleet snapshot, pure: freshness, available kW per device and the per-region sums,
+against figures worked out by hand from the domain brief."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from vpp.domain import FreshnessCode
-from vpp.fleet import (
-    FleetSnapshot,
-    assemble,
-    available_kw,
-    build_registry,
-    compute_freshness,
-    summarise,
-)
-from vpp.state import empty_state, pack_state
+from vpp.fleet.records import empty_state, pack_state
+from vpp.fleet.registry import assemble, build_registry
+from vpp.fleet.snapshot import FleetSnapshot, available_kw, compute_freshness, summarise
 
 NOW = 1_784_061_000_000
 INTERVAL_S = 300.0
@@ -53,7 +47,7 @@ def reg_row(
     comfort_min_c: float | None = None,
     max_offset_c: float | None = None,
 ) -> tuple[Any, ...]:
-    # Column order of vpp.fleet._REGISTRY_COLUMNS.
+    # Column order of vpp.fleet.snapshot.REGISTRY_COLUMNS.
     return (
         device_id,
         tenant,

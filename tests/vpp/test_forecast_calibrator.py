@@ -11,16 +11,16 @@ import numpy as np
 import orjson
 from sqlalchemy import insert
 
+from dispatch.forecast_calibrator import ForecastCalibrator
+from dispatch.forecast_service import ForecastService, get_forecast_service
+from sim.synthetic import SyntheticFleet, make_fleet
+from store.database import Database
+from store.models import Base, TelemetryInterval
+from store.state.memory import MemoryStateStore
 from vpp.clock import ManualClock
-from vpp.db.models import Base, TelemetryInterval
-from vpp.db.session import Database
-from vpp.fleet import BATTERY, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, FleetSnapshot
 from vpp.forecast import model as m
-from vpp.forecast.calibrator import ForecastCalibrator
-from vpp.forecast.service import ForecastService, get_forecast_service
-from vpp.forecast.synthetic import SyntheticFleet, make_fleet
 from vpp.settings import Settings
-from vpp.state.memory import MemoryStateStore
 from vpp.weather import weather_for_region
 
 NOW = 1_783_000_800_000  # 2026-07-02 13:00 UTC

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from devices import physics
+from sim.backtest import BacktestConfig, run_backtest
+from sim.synthetic import make_fleet
+from vpp import physics
 from vpp.domain import FreshnessCode
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.fleet.records import empty_state
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
-from vpp.forecast.backtest import BacktestConfig, run_backtest
-from vpp.forecast.synthetic import make_fleet
-from vpp.state.base import empty_state
 
 NOW = 1_783_000_800_000  # a summer afternoon, on the 15-minute grid
 H = m.HOUR_MS

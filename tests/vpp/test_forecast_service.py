@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from sqlalchemy import insert
 
-from vpp.clock import ManualClock
-from vpp.db.models import (
+from dispatch.forecast_service import ForecastInputError, ForecastService
+from sim.synthetic import make_fleet
+from store.database import Database
+from store.models import (
     Base,
     CapacityRequest,
     Device,
@@ -20,10 +22,8 @@ from vpp.db.models import (
     TelemetryInterval,
     Tenant,
 )
-from vpp.db.session import Database
-from vpp.fleet import FleetSnapshot
-from vpp.forecast.service import ForecastInputError, ForecastService
-from vpp.forecast.synthetic import make_fleet
+from vpp.clock import ManualClock
+from vpp.fleet.snapshot import FleetSnapshot
 from vpp.settings import Settings
 
 NOW = 1_783_000_800_000

@@ -13,8 +13,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.exc import IntegrityError
 
-from vpp.db.migrate import alembic_config, upgrade
-from vpp.db.models import (
+from store.database import Database, sync_url
+from store.migrate import alembic_config, upgrade
+from store.models import (
     ApiKey,
     Base,
     CapacityRequest,
@@ -28,7 +29,6 @@ from vpp.db.models import (
     TelemetryInterval,
     Tenant,
 )
-from vpp.db.session import Database, sync_url
 
 NOW = 1_784_061_000_000  # needs 64 bits
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from devices import physics
+from vpp import physics
 from vpp.domain import (
     BATTERY_DEFAULT_CAPACITY_WH,
     BATTERY_DEFAULT_MAX_DISCHARGE_W,
@@ -33,7 +33,7 @@ from vpp.domain import (
     THERMOSTAT_DEFAULT_OFFSET_C,
     THERMOSTAT_RATED_W,
 )
-from vpp.fleet import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -435,7 +435,7 @@ def region_devices(
 # --- Physics per cluster --------------------------------------------------------------------------
 def _thermostat_table(cl: Clusters, out_c: F64, event_h: float) -> F64:
     """Shed kW per member a fleet holds flat through an event of ``event_h`` (staggered starts,
-    :func:`devices.physics.thermostat_flat_shed`), shape (C, T, K) over intervals ×
+    :func:`vpp.physics.thermostat_flat_shed`), shape (C, T, K) over intervals ×
     temperature errors."""
     prm = cl.params
     sp = prm["setpoint_c"][:, None, None]

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
-from devices import physics
+from sim.synthetic import make_fleet
+from vpp import physics
 from vpp.domain import THERMOSTAT_DEFAULT_OFFSET_C, FreshnessCode
-from vpp.fleet import BATTERY, THERMOSTAT
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT
 from vpp.forecast import model as m
-from vpp.forecast.synthetic import make_fleet
 from vpp.weather import weather_for_region
 
 F64 = npt.NDArray[np.float64]

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from devices import physics
+from vpp import physics
 from vpp.domain import FreshnessCode
-from vpp.fleet import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
-from vpp.state.base import empty_state
+from vpp.fleet.records import empty_state
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
 
 F64 = npt.NDArray[np.float64]
 

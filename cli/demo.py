@@ -29,11 +29,11 @@ if TYPE_CHECKING:
     import httpx
     from rich.console import Console
 
+    from devices.edges import Services
     from vpp.clock import Clock
-    from vpp.services import Services
     from vpp.settings import Settings
 
-log = logging.getLogger("vpp.demo")
+log = logging.getLogger("cli.demo")
 
 DEMO_REGIONS = ("ERCOT-NORTH", "ERCOT-HOUSTON")
 MS_PER_MIN = 60_000
@@ -186,9 +186,9 @@ class Demo:
 
         from api.app import create_app
         from api.auth import create_api_key
+        from devices.edges import Services
+        from store.migrate import upgrade
         from vpp.clock import Clock, set_clock
-        from vpp.db.migrate import upgrade
-        from vpp.services import Services
         from vpp.settings import Settings
 
         opts = self.opts
@@ -282,7 +282,7 @@ class Demo:
         import httpx
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-        from devices.simulator import FaultPlan, FleetSimulator
+        from sim.simulator import FaultPlan, FleetSimulator
 
         opts = self.opts
         assert self.services is not None
@@ -536,7 +536,7 @@ class Demo:
         """Without the timeline endpoint: count the stored commands of the event."""
         from sqlalchemy import func, select
 
-        from vpp.db.models import Command
+        from store.models import Command
 
         assert self.services is not None
         async with self.services.db.session() as session:

@@ -13,7 +13,7 @@ Two layers:
   with its own login and Last Will), publishes telemetry on the shared service clock, receives
   commands, publishes acks and injects faults.
 
-Physics (devices/physics.py):
+Physics (vpp/physics.py):
 - weather per region from pvlib's typical-year files (vpp/weather.py), a static micro-climate
   offset per home;
 - every home has a base load (daily profile × a lognormal size × slow AR(1) noise);
@@ -47,14 +47,6 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from devices.physics import (
-    battery_reserve_pct,
-    battery_step,
-    rc_alpha,
-    solar_power_w,
-    thermostat_hold_kw,
-    thermostat_step,
-)
 from vpp.domain import (
     KIND_CODE,
     THERMOSTAT_C_KWH_PER_C,
@@ -64,6 +56,14 @@ from vpp.domain import (
     THERMOSTAT_R_C_PER_KW,
     THERMOSTAT_RATED_W,
     DeviceKind,
+)
+from vpp.physics import (
+    battery_reserve_pct,
+    battery_step,
+    rc_alpha,
+    solar_power_w,
+    thermostat_hold_kw,
+    thermostat_step,
 )
 from vpp.weather import region_centre, weather_for_region
 

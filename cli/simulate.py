@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         import logging
         import signal
 
-        from devices.simulator import FaultPlan, FleetSimulator
+        from sim.simulator import FaultPlan, FleetSimulator
         from vpp.settings import get_settings
 
         settings = get_settings()

@@ -19,14 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 import redis.asyncio as aioredis
 
-from vpp.state.base import (
-    STATE_DTYPE,
-    PackedStates,
-    PackedStatus,
-    StateStore,
-    bucket_of,
-    pack_records,
-)
+from store.state.base import StateStore
+from vpp.fleet.records import STATE_DTYPE, PackedStates, PackedStatus, bucket_of, pack_records
 
 N_BUCKETS = 4096
 

@@ -34,15 +34,15 @@ import orjson
 import pandas as pd
 from sqlalchemy import select
 
-from vpp.domain import FreshnessCode
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
-from vpp.forecast import model as m
-from vpp.forecast.service import (
+from dispatch.forecast_service import (
     TUNING_KEY,
     ForecastService,
     get_forecast_service,
     tuning_to_json,
 )
+from vpp.domain import FreshnessCode
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.forecast import model as m
 from vpp.weather import weather_for_region
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class ForecastCalibrator:
     # --- history → per-day data -----------------------------------------------------------------
     async def _created_ms(self, snap: FleetSnapshot) -> F64:
         """When each snapshot device joined (NaN: unknown → treated as always there)."""
-        from vpp.db.models import Device
+        from store.models import Device
 
         async with self.services.db.session() as session:
             rows = (await session.execute(select(Device.id, Device.created_ms))).all()
@@ -260,7 +260,7 @@ class ForecastCalibrator:
         now_ms: int,
     ) -> list[_Day]:
         """Past evenings of one region's devices (``sub``: the region's snapshot rows)."""
-        from vpp.db.models import Command, TelemetryInterval
+        from store.models import Command, TelemetryInterval
 
         iv_ms = int(self.services.settings.history_interval_s) * 1000
         wy = weather_for_region(region)

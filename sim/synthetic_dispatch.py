@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from devices import physics
+from dispatch.types import DeviceUsage
+from vpp import physics
 from vpp.domain import KIND_CODE, DeviceKind
-from vpp.fleet import FleetSnapshot, compute_freshness
-from vpp.state.base import empty_state
-
-from .types import DeviceUsage
+from vpp.fleet.records import empty_state
+from vpp.fleet.snapshot import FleetSnapshot, compute_freshness
 
 DEFAULT_REGIONS = ("ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM")
 

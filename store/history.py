@@ -22,9 +22,9 @@ import numpy as np
 from sqlalchemy import case
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vpp.db.models import TelemetryInterval
-from vpp.db.session import Database
-from vpp.state.base import STATE_DTYPE
+from store.database import Database
+from store.models import TelemetryInterval
+from vpp.fleet.records import STATE_DTYPE
 
 FIELDS = ("power_w", "soc_pct", "indoor_c", "setpoint_c", "hvac_w", "outdoor_c")
 _N = len(FIELDS)

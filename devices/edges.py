@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from store.database import Database
+from store.fleet_cache import FleetCache
+from store.state import StateStore, make_state_store
 from vpp.clock import Clock, get_clock
-from vpp.db.session import Database
-from vpp.fleet import FleetCache
 from vpp.settings import Settings
-from vpp.state import StateStore, make_state_store
 
 if TYPE_CHECKING:
     from devices.credentials import CredentialManager

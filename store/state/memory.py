@@ -7,7 +7,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 
-from vpp.state.base import StateStore
+from store.state.base import StateStore
 
 
 class MemoryStateStore(StateStore):

@@ -7,9 +7,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from vpp.db.session import sync_url
+from store.database import sync_url
 
-_HERE = Path(__file__).resolve().parent.parent
+_HERE = Path(__file__).resolve().parent
 
 
 def alembic_config(database_url: str) -> Config:

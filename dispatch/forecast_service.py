@@ -22,7 +22,7 @@ import orjson
 import pandas as pd
 from sqlalchemy import case, func, select
 
-from vpp.fleet import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
 from vpp.forecast.model import ForecastResult, QuantileMap, RegionCalibration, ShockParams
 from vpp.weather import weather_for_region
@@ -194,7 +194,7 @@ class ForecastService:
         info: dict[str, Any] | None = None,
     ) -> None:
         """Install shock magnitudes / a quantile map learnt by a calibration job (back-test or
-        :class:`vpp.forecast.calibrator.ForecastCalibrator`); ``info`` is what it reports."""
+        :class:`dispatch.forecast_calibrator.ForecastCalibrator`); ``info`` is what it reports."""
         t = self._tuning.setdefault(region, _Tuning())
         if shocks is not None:
             t.shocks = shocks
@@ -314,7 +314,7 @@ class ForecastService:
     async def committed_mw(self, region: str, starts_ms: npt.ArrayLike, step_s: int) -> F64:
         """MW already booked per interval: per 15-minute ledger slot the sum over requests, per
         interval the largest slot it overlaps (capacity is firm at every moment)."""
-        from vpp.db.models import LedgerEntry
+        from store.models import LedgerEntry
 
         starts = np.asarray(starts_ms, dtype=np.int64)
         if starts.size == 0:
@@ -407,7 +407,7 @@ class ForecastService:
         )
 
     async def _load_history(self, now_ms: int) -> _History:
-        from vpp.db.models import CapacityRequest, Command, Device, GridEvent, TelemetryInterval
+        from store.models import CapacityRequest, Command, Device, GridEvent, TelemetryInterval
 
         since = now_ms - HISTORY_DAYS * m.DAY_MS
         async with self.services.db.session() as session:

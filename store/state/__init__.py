@@ -5,22 +5,16 @@ Redis in production (``redis://``), an in-process store by default (``memory://`
 
 from __future__ import annotations
 
-from vpp.state.base import (
-    STATE_DTYPE,
-    StateStore,
-    empty_state,
-    pack_state,
-    unpack_states,
-)
+from store.state.base import StateStore
 
 
 def make_state_store(url: str, prefix: str = "vpp") -> StateStore:
     if url.startswith("memory://"):
-        from vpp.state.memory import MemoryStateStore
+        from store.state.memory import MemoryStateStore
 
         return MemoryStateStore()
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from vpp.state.redis import RedisStateStore
+        from store.state.redis import RedisStateStore
 
         return RedisStateStore(url, prefix=prefix)
     raise ValueError(
@@ -28,11 +22,4 @@ def make_state_store(url: str, prefix: str = "vpp") -> StateStore:
     )
 
 
-__all__ = [
-    "STATE_DTYPE",
-    "StateStore",
-    "empty_state",
-    "make_state_store",
-    "pack_state",
-    "unpack_states",
-]
+__all__ = ["StateStore", "make_state_store"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from vpp.db.models import Base
+from store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -40,7 +40,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
-    from vpp.db.migrate import upgrade
+    from store.migrate import upgrade
 
     _logging()
     s = get_settings()
@@ -73,9 +73,9 @@ def keys_create(
 ) -> None:
     """Print a new API key, alone on one line, on standard output."""
     from api.auth import create_api_key
+    from store.database import Database
+    from store.migrate import upgrade
     from vpp.clock import get_clock
-    from vpp.db.migrate import upgrade
-    from vpp.db.session import Database
     from vpp.domain import Role
 
     try:
@@ -104,7 +104,7 @@ def keys_create(
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply the database migrations (VPP_DATABASE_URL)."""
-    from vpp.db.migrate import upgrade
+    from store.migrate import upgrade
 
     upgrade(get_settings().database_url, revision)
     typer.echo("database at " + revision)
@@ -115,9 +115,9 @@ def _register_optional() -> None:
     import importlib
 
     for module, attr in (
-        ("devices.simulator_cli", "register"),
-        ("vpp.demo", "register"),
-        ("vpp.client_cli", "register"),
+        ("cli.simulate", "register"),
+        ("cli.demo", "register"),
+        ("cli.client", "register"),
     ):
         try:
             getattr(importlib.import_module(module), attr)(app)

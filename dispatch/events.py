@@ -13,11 +13,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from devices.edges import Services
 from dispatch.types import GRID_EVENT_PRIORITY
+from store.models import CapacityRequest, GridEvent
 from vpp.clock import to_datetime
-from vpp.db.models import CapacityRequest, GridEvent
 from vpp.domain import Direction, GridEventStatus, RequestStatus
-from vpp.services import Services
 
 KIND_REQUEST = "capacity_request"
 KIND_GRID = "grid_event"

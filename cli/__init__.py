@@ -1,0 +1,1 @@
+"""The command line: the `vpp` entry point, client commands, the demo, and the wiring."""

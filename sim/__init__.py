@@ -1,0 +1,1 @@
+"""The fleet simulator and synthetic-fleet generators: test, demo and bench tooling."""

@@ -1,0 +1,1 @@
+"""Storage: database models, migrations, repositories and the state store."""

@@ -1,0 +1,263 @@
+"""The fleet cache: a current :class:`FleetSnapshot` built from the database's registry and the
+state store's latest records, kept fresh stale-while-revalidate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import select
+
+from vpp.fleet.registry import (
+    FLOAT_COLUMNS,
+    REGISTRY_COLUMNS,
+    Registry,
+    assemble_packed,
+    build_registry,
+    build_registry_columns,
+    registry_with_changes,
+    snapshot_with_changes,
+)
+from vpp.fleet.snapshot import FleetSnapshot
+
+log = logging.getLogger(__name__)
+
+
+class FleetCache:
+    """Keeps a current snapshot for the API, forecaster and dispatcher: stale-while-revalidate.
+
+    ``snapshot()`` answers at once with the snapshot it has; when that is older than
+    ``max_age_s`` (wall time) it starts one rebuild in the background, so no request waits for
+    a million devices to be re-read. Only the first call waits, and calls after ``invalidate()``
+    or with ``force=True`` (the event runner's closed loop, tests), which wait for a build that
+    started after them.
+
+    The registry is reloaded from the database only when the state store's registry version
+    says another process changed it: changes made here come in through ``apply_changes`` and
+    are applied to the registry and the current snapshot at once. Worker-thread assembly and
+    the registry build keep the event loop responsive while a rebuild runs.
+    """
+
+    def __init__(
+        self,
+        services: Any,
+        max_age_s: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.services = services
+        self.max_age_s = max_age_s
+        # Wall-clock bounded on purpose (like the state store's TTLs): it limits work, not
+        # simulated time.
+        self._monotonic = monotonic
+        self._registry: Registry | None = None
+        self._registry_version: int | None = None
+        self._snapshot: FleetSnapshot | None = None
+        self._built_at = 0.0
+        self._lock = asyncio.Lock()
+        # Tickets: a build serves every request made before it started.
+        self._requested = 0
+        self._built_ticket = -1
+        self._must_ticket = 0
+        # Local changes seen while a build runs, applied again to its result (idempotent).
+        self._changes: list[tuple[list[Any], list[str]]] | None = None
+        self._refresh: asyncio.Task[None] | None = None
+        self.builds = 0
+        self.registry_loads = 0
+        self.last_build_s: dict[str, float] = {}
+
+    def invalidate(self) -> None:
+        """The next ``snapshot()`` waits for a build that starts after this call (state and
+        registry re-read; the registry from the database only if its version moved)."""
+        self._requested += 1
+        self._must_ticket = self._requested
+
+    def apply_changes(
+        self, rows: Sequence[Sequence[Any] | Mapping[str, Any]], removed_ids: Sequence[str] = ()
+    ) -> None:
+        """Devices this process just onboarded/changed (``rows``: registry rows as tuples in
+        ``REGISTRY_COLUMNS`` order or dicts with those keys) and offboarded (``removed_ids``),
+        after the call's one registry write (``registry_put``): the registry and the current
+        snapshot take them at once, no reload from the database."""
+        tuples = [
+            tuple(r[c] for c in REGISTRY_COLUMNS) if isinstance(r, Mapping) else tuple(r)
+            for r in rows
+        ]
+        removed = list(removed_ids)
+        if self._changes is not None:
+            self._changes.append((tuples, removed))
+        if self._registry is None:
+            return  # nothing loaded yet: the first build reads the database
+        self._registry, source = registry_with_changes(self._registry, tuples, removed)
+        if self._registry_version is not None:
+            self._registry_version += 1  # our own registry write, already applied
+        if self._snapshot is not None:
+            self._snapshot = snapshot_with_changes(self._snapshot, self._registry, source)
+
+    async def snapshot(self, force: bool = False) -> FleetSnapshot:
+        if force:
+            self._requested += 1
+            return await self._fresh(self._requested)
+        snap = self._snapshot
+        if snap is None or self._built_ticket < self._must_ticket:
+            return await self._fresh(self._must_ticket)
+        if self._monotonic() - self._built_at >= self.max_age_s:
+            self._start_refresh()
+        return snap
+
+    async def stop(self) -> None:
+        """Cancel a background rebuild (called by ``Services.close`` via ``components``)."""
+        task, self._refresh = self._refresh, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def wait_refreshed(self) -> None:
+        """Wait for a background rebuild in flight, if any (tests, benches)."""
+        task = self._refresh
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _fresh(self, ticket: int) -> FleetSnapshot:
+        async with self._lock:
+            if self._snapshot is not None and self._built_ticket >= ticket:
+                return self._snapshot
+            return await self._build()
+
+    def _start_refresh(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            return
+        components = getattr(self.services, "components", None)
+        if isinstance(components, dict):
+            components.setdefault("fleet_cache", self)  # so Services.close stops the task
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_in_background())
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            async with self._lock:
+                if self._monotonic() - self._built_at < self.max_age_s:
+                    return  # someone rebuilt while we queued
+                await self._build()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Keep serving the previous snapshot; try again after another max_age_s.
+            log.exception("fleet snapshot rebuild failed; serving the previous snapshot")
+            self._built_at = self._monotonic()
+
+    async def _build(self) -> FleetSnapshot:
+        """One rebuild; the caller holds the lock."""
+        ticket = self._requested
+        self._changes = []
+        timings: dict[str, float] = {}
+        store = self.services.state
+        try:
+            t0 = time.perf_counter()
+            version = await store.registry_version()
+            reload = self._registry is None or version != self._registry_version
+            registry = self._registry
+            if reload:
+                registry = await self._load_registry()
+                timings["registry_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            states, statuses = await asyncio.gather(
+                store.all_states_packed(), store.all_status_packed()
+            )
+            timings["read_s"] = time.perf_counter() - t1
+            assert registry is not None
+            if not reload:
+                registry = self._registry  # local changes applied while we read
+                assert registry is not None
+            s = self.services.settings
+            t2 = time.perf_counter()
+            snap = await asyncio.to_thread(
+                assemble_packed,
+                registry,
+                states,
+                statuses,
+                self.services.clock.now_ms(),
+                s.telemetry_interval_s,
+                s.offline_after_s,
+            )
+            timings["assemble_s"] = time.perf_counter() - t2
+            # Local changes made meanwhile (idempotent on rows they already reached). No await
+            # from here on: registry and snapshot are swapped together.
+            for rows, removed in self._changes:
+                registry, source = registry_with_changes(registry, rows, removed)
+                snap = snapshot_with_changes(snap, registry, source)
+            self._registry, self._snapshot = registry, snap
+            if reload:
+                self._registry_version = version
+                self.registry_loads += 1
+            self._built_ticket = ticket
+            self._built_at = self._monotonic()
+            self.builds += 1
+            timings["total_s"] = time.perf_counter() - t0
+            self.last_build_s = timings
+            return snap
+        finally:
+            self._changes = None
+
+    async def _load_registry(self) -> Registry:
+        from store.models import Device
+
+        db = self.services.db
+        if not db.is_sqlite:
+            csv = await _copy_registry_csv(db)
+            if csv is not None:
+                return await asyncio.to_thread(_registry_from_csv, csv)
+        cols = [getattr(Device, name) for name in REGISTRY_COLUMNS]
+        query = select(*cols).where(Device.offboarded_ms.is_(None)).order_by(Device.id)
+        async with db.session() as session:
+            rows = (await session.execute(query)).all()
+        # Transposed to columns and converted in a worker thread.
+        return await asyncio.to_thread(build_registry, rows)
+
+
+async def _copy_registry_csv(db: Any) -> bytes | None:
+    """The registry columns as CSV through PostgreSQL's COPY (asyncpg): no Python object per
+    row or value on the event loop; parsed by pandas' C reader. None if the driver can't."""
+    sql = (
+        f"SELECT {', '.join(REGISTRY_COLUMNS)} FROM devices WHERE offboarded_ms IS NULL ORDER BY id"
+    )
+    chunks: list[bytes] = []
+
+    async def sink(data: bytes) -> None:
+        chunks.append(data)
+
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = getattr(raw, "driver_connection", None)
+        if driver is None or not hasattr(driver, "copy_from_query"):
+            return None
+        await driver.copy_from_query(sql, output=sink, format="csv")
+    return b"".join(chunks)
+
+
+def _registry_from_csv(data: bytes) -> Registry:
+    if not data.strip():
+        return build_registry([])
+    text = REGISTRY_COLUMNS[:7]  # ids, tenant, codes and the t/f of enrolled
+    dtypes: dict[str, Any] = {
+        **dict.fromkeys(text, object),
+        **dict.fromkeys(FLOAT_COLUMNS, "float64"),
+    }
+    frame = pd.read_csv(
+        io.BytesIO(data),
+        header=None,
+        names=list(REGISTRY_COLUMNS),
+        dtype=dtypes,
+        # NULL is an unquoted empty field: "" for text (vendor/feeder code as ""), NaN for floats.
+        keep_default_na=False,
+        na_values={c: [""] for c in FLOAT_COLUMNS},
+        float_precision="round_trip",
+    )
+    columns: dict[str, Any] = {c: frame[c].to_numpy() for c in REGISTRY_COLUMNS}
+    columns["enrolled"] = columns["enrolled"] == "t"
+    return build_registry_columns(columns)

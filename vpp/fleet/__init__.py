@@ -1,0 +1,1 @@
+"""The fleet as arrays: snapshot, registry columns, packed state records."""
