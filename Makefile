@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit services bench install clean
+.PHONY: demo test lint layers typecheck unit services bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check vpp store devices sim dispatch api cli tests bench
 	$(VENV)/bin/ruff format --check vpp store devices sim dispatch api cli tests bench
 
+layers: $(STAMP)
+	$(VENV)/bin/lint-imports
+
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-test: $(STAMP) services lint typecheck
+test: $(STAMP) services lint layers typecheck
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: $(STAMP) services

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -18,31 +16,33 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from devices.edges import Services
+from api.routers import (
+    capacity_requests,
+    dashboard,
+    devices,
+    events,
+    fleet,
+    forecast,
+    grid_events,
+    health,
+    settlement,
+)
+from dispatch.services import Services
 from vpp.clock import Clock
 from vpp.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 ROUTERS = [
-    "api.routers.health",
-    "api.routers.devices",
-    "api.routers.fleet",
-    "api.routers.forecast",
-    "api.routers.capacity_requests",
-    "api.routers.grid_events",
-    "api.routers.events",
-    "api.routers.settlement",
-    "api.routers.dashboard",
-]
-
-# Background components started by `vpp serve`: "module:factory", each factory(services) returns
-# an object with async start() and stop().
-COMPONENTS = [
-    "devices.ingest:IngestWorker",
-    "dispatch.runner:EventRunner",
-    "dispatch.market:MarketHousekeeper",
-    "dispatch.forecast_calibrator:ForecastCalibrator",
+    health.router,
+    devices.router,
+    fleet.router,
+    forecast.router,
+    capacity_requests.router,
+    grid_events.router,
+    events.router,
+    settlement.router,
+    dashboard.router,
 ]
 
 DESCRIPTION = """
@@ -56,46 +56,27 @@ UTC timestamps, ISO 8601 durations.
 """
 
 
-def _load(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def create_app(
     settings: Settings | None = None,
     services: Services | None = None,
-    run_components: bool = False,
+    run_background: bool = False,
     clock: Clock | None = None,
 ) -> FastAPI:
-    """``services`` given: the caller owns it (tests). ``run_components``: start ingest and the
-    event runner in this process (``vpp serve``)."""
+    """``services`` given: the caller owns it (tests). ``run_background``: start ingest, the
+    event runner, quote housekeeping and the calibrator in this process (``vpp serve``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
         svc = services or await Services.create(settings or get_settings(), clock=clock)
         app.state.services = svc
-        started = []
-        if run_components:
-            for path in COMPONENTS:
-                try:
-                    factory = _load(path)
-                except (ImportError, AttributeError):
-                    log.warning("component %s not available", path)
-                    continue
-                comp = factory(svc)
-                await comp.start()
-                svc.components[path] = comp
-                started.append(path)
+        if run_background:
+            await svc.start_background()
         try:
             yield
         finally:
-            for path in reversed(started):
-                comp = svc.components.pop(path)
-                try:
-                    await asyncio.wait_for(comp.stop(), 30)
-                except Exception:
-                    log.exception("stopping %s", path)
+            if run_background:
+                await svc.stop_background()
             if own:
                 await svc.close()
 
@@ -142,9 +123,8 @@ def create_app(
             )
         return await http_exception_handler(request, exc)
 
-    for path in ROUTERS:
-        module = importlib.import_module(path)
-        app.include_router(module.router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.auth import hash_key
-from devices.edges import Services
+from dispatch.services import Services
+from store.keys import hash_key
 from vpp.domain import Role
 
 bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer vpp_…`")

@@ -78,9 +78,9 @@ def to_csv(data: list[dict[str, object]]) -> bytes:
 
 async def run(db_url: str, n: int, label: str) -> None:
     from api.app import create_app
-    from api.auth import create_api_key
     from devices import onboarding
-    from devices.edges import Services
+    from dispatch.services import Services
+    from store.keys import create_api_key
     from store.migrate import upgrade
     from vpp.settings import Settings
 

@@ -78,9 +78,9 @@ def bare_paho(messages: list[tuple[str, bytes]], window: int = 1000) -> float:
 
 
 async def main(n: int) -> None:
-    from devices.edges import Services
     from dispatch import events as es
     from dispatch.runner import CommandBatch, EventRunner, Running, new_command_id
+    from dispatch.services import Services
     from dispatch.types import Horizon
     from store.migrate import upgrade
     from vpp.clock import Clock

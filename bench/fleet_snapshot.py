@@ -241,7 +241,7 @@ def new_battery_row(device_id: str) -> dict[str, Any]:
 
 
 async def bench_size(n: int) -> None:
-    from devices.edges import Services
+    from dispatch.services import Services
     from store.migrate import upgrade
     from vpp.clock import ManualClock
     from vpp.settings import Settings

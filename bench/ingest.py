@@ -165,8 +165,8 @@ def role_worker(cfg: dict[str, Any]) -> None:
 
 
 async def _worker(cfg: dict[str, Any]) -> None:
-    from devices.edges import Services
     from devices.ingest import IngestWorker
+    from dispatch.services import Services
 
     services = await Services.create(_settings(cfg))
     worker = IngestWorker(services)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import httpx
     from rich.console import Console
 
-    from devices.edges import Services
+    from dispatch.services import Services
     from vpp.clock import Clock
     from vpp.settings import Settings
 
@@ -185,8 +185,8 @@ class Demo:
         import uvicorn
 
         from api.app import create_app
-        from api.auth import create_api_key
-        from devices.edges import Services
+        from dispatch.services import Services
+        from store.keys import create_api_key
         from store.migrate import upgrade
         from vpp.clock import Clock, set_clock
         from vpp.settings import Settings
@@ -229,7 +229,7 @@ class Demo:
         set_clock(self.clock)  # one clock for every part of this process
         await asyncio.to_thread(upgrade, self.settings.database_url)
         self.services = await Services.create(self.settings, clock=self.clock)
-        app = create_app(self.settings, services=self.services, run_components=True)
+        app = create_app(self.settings, services=self.services, run_background=True)
         sock = free_socket(opts.host, opts.port)
         port = sock.getsockname()[1]
         self.base_url = f"http://{opts.host}:{port}"
@@ -241,10 +241,6 @@ class Demo:
                 self.server_task.result()
                 raise DemoError("the API server stopped while starting")
             await asyncio.sleep(0.05)
-        started = set(self.services.components)
-        for comp in ("devices.ingest:IngestWorker", "dispatch.runner:EventRunner"):
-            if comp not in started:
-                self.result.missing.append(comp)
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=120.0)
         self.say(f"data in [bold]{self.workdir}[/] (SQLite), in-process broker and state store")
         self.say(
@@ -252,8 +248,6 @@ class Demo:
             f"(a {opts.window_h:g} h window lasts {opts.window_h * 3600 / opts.time_scale:.0f} s)"
         )
         self.say(f"API and dashboard on [bold]{self.base_url}[/]  ·  log: {log_file}")
-        for comp in self.result.missing:
-            self.say(f"[yellow]not available:[/] {comp} (the story runs without it)")
 
         now = self.service_now_ms()
         for name, tenant, role in (

@@ -46,7 +46,7 @@ def serve(
     s = get_settings()
     upgrade(s.database_url)
     uvicorn.run(
-        create_app(s, run_components=True),
+        create_app(s, run_background=True),
         host=host or s.api_host,
         port=port or s.api_port,
         log_level=s.log_level,
@@ -72,8 +72,8 @@ def keys_create(
     label: str = typer.Option("", help="a note to recognise the key by"),
 ) -> None:
     """Print a new API key, alone on one line, on standard output."""
-    from api.auth import create_api_key
     from store.database import Database
+    from store.keys import create_api_key
     from store.migrate import upgrade
     from vpp.clock import get_clock
     from vpp.domain import Role

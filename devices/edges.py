@@ -1,27 +1,35 @@
-"""The service container: settings, clock, database, state store, MQTT, credentials, fleet.
+"""The edges one process talks through: settings, clock, database, state store, MQTT, broker
+credentials and the fleet cache.
 
-Built once per process (``await Services.create(settings)``) and handed to the API, the ingest
-worker, the forecaster and the event runner, so each talks to the same edges.
+Built once per process (``await Edges.create(settings)``, or the richer
+``dispatch.services.Services`` that adds the components built on top) and handed to ingest,
+onboarding and everything above, so each part talks to the same edges.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Self
 
+from devices.credentials import CredentialManager, make_credential_manager
+from devices.mqtt import (
+    InProcessBroker,
+    MqttClient,
+    OutMessage,
+    default_broker,
+    make_client,
+    parse_mqtt_url,
+)
 from store.database import Database
 from store.fleet_cache import FleetCache
 from store.state import StateStore, make_state_store
 from vpp.clock import Clock, get_clock
 from vpp.settings import Settings
 
-if TYPE_CHECKING:
-    from devices.credentials import CredentialManager
-    from devices.mqtt import InProcessBroker, MqttClient, OutMessage
 
-
-@dataclass
-class Services:
+@dataclass(eq=False)
+class Edges:
     settings: Settings
     clock: Clock
     db: Database
@@ -29,17 +37,15 @@ class Services:
     credentials: CredentialManager
     broker: InProcessBroker | None  # the in-process broker when VPP_MQTT_URL is memory://
     fleet: FleetCache = field(init=False)
-    # Components attach themselves here (forecast service, event runner, …) by name.
-    components: dict[str, Any] = field(default_factory=dict)
+    # Called when a grid event or request changes outside the event runner (abort, cancel), so
+    # a runner in this process acts at once instead of on its next tick.
+    on_event_change: list[Callable[[], None]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        self.fleet = FleetCache(self)
+        self.fleet = FleetCache(self.db, self.state, self.settings, self.clock)
 
     @classmethod
-    async def create(cls, settings: Settings, clock: Clock | None = None) -> Services:
-        from devices.credentials import make_credential_manager
-        from devices.mqtt import default_broker, parse_mqtt_url
-
+    async def create(cls, settings: Settings, clock: Clock | None = None) -> Self:
         broker = default_broker() if parse_mqtt_url(settings.mqtt_url).is_memory else None
         if clock is None:
             shared = get_clock()
@@ -66,8 +72,6 @@ class Services:
         will: OutMessage | None = None,
         clean_start: bool = True,
     ) -> MqttClient:
-        from devices.mqtt import make_client
-
         return make_client(
             self.settings.mqtt_url,
             client_id,
@@ -81,11 +85,12 @@ class Services:
     def topic(self, device_id: str, leaf: str) -> str:
         return f"{self.settings.topic_root}/devices/{device_id}/{leaf}"
 
+    def event_changed(self) -> None:
+        for callback in list(self.on_event_change):
+            callback()
+
     async def close(self) -> None:
-        for comp in list(self.components.values()):
-            stop = getattr(comp, "stop", None)
-            if stop is not None:
-                await stop()
+        await self.fleet.stop()
         await self.credentials.close()
         await self.state.close()
         await self.db.dispose()

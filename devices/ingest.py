@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from devices.edges import Edges
 from devices.telemetry import (
     Limits,
     Rejected,
@@ -58,7 +59,6 @@ from vpp.domain import RejectReason
 from vpp.fleet.records import STATE_DTYPE
 
 if TYPE_CHECKING:
-    from devices.edges import Services
     from devices.mqtt import MqttClient
     from vpp.settings import Settings
 
@@ -108,7 +108,7 @@ class IngestWorker:
 
     def __init__(
         self,
-        services: Services,
+        services: Edges,
         *,
         client_id: str | None = None,
         flush_ms: int | None = None,
@@ -499,11 +499,8 @@ class IngestWorker:
 
 async def run_standalone(settings: Settings) -> None:
     """``vpp ingest``: one worker until SIGTERM or SIGINT, then a clean stop."""
-    from devices.edges import Services
-
-    services = await Services.create(settings)
+    services = await Edges.create(settings)
     worker = IngestWorker(services)
-    services.components["devices.ingest:IngestWorker"] = worker
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -514,7 +511,6 @@ async def run_standalone(settings: Settings) -> None:
         await stop.wait()
         log.info("ingest: stopping")
     finally:
-        services.components.pop("devices.ingest:IngestWorker", None)
         await worker.stop()
         await services.close()
         log.info(

@@ -18,7 +18,7 @@ import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from devices.credentials import CredentialError, device_topics
+from devices.edges import Edges
 from store.models import Device, Tenant
 from vpp.domain import (
     BATTERY_MIN_RESERVE_PCT,
@@ -41,9 +42,6 @@ from vpp.domain import (
     THERMOSTAT_DEFAULT_MAX_OFFSET_C,
     DeviceKind,
 )
-
-if TYPE_CHECKING:
-    from devices.edges import Services
 
 MAX_BULK_DEVICES = 100_000
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
@@ -523,7 +521,7 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 async def onboard(
-    services: Services,
+    services: Edges,
     specs: Sequence[BatterySpec | SolarSpec | ThermostatSpec],
     *,
     tenant_id: str,
@@ -660,7 +658,7 @@ async def _insert_rows(session: AsyncSession, rows: list[dict[str, Any]], sqlite
         await conn.execute(insert(DEVICES_TABLE), list(chunk))
 
 
-async def _undo(services: Services, ids: list[str], provisioned: bool, registered: bool) -> None:
+async def _undo(services: Edges, ids: list[str], provisioned: bool, registered: bool) -> None:
     """Best-effort compensation after a failed onboarding (the row insert rolls back by itself)."""
     if registered:
         try:
@@ -686,7 +684,7 @@ def device_dict(row: Device) -> dict[str, Any]:
     return {c.name: getattr(row, c.key) for c in Device.__table__.columns}
 
 
-async def get_device(services: Services, device_id: str, scope: TenantScope) -> dict[str, Any]:
+async def get_device(services: Edges, device_id: str, scope: TenantScope) -> dict[str, Any]:
     """The device's row as a dict; :class:`DeviceNotFound` when missing, offboarded or another
     tenant's (the same answer in all three cases)."""
     async with services.db.session() as session:
@@ -699,7 +697,7 @@ async def get_device(services: Services, device_id: str, scope: TenantScope) -> 
 
 
 async def list_devices(
-    services: Services,
+    services: Edges,
     scope: TenantScope,
     *,
     region: str | None = None,
@@ -766,7 +764,7 @@ def validate_patch(body: Any, kind: str, current: Mapping[str, Any]) -> dict[str
 
 
 async def update_device(
-    services: Services, device_id: str, scope: TenantScope, body: Any
+    services: Edges, device_id: str, scope: TenantScope, body: Any
 ) -> dict[str, Any]:
     """Apply a PATCH body; returns the updated row. ``enrolled: false`` takes the device out of
     every new dispatch at once (the fleet snapshot is rebuilt)."""
@@ -792,7 +790,7 @@ async def update_device(
 
 
 # --- Offboarding --------------------------------------------------------------------------------
-async def offboard(services: Services, device_id: str, scope: TenantScope) -> None:
+async def offboard(services: Edges, device_id: str, scope: TenantScope) -> None:
     """Remove a device: its broker login is revoked (live session dropped) before the commit, its
     registry entry becomes a tombstone (ingest counts its messages as ``offboarded``) and its
     latest state is forgotten. The row stays, marked offboarded, for settlement history."""

@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from devices.edges import Services
+from devices.edges import Edges
 from dispatch.types import GRID_EVENT_PRIORITY
+from store.keys import ensure_tenant
 from store.models import CapacityRequest, GridEvent
 from vpp.clock import to_datetime
 from vpp.domain import Direction, GridEventStatus, RequestStatus
@@ -97,7 +98,7 @@ def from_grid(g: GridEvent) -> EventInfo:
     )
 
 
-async def load_event(services: Services, event_id: str) -> EventInfo | None:
+async def load_event(services: Edges, event_id: str) -> EventInfo | None:
     async with services.db.session() as s:
         if event_id.startswith("ge-"):
             g = await s.get(GridEvent, event_id)
@@ -125,7 +126,7 @@ def _parse_time(name: str, value: Any) -> int:
 
 
 async def create_grid_event(
-    services: Services,
+    services: Edges,
     tenant_id: str,
     *,
     region: str,
@@ -168,8 +169,6 @@ async def create_grid_event(
         created_ms=now,
         updated_ms=now,
     )
-    from api.auth import ensure_tenant
-
     await ensure_tenant(services.db, tenant_id, now)
     async with services.db.session() as s, s.begin():
         s.add(row)
@@ -177,7 +176,7 @@ async def create_grid_event(
     return await grid_event_view(services, from_grid(row), created_ms=now)
 
 
-async def get_grid_event(services: Services, event_id: str) -> dict[str, Any]:
+async def get_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
     async with services.db.session() as s:
         g = await s.get(GridEvent, event_id)
     if g is None:
@@ -185,7 +184,7 @@ async def get_grid_event(services: Services, event_id: str) -> dict[str, Any]:
     return await grid_event_view(services, from_grid(g), created_ms=g.created_ms)
 
 
-async def list_grid_events(services: Services, limit: int = 100) -> list[dict[str, Any]]:
+async def list_grid_events(services: Edges, limit: int = 100) -> list[dict[str, Any]]:
     async with services.db.session() as s:
         rows = (
             (await s.execute(select(GridEvent).order_by(GridEvent.start_ms.desc()).limit(limit)))
@@ -195,7 +194,7 @@ async def list_grid_events(services: Services, limit: int = 100) -> list[dict[st
     return [_base_view(from_grid(g), g.created_ms) for g in rows]
 
 
-async def abort_grid_event(services: Services, event_id: str) -> dict[str, Any]:
+async def abort_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
     """Abort: every device is restored at once (the runner sends restores with no stagger)."""
     now = services.clock.now_ms()
     async with services.db.session() as s, s.begin():
@@ -210,10 +209,8 @@ async def abort_grid_event(services: Services, event_id: str) -> dict[str, Any]:
     return await get_grid_event(services, event_id)
 
 
-def _wake_runner(services: Services) -> None:
-    runner = services.components.get("dispatch.runner:EventRunner")
-    if runner is not None and hasattr(runner, "wake"):
-        runner.wake()
+def _wake_runner(services: Edges) -> None:
+    services.event_changed()
 
 
 def _base_view(ev: EventInfo, created_ms: int | None = None) -> dict[str, Any]:
@@ -232,7 +229,7 @@ def _base_view(ev: EventInfo, created_ms: int | None = None) -> dict[str, Any]:
 
 
 async def grid_event_view(
-    services: Services, ev: EventInfo, created_ms: int | None = None
+    services: Edges, ev: EventInfo, created_ms: int | None = None
 ) -> dict[str, Any]:
     from dispatch.settlement_service import settlement_view
 
@@ -242,7 +239,7 @@ async def grid_event_view(
 
 
 # --- both kinds, for the runner and the events API -----------------------------------------------
-async def due_events(services: Services, now_ms: int) -> list[EventInfo]:
+async def due_events(services: Edges, now_ms: int) -> list[EventInfo]:
     """Events whose window has opened and that no runner has started: committed requests and
     scheduled grid events (those whose window already closed are returned too, so the runner can
     close them)."""
@@ -276,7 +273,7 @@ async def due_events(services: Services, now_ms: int) -> list[EventInfo]:
     return sorted(out, key=lambda e: (-e.priority, e.start_ms, e.id))
 
 
-async def active_events(services: Services) -> list[EventInfo]:
+async def active_events(services: Edges) -> list[EventInfo]:
     async with services.db.session() as s:
         reqs = (
             (
@@ -302,7 +299,7 @@ async def active_events(services: Services) -> list[EventInfo]:
 
 
 async def overlapping_commitments(
-    services: Services, region: str, start_ms: int, end_ms: int, exclude_id: str
+    services: Edges, region: str, start_ms: int, end_ms: int, exclude_id: str
 ) -> list[EventInfo]:
     """Committed (not yet running) requests and scheduled grid events overlapping a window: the
     planner leaves their capacity alone unless the event may preempt them."""
@@ -325,7 +322,7 @@ async def overlapping_commitments(
     return [from_request(r) for r in reqs]
 
 
-async def statuses(services: Services, ids: list[str]) -> dict[str, str]:
+async def statuses(services: Edges, ids: list[str]) -> dict[str, str]:
     """Current status of each event id (requests and grid events)."""
     out: dict[str, str] = {}
     req_ids = [i for i in ids if not i.startswith("ge-")]
@@ -351,7 +348,7 @@ async def statuses(services: Services, ids: list[str]) -> dict[str, str]:
 
 
 async def set_status(
-    services: Services, ev: EventInfo, status: str, *, only_from: tuple[str, ...] = ()
+    services: Edges, ev: EventInfo, status: str, *, only_from: tuple[str, ...] = ()
 ) -> bool:
     """Move an event to ``status`` (optionally only from the given statuses); True if it moved."""
     now = services.clock.now_ms()
@@ -365,7 +362,7 @@ async def set_status(
 
 
 async def list_events(
-    services: Services, *, status: str, tenant_id: str | None, now_ms: int, limit: int = 100
+    services: Edges, *, status: str, tenant_id: str | None, now_ms: int, limit: int = 100
 ) -> list[dict[str, Any]]:
     """Both kinds of event: ``active`` (running now) or ``recent`` (ended in the last 7 days)."""
     week_ms = 7 * 86_400_000

@@ -34,10 +34,10 @@ import orjson
 import pandas as pd
 from sqlalchemy import select
 
+from devices.edges import Edges
 from dispatch.forecast_service import (
     TUNING_KEY,
     ForecastService,
-    get_forecast_service,
     tuning_to_json,
 )
 from vpp.domain import FreshnessCode
@@ -70,11 +70,12 @@ class _Day:
 
 
 class ForecastCalibrator:
-    """Background component (``factory(services)`` → ``start``/``stop``), see module doc."""
+    """Background component of ``vpp serve`` (``start``/``stop``), see module doc."""
 
     def __init__(
         self,
-        services: Any,
+        services: Edges,
+        forecast: ForecastService,
         *,
         history_days: int = 30,
         min_days: int = 7,
@@ -86,6 +87,7 @@ class ForecastCalibrator:
         n_scenarios: int | None = None,
     ) -> None:
         self.services = services
+        self.forecast = forecast
         self.history_days = history_days
         self.min_days = min_days
         self.window_local_h = window_local_h
@@ -138,7 +140,7 @@ class ForecastCalibrator:
         if mine:
             await self.run_once(now_ms)
             return
-        fs = get_forecast_service(self.services)
+        fs = self.forecast
         snap = await self.services.fleet.snapshot()
         for region in sorted(fs.known_regions(snap)):
             await fs.load_tuning(region, force=True)
@@ -147,7 +149,7 @@ class ForecastCalibrator:
     async def run_once(self, now_ms: int | None = None) -> dict[str, Any]:
         """Calibrate every region now; returns per region what was learnt and from how much."""
         now = int(self.services.clock.now_ms() if now_ms is None else now_ms)
-        fs = get_forecast_service(self.services)
+        fs = self.forecast
         snap = await self.services.fleet.snapshot()
         created = await self._created_ms(snap)
         report: dict[str, Any] = {}

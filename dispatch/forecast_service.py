@@ -22,6 +22,7 @@ import orjson
 import pandas as pd
 from sqlalchemy import case, func, select
 
+from devices.edges import Edges
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
 from vpp.forecast.model import ForecastResult, QuantileMap, RegionCalibration, ShockParams
@@ -154,7 +155,7 @@ def tuning_from_json(doc: dict[str, Any]) -> tuple[ShockParams, QuantileMap, dic
 class ForecastService:
     def __init__(
         self,
-        services: Any,
+        services: Edges,
         *,
         n_scenarios: int = 1000,
         cache_ttl_s: float = 5.0,
@@ -212,9 +213,7 @@ class ForecastService:
         if not force and last is not None and time.monotonic() - last < self.calibration_ttl_s:
             return
         self._tuning_read_at[region] = time.monotonic()
-        state = getattr(self.services, "state", None)
-        if state is None:
-            return
+        state = self.services.state
         try:
             raw = await state.get_value(TUNING_KEY.format(region=region))
             if raw is None:
@@ -501,20 +500,3 @@ def _align(hist: _History, snap: FleetSnapshot, interval_s: int) -> _Aligned:
     optout_rate = m.estimate_optout_rates(cmd_opted, cmd_n, default_r)
     day_intervals = 86_400 / interval_s
     return _Aligned(ids, hist, online_rate, optout_rate, expected >= day_intervals)
-
-
-def get_forecast_service(services: Any) -> ForecastService:
-    """The services object's forecaster: ``services.components["forecast"]``, made and attached
-    on first use, so the API, quotes and dispatch share one cache."""
-    components = getattr(services, "components", None)
-    if isinstance(components, dict):
-        svc = components.get("forecast")
-        if not isinstance(svc, ForecastService):
-            svc = ForecastService(services)
-            components["forecast"] = svc
-        return svc
-    svc = getattr(services, "_forecast_service", None)
-    if not isinstance(svc, ForecastService):
-        svc = ForecastService(services)
-        services._forecast_service = svc
-    return svc

@@ -18,8 +18,6 @@ The event runner moves committed → active → completed with :meth:`Market.mar
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -35,6 +33,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from devices.edges import Edges
+from dispatch.forecast_service import ForecastInputError, ForecastService
 from dispatch.settlement_service import settlement_lines
 from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock
 from vpp.clock import to_datetime
@@ -258,8 +258,9 @@ class Market:
     """Quotes, commits, cancels and reads capacity requests. ``tenant_id`` None means the caller
     sees every tenant (operator, admin); otherwise another tenant's request is 404."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Edges, forecast: ForecastService) -> None:
         self.services = services
+        self.forecast = forecast
 
     # -- helpers --
     @property
@@ -268,11 +269,6 @@ class Market:
 
     def now_ms(self) -> int:
         return int(self.services.clock.now_ms())
-
-    def _forecaster(self) -> Any:
-        from dispatch.forecast_service import get_forecast_service
-
-        return get_forecast_service(self.services)
 
     async def known_regions(self) -> set[str]:
         regions = set(self.settings.regions)
@@ -285,10 +281,8 @@ class Market:
 
     async def _forecast(self, inp: RequestInput, slots: I64) -> tuple[F64, F64]:
         """(firm MW at the request's firmness, P90 MW) per ledger slot."""
-        from dispatch.forecast_service import ForecastInputError
-
         try:
-            res = await self._forecaster().forecast(
+            res = await self.forecast.forecast(
                 inp.region,
                 int(slots[0]),
                 int(slots[-1]) + LEDGER_STEP_MS,
@@ -811,52 +805,3 @@ def request_doc(req: CapacityRequest, plan: Plan | None = None) -> dict[str, Any
         "intervals": [],
         "performance": req.performance,
     }
-
-
-def get_market(services: Any) -> Market:
-    """The services object's market (``services.components["market"]``), made on first use."""
-    market = services.components.get("market")
-    if not isinstance(market, Market):
-        market = Market(services)
-        services.components["market"] = market
-    return market
-
-
-class MarketHousekeeper:
-    """A background component: every ``period_s`` of service time, expires stale quotes and
-    re-plans committed requests whose fleet changed (:meth:`dispatch.planner.Planner.refresh`).
-    ``factory(services)`` with ``async start()`` / ``async stop()``, like the other components."""
-
-    def __init__(self, services: Any, period_s: float = 60.0) -> None:
-        self.services = services
-        self.period_s = period_s
-        self._task: asyncio.Task[None] | None = None
-
-    async def tick(self) -> tuple[int, list[str]]:
-        from dispatch.planner import get_planner
-
-        now = int(self.services.clock.now_ms())
-        expired = await get_market(self.services).expire_quotes(now)
-        replanned = await get_planner(self.services).refresh(now)
-        return expired, replanned
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep going: the next tick may find the database back
-                log.exception("market housekeeping")
-            await self.services.clock.sleep(self.period_s)
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="market-housekeeper")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

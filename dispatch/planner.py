@@ -26,6 +26,7 @@ import orjson
 import pandas as pd
 from sqlalchemy import func, select
 
+from devices.edges import Edges
 from dispatch.types import (
     GRID_EVENT_PRIORITY,
     Demand,
@@ -153,7 +154,7 @@ class PlanOutcome:
 class Planner:
     def __init__(
         self,
-        services: Any,
+        services: Edges,
         params: DispatchParams | None = None,
         *,
         lookahead_h: float = 6.0,
@@ -397,12 +398,3 @@ def _grid_demand(g: GridEvent) -> Demand:
         is_grid_event=True,
         preempt=bool(g.preempt),
     )
-
-
-def get_planner(services: Any) -> Planner:
-    """The services object's planner (``services.components["planner"]``), made on first use."""
-    planner = services.components.get("planner")
-    if not isinstance(planner, Planner):
-        planner = Planner(services)
-        services.components["planner"] = planner
-    return planner

@@ -40,7 +40,7 @@ import numpy.typing as npt
 import orjson
 from sqlalchemy import func, insert, select, update
 
-from devices.edges import Services
+from devices.edges import Edges
 from dispatch import events as es
 from dispatch.settlement import (
     MIN_CONTROL_DEVICES,
@@ -205,7 +205,7 @@ class CommandStore:
         "expected_kw",
     )
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Edges) -> None:
         self.services = services
         self.pg = not services.db.is_sqlite
 
@@ -402,7 +402,7 @@ def _control_group(
 class EventRunner:
     """``EventRunner(services)``: ``await start()`` / ``await stop()``; ``wake()`` to act now."""
 
-    def __init__(self, services: Services, *, owner: str | None = None) -> None:
+    def __init__(self, services: Edges, *, owner: str | None = None) -> None:
         self.services = services
         self.settings = services.settings
         self.clock = services.clock
@@ -433,11 +433,13 @@ class EventRunner:
         await self.client.connect()
         self._stopping = False
         self._task = asyncio.create_task(self._loop(), name="event-runner")
-        self.services.components.setdefault("dispatch.runner:EventRunner", self)
+        self.services.on_event_change.append(self.wake)
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self.wake in self.services.on_event_change:
+            self.services.on_event_change.remove(self.wake)
         if self._task is not None:
             self._task.cancel()
             try:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, insert, select, update
 
-from devices.edges import Services
+from devices.edges import Edges
 from dispatch import events as es
 from dispatch.settlement import (
     MIN_CONTROL_DEVICES,
@@ -46,7 +46,7 @@ ADJUST_FROM_H, ADJUST_TO_H = 4.0, 1.0  # same-day adjustment: hours −4..−1 b
 NOT_DISPATCHED = ("pending", "restored")  # stored but never published
 
 
-async def _runner_body(services: Services, event_id: str) -> dict[str, Any]:
+async def _runner_body(services: Edges, event_id: str) -> dict[str, Any]:
     async with services.db.session() as s:
         plan = (
             await s.execute(
@@ -62,7 +62,7 @@ async def _runner_body(services: Services, event_id: str) -> dict[str, Any]:
 
 
 async def _history(
-    services: Services, device_ids: list[str], lo_ms: int, hi_ms: int
+    services: Edges, device_ids: list[str], lo_ms: int, hi_ms: int
 ) -> dict[str, list[tuple[int, float | None, float | None]]]:
     """device → [(slot start, power_w, hvac_w)] in [lo, hi)."""
     out: dict[str, list[tuple[int, float | None, float | None]]] = defaultdict(list)
@@ -110,7 +110,7 @@ def _matrix(
 
 
 async def compute_settlement(
-    services: Services, event_id: str
+    services: Edges, event_id: str
 ) -> tuple[es.EventInfo, Settlement] | None:
     ev = await es.load_event(services, event_id)
     if ev is None:
@@ -224,7 +224,7 @@ def _nanmean_rows(m: np.ndarray) -> np.ndarray:
 
 
 async def _ten_in_ten(
-    services: Services, ids: list[str], grid: SettlementGrid, slot_ms: int
+    services: Edges, ids: list[str], grid: SettlementGrid, slot_ms: int
 ) -> TenInTen | None:
     """CAISO 10-in-10 inputs: the same intervals on the most recent prior days with history on
     which the device had no event, and the same-day adjustment window on each."""
@@ -279,7 +279,7 @@ async def _ten_in_ten(
 
 
 async def settle_event(
-    services: Services, event_id: str, until_ms: int | None = None
+    services: Edges, event_id: str, until_ms: int | None = None
 ) -> Settlement | None:
     """Compute and store the settlement lines of an event (replacing earlier ones). With
     ``until_ms`` only the intervals that ended by then are stored (a provisional settlement while
@@ -340,7 +340,7 @@ def _interval_dict(
     }
 
 
-async def settlement_lines(services: Services, event_id: str) -> list[SettlementLine]:
+async def settlement_lines(services: Edges, event_id: str) -> list[SettlementLine]:
     """An event's stored settlement lines, in interval order."""
     async with services.db.session() as s:
         result = await s.execute(
@@ -351,7 +351,7 @@ async def settlement_lines(services: Services, event_id: str) -> list[Settlement
         return list(result.scalars().all())
 
 
-async def settlement_view(services: Services, event_id: str) -> dict[str, Any]:
+async def settlement_view(services: Edges, event_id: str) -> dict[str, Any]:
     """Per-interval target, delivered and performance (stored lines once settled; a provisional
     measurement while the event runs), plus device counts."""
     lines = await settlement_lines(services, event_id)
@@ -471,7 +471,7 @@ CSV_COLUMNS = [
 ]
 
 
-async def settlement_csv(services: Services, event_id: str) -> str:
+async def settlement_csv(services: Edges, event_id: str) -> str:
     """The settlement lines with their baseline inputs, one row an interval. Settles first if the
     event ran but has no stored lines yet."""
     import orjson
@@ -527,7 +527,7 @@ async def settlement_csv(services: Services, event_id: str) -> str:
     return buf.getvalue()
 
 
-async def timeline(services: Services, event_id: str) -> list[dict[str, Any]]:
+async def timeline(services: Edges, event_id: str) -> list[dict[str, Any]]:
     async with services.db.session() as s:
         rows = (
             (

@@ -14,6 +14,9 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import select
 
+from store.database import Database
+from store.state import StateStore
+from vpp.clock import Clock
 from vpp.fleet.registry import (
     FLOAT_COLUMNS,
     REGISTRY_COLUMNS,
@@ -25,6 +28,7 @@ from vpp.fleet.registry import (
     snapshot_with_changes,
 )
 from vpp.fleet.snapshot import FleetSnapshot
+from vpp.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +50,17 @@ class FleetCache:
 
     def __init__(
         self,
-        services: Any,
+        db: Database,
+        state: StateStore,
+        settings: Settings,
+        clock: Clock,
         max_age_s: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.services = services
+        self.db = db
+        self.state = state
+        self.settings = settings
+        self.clock = clock
         self.max_age_s = max_age_s
         # Wall-clock bounded on purpose (like the state store's TTLs): it limits work, not
         # simulated time.
@@ -111,7 +121,7 @@ class FleetCache:
         return snap
 
     async def stop(self) -> None:
-        """Cancel a background rebuild (called by ``Services.close`` via ``components``)."""
+        """Cancel a background rebuild (called by ``Edges.close``)."""
         task, self._refresh = self._refresh, None
         if task is not None and not task.done():
             task.cancel()
@@ -133,9 +143,6 @@ class FleetCache:
     def _start_refresh(self) -> None:
         if self._refresh is not None and not self._refresh.done():
             return
-        components = getattr(self.services, "components", None)
-        if isinstance(components, dict):
-            components.setdefault("fleet_cache", self)  # so Services.close stops the task
         self._refresh = asyncio.get_running_loop().create_task(self._refresh_in_background())
 
     async def _refresh_in_background(self) -> None:
@@ -156,7 +163,7 @@ class FleetCache:
         ticket = self._requested
         self._changes = []
         timings: dict[str, float] = {}
-        store = self.services.state
+        store = self.state
         try:
             t0 = time.perf_counter()
             version = await store.registry_version()
@@ -174,14 +181,14 @@ class FleetCache:
             if not reload:
                 registry = self._registry  # local changes applied while we read
                 assert registry is not None
-            s = self.services.settings
+            s = self.settings
             t2 = time.perf_counter()
             snap = await asyncio.to_thread(
                 assemble_packed,
                 registry,
                 states,
                 statuses,
-                self.services.clock.now_ms(),
+                self.clock.now_ms(),
                 s.telemetry_interval_s,
                 s.offline_after_s,
             )
@@ -207,7 +214,7 @@ class FleetCache:
     async def _load_registry(self) -> Registry:
         from store.models import Device
 
-        db = self.services.db
+        db = self.db
         if not db.is_sqlite:
             csv = await _copy_registry_csv(db)
             if csv is not None:

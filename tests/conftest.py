@@ -118,8 +118,8 @@ ServicesFactory = Callable[..., Awaitable["Services"]]  # type: ignore[name-defi
 async def services_factory() -> AsyncIterator[ServicesFactory]:
     """``await services_factory(settings, clock=None)``: migrated database, ready Services;
     closed (and Redis keys removed) after the test."""
-    from devices.edges import Services
     from devices.mqtt import InProcessBroker
+    from dispatch.services import Services
     from store.migrate import upgrade
 
     made: list[Services] = []
@@ -151,7 +151,7 @@ async def api_factory(services_factory: ServicesFactory):  # type: ignore[no-unt
     """``client, keys = await api_factory(settings)``: an httpx client on the ASGI app and a
     function ``await keys(tenant, role)`` that makes API keys."""
     from api.app import create_app
-    from api.auth import create_api_key
+    from store.keys import create_api_key
 
     clients: list[httpx.AsyncClient] = []
 

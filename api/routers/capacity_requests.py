@@ -14,8 +14,8 @@ from api.schemas.capacity_requests import (
     CapacityRequestOut,
     ListStatus,
 )
-from devices.edges import Services
-from dispatch.market import MarketError, RequestInput, get_market
+from dispatch.market import MarketError, RequestInput
+from dispatch.services import Services
 from vpp.clock import to_ms
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ async def create_request(
     services: Services = Depends(get_services),
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
-    market = get_market(services)
+    market = services.market
     inp = RequestInput(
         region=body.region,
         mw=float(body.mw),
@@ -104,7 +104,7 @@ async def commit_request(
     services: Services = Depends(get_services),
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
-    market = get_market(services)
+    market = services.market
     try:
         req, changed = await market.commit(request_id, _scope(principal))
     except MarketError as exc:
@@ -112,10 +112,8 @@ async def commit_request(
     if changed:
         # The plan is made now so the buyer sees it; a failure here leaves the booking intact
         # and the planner's refresh makes the plan later.
-        from dispatch.planner import get_planner
-
         try:
-            await get_planner(services).plan_for(req.id, reason="committed")
+            await services.planner.plan_for(req.id, reason="committed")
         except Exception:
             log.exception("planning %s after commit", req.id)
     return await market.view(req)
@@ -135,7 +133,7 @@ async def cancel_request(
     services: Services = Depends(get_services),
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
-    market = get_market(services)
+    market = services.market
     try:
         req, _ = await market.cancel(request_id, _scope(principal))
     except MarketError as exc:
@@ -157,7 +155,7 @@ async def list_requests(
     services: Services = Depends(get_services),
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
-    market = get_market(services)
+    market = services.market
     rows, total = await market.list_requests(
         _scope(principal), status=status, region=region, limit=limit, offset=offset
     )
@@ -179,7 +177,7 @@ async def get_request(
     services: Services = Depends(get_services),
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
-    market = get_market(services)
+    market = services.market
     try:
         req = await market.get(request_id, _scope(principal))
     except MarketError as exc:

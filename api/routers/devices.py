@@ -34,7 +34,6 @@ from api.schemas.devices import (
     ErrorOut,
 )
 from devices import onboarding
-from devices.edges import Services
 from devices.onboarding import (
     FieldError,
     InvalidDevice,
@@ -42,6 +41,7 @@ from devices.onboarding import (
     TenantScope,
     pydantic_field_errors,
 )
+from dispatch.services import Services
 from vpp import physics
 from vpp.domain import DeviceKind, FreshnessCode, Role
 from vpp.fleet.records import unpack_states

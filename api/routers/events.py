@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from api.deps import Principal, get_services, require_roles
-from devices.edges import Services
 from dispatch import events as es
+from dispatch.services import Services
 from dispatch.settlement_service import timeline
 
 router = APIRouter(tags=["events"])

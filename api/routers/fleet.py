@@ -7,6 +7,7 @@ answer stays fast with a million devices.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,14 +18,15 @@ from fastapi import APIRouter, Depends, Query
 
 from api.deps import Principal, any_role, get_services
 from api.schemas.devices import ErrorOut, FleetOut
-from devices.edges import Services
+from dispatch.services import Services
 from vpp.domain import DeviceKind, FreshnessCode, Role
 from vpp.fleet.snapshot import FleetSnapshot, available_kw, summarise
 
 router = APIRouter(tags=["fleet"])
 
 WINDOW_H = 1.0
-_VIEW_KEY = "api.fleet_view"
+# The latest view per services object (one per app; tests run several in one process).
+_VIEWS: weakref.WeakKeyDictionary[Services, FleetView] = weakref.WeakKeyDictionary()
 FRESHNESS_NAMES = {
     FreshnessCode.fresh: "fresh",
     FreshnessCode.stale: "stale",
@@ -58,11 +60,11 @@ class FleetView:
 async def current_view(services: Services) -> FleetView:
     """The fleet view of the current cached snapshot (rebuilt when the snapshot is)."""
     snap = await services.fleet.snapshot()
-    view: FleetView | None = services.components.get(_VIEW_KEY)
+    view = _VIEWS.get(services)
     if view is None or view.snapshot is not snap:
         capability = available_kw(snap, WINDOW_H, only_dispatchable=False)
         view = FleetView(snap, np.where(snap.dispatchable(), capability, 0.0), capability)
-        services.components[_VIEW_KEY] = view
+        _VIEWS[services] = view
     return view
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from api.deps import get_services, require_roles
-from dispatch.forecast_service import ForecastInputError, get_forecast_service
+from dispatch.forecast_service import ForecastInputError
 
 router = APIRouter()
 
@@ -113,7 +113,7 @@ async def get_forecast(
     services: Any = Depends(get_services),
     _principal: Any = Depends(require_roles("admin", "operator", "fleet", "hyperscaler")),
 ) -> dict[str, Any]:
-    forecaster = get_forecast_service(services)
+    forecaster = services.forecast
     now_ms = int(services.clock.now_ms())
     try:
         step_s = parse_duration_s(step)

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.deps import Principal, get_services, require_roles
-from devices.edges import Services
 from dispatch import events as es
+from dispatch.services import Services
 
 router = APIRouter(tags=["grid events"])
 

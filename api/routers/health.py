@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 import vpp.metrics  # noqa: F401  (registers every metric before the first scrape)
 from api.deps import get_services
-from devices.edges import Services
+from dispatch.services import Services
 
 router = APIRouter(tags=["service"])
 
@@ -41,9 +41,8 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
             return False
 
     async def broker_ok() -> bool:
-        ingest = services.components.get("devices.ingest:IngestWorker")
-        if ingest is not None and hasattr(ingest, "connected"):
-            return bool(ingest.connected)
+        if services.ingest is not None:
+            return bool(services.ingest.connected)
         try:
             # Without an ingest worker in this process: the broker must accept a connection
             # (the credential manager's ping alone says nothing when it manages no credentials).

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from api.deps import Principal, get_services, require_roles
-from devices.edges import Services
+from dispatch.services import Services
 from dispatch.settlement_service import settlement_csv
 from store.models import CapacityRequest, GridEvent
 

@@ -213,7 +213,7 @@ async def test_state_errors_are_409_naming_the_state(api: Any) -> None:
     got = (await client.get(f"/v1/capacity-requests/{e['id']}", headers=h)).json()
     assert got["status"] == "expired"
     # Completed request cannot be cancelled.
-    market = client.services.components["market"]
+    market = client.services.market
     clock.advance(2 * 3600)
     await market.mark_active(c["id"], clock.now_ms())
     r = await client.post(f"/v1/capacity-requests/{c['id']}/cancel", headers=h)

@@ -14,7 +14,7 @@ import uvicorn
 from sqlalchemy import func, select
 
 from api.app import create_app
-from api.auth import create_api_key
+from store.keys import create_api_key
 from store.models import LedgerEntry
 from tests.conftest import make_settings
 from tests.dispatch.test_market import install_stub

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from api.auth import create_api_key
 from api.deps import get_services
 from api.routers.forecast import parse_duration_s, router
+from dispatch.forecast_service import ForecastService
 from sim.synthetic import make_fleet
 from store.database import Database
+from store.keys import create_api_key
 from store.models import Base, CapacityRequest, LedgerEntry
+from store.state.memory import MemoryStateStore
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
 from vpp.settings import Settings
@@ -49,10 +51,10 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]
         settings=Settings(regions=["ERCOT-NORTH", "PJM-DOM"], database_url=db.url),
         clock=ManualClock(NOW),
         db=db,
-        state=None,
+        state=MemoryStateStore(),
         fleet=FakeFleet(snap),
-        components={},
     )
+    services.forecast = ForecastService(services)  # type: ignore[arg-type]
     key = await create_api_key(db, "t-1", "hyperscaler", NOW)
     app = FastAPI()
     app.include_router(router)

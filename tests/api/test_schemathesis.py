@@ -27,7 +27,7 @@ from schemathesis.python import asgi as st_asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
-from api.auth import create_api_key
+from store.keys import create_api_key
 from tests.conftest import make_settings
 from vpp.clock import Clock
 from vpp.settings import Settings
@@ -86,8 +86,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _build_services(app: FastAPI) -> Any:
     import httpx
 
-    from devices.edges import Services
     from devices.mqtt import InProcessBroker
+    from dispatch.services import Services
     from store.migrate import upgrade
 
     test_settings: Settings = _STATE["settings"]

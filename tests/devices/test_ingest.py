@@ -22,10 +22,10 @@ import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import select
 
-from devices.edges import Services
 from devices.ingest import IngestWorker
 from devices.mqtt import MqttClient
 from devices.telemetry import BATTERY, SOLAR, THERMOSTAT
+from dispatch.services import Services
 from store.history import IntervalHistory, write_intervals
 from store.models import TelemetryInterval
 from tests.conftest import MQTT_URL, REDIS_URL, make_settings, unique

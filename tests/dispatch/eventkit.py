@@ -63,7 +63,7 @@ class Stack:
     fleet_key: str
 
     async def operator(self) -> dict[str, str]:
-        from api.auth import create_api_key
+        from store.keys import create_api_key
 
         key = await create_api_key(
             self.services.db, "gridco", "operator", self.services.clock.now_ms()
@@ -84,10 +84,10 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """API (ASGI), ingest, event runner and a simulated fleet onboarded through the API."""
     from api.app import create_app
-    from api.auth import create_api_key
     from devices.ingest import IngestWorker
     from dispatch.runner import EventRunner
     from sim.simulator import FleetSimulator
+    from store.keys import create_api_key
 
     app = create_app(services=services)
     client = httpx.AsyncClient(

@@ -47,10 +47,10 @@ def _serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 async def test_kill_9_mid_event_resumes_without_conflicting_commands(
     fresh_pg_url, mqtt_url, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    from api.auth import create_api_key
     from devices.mqtt import make_client
     from sim.simulator import FleetSimulator
     from store.database import Database
+    from store.keys import create_api_key
     from store.migrate import upgrade
     from store.models import Command, EventTimeline, GridEvent
 

@@ -25,7 +25,7 @@ async def test_capacity_request_delivered_measured_and_settled(
     settings = make_settings(fresh_pg_url, redis_url=REDIS_URL, mqtt_url=mqtt_url, time_scale=SCALE)
     svc = await services_factory(settings, clock=summer_clock(SCALE))
     async with running_stack(svc, N_DEVICES, seed=21) as st:
-        from api.auth import create_api_key
+        from store.keys import create_api_key
 
         buyer = {
             "Authorization": "Bearer "

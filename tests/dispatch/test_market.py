@@ -14,11 +14,10 @@ import pytest
 from sqlalchemy import func, select
 
 from dispatch.forecast_service import ForecastService, validate_window
+from dispatch.housekeeping import MarketHousekeeper
 from dispatch.market import (
     MarketError,
-    MarketHousekeeper,
     RequestInput,
-    get_market,
     ledger_slots,
     make_quote,
     performance,
@@ -26,7 +25,7 @@ from dispatch.market import (
     validate_input,
     window_rule,
 )
-from dispatch.planner import get_planner, material_change
+from dispatch.planner import material_change
 from sim.synthetic_dispatch import synthetic_fleet
 from store.models import LedgerEntry, Tenant
 from tests.conftest import make_settings
@@ -96,7 +95,8 @@ class StubForecast(ForecastService):
 
 def install_stub(services: Any, **kw: Any) -> StubForecast:
     stub = StubForecast(services, **kw)
-    services.components["forecast"] = stub
+    services.forecast = stub
+    services.market.forecast = stub
     return stub
 
 
@@ -220,7 +220,7 @@ async def ledger_total(services: Any) -> float:
 
 async def test_quote_commit_cancel_keep_the_ledger_within_p90_less_margin(market_env: Any) -> None:
     services, _clock = market_env
-    market = get_market(services)
+    market = services.market
     a, replayed = await market.quote("acme", inp(mw=6.0))
     assert not replayed and a.status == "quoted" and a.quoted_mw == 6.0
     assert a.id.startswith("cr-") and len(a.id) == 15
@@ -251,7 +251,7 @@ async def test_quote_commit_cancel_keep_the_ledger_within_p90_less_margin(market
 
 async def test_state_errors_leave_the_ledger_unchanged(market_env: Any) -> None:
     services, clock = market_env
-    market = get_market(services)
+    market = services.market
     q, _ = await market.quote("acme", inp(mw=2.0))
     with pytest.raises(MarketError) as err:
         await market.commit(q.id, "other")  # another tenant's id looks missing
@@ -288,7 +288,7 @@ async def test_state_errors_leave_the_ledger_unchanged(market_env: Any) -> None:
 
 async def test_expire_quotes_and_idempotency_key(market_env: Any) -> None:
     services, clock = market_env
-    market = get_market(services)
+    market = services.market
     a, replayed = await market.quote("acme", inp(mw=1.0), idempotency_key="k1")
     again, replayed = await market.quote("acme", inp(mw=1.0), idempotency_key="k1")
     assert replayed and again.id == a.id
@@ -304,16 +304,18 @@ async def test_expire_quotes_and_idempotency_key(market_env: Any) -> None:
     # The housekeeper does the same on its own.
     late, _ = await market.quote("acme", inp(mw=1.0, start_h=3.0, end_h=4.0))
     clock.advance(services.settings.quote_ttl_s)
-    expired, replanned = await MarketHousekeeper(services).tick()
+    expired, replanned = await MarketHousekeeper(
+        services.market, services.planner, services.clock
+    ).tick()
     assert expired == 1 and replanned == []
     assert (await market.get(late.id, "acme")).status == "expired"
 
 
 async def test_rejected_when_nothing_is_free_and_window_rule(market_env: Any) -> None:
     services, _clock = market_env
-    stub = services.components["forecast"]
+    stub = services.forecast
     stub.p90_at[NOW + 3 * H] = 0.0  # one interval holds nothing
-    market = get_market(services)
+    market = services.market
     r, _ = await market.quote("acme", inp(mw=1.0))
     assert r.status == "rejected" and r.quoted_mw == 0.0
     assert r.quote_expires_ms is None and "interval 2026-07-14T23:30:00Z" in (r.reason or "")
@@ -349,8 +351,8 @@ async def test_plan_is_stored_and_remade_when_the_fleet_changes(market_env: Any)
         return fleet["snap"]
 
     services.fleet.snapshot = snapshot
-    market = get_market(services)
-    planner = get_planner(services)
+    market = services.market
+    planner = services.planner
     q, _ = await market.quote("acme", inp(mw=1.0))
     await market.commit(q.id, "acme")
     body = await planner.plan_for(q.id, reason="committed")

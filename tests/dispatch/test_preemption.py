@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from api.auth import ensure_tenant
+from store.keys import ensure_tenant
 from store.models import CapacityRequest, Command, EventTimeline, GridEvent, Plan
 from tests.conftest import make_settings
 from tests.dispatch.eventkit import Stack, iso, running_stack, summer_clock, wait_for
@@ -178,8 +178,6 @@ async def test_preempting_grid_event_shows_in_the_request_plan(  # type: ignore[
 ) -> None:
     """Before the window: the request's plan names the preempting grid event as what binds;
     without ``preempt`` the request's plan is whole and the grid event is the one short."""
-    from dispatch.planner import get_planner
-
     svc = await _services(services_factory, fresh_pg_url, redis_url)
     async with running_stack(svc, 160, seed=41, with_runner=False) as st:
         t0 = svc.clock.now_ms()
@@ -188,7 +186,7 @@ async def test_preempting_grid_event_shows_in_the_request_plan(  # type: ignore[
         start = (svc.clock.now_ms() // (15 * MIN) + 8) * 15 * MIN
         end = start + 60 * MIN
         rid = await _committed_request(svc, start, end, round(0.6 * avail, 3))
-        planner = get_planner(svc)
+        planner = svc.planner
         ge_free = await _grid_event(st, start, end, round(0.7 * avail, 3), preempt=False)
         body = await planner.plan_for(rid, reason="test")
         assert all(i["shortfall_mw"] == 0 for i in body["intervals"]), body["intervals"]
@@ -209,7 +207,7 @@ async def test_preempting_grid_event_shows_in_the_request_plan(  # type: ignore[
 
 
 async def _buyer_key(svc: Any) -> str:
-    from api.auth import create_api_key
+    from store.keys import create_api_key
 
     return await create_api_key(svc.db, BUYER, "hyperscaler", svc.clock.now_ms())
 

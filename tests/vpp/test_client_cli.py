@@ -37,7 +37,7 @@ class LiveServer:
         import uvicorn
 
         from api.app import create_app
-        from devices.edges import Services
+        from dispatch.services import Services
         from store.migrate import upgrade
 
         await asyncio.to_thread(upgrade, self.settings.database_url)
@@ -64,7 +64,7 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     def key(self, tenant: str, role: str) -> str:
-        from api.auth import create_api_key
+        from store.keys import create_api_key
 
         return str(
             self.call(create_api_key(self.services.db, tenant, role, self.services.clock.now_ms()))

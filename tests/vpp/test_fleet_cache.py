@@ -237,7 +237,14 @@ class DbCache(FleetCache):
     """The cache with its database replaced by a list of rows (counts the reloads)."""
 
     def __init__(self, services: Any, rows: list[tuple[Any, ...]], tick: Tick) -> None:
-        super().__init__(services, max_age_s=2.0, monotonic=tick)
+        super().__init__(
+            None,  # type: ignore[arg-type]  # no database: rows come from the list
+            services.state,
+            services.settings,
+            services.clock,
+            max_age_s=2.0,
+            monotonic=tick,
+        )
         self.rows = rows
 
     async def _load_registry(self) -> Registry:
@@ -278,7 +285,6 @@ async def make_cache(n: int = 5) -> tuple[DbCache, SlowStore, Tick]:
         settings=SimpleNamespace(telemetry_interval_s=INTERVAL_S, offline_after_s=OFFLINE_S),
         clock=ManualClock(NOW),
         state=store,
-        components={},
     )
     rows = [battery_row(f"b{i}") for i in range(n)]
     await store.registry_put({r[0]: 0 for r in rows})

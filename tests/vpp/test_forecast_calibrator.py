@@ -12,7 +12,7 @@ import orjson
 from sqlalchemy import insert
 
 from dispatch.forecast_calibrator import ForecastCalibrator
-from dispatch.forecast_service import ForecastService, get_forecast_service
+from dispatch.forecast_service import ForecastService
 from sim.synthetic import SyntheticFleet, make_fleet
 from store.database import Database
 from store.models import Base, TelemetryInterval
@@ -100,7 +100,6 @@ async def make_services(url: str, fleet: SyntheticFleet, create: bool) -> Any:
         db=db,
         state=MemoryStateStore(),
         fleet=FakeFleet(fleet.snap),
-        components={},
     )
 
 
@@ -126,13 +125,12 @@ async def test_learns_the_bias_holds_coverage_persists_and_reloads(tmp_path: Pat
     try:
         await write_history(services.db, fleet, days=36, short_days=3)
         fs = ForecastService(services, n_scenarios=500)
-        services.components["forecast"] = fs
         p90_default = await evening_p90(fs)
         assert (await fs.tuning_info(REGION))["samples"] == 0
 
         # Learn on days −35…−15 (as if it were two weeks ago); hold out the last 14 days.
         learn_now = NOW - 14 * DAY
-        cal = ForecastCalibrator(services, history_days=20, n_scenarios=500)
+        cal = ForecastCalibrator(services, fs, history_days=20, n_scenarios=500)
         report = await cal.run_once(learn_now)
         got = report[REGION]
         assert got["status"] == "learnt", got
@@ -200,15 +198,15 @@ async def test_postgres_run_once_and_component(fresh_pg_url: str) -> None:
     services = await make_services(fresh_pg_url, fleet, create=False)
     try:
         await write_history(services.db, fleet, days=10, short_days=2)
-        cal = ForecastCalibrator(services, history_days=9, min_days=7, n_scenarios=200)
+        fs = ForecastService(services)
+        cal = ForecastCalibrator(services, fs, history_days=9, min_days=7, n_scenarios=200)
         report = await cal.run_once(NOW)
         assert report[REGION]["status"] == "learnt"
         assert report[REGION]["samples"] == report[REGION]["days"] * 12
         assert report[SHORT]["status"] == "insufficient_history"
-        fs = get_forecast_service(services)
         assert (await fs.tuning_info(REGION))["days"] == report[REGION]["days"]
         # As a component: start runs a calibration for the service day, stop ends it.
-        other = ForecastCalibrator(services, history_days=9, n_scenarios=200)
+        other = ForecastCalibrator(services, fs, history_days=9, n_scenarios=200)
         await other.start()
         for _ in range(400):
             if other.last_day is not None:

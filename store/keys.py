@@ -1,4 +1,4 @@
-"""API keys: ``vpp_<key id>_<secret>``; only a SHA-256 of the whole key is stored."""
+"""API keys and tenants: keys are stored hashed; a key has one tenant and one role."""
 
 from __future__ import annotations
 

@@ -1,0 +1,79 @@
+"""Every part of one process, typed: the edges (``devices.edges.Edges``) and the components
+built on them. The forecaster, the market and the planner exist in every process (the API
+quotes and plans); the background components (ingest, event runner, quote housekeeping,
+forecast calibrator) run only where ``start_background`` is called (``vpp serve``).
+
+A component that fails to import or start fails the process: nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from devices.edges import Edges
+from devices.ingest import IngestWorker
+from dispatch.forecast_calibrator import ForecastCalibrator
+from dispatch.forecast_service import ForecastService
+from dispatch.housekeeping import MarketHousekeeper
+from dispatch.market import Market
+from dispatch.planner import Planner
+from dispatch.runner import EventRunner
+
+log = logging.getLogger(__name__)
+
+
+class Background(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Services(Edges):
+    forecast: ForecastService = field(init=False)
+    market: Market = field(init=False)
+    planner: Planner = field(init=False)
+    # Background components, set by start_background.
+    ingest: IngestWorker | None = field(default=None, init=False)
+    runner: EventRunner | None = field(default=None, init=False)
+    housekeeper: MarketHousekeeper | None = field(default=None, init=False)
+    calibrator: ForecastCalibrator | None = field(default=None, init=False)
+    _started: list[Background] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.forecast = ForecastService(self)
+        self.market = Market(self, self.forecast)
+        self.planner = Planner(self)
+
+    async def start_background(self, *, runner_owner: str | None = None) -> None:
+        """Ingest, the event runner, quote housekeeping and the forecast calibrator, in that
+        order; stopped in reverse by ``stop_background``."""
+        self.ingest = IngestWorker(self)
+        await self._start(self.ingest)
+        self.runner = EventRunner(self, owner=runner_owner)
+        await self._start(self.runner)
+        self.housekeeper = MarketHousekeeper(self.market, self.planner, self.clock)
+        await self._start(self.housekeeper)
+        self.calibrator = ForecastCalibrator(self, self.forecast)
+        await self._start(self.calibrator)
+
+    async def _start(self, component: Background) -> None:
+        await component.start()
+        self._started.append(component)
+
+    async def stop_background(self) -> None:
+        while self._started:
+            component = self._started.pop()
+            try:
+                await asyncio.wait_for(component.stop(), 30)
+            except Exception:
+                log.exception("stopping %s", type(component).__name__)
+        self.ingest = self.runner = self.housekeeper = self.calibrator = None
+
+    async def close(self) -> None:
+        await self.stop_background()
+        await super().close()
