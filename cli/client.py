@@ -150,8 +150,16 @@ def _pct(value: Any) -> str:
 
 
 def _short_time(value: Any) -> str:
+    """A wire time as a table cell, ``2026-07-15 17:00Z`` (seconds and ms only if not zero)."""
+    from vpp.timefmt import TimeFormatError, parse_rfc3339, to_rfc3339
+
     text = str(value or "–")
-    return text.replace("T", " ").replace(":00Z", "Z") if "T" in text else text
+    try:
+        wire = to_rfc3339(parse_rfc3339(text))
+    except TimeFormatError:
+        return text
+    clock = wire[11:-1].removesuffix(".000").removesuffix(":00")
+    return f"{wire[:10]} {clock}Z"
 
 
 # --- times ---------------------------------------------------------------------------------------
@@ -174,8 +182,9 @@ def parse_span_s(text: str, field: str) -> float:
 
 
 def resolve_time(text: str, field: str, now_ms: int | None = None) -> str:
-    """RFC 3339 as given, or ``+2h`` / ``now+90m`` relative to the service clock → RFC 3339."""
-    from datetime import UTC, datetime
+    """RFC 3339 (an offset, or UTC if none), or ``+2h`` / ``now+90m`` relative to the service
+    clock → the wire's RFC 3339 (vpp.timefmt)."""
+    from vpp.timefmt import TimeFormatError, parse_rfc3339, to_rfc3339
 
     text = text.strip()
     if text.lower() == "now" or _RELATIVE.match(text):
@@ -187,15 +196,11 @@ def resolve_time(text: str, field: str, now_ms: int | None = None) -> str:
         match = _RELATIVE.match(text)
         if match:
             offset_s = float(match.group(1)) * _UNIT_S[match.group(2).lower()]
-        epoch_s = now_ms / 1000 + offset_s
-        return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return to_rfc3339(now_ms + round(offset_s * 1000))
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        fail(f"{field}: {text!r} is not an RFC 3339 time (2026-07-15T17:00:00Z) or +2h", 2)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return to_rfc3339(parse_rfc3339(text, field, assume_utc=True))
+    except TimeFormatError as exc:
+        fail(f"{exc} (or +2h from now)", 2)
 
 
 # --- devices import ------------------------------------------------------------------------------
@@ -490,12 +495,10 @@ def requests_quote(
     if end is not None:
         end_text = resolve_time(end, "end")
     else:
-        from datetime import datetime, timedelta
+        from vpp.timefmt import parse_rfc3339, to_rfc3339
 
-        begin = datetime.fromisoformat(start_text.replace("Z", "+00:00"))
-        end_text = (begin + timedelta(seconds=parse_span_s(duration or "", "duration"))).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        )
+        span_ms = round(parse_span_s(duration or "", "duration") * 1000)
+        end_text = to_rfc3339(parse_rfc3339(start_text, "start") + span_ms)
     body: dict[str, Any] = {"region": region, "mw": mw, "start": start_text, "end": end_text}
     if firmness is not None:
         body["firmness"] = firmness

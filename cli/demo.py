@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from vpp.timefmt import parse_rfc3339, to_rfc3339
+
 if TYPE_CHECKING:
     import httpx
     from rich.console import Console
@@ -100,10 +102,6 @@ def next_evening_ms(wall_ms: float, hour_utc: int, lead_min: int) -> int:
     if start <= now:
         start += timedelta(days=1)
     return int(start.timestamp() * 1000)
-
-
-def rfc3339(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def hhmm(epoch_ms: int) -> str:
@@ -244,7 +242,8 @@ class Demo:
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=120.0)
         self.say(f"data in [bold]{self.workdir}[/] (SQLite), in-process broker and state store")
         self.say(
-            f"service clock: [bold]×{opts.time_scale:g}[/], now {rfc3339(self.service_now_ms())} "
+            f"service clock: [bold]×{opts.time_scale:g}[/], "
+            f"now {to_rfc3339(self.service_now_ms())} "
             f"(a {opts.window_h:g} h window lasts {opts.window_h * 3600 / opts.time_scale:.0f} s)"
         )
         self.say(f"API and dashboard on [bold]{self.base_url}[/]  ·  log: {log_file}")
@@ -371,8 +370,8 @@ class Demo:
                 "buyer",
                 params={
                     "region": region,
-                    "start": rfc3339(start_ms),
-                    "end": rfc3339(end_ms),
+                    "start": to_rfc3339(start_ms),
+                    "end": to_rfc3339(end_ms),
                     "step": "PT15M",
                     "firmness": 0.9,
                 },
@@ -393,8 +392,8 @@ class Demo:
         body = {
             "region": region,
             "mw": asked,
-            "start": rfc3339(start_ms),
-            "end": rfc3339(end_ms),
+            "start": to_rfc3339(start_ms),
+            "end": to_rfc3339(end_ms),
             "firmness": 0.9,
         }
         try:
@@ -445,8 +444,8 @@ class Demo:
 
         opts = self.opts
         rid = req["id"]
-        start_ms = _parse_ms(req["start"])
-        end_ms = _parse_ms(req["end"])
+        start_ms = parse_rfc3339(req["start"], "start")
+        end_ms = parse_rfc3339(req["end"], "end")
         self.stage(4, f"The window opens at {hhmm(start_ms)} UTC")
         with Progress(
             "   [progress.description]{task.description}",
@@ -674,10 +673,6 @@ class DemoError(RuntimeError):
 
 class EndpointMissing(DemoError):
     pass
-
-
-def _parse_ms(text: str) -> int:
-    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 async def run_demo(opts: DemoOptions, console: Console) -> DemoResult | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -17,8 +16,8 @@ from devices.edges import Edges
 from dispatch.types import GRID_EVENT_PRIORITY
 from store.keys import ensure_tenant
 from store.models import CapacityRequest, GridEvent
-from vpp.clock import to_datetime
 from vpp.domain import Direction, GridEventStatus, RequestStatus
+from vpp.timefmt import to_rfc3339
 
 KIND_REQUEST = "capacity_request"
 KIND_GRID = "grid_event"
@@ -57,12 +56,6 @@ class EventInfo:
     @property
     def is_grid(self) -> bool:
         return self.kind == KIND_GRID
-
-
-def iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return to_datetime(ms).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def from_request(r: CapacityRequest) -> EventInfo:
@@ -108,31 +101,14 @@ async def load_event(services: Edges, event_id: str) -> EventInfo | None:
 
 
 # --- grid events ---------------------------------------------------------------------------------
-def _parse_time(name: str, value: Any) -> int:
-    if isinstance(value, datetime):
-        dt = value
-    elif isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise EventError(
-                422, f"{name}: an RFC 3339 time such as 2026-07-15T17:00:00Z"
-            ) from None
-    else:
-        raise EventError(422, f"{name}: an RFC 3339 time such as 2026-07-15T17:00:00Z")
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
-
-
 async def create_grid_event(
     services: Edges,
     tenant_id: str,
     *,
     region: str,
     mw: float,
-    start: Any,
-    end: Any,
+    start_ms: int,
+    end_ms: int,
     priority: int | None = None,
     preempt: bool = False,
 ) -> dict[str, Any]:
@@ -142,7 +118,6 @@ async def create_grid_event(
             422,
             f"region: unknown region {region!r} (one of {', '.join(services.settings.regions)})",
         )
-    start_ms, end_ms = _parse_time("start", start), _parse_time("end", end)
     if end_ms <= start_ms:
         raise EventError(422, "end: must be after start")
     if end_ms <= now:
@@ -219,12 +194,12 @@ def _base_view(ev: EventInfo, created_ms: int | None = None) -> dict[str, Any]:
         "kind": ev.kind,
         "region": ev.region,
         "mw": ev.mw,
-        "start": iso(ev.start_ms),
-        "end": iso(ev.end_ms),
+        "start": to_rfc3339(ev.start_ms),
+        "end": to_rfc3339(ev.end_ms),
         "priority": ev.priority,
         "preempt": ev.preempt,
         "status": ev.status,
-        "created_at": iso(created_ms),
+        "created_at": to_rfc3339(created_ms),
     }
 
 

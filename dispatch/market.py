@@ -37,9 +37,9 @@ from devices.edges import Edges
 from dispatch.forecast_service import ForecastInputError, ForecastService
 from dispatch.settlement_service import settlement_lines
 from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock
-from vpp.clock import to_datetime
 from vpp.domain import Direction, RequestStatus
 from vpp.metrics import MARKET_REQUESTS
+from vpp.timefmt import to_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,6 @@ def not_found(request_id: str) -> MarketError:
 
 
 # --- pure ledger arithmetic ---------------------------------------------------------------------
-def rfc3339(epoch_ms: int | float) -> str:
-    dt = to_datetime(epoch_ms)
-    if int(epoch_ms) % 1000:
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch_ms) % 1000:03d}Z"
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @dataclass(frozen=True)
 class RequestInput:
     """A capacity request as the market reads it (epoch ms, plain values)."""
@@ -144,13 +137,13 @@ def validate_input(
     if inp.end_ms <= inp.start_ms:
         raise invalid("end", "must be after start")
     if inp.start_ms < now_ms:
-        raise invalid("start", f"the window starts in the past (now is {rfc3339(now_ms)})")
+        raise invalid("start", f"the window starts in the past (now is {to_rfc3339(now_ms)})")
     earliest = now_ms + int(min_notice_s * 1000)
     if inp.start_ms < earliest:
         raise invalid(
             "start",
             f"notice of at least {min_notice_s / 60:g} min is needed: start at "
-            f"{rfc3339(earliest)} or later",
+            f"{to_rfc3339(earliest)} or later",
         )
     horizon_end = now_ms + int(horizon_h * 3_600_000)
     slots = ledger_slots(inp.start_ms, inp.end_ms)
@@ -158,7 +151,7 @@ def validate_input(
         raise invalid(
             "end",
             f"beyond the forecast horizon of {horizon_h:g} h (the last bookable interval ends "
-            f"{rfc3339(horizon_end // LEDGER_STEP_MS * LEDGER_STEP_MS)})",
+            f"{to_rfc3339(horizon_end // LEDGER_STEP_MS * LEDGER_STEP_MS)})",
         )
 
 
@@ -219,7 +212,7 @@ def make_quote(
     k = int(np.argmin(free))
     worst = float(free[k])
     quoted = floor_mw(min(float(asked_mw), worst))
-    when = rfc3339(int(slots_ms[k]))
+    when = to_rfc3339(int(slots_ms[k]))
     detail = (
         f"P{round(firmness * 100):d} {float(min(firm_mw[k], p90_mw[k])):.3f} MW, margin "
         f"{margin_pct:g} % of the P90, committed {float(committed_mw[k]):.3f} MW"
@@ -473,7 +466,7 @@ class Market:
         self._check_committable(req, now)
         if req.quote_expires_ms is not None and now >= req.quote_expires_ms:
             await self.expire_quotes(now, request_id=request_id)
-            raise conflict(f"quote expired at {rfc3339(req.quote_expires_ms)}")
+            raise conflict(f"quote expired at {to_rfc3339(req.quote_expires_ms)}")
         inp = self._input_of(req)
         slots = ledger_slots(req.start_ms, req.end_ms)
         # The forecast does not read the ledger: compute it before taking the lock.
@@ -492,7 +485,7 @@ class Market:
                 MARKET_REQUESTS.labels("conflict").inc()
                 raise conflict(
                     f"capacity no longer available: {floor_mw(float(free[k])):g} MW free in "
-                    f"interval {rfc3339(int(slots[k]))}, the quote was {req.quoted_mw:g} MW; "
+                    f"interval {to_rfc3339(int(slots[k]))}, the quote was {req.quoted_mw:g} MW; "
                     "ask for a new quote",
                     field="mw",
                 )
@@ -517,12 +510,12 @@ class Market:
         status = req.status
         if status == RequestStatus.quoted.value:
             if req.quote_expires_ms is not None and now >= req.quote_expires_ms:
-                raise conflict(f"quote expired at {rfc3339(req.quote_expires_ms)}")
+                raise conflict(f"quote expired at {to_rfc3339(req.quote_expires_ms)}")
             if now >= req.start_ms:
-                raise conflict(f"the window started at {rfc3339(req.start_ms)}", field="start")
+                raise conflict(f"the window started at {to_rfc3339(req.start_ms)}", field="start")
             return
         if status == RequestStatus.expired.value:
-            when = rfc3339(req.quote_expires_ms) if req.quote_expires_ms else "its deadline"
+            when = to_rfc3339(req.quote_expires_ms) if req.quote_expires_ms else "its deadline"
             raise conflict(f"quote expired at {when}")
         if status == RequestStatus.rejected.value:
             raise conflict(
@@ -568,7 +561,7 @@ class Market:
                 raise conflict(f"request is {req.status}: there is nothing to cancel")
             if now >= req.start_ms:
                 raise conflict(
-                    f"the window started at {rfc3339(req.start_ms)}: too late to cancel",
+                    f"the window started at {to_rfc3339(req.start_ms)}: too late to cancel",
                     field="start",
                 )
             await session.execute(delete(LedgerEntry).where(LedgerEntry.request_id == req.id))
@@ -741,7 +734,7 @@ class Market:
             return doc
         starts, mw = await self.booked_mw(req.id)
         doc["booked"] = [
-            {"start": rfc3339(int(t)), "mw": round(float(v), 6)}
+            {"start": to_rfc3339(int(t)), "mw": round(float(v), 6)}
             for t, v in zip(starts.tolist(), mw.tolist(), strict=True)
         ]
         lines = await settlement_lines(self.services, req.id)
@@ -751,8 +744,8 @@ class Market:
             per, total = performance(target, delivered)
             doc["intervals"] = [
                 {
-                    "start": rfc3339(ln.interval_start_ms),
-                    "end": rfc3339(ln.interval_end_ms),
+                    "start": to_rfc3339(ln.interval_start_ms),
+                    "end": to_rfc3339(ln.interval_end_ms),
                     "target_mw": round(float(ln.target_mw), 6),
                     "delivered_mw": round(float(ln.delivered_mw), 6),
                     "performance": round(float(p), 6),
@@ -770,7 +763,7 @@ def plan_doc(plan: Plan | None) -> dict[str, Any] | None:
     body = plan.body or {}
     return {
         "version": int(plan.version),
-        "created_at": rfc3339(plan.created_ms),
+        "created_at": to_rfc3339(plan.created_ms),
         "interval_s": int(plan.interval_s),
         "solver": str(body.get("solver", "")),
         "status": str(body.get("status", "")),
@@ -788,18 +781,18 @@ def request_doc(req: CapacityRequest, plan: Plan | None = None) -> dict[str, Any
         "status": req.status,
         "quoted_mw": round(float(req.quoted_mw), 6),
         "firmness": float(req.firmness),
-        "quote_expires_at": rfc3339(req.quote_expires_ms) if req.quote_expires_ms else None,
+        "quote_expires_at": to_rfc3339(req.quote_expires_ms) if req.quote_expires_ms else None,
         "reason": req.reason,
         "region": req.region,
         "mw": float(req.mw),
         "committed_mw": round(float(req.quoted_mw), 6) if booked else 0.0,
-        "start": rfc3339(req.start_ms),
-        "end": rfc3339(req.end_ms),
+        "start": to_rfc3339(req.start_ms),
+        "end": to_rfc3339(req.end_ms),
         "direction": req.direction,
         "max_price_per_mwh": req.max_price_per_mwh,
         "tenant_id": req.tenant_id,
-        "created_at": rfc3339(req.created_ms),
-        "updated_at": rfc3339(req.updated_ms),
+        "created_at": to_rfc3339(req.created_ms),
+        "updated_at": to_rfc3339(req.updated_ms),
         "booked": [],
         "plan": plan_doc(plan),
         "intervals": [],

@@ -40,6 +40,7 @@ from store.models import Plan as PlanRow
 from vpp.domain import GridEventStatus, RequestStatus
 from vpp.fleet.snapshot import FleetSnapshot, available_kw
 from vpp.metrics import PLANS_MADE
+from vpp.timefmt import to_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,12 @@ def plan_body(
     reason: str,
 ) -> dict[str, Any]:
     """The stored body for one event of a joint plan."""
-    from dispatch.market import rfc3339
-
     j = plan.demand_ids.index(event_id)
     h = plan.horizon
     a, b = h.window(event_start_ms, event_end_ms)
     intervals = [
         {
-            "start": rfc3339(h.interval_start_ms(t)),
+            "start": to_rfc3339(h.interval_start_ms(t)),
             "target_mw": round(float(plan.requested_mw[j, t]), 6),
             "planned_mw": round(float(plan.planned_mw[j, t]), 6),
             "shortfall_mw": round(float(plan.shortfall_mw[j, t]), 6),

@@ -37,6 +37,7 @@ from store.models import (
     TelemetryInterval,
 )
 from vpp.domain import CommandType
+from vpp.timefmt import to_rfc3339
 
 PRE_WINDOW_MS = 30 * 60_000  # meter-before: the 30 minutes before the event
 POST_WINDOW_MS = 30 * 60_000  # meter-after: the 30 minutes after it
@@ -329,8 +330,8 @@ def _interval_dict(
 ) -> dict[str, Any]:
     perf = min(max(delivered, 0.0), target) / target if target > 0 else 0.0
     return {
-        "start": es.iso(start_ms),
-        "end": es.iso(end_ms),
+        "start": to_rfc3339(start_ms),
+        "end": to_rfc3339(end_ms),
         "target_mw": round(target, 6),
         "delivered_mw": round(delivered, 6),
         "baseline_mw": round(baseline, 6),
@@ -497,8 +498,8 @@ async def settlement_csv(services: Edges, event_id: str) -> str:
         w.writerow(
             [
                 event_id,
-                es.iso(ln.interval_start_ms),
-                es.iso(ln.interval_end_ms),
+                to_rfc3339(ln.interval_start_ms),
+                to_rfc3339(ln.interval_end_ms),
                 ln.target_mw,
                 ln.baseline_mw,
                 ln.actual_mw,
@@ -542,7 +543,7 @@ async def timeline(services: Edges, event_id: str) -> list[dict[str, Any]]:
         )
     return [
         {
-            "ts": es.iso(r.ts_ms),
+            "ts": to_rfc3339(r.ts_ms),
             "target_mw": r.target_mw,
             "delivered_mw": r.delivered_mw,
             "commanded": r.commanded,

@@ -89,13 +89,3 @@ def get_clock() -> Clock:
 def set_clock(clock: Clock) -> None:
     global _clock
     _clock = clock
-
-
-def to_datetime(epoch_ms: int | float) -> datetime:
-    return datetime.fromtimestamp(epoch_ms / 1000.0, tz=UTC)
-
-
-def to_ms(dt: datetime) -> int:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from api.deps import Principal, get_services, require_roles
-from api.routers.fleet import FleetView, current_view, freshness_name, rfc3339
+from api.routers.fleet import FleetView, current_view, freshness_name
 from api.schemas.devices import (
     BulkCreated,
     DeviceCreate,
@@ -47,6 +47,7 @@ from vpp.domain import DeviceKind, FreshnessCode, Role
 from vpp.fleet.records import unpack_states
 from vpp.fleet.registry import REGISTRY_COLUMNS, assemble, build_registry
 from vpp.fleet.snapshot import DEFAULT_OUTDOOR_C, available_kw
+from vpp.timefmt import to_rfc3339
 
 
 class DeviceRoute(APIRoute):
@@ -115,8 +116,8 @@ def _scope(principal: Principal) -> TenantScope:
 
 def device_out(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in ("offboarded_ms", "created_ms", "updated_ms")}
-    out["created_at"] = rfc3339(row["created_ms"])
-    out["updated_at"] = rfc3339(row["updated_ms"])
+    out["created_at"] = to_rfc3339(row["created_ms"])
+    out["updated_at"] = to_rfc3339(row["updated_ms"])
     return out
 
 
@@ -377,9 +378,9 @@ def last_telemetry(rec: np.void, kind: str) -> dict[str, Any] | None:
     if int(rec["recv_ms"]) <= 0:
         return None
     out: dict[str, Any] = {
-        "ts": rfc3339(int(rec["ts_ms"])),
+        "ts": to_rfc3339(int(rec["ts_ms"])),
         "ts_ms": int(rec["ts_ms"]),
-        "received_at": rfc3339(int(rec["recv_ms"])),
+        "received_at": to_rfc3339(int(rec["recv_ms"])),
         "received_ms": int(rec["recv_ms"]),
         "clock_skewed": bool(rec["clock_skewed"]),
         "seq": int(rec["seq"]) if int(rec["seq"]) >= 0 else None,

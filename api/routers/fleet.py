@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from api.schemas.devices import ErrorOut, FleetOut
 from dispatch.services import Services
 from vpp.domain import DeviceKind, FreshnessCode, Role
 from vpp.fleet.snapshot import FleetSnapshot, available_kw, summarise
+from vpp.timefmt import to_rfc3339
 
 router = APIRouter(tags=["fleet"])
 
@@ -33,12 +33,6 @@ FRESHNESS_NAMES = {
     FreshnessCode.offline: "offline",
     FreshnessCode.never: "offline",  # registered, never heard from: offline to the outside
 }
-
-
-def rfc3339(epoch_ms: int | float) -> str:
-    dt = datetime.fromtimestamp(int(epoch_ms) / 1000.0, tz=UTC)
-    ms = int(epoch_ms) % 1000
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{ms:03d}Z" if ms else "Z")
 
 
 def freshness_name(code: int) -> str:
@@ -92,7 +86,7 @@ def fleet_summary(
         rows = summarise(snap.take(sel), WINDOW_H, kw=view.available_kw[sel])
     rows.sort(key=lambda r: (r["region"], r["kind"]))
     out = {
-        "as_of": rfc3339(snap.now_ms),
+        "as_of": to_rfc3339(snap.now_ms),
         "window_h": WINDOW_H,
         "regions": rows,
         "totals": _totals(rows),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,20 +12,17 @@ from tests.conftest import make_settings
 from tests.dispatch.test_market import NOW, REGION, battery_fleet, install_stub
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
+from vpp.timefmt import to_rfc3339
 
 H = 3_600_000
-
-
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def body(mw: float = 5.0, start_h: float = 2.0, end_h: float = 4.0, **kw: Any) -> dict[str, Any]:
     return {
         "region": REGION,
         "mw": mw,
-        "start": iso(NOW + int(start_h * H)),
-        "end": iso(NOW + int(end_h * H)),
+        "start": to_rfc3339(NOW + int(start_h * H)),
+        "end": to_rfc3339(NOW + int(end_h * H)),
         **kw,
     }
 
@@ -70,7 +66,7 @@ async def test_quote_commit_and_read_with_plan(api: Any) -> None:
     assert r.status_code == 201, r.text
     q = r.json()
     assert q["status"] == "quoted" and q["quoted_mw"] == 1.0 and q["firmness"] == 0.9
-    assert q["id"].startswith("cr-") and q["quote_expires_at"] == iso(NOW + 900_000)
+    assert q["id"].startswith("cr-") and q["quote_expires_at"] == "2026-07-14T20:45:00.000Z"
     assert q["plan"] is None and q["committed_mw"] == 0.0
     r = await client.post(f"/v1/capacity-requests/{q['id']}/commit", headers=keys["acme"])
     assert r.status_code == 200, r.text
@@ -79,7 +75,7 @@ async def test_quote_commit_and_read_with_plan(api: Any) -> None:
     assert [b["mw"] for b in c["booked"]] == [1.0] * 8
     plan = c["plan"]
     assert plan["version"] == 1 and len(plan["intervals"]) == 8
-    assert plan["intervals"][0]["start"] == iso(NOW + 2 * H)
+    assert plan["intervals"][0]["start"] == to_rfc3339(NOW + 2 * H)
     assert plan["intervals"][0]["planned_mw"] == pytest.approx(1.0, rel=1e-3)
     assert plan["devices_by_kind"]["battery"]["assigned"] > 0
     # Committing again is harmless: same request, no second booking.
@@ -209,7 +205,7 @@ async def test_state_errors_are_409_naming_the_state(api: Any) -> None:
     clock.advance(901)
     r = await client.post(f"/v1/capacity-requests/{e['id']}/commit", headers=h)
     assert r.status_code == 409
-    assert r.json()["detail"] == f"status: quote expired at {iso(NOW + 900_000)}"
+    assert r.json()["detail"] == f"status: quote expired at {to_rfc3339(NOW + 900_000)}"
     got = (await client.get(f"/v1/capacity-requests/{e['id']}", headers=h)).json()
     assert got["status"] == "expired"
     # Completed request cannot be cancelled.

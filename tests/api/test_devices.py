@@ -222,7 +222,7 @@ async def test_device_detail_shows_telemetry_freshness_and_flexibility_by_hand(a
     t = d["last_telemetry"]
     assert t["soc_pct"] == 100 and t["power_kw"] == pytest.approx(-1.2) and t["grid"] == "up"
     assert t["seq"] == 7 and t["received_ms"] == NOW - 60_000 and t["ts_ms"] == NOW - 61_000
-    assert t["received_at"] == "2026-07-14T20:29:00Z" and t["clock_skewed"] is False
+    assert t["received_at"] == "2026-07-14T20:29:00.000Z" and t["clock_skewed"] is False
 
     # 40 %: (40 − 20) % × 13.5 kWh = 2.7 kWh × 0.949 = 2.5623 kW for one hour.
     d = (await api.get(f"/v1/devices/{low}")).json()

@@ -53,7 +53,7 @@ async def test_fleet_sums_match_the_devices(api: Any) -> None:
     r = await api.get("/v1/fleet")
     assert r.status_code == 200, r.text
     fleet = r.json()
-    assert fleet["as_of"] == "2026-07-14T20:30:00Z" and fleet["window_h"] == 1
+    assert fleet["as_of"] == "2026-07-14T20:30:00.000Z" and fleet["window_h"] == 1
 
     n = row(fleet, "ERCOT-NORTH", "battery")
     assert (n["registered"], n["enrolled"], n["online"], n["fresh"]) == (3, 3, 3, 2)

@@ -12,7 +12,8 @@ import pytest
 
 from sim.simulator import performance as truth_performance
 from tests.conftest import REDIS_URL, make_settings
-from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
+from tests.dispatch.eventkit import running_stack, summer_clock, wait_for
+from vpp.timefmt import to_rfc3339
 
 SCALE = 80.0  # a 2-hour window in 90 wall seconds
 N_DEVICES = 2000
@@ -40,7 +41,7 @@ async def test_capacity_request_delivered_measured_and_settled(
         end = start + 2 * 3_600_000
         fc = await st.client.get(
             "/v1/forecast",
-            params={"region": "ERCOT-NORTH", "start": iso(start), "end": iso(end)},
+            params={"region": "ERCOT-NORTH", "start": to_rfc3339(start), "end": to_rfc3339(end)},
             headers=buyer,
         )
         assert fc.status_code == 200, fc.text
@@ -49,7 +50,12 @@ async def test_capacity_request_delivered_measured_and_settled(
         ask = round(0.75 * p90, 3)  # most of the P90
         q = await st.client.post(
             "/v1/capacity-requests",
-            json={"region": "ERCOT-NORTH", "mw": ask, "start": iso(start), "end": iso(end)},
+            json={
+                "region": "ERCOT-NORTH",
+                "mw": ask,
+                "start": to_rfc3339(start),
+                "end": to_rfc3339(end),
+            },
             headers=buyer,
         )
         assert q.status_code == 201 and q.json()["status"] == "quoted", q.text

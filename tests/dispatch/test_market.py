@@ -318,7 +318,7 @@ async def test_rejected_when_nothing_is_free_and_window_rule(market_env: Any) ->
     market = services.market
     r, _ = await market.quote("acme", inp(mw=1.0))
     assert r.status == "rejected" and r.quoted_mw == 0.0
-    assert r.quote_expires_ms is None and "interval 2026-07-14T23:30:00Z" in (r.reason or "")
+    assert r.quote_expires_ms is None and "interval 2026-07-14T23:30:00.000Z" in (r.reason or "")
     with pytest.raises(MarketError) as err:
         await market.commit(r.id, "acme")
     assert err.value.status == 409 and "rejected" in str(err.value)

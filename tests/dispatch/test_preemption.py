@@ -14,8 +14,9 @@ from sqlalchemy import select, update
 from store.keys import ensure_tenant
 from store.models import CapacityRequest, Command, EventTimeline, GridEvent, Plan
 from tests.conftest import make_settings
-from tests.dispatch.eventkit import Stack, iso, running_stack, summer_clock, wait_for
+from tests.dispatch.eventkit import Stack, running_stack, summer_clock, wait_for
 from vpp.fleet.snapshot import available_kw
+from vpp.timefmt import to_rfc3339
 
 SCALE = 240.0
 BUYER = "cloudco"
@@ -52,7 +53,8 @@ async def _committed_request(svc: Any, start_ms: int, end_ms: int, mw: float) ->
 async def _grid_event(st: Stack, start_ms: int, end_ms: int, mw: float, preempt: bool) -> str:
     r = await st.client.post(
         "/v1/grid-events",
-        json={"region": "ERCOT-NORTH", "mw": mw, "start": iso(start_ms), "end": iso(end_ms),
+        json={"region": "ERCOT-NORTH", "mw": mw,
+              "start": to_rfc3339(start_ms), "end": to_rfc3339(end_ms),
               "priority": 100, "preempt": preempt},
         headers=await st.operator(),
     )  # fmt: skip

@@ -19,8 +19,9 @@ from dispatch.runner import (
 )
 from store.models import Command, GridEvent, SettlementLine
 from tests.conftest import make_settings
-from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
+from tests.dispatch.eventkit import running_stack, summer_clock, wait_for
 from vpp.fleet.snapshot import available_kw
+from vpp.timefmt import to_rfc3339
 
 SCALE = 240.0
 
@@ -29,7 +30,12 @@ async def _grid_event(stack, start_ms: int, end_ms: int, mw: float) -> str:  # t
     headers = await stack.operator()
     r = await stack.client.post(
         "/v1/grid-events",
-        json={"region": "ERCOT-NORTH", "mw": mw, "start": iso(start_ms), "end": iso(end_ms)},
+        json={
+            "region": "ERCOT-NORTH",
+            "mw": mw,
+            "start": to_rfc3339(start_ms),
+            "end": to_rfc3339(end_ms),
+        },
         headers=headers,
     )
     assert r.status_code == 201, r.text
