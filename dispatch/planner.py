@@ -38,7 +38,8 @@ from dispatch.types import Plan as OptimiserPlan
 from store.models import CapacityRequest, Command, GridEvent
 from store.models import Plan as PlanRow
 from vpp.domain import GridEventStatus, RequestStatus
-from vpp.fleet.snapshot import FleetSnapshot, available_kw
+from vpp.fleet.snapshot import FleetSnapshot
+from vpp.flexibility import available_kw
 from vpp.metrics import PLANS_MADE
 from vpp.timefmt import to_rfc3339
 

@@ -62,6 +62,7 @@ from store.models import Command, EventTimeline, Plan, TelemetryInterval
 from vpp import metrics
 from vpp.domain import CommandType, GridEventStatus, RequestStatus
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.flexibility import thermostat_inputs
 
 log = logging.getLogger(__name__)
 
@@ -846,20 +847,14 @@ class EventRunner:
             return rows, np.zeros(0, np.int64), early
         th = asg.kind_code[rows] == THERMOSTAT
         if th.any():
-            from dispatch.clusters import _thermostat_inputs
-            from vpp import physics
-
-            inp = _thermostat_inputs(fleet, asg.device_index[rows[th]], self.params)
-            shed, _, _ = physics.thermostat_shed(
-                inp["indoor"],
-                inp["setpoint"],
-                inp["outdoor"],
-                inp["offset"],
-                FRONT_LOAD_H,
-                inp["rated_kw"],
-                heating=inp["heating"].astype(bool),
+            inp = thermostat_inputs(
+                fleet,
+                asg.device_index[rows[th]],
+                offset_c=self.params.thermostat_offset_c,
+                min_offset_c=self.params.thermostat_min_offset_c,
             )
-            early[th] = np.maximum(np.nan_to_num(shed), early[th])
+            shed, _, _ = inp.shed(FRONT_LOAD_H)
+            early[th] = np.maximum(shed, early[th])
         bat = asg.kind_code[rows] == BATTERY
         if bat.any():
             level_kw = np.nan_to_num(self.live_levels(fleet, asg.device_index[rows[bat]])) / 1e3

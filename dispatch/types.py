@@ -21,6 +21,7 @@ from vpp.domain import (
     CommandType,
     Direction,
 )
+from vpp.flexibility import THERMOSTAT_MIN_OFFSET_C
 
 F64 = npt.NDArray[np.float64]
 
@@ -215,7 +216,7 @@ class DispatchParams:
     solver_parameters: str = ""  # solver-specific, text format (e.g. GLOP "use_dual_simplex:true")
     wear_cost_per_kwh: float = BATTERY_WEAR_COST_PER_KWH
     thermostat_offset_c: float = THERMOSTAT_DEFAULT_OFFSET_C
-    thermostat_min_offset_c: float = 0.25  # below this a thermostat is not asked
+    thermostat_min_offset_c: float = THERMOSTAT_MIN_OFFSET_C  # below this: not asked
     thermostat_max_event_h: float = THERMOSTAT_MAX_EVENT_H
     thermostat_hard_max_h: float = THERMOSTAT_HARD_MAX_EVENT_H  # grid events may run this long
     thermostat_override_at_2h: float = 0.10  # share of customers overriding by 2 h (linear in h)

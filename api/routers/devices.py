@@ -46,7 +46,7 @@ from vpp import physics
 from vpp.domain import DeviceKind, FreshnessCode, Role
 from vpp.fleet.records import unpack_states
 from vpp.fleet.registry import REGISTRY_COLUMNS, assemble, build_registry
-from vpp.fleet.snapshot import DEFAULT_OUTDOOR_C, available_kw
+from vpp.flexibility import available_kw, outdoor_temperatures
 from vpp.timefmt import to_rfc3339
 
 
@@ -406,17 +406,6 @@ def last_telemetry(rec: np.void, kind: str) -> dict[str, Any] | None:
     return out
 
 
-def _region_outdoor_c(view: FleetView, region: str) -> float:
-    """Median outdoor reading of the region's thermostats (for one that reports none)."""
-    snap = view.snapshot
-    code = snap.region_code(region)
-    if code < 0:
-        return DEFAULT_OUTDOOR_C
-    vals = snap.state["outdoor_c"][snap.region_codes == code].astype(float)
-    vals = vals[~np.isnan(vals)]
-    return float(np.median(vals)) if vals.size else DEFAULT_OUTDOOR_C
-
-
 @router.get(
     "/v1/devices/{device_id}",
     response_model=DeviceDetail,
@@ -443,10 +432,9 @@ async def get_device(
         settings.offline_after_s,
     )
     rec = unpack_states([blob])[0]
-    outdoor = None
-    if row["kind"] == DeviceKind.thermostat:
-        own = float(rec["outdoor_c"])
-        outdoor = np.array([own if not math.isnan(own) else _region_outdoor_c(view, row["region"])])
+    # A thermostat without its own reading borrows its region's median from the whole fleet.
+    is_th = row["kind"] == DeviceKind.thermostat
+    outdoor = outdoor_temperatures(one, reference=view.snapshot) if is_th else None
     capability = available_kw(one, 1.0, outdoor_c=outdoor, only_dispatchable=False)
     out = device_out(row)
     out.update(

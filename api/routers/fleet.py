@@ -19,7 +19,8 @@ from api.deps import Principal, any_role, get_services
 from api.schemas.devices import ErrorOut, FleetOut
 from dispatch.services import Services
 from vpp.domain import DeviceKind, FreshnessCode, Role
-from vpp.fleet.snapshot import FleetSnapshot, available_kw, summarise
+from vpp.fleet.snapshot import FleetSnapshot, summarise
+from vpp.flexibility import available_kw
 from vpp.timefmt import to_rfc3339
 
 router = APIRouter(tags=["fleet"])
@@ -78,12 +79,12 @@ def fleet_summary(
         return cached
     snap = view.snapshot
     if tenant is None and region is None and kind is None:
-        rows = summarise(snap, WINDOW_H, kw=view.available_kw)
+        rows = summarise(snap, view.available_kw)
     else:
         sel = snap.mask(region, kind)
         if tenant is not None:
             sel &= snap.tenant_ids == tenant
-        rows = summarise(snap.take(sel), WINDOW_H, kw=view.available_kw[sel])
+        rows = summarise(snap.take(sel), view.available_kw[sel])
     rows.sort(key=lambda r: (r["region"], r["kind"]))
     out = {
         "as_of": to_rfc3339(snap.now_ms),

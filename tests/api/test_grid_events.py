@@ -139,7 +139,7 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
 
     from store.models import Command
     from tests.dispatch.eventkit import running_stack, summer_clock, wait_for
-    from vpp.fleet.snapshot import available_kw
+    from vpp.flexibility import available_kw
 
     scale = 240.0
     svc = await services_factory(

@@ -15,7 +15,7 @@ from store.keys import ensure_tenant
 from store.models import CapacityRequest, Command, EventTimeline, GridEvent, Plan
 from tests.conftest import make_settings
 from tests.dispatch.eventkit import Stack, running_stack, summer_clock, wait_for
-from vpp.fleet.snapshot import available_kw
+from vpp.flexibility import available_kw
 from vpp.timefmt import to_rfc3339
 
 SCALE = 240.0

@@ -20,7 +20,7 @@ from dispatch.runner import (
 from store.models import Command, GridEvent, SettlementLine
 from tests.conftest import make_settings
 from tests.dispatch.eventkit import running_stack, summer_clock, wait_for
-from vpp.fleet.snapshot import available_kw
+from vpp.flexibility import available_kw
 from vpp.timefmt import to_rfc3339
 
 SCALE = 240.0
