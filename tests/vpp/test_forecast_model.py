@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sim.backtest import BacktestConfig, run_backtest
 from sim.synthetic import make_fleet
 from vpp import physics
 from vpp.domain import FreshnessCode
@@ -272,11 +271,3 @@ def test_quantile_map_learns_from_pits() -> None:
 def test_pit() -> None:
     scen = np.arange(100, dtype=float)[:, None] * np.ones((1, 2))
     np.testing.assert_allclose(m.pit(scen, np.array([9.5, 200.0])), [0.1, 1.0])
-
-
-def test_small_backtest_runs_and_scores() -> None:
-    rep = run_backtest(BacktestConfig(n_devices=1500, history_days=6, test_days=6, n_scenarios=300))
-    assert rep.realised.shape == (13, 2, 12)
-    assert 0.5 <= rep.coverage() <= 1.0
-    assert rep.pinball("model", 0.5) > 0.0
-    assert rep.calibrated[-1].all() and not rep.calibrated[1].any()
