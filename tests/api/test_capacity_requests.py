@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import func, select
 
 from store.models import LedgerEntry, SettlementLine
-from tests.conftest import make_settings
 from tests.dispatch.test_market import NOW, REGION, battery_fleet, install_stub
+from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
 

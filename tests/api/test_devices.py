@@ -15,23 +15,15 @@ import pytest
 from sqlalchemy import func, select
 
 from store.models import Device
-from tests.conftest import REDIS_URL, make_settings
+from tests.helpers.settings import make_settings, settings_for
 from vpp.clock import ManualClock
 from vpp.fleet.records import empty_state, pack_state
-from vpp.settings import Settings
 
 NOW = 1_784_061_000_000  # 2026-07-14T20:30:00Z
 REGION = "ERCOT-NORTH"
 
 
 # --- helpers shared by the device, bulk, role and fleet tests -------------------------------------
-def settings_for(db_url: str, **overrides: Any) -> Settings:
-    """Embedded defaults on SQLite; the real Redis state store next to PostgreSQL."""
-    if db_url.startswith("postgresql"):
-        overrides.setdefault("redis_url", REDIS_URL)
-    return make_settings(db_url, **overrides)
-
-
 def uid(prefix: str = "d") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 
 
 def _iso(ms: int) -> str:

@@ -29,7 +29,7 @@ from dispatch.market import (
 from dispatch.planner import get_planner, material_change
 from sim.synthetic_dispatch import synthetic_fleet
 from store.models import LedgerEntry, Tenant
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
 from vpp.domain import FreshnessCode
 from vpp.fleet.snapshot import BATTERY, FleetSnapshot

@@ -18,8 +18,8 @@ from dispatch.runner import (
     payloads,
 )
 from store.models import Command, GridEvent, SettlementLine
-from tests.conftest import make_settings
 from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
+from tests.helpers.settings import make_settings
 from vpp.fleet.snapshot import available_kw
 
 SCALE = 240.0
