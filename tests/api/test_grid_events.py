@@ -137,7 +137,7 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
     from sqlalchemy import select
 
     from store.models import Command
-    from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
+    from tests.helpers.eventkit import iso, running_stack, summer_clock, wait_for
     from vpp.fleet.snapshot import available_kw
 
     scale = 240.0

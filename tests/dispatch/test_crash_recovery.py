@@ -22,7 +22,7 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from tests.dispatch.eventkit import iso, summer_origin_ms, wait_for
+from tests.helpers.eventkit import iso, summer_origin_ms, wait_for
 from tests.helpers.settings import REDIS_URL
 from vpp.clock import Clock
 from vpp.settings import Settings

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sim.simulator import performance as truth_performance
-from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
+from tests.helpers.eventkit import iso, running_stack, summer_clock, wait_for
 from tests.helpers.settings import REDIS_URL, make_settings
 
 SCALE = 80.0  # a 2-hour window in 90 wall seconds

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from api.auth import ensure_tenant
 from store.models import CapacityRequest, Command, EventTimeline, GridEvent, Plan
-from tests.dispatch.eventkit import Stack, iso, running_stack, summer_clock, wait_for
+from tests.helpers.eventkit import Stack, iso, running_stack, summer_clock, wait_for
 from tests.helpers.settings import make_settings
 from vpp.fleet.snapshot import available_kw
 

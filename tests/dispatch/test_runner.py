@@ -18,7 +18,7 @@ from dispatch.runner import (
     payloads,
 )
 from store.models import Command, GridEvent, SettlementLine
-from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
+from tests.helpers.eventkit import iso, running_stack, summer_clock, wait_for
 from tests.helpers.settings import make_settings
 from vpp.fleet.snapshot import available_kw
 
