@@ -11,6 +11,7 @@ import httpx
 import psycopg
 import pytest
 
+from tests.helpers.mosquitto import MosquittoBroker, mosquitto_available, run_mosquitto
 from tests.helpers.settings import MQTT_URL, PG_ADMIN_DSN, REDIS_URL, RUN_ID, make_settings
 from vpp.clock import Clock
 from vpp.settings import Settings
@@ -75,6 +76,16 @@ def redis_url() -> str:
 @pytest.fixture()
 def mqtt_url() -> str:
     return MQTT_URL
+
+
+@pytest.fixture(scope="module")
+def mosquitto_broker() -> Iterator[MosquittoBroker]:
+    """A private Mosquitto with the project's config and dynamic security, one per test module,
+    topic root ``vpp/v1`` (skips when Mosquitto is not installed)."""
+    if not mosquitto_available():
+        pytest.skip("mosquitto with the dynamic-security plugin is not installed")
+    with run_mosquitto() as broker:
+        yield broker
 
 
 @pytest.fixture()
