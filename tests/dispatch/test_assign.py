@@ -9,7 +9,7 @@ from dispatch.assign import assign, replacements
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams
-from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
+from sim.synthetic import synthetic_fleet, synthetic_usage
 from tests.dispatch.test_optimiser import NOW, REGION, demand, fleet_of, horizon
 from vpp.domain import FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot

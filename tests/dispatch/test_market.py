@@ -27,7 +27,7 @@ from dispatch.market import (
     window_rule,
 )
 from dispatch.planner import get_planner, material_change
-from sim.synthetic_dispatch import synthetic_fleet
+from sim.synthetic import synthetic_fleet
 from store.models import LedgerEntry, Tenant
 from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock

@@ -10,7 +10,7 @@ import pytest
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise, optimise_greedy
 from dispatch.types import Demand, DeviceUsage, DispatchParams, Horizon, Plan
-from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
+from sim.synthetic import synthetic_fleet, synthetic_usage
 from vpp import physics
 from vpp.domain import FreshnessCode
 from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
