@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import func, select
 
 from store.models import LedgerEntry, SettlementLine
-from tests.dispatch.test_market import NOW, REGION, battery_fleet, install_stub
+from tests.helpers.fleets import NOW, REGION, fleet_of
+from tests.helpers.market import install_stub
 from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
@@ -37,7 +38,7 @@ async def api(db_url: str, api_factory: Any) -> Any:
     client, make_key = await api_factory(make_settings(db_url), clock)
     services = client.services
     install_stub(services, p90_mw=10.0)
-    snap = battery_fleet(400, NOW)
+    snap = fleet_of("b" * 400)
 
     async def snapshot(force: bool = False) -> FleetSnapshot:
         return snap

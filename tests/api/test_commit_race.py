@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from api.auth import create_api_key
 from store.models import LedgerEntry
-from tests.dispatch.test_market import install_stub
+from tests.helpers.market import install_stub
 from tests.helpers.settings import make_settings
 from vpp.clock import Clock
 

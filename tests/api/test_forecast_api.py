@@ -19,8 +19,8 @@ from api.routers.forecast import parse_duration_s, router
 from sim.synthetic import make_fleet
 from store.database import Database
 from store.models import Base, CapacityRequest, LedgerEntry
+from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
-from vpp.fleet.snapshot import FleetSnapshot
 from vpp.settings import Settings
 
 NOW = 1_783_000_800_000  # on the 15-minute grid
@@ -29,14 +29,6 @@ H = 3_600_000
 
 def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class FakeFleet:
-    def __init__(self, snap: FleetSnapshot) -> None:
-        self.snap = snap
-
-    async def snapshot(self, force: bool = False) -> FleetSnapshot:
-        return self.snap
 
 
 @pytest.fixture
@@ -50,7 +42,7 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]
         clock=ManualClock(NOW),
         db=db,
         state=None,
-        fleet=FakeFleet(snap),
+        fleet=FixedFleet(snap),
         components={},
     )
     key = await create_api_key(db, "t-1", "hyperscaler", NOW)

@@ -10,7 +10,8 @@ from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams
 from sim.synthetic import synthetic_fleet, synthetic_usage
-from tests.dispatch.test_optimiser import NOW, REGION, demand, fleet_of, horizon
+from tests.helpers.demands import demand, horizon
+from tests.helpers.fleets import NOW, REGION, fleet_of
 from vpp.domain import FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 

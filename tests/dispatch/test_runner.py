@@ -19,6 +19,7 @@ from dispatch.runner import (
 )
 from store.models import Command, GridEvent, SettlementLine
 from tests.helpers.eventkit import iso, running_stack, summer_clock, wait_for
+from tests.helpers.fleets import fleet_of
 from tests.helpers.settings import make_settings
 from vpp.fleet.snapshot import available_kw
 
@@ -245,7 +246,6 @@ async def test_estimate_waits_for_telemetry_from_after_the_start(
     thermostats' shed faded later in the window. Once a device has had time to report and has
     not, it is stale."""
     from dispatch.runner import ACT_LAG_MS, STARTED
-    from tests.dispatch.test_optimiser import fleet_of
     from vpp.clock import ManualClock
 
     start = 1_784_061_000_000
