@@ -173,7 +173,7 @@ def test_command_json_follows_the_contract() -> None:
 
 
 async def test_unacknowledged_commands_are_retried_then_replaced(
-    sqlite_url, services_factory
+    sqlite_url, services_factory, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     from vpp.clock import ManualClock
 
@@ -209,7 +209,7 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
     await runner.drain_acks()
     import dispatch.runner as rmod
 
-    rmod.MIN_ACK_WAIT_WALL_S = 0.0
+    monkeypatch.setattr(rmod, "MIN_ACK_WAIT_WALL_S", 0.0)
     run.table.sent_wall[:] -= 31.0
     await runner.retries(run)
     assert len(sent) == 2 and len(sent[1]) == 2
@@ -221,7 +221,6 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
         rows = {c.id: c for c in (await s.execute(select(Command))).scalars()}
     assert rows["c-0000"].status == "started" and rows["c-0001"].status == "missed"
     assert rows["c-0001"].attempts == 2
-    rmod.MIN_ACK_WAIT_WALL_S = 2.0
 
 
 def _batch_of(run: Running) -> CommandBatch:
