@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from dispatch import events as es
 from dispatch.market import (
     MarketError,
     MarketHousekeeper,
@@ -206,19 +207,20 @@ async def test_state_errors_leave_the_ledger_unchanged(market_env: Any) -> None:
         await market.commit(q2.id, "acme")
     assert err.value.status == 409 and "quote expired at" in str(err.value)
     assert (await market.get(q2.id, "acme")).status == "expired"
-    # Committed request: runner marks it active, then completed; cancel is then refused.
+    # Committed request, due once its window opens: the runner's status moves (committed →
+    # active when it starts the event, active → completed when it closes it) refuse cancel.
     q3, _ = await market.quote("acme", inp(mw=2.0))
     await market.commit(q3.id, None)  # operator scope
     before = await ledger_total(services)
     clock.advance(2 * 3600)
-    due = await market.due(clock.now_ms())
-    assert [r.id for r in due] == [q3.id]
-    assert await market.mark_active(q3.id, clock.now_ms())
-    assert not await market.mark_active(q3.id, clock.now_ms())
+    due = await es.due_events(services, clock.now_ms())
+    assert [e.id for e in due] == [q3.id]
+    assert await es.set_status(services, due[0], "active", only_from=("committed",))
+    assert await es.due_events(services, clock.now_ms()) == []
     with pytest.raises(MarketError) as err:
         await market.cancel(q3.id, "acme")
     assert err.value.status == 409 and "request is active" in str(err.value)
-    assert await market.mark_completed(q3.id, clock.now_ms(), performance=0.93)
+    assert await es.set_status(services, due[0], "completed", only_from=("active",))
     with pytest.raises(MarketError) as err:
         await market.cancel(q3.id, "acme")
     assert "request is completed" in str(err.value)
