@@ -2,7 +2,7 @@
 request) and after (vectorised build, packed state read with cached positions, stale-while-
 revalidate, incremental onboarding), against the real PostgreSQL and Redis on this machine.
 
-For each size it writes a synthetic fleet (``sim.synthetic_dispatch.synthetic_fleet``) to a
+For each size it writes a synthetic fleet (``sim.synthetic.synthetic_fleet``) to a
 PostgreSQL database and a Redis prefix of its own (both dropped afterwards) and prints:
 
 - registry: database read, row-wise build (before) vs vectorised build (after);
@@ -36,7 +36,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sim.synthetic_dispatch import synthetic_fleet  # noqa: E402
+from sim.synthetic import synthetic_fleet  # noqa: E402
 from vpp.domain import KIND_BY_CODE, KIND_CODE, DeviceKind  # noqa: E402
 from vpp.fleet import registry as R  # noqa: E402
 from vpp.fleet import snapshot as F  # noqa: E402

@@ -173,10 +173,6 @@ class Demo:
             raise DemoError(f"{method} {path} answered {resp.status_code}: {resp.text[:300]}")
         return resp.json() if resp.content else {}
 
-    async def sleep_service(self, seconds: float) -> None:
-        assert self.clock is not None
-        await self.clock.sleep(seconds)
-
     # ---- stages -------------------------------------------------------------------------------
     async def start_service(self) -> None:
         import httpx

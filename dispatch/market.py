@@ -12,8 +12,8 @@ both win:
   database's write lock before it reads anything; a second writer waits on the busy timeout.
 
 Life of a request: quoted → committed → active → completed, or rejected / cancelled / expired.
-The event runner moves committed → active → completed with :meth:`Market.mark_active` and
-:meth:`Market.mark_completed`, and reads a request's booked MW with :meth:`Market.booked_mw`.
+The event runner (``dispatch.runner``, through ``dispatch.events``) moves committed → active →
+completed.
 """
 
 from __future__ import annotations
@@ -570,7 +570,7 @@ class Market:
         MARKET_REQUESTS.labels("cancelled").inc()
         return req, True
 
-    # -- housekeeping and the runner's calls --
+    # -- housekeeping --
     async def expire_quotes(self, now_ms: int, request_id: str | None = None) -> int:
         """Quotes past their expiry become expired (they never held ledger rows). Returns how
         many; call it periodically (the event runner does)."""
@@ -589,59 +589,6 @@ class Market:
         if n:
             MARKET_REQUESTS.labels("expired").inc(n)
         return n
-
-    async def _transition(
-        self, request_id: str, from_: tuple[str, ...], to: str, now_ms: int, **values: Any
-    ) -> bool:
-        async with self.services.db.session() as session, session.begin():
-            result = await session.execute(
-                update(CapacityRequest)
-                .where(CapacityRequest.id == request_id)
-                .where(CapacityRequest.status.in_(from_))
-                .values(status=to, updated_ms=int(now_ms), **values)
-            )
-        return bool(getattr(result, "rowcount", 0))
-
-    async def mark_active(self, request_id: str, now_ms: int) -> bool:
-        """committed → active (the runner, when the window opens). False if it was not
-        committed (cancelled meanwhile, or already active)."""
-        return await self._transition(
-            request_id, (RequestStatus.committed.value,), RequestStatus.active.value, now_ms
-        )
-
-    async def mark_completed(
-        self, request_id: str, now_ms: int, performance: float | None = None
-    ) -> bool:
-        """active (or committed) → completed, with the measured performance if known."""
-        values: dict[str, Any] = {}
-        if performance is not None:
-            values["performance"] = float(min(max(performance, 0.0), 1.0))
-        return await self._transition(
-            request_id,
-            (RequestStatus.active.value, RequestStatus.committed.value),
-            RequestStatus.completed.value,
-            now_ms,
-            **values,
-        )
-
-    async def due(self, now_ms: int, lookahead_ms: int = 0) -> list[CapacityRequest]:
-        """Committed requests whose window starts by ``now_ms + lookahead_ms`` and has not
-        ended (for the runner to activate), and active ones (to run or complete)."""
-        async with self.services.db.session() as session:
-            rows = (
-                await session.execute(
-                    select(CapacityRequest)
-                    .where(
-                        (
-                            (CapacityRequest.status == RequestStatus.committed.value)
-                            & (CapacityRequest.start_ms <= int(now_ms) + int(lookahead_ms))
-                        )
-                        | (CapacityRequest.status == RequestStatus.active.value)
-                    )
-                    .order_by(CapacityRequest.start_ms)
-                )
-            ).scalars()
-            return list(rows)
 
     async def booked_mw(self, request_id: str) -> tuple[I64, F64]:
         """A request's ledger rows: (15-minute slot starts in epoch ms, MW per slot)."""

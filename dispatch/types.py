@@ -434,10 +434,6 @@ class Assignment:
         return len(self.device_index)
 
     @property
-    def primary(self) -> npt.NDArray[np.bool_]:
-        return ~self.is_reserve
-
-    @property
     def reserve_devices(self) -> npt.NDArray[np.int64]:
         """Reserve devices, listed separately (fleet row indices, priority order)."""
         return self.device_index[self.is_reserve]

@@ -62,7 +62,6 @@ from vpp.physics import (
     battery_step,
     rc_alpha,
     solar_power_w,
-    thermostat_hold_kw,
     thermostat_step,
 )
 from vpp.weather import region_centre, weather_for_region
@@ -895,13 +894,6 @@ class SimFleet:
                 self._clear(busy)
         return idx
 
-    def revive(self, idx: IArray | Sequence[int]) -> IArray:
-        idx = np.asarray(idx, dtype=np.int64)
-        idx = idx[~self.alive[idx]]
-        self.alive[idx] = True
-        self.next_due_ms[idx] = self.t_ms
-        return idx
-
     def vendor_devices(self, vendor: str) -> IArray:
         if vendor not in self.vendors:
             raise ValueError(f"vendor: unknown {vendor!r} (one of {', '.join(self.vendors)})")
@@ -1016,24 +1008,6 @@ class SimFleet:
                 )
             rows.append(row)
         return rows
-
-    def baseline_kw(self) -> FArray:
-        """What each thermostat draws to hold its own setpoint at the current weather."""
-        heating = self.outdoor_c + self.r * self.q_gain_kw < self.sp_heat
-        sp = np.where(heating, self.sp_heat, self.sp_cool)
-        return np.where(
-            self.is_thermostat,
-            thermostat_hold_kw(
-                sp,
-                self.outdoor_c,
-                self.hvac_rated_w / 1000.0,
-                heating=heating,
-                r_c_per_kw=self.r,
-                cop=self.cop,
-                q_gain_kw=self.q_gain_kw,
-            ),
-            0.0,
-        )
 
     def ground_truth(self) -> GroundTruth:
         hours = self.config.settlement_interval_s / 3600.0
@@ -1535,14 +1509,6 @@ class FleetSimulator:
         they were told until it expires or they have been 10 minutes out of contact."""
         ids = [self.fleet.ids[i] for i in self.fleet.vendor_devices(vendor).tolist()]
         return await self.drop_devices(ids, revert=False, announce=False)
-
-    async def revive_devices(self, ids: Iterable[str]) -> list[str]:
-        idx = self.fleet.revive([self.fleet.index[d] for d in ids])
-        if not self.per_device:
-            await self._publish(
-                [(self._status_topics[i], b"online", 1, True) for i in idx.tolist()], idx.tolist()
-            )
-        return [self.fleet.ids[i] for i in idx.tolist()]
 
     def skew_clocks(self, fraction: float, skew_s: float) -> list[str]:
         idx = self.fleet.pick(fraction)

@@ -41,12 +41,6 @@ class Clock:
     async def sleep(self, service_seconds: float) -> None:
         await asyncio.sleep(max(0.0, service_seconds / self.time_scale))
 
-    async def sleep_until_ms(self, service_ms: int) -> None:
-        await self.sleep((service_ms - self.now_ms()) / 1000.0)
-
-    def sleep_blocking(self, service_seconds: float) -> None:
-        time.sleep(max(0.0, service_seconds / self.time_scale))
-
 
 class ManualClock(Clock):
     """A clock that only moves when told to: for tests and back-tests."""
@@ -67,9 +61,6 @@ class ManualClock(Clock):
     async def sleep(self, service_seconds: float) -> None:
         self.advance(service_seconds)
         await asyncio.sleep(0)
-
-    def sleep_blocking(self, service_seconds: float) -> None:
-        self.advance(service_seconds)
 
 
 _clock: Clock | None = None

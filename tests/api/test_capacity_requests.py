@@ -7,9 +7,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from dispatch import events as es
 from store.models import LedgerEntry, SettlementLine
-from tests.conftest import make_settings
-from tests.dispatch.test_market import NOW, REGION, battery_fleet, install_stub
+from tests.helpers.fleets import NOW, REGION, fleet_of
+from tests.helpers.market import install_stub
+from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
 from vpp.timefmt import to_rfc3339
@@ -33,7 +35,7 @@ async def api(db_url: str, api_factory: Any) -> Any:
     client, make_key = await api_factory(make_settings(db_url), clock)
     services = client.services
     install_stub(services, p90_mw=10.0)
-    snap = battery_fleet(400, NOW)
+    snap = fleet_of("b" * 400)
 
     async def snapshot(force: bool = False) -> FleetSnapshot:
         return snap
@@ -208,13 +210,16 @@ async def test_state_errors_are_409_naming_the_state(api: Any) -> None:
     assert r.json()["detail"] == f"status: quote expired at {to_rfc3339(NOW + 900_000)}"
     got = (await client.get(f"/v1/capacity-requests/{e['id']}", headers=h)).json()
     assert got["status"] == "expired"
-    # Completed request cannot be cancelled.
-    market = client.services.market
+    # Once the runner has started it (committed → active), then closed it (→ completed), the
+    # request cannot be cancelled.
+    services = client.services
     clock.advance(2 * 3600)
-    await market.mark_active(c["id"], clock.now_ms())
+    ev = await es.load_event(services, c["id"])
+    assert ev is not None
+    assert await es.set_status(services, ev, "active", only_from=("committed",))
     r = await client.post(f"/v1/capacity-requests/{c['id']}/cancel", headers=h)
     assert r.status_code == 409 and "request is active" in r.json()["detail"]
-    await market.mark_completed(c["id"], clock.now_ms())
+    assert await es.set_status(services, ev, "completed", only_from=("active",))
     r = await client.post(f"/v1/capacity-requests/{c['id']}/cancel", headers=h)
     assert r.status_code == 409 and "request is completed" in r.json()["detail"]
     assert await ledger(client) == before

@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 from api.app import create_app
 from store.keys import create_api_key
 from store.models import LedgerEntry
-from tests.conftest import make_settings
-from tests.dispatch.test_market import install_stub
+from tests.helpers.market import install_stub
+from tests.helpers.settings import make_settings
 from vpp.clock import Clock
 from vpp.timefmt import to_rfc3339
 

@@ -7,20 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_devices import (
-    NOW,
-    battery,
-    make_api,
-    solar,
-    state,
-    thermostat,
-    uid,
-)
-
-
-@pytest.fixture()
-async def api(db_url: str, api_factory: Any) -> Any:
-    return await make_api(db_url, api_factory)
+from tests.helpers.devices import NOW, battery, solar, state, thermostat, uid
 
 
 def row(fleet: dict[str, Any], region: str, kind: str) -> dict[str, Any]:

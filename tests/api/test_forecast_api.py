@@ -20,21 +20,13 @@ from store.database import Database
 from store.keys import create_api_key
 from store.models import Base, CapacityRequest, LedgerEntry
 from store.state.memory import MemoryStateStore
+from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
-from vpp.fleet.snapshot import FleetSnapshot
 from vpp.settings import Settings
 from vpp.timefmt import to_rfc3339
 
 NOW = 1_783_000_800_000  # on the 15-minute grid
 H = 3_600_000
-
-
-class FakeFleet:
-    def __init__(self, snap: FleetSnapshot) -> None:
-        self.snap = snap
-
-    async def snapshot(self, force: bool = False) -> FleetSnapshot:
-        return self.snap
 
 
 @pytest.fixture
@@ -48,7 +40,7 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]
         clock=ManualClock(NOW),
         db=db,
         state=MemoryStateStore(),
-        fleet=FakeFleet(snap),
+        fleet=FixedFleet(snap),
     )
     services.forecast = ForecastService(services)  # type: ignore[arg-type]
     key = await create_api_key(db, "t-1", "hyperscaler", NOW)

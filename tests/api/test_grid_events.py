@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 from vpp.timefmt import to_rfc3339
 
 
@@ -138,7 +138,7 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
     from sqlalchemy import select
 
     from store.models import Command
-    from tests.dispatch.eventkit import running_stack, summer_clock, wait_for
+    from tests.helpers.eventkit import running_stack, summer_clock, wait_for
     from vpp.flexibility import available_kw
 
     scale = 240.0

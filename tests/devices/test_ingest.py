@@ -28,8 +28,8 @@ from devices.telemetry import BATTERY, SOLAR, THERMOSTAT
 from dispatch.services import Services
 from store.history import IntervalHistory, write_intervals
 from store.models import TelemetryInterval
-from tests.conftest import MQTT_URL, REDIS_URL, make_settings, unique
 from tests.helpers.mosquitto import free_port
+from tests.helpers.settings import MQTT_URL, REDIS_URL, make_settings, unique
 from vpp.clock import ManualClock
 from vpp.domain import RejectReason
 from vpp.fleet.records import STATE_DTYPE, unpack_states

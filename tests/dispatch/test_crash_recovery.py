@@ -22,8 +22,8 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import REDIS_URL
-from tests.dispatch.eventkit import summer_origin_ms, wait_for
+from tests.helpers.eventkit import summer_origin_ms, wait_for
+from tests.helpers.settings import REDIS_URL
 from vpp.clock import Clock
 from vpp.settings import Settings
 from vpp.timefmt import to_rfc3339

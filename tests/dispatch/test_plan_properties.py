@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from dispatch.assign import assign, replacements
 from dispatch.optimiser import optimise
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams, Horizon
-from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
+from sim.synthetic import synthetic_fleet, synthetic_usage
 from vpp import physics
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.flexibility import outdoor_temperatures

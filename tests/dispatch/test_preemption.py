@@ -13,8 +13,8 @@ from sqlalchemy import select, update
 
 from store.keys import ensure_tenant
 from store.models import CapacityRequest, Command, EventTimeline, GridEvent, Plan
-from tests.conftest import make_settings
-from tests.dispatch.eventkit import Stack, running_stack, summer_clock, wait_for
+from tests.helpers.eventkit import Stack, running_stack, summer_clock, wait_for
+from tests.helpers.settings import make_settings
 from vpp.flexibility import available_kw
 from vpp.timefmt import to_rfc3339
 

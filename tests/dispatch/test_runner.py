@@ -18,8 +18,9 @@ from dispatch.runner import (
     payloads,
 )
 from store.models import Command, GridEvent, SettlementLine
-from tests.conftest import make_settings
-from tests.dispatch.eventkit import running_stack, summer_clock, wait_for
+from tests.helpers.eventkit import running_stack, summer_clock, wait_for
+from tests.helpers.fleets import fleet_of
+from tests.helpers.settings import make_settings
 from vpp.flexibility import available_kw
 from vpp.timefmt import to_rfc3339
 
@@ -178,7 +179,7 @@ def test_command_json_follows_the_contract() -> None:
 
 
 async def test_unacknowledged_commands_are_retried_then_replaced(
-    sqlite_url, services_factory
+    sqlite_url, services_factory, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     from vpp.clock import ManualClock
 
@@ -214,7 +215,7 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
     await runner.drain_acks()
     import dispatch.runner as rmod
 
-    rmod.MIN_ACK_WAIT_WALL_S = 0.0
+    monkeypatch.setattr(rmod, "MIN_ACK_WAIT_WALL_S", 0.0)
     run.table.sent_wall[:] -= 31.0
     await runner.retries(run)
     assert len(sent) == 2 and len(sent[1]) == 2
@@ -226,7 +227,6 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
         rows = {c.id: c for c in (await s.execute(select(Command))).scalars()}
     assert rows["c-0000"].status == "started" and rows["c-0001"].status == "missed"
     assert rows["c-0001"].attempts == 2
-    rmod.MIN_ACK_WAIT_WALL_S = 2.0
 
 
 def _batch_of(run: Running) -> CommandBatch:
@@ -251,7 +251,6 @@ async def test_estimate_waits_for_telemetry_from_after_the_start(
     thermostats' shed faded later in the window. Once a device has had time to report and has
     not, it is stale."""
     from dispatch.runner import ACT_LAG_MS, STARTED
-    from tests.dispatch.test_optimiser import fleet_of
     from vpp.clock import ManualClock
 
     start = 1_784_061_000_000
