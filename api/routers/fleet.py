@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query
 from api.deps import Principal, any_role, get_services
 from api.schemas.devices import ErrorOut, FleetOut
 from devices.edges import Services
-from vpp.domain import DeviceKind, FreshnessCode, Role
+from vpp.domain import DeviceKind, Freshness, FreshnessCode, Role
 from vpp.fleet.snapshot import FleetSnapshot, available_kw, summarise
 
 router = APIRouter(tags=["fleet"])
@@ -26,10 +26,11 @@ router = APIRouter(tags=["fleet"])
 WINDOW_H = 1.0
 _VIEW_KEY = "api.fleet_view"
 FRESHNESS_NAMES = {
-    FreshnessCode.fresh: "fresh",
-    FreshnessCode.stale: "stale",
-    FreshnessCode.offline: "offline",
-    FreshnessCode.never: "offline",  # registered, never heard from: offline to the outside
+    FreshnessCode.fresh: Freshness.fresh.value,
+    FreshnessCode.stale: Freshness.stale.value,
+    FreshnessCode.offline: Freshness.offline.value,
+    # registered, never heard from: offline to the outside
+    FreshnessCode.never: Freshness.offline.value,
 }
 
 
