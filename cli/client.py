@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
+from vpp.domain import DeviceKind, GridEventStatus, RequestStatus
+
 if TYPE_CHECKING:
     import httpx
     from rich.console import Console
@@ -428,15 +430,15 @@ def _request_table(rows: list[dict[str, Any]], title: str) -> Any:
 
 def _status_text(status: Any) -> str:
     colour = {
-        "quoted": "blue",
-        "committed": "yellow",
-        "active": "green",
-        "completed": "bold",
-        "rejected": "red",
-        "cancelled": "red",
-        "expired": "red",
-        "aborted": "red",
-        "scheduled": "cyan",
+        RequestStatus.quoted.value: "blue",
+        RequestStatus.committed.value: "yellow",
+        RequestStatus.active.value: "green",
+        RequestStatus.completed.value: "bold",
+        RequestStatus.rejected.value: "red",
+        RequestStatus.cancelled.value: "red",
+        RequestStatus.expired.value: "red",
+        GridEventStatus.aborted.value: "red",
+        GridEventStatus.scheduled.value: "cyan",
     }.get(str(status), "white")
     return f"[{colour}]{status}[/]"
 
@@ -514,7 +516,7 @@ def requests_quote(
         _print_json(req)
         return
     out = _console()
-    if req.get("status") == "rejected":
+    if req.get("status") == RequestStatus.rejected:
         out.print(f"[red]rejected[/] {req.get('id')}: {req.get('reason', 'no reason given')}")
         return
     out.print(
@@ -737,7 +739,7 @@ def events_abort(
     if as_json:
         _print_json(data)
         return
-    _console().print(f"{event_id}: [bold]{data.get('status', 'aborted')}[/]")
+    _console().print(f"{event_id}: [bold]{data.get('status', GridEventStatus.aborted.value)}[/]")
 
 
 # --- fleet ---------------------------------------------------------------------------------------
@@ -745,7 +747,7 @@ def fleet_rows(data: Any) -> list[dict[str, Any]]:
     """Flatten the fleet answer into rows of region, kind, registered, online, available_mw,
     whether it lists rows or nests kinds inside regions."""
     rows: list[dict[str, Any]] = []
-    kinds = {"battery", "solar", "thermostat"}
+    kinds = {k.value for k in DeviceKind}
 
     def walk(node: Any, region: str | None, key_name: str | None) -> None:
         if isinstance(node, list):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from vpp.domain import CommandStatus, CommandType, RequestStatus
 from vpp.timefmt import parse_rfc3339, to_rfc3339
 
 if TYPE_CHECKING:
@@ -411,7 +412,7 @@ class Demo:
         )
         if quote.get("reason"):
             self.say(f"[dim]{quote['reason']}[/]")
-        if quote["status"] != "quoted" or self.result.quoted_mw <= 0:
+        if quote["status"] != RequestStatus.quoted or self.result.quoted_mw <= 0:
             self.say("[yellow]nothing to commit[/]")
             return quote
         committed = await self.api(
@@ -532,17 +533,20 @@ class Demo:
             rows = (
                 await session.execute(
                     select(Command.status, func.count(func.distinct(Command.device_id)))
-                    .where(Command.event_id == event_id, Command.type != "restore")
+                    .where(Command.event_id == event_id, Command.type != CommandType.restore.value)
                     .group_by(Command.status)
                 )
             ).all()
         by = {str(s): int(n) for s, n in rows}
-        acked = sum(by.get(s, 0) for s in ("received", "started", "completed"))
+        acked = sum(
+            by.get(s, 0)
+            for s in (CommandStatus.received, CommandStatus.started, CommandStatus.completed)
+        )
         return {
             "commanded": sum(by.values()),
-            "acknowledged": acked + by.get("opted_out", 0),
-            "opted_out": by.get("opted_out", 0),
-            "replaced": by.get("replaced", 0) + by.get("missed", 0),
+            "acknowledged": acked + by.get(CommandStatus.opted_out, 0),
+            "opted_out": by.get(CommandStatus.opted_out, 0),
+            "replaced": by.get(CommandStatus.missed, 0),
         }
 
     async def settle(self, rid: str) -> None:
@@ -560,7 +564,10 @@ class Demo:
             progress.add_task("   waiting for the request to complete and settle", total=None)
             while time.monotonic() < deadline:
                 req = await self.api("GET", f"/v1/capacity-requests/{rid}", "buyer")
-                if req.get("status") == "completed" and req.get("performance") is not None:
+                if (
+                    req.get("status") == RequestStatus.completed
+                    and req.get("performance") is not None
+                ):
                     break
                 await asyncio.sleep(1.0)
         self.result.status = req.get("status")
@@ -655,7 +662,7 @@ class Demo:
         await self.start_service()
         await self.start_fleet()
         req = await self.quote_and_commit()
-        if req is not None and req.get("status") == "committed":
+        if req is not None and req.get("status") == RequestStatus.committed:
             await self.run_window(req)
             await self.settle(req["id"])
         self.result.wall_s = time.monotonic() - t0

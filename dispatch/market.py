@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from devices.edges import Edges
 from dispatch.forecast_service import ForecastInputError, ForecastService
+from dispatch.settlement import interval_performance, performance
 from dispatch.settlement_service import settlement_lines
 from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock
 from vpp.domain import Direction, RequestStatus
@@ -230,16 +231,6 @@ def first_short_slot(free: F64, need_mw: float) -> int | None:
     """Index of the first interval with less than ``need_mw`` free, or None."""
     short = np.flatnonzero(np.asarray(free, float) < need_mw - EPS_MW)
     return int(short[0]) if short.size else None
-
-
-def performance(target_mw: F64, delivered_mw: F64) -> tuple[F64, float | None]:
-    """Per interval min(delivered ÷ committed, 1), and Σ min(delivered, committed) ÷ Σ committed."""
-    target = np.asarray(target_mw, float)
-    delivered = np.maximum(np.asarray(delivered_mw, float), 0.0)
-    covered = np.minimum(delivered, target)
-    per = np.where(target > 0, covered / np.where(target > 0, target, 1.0), 1.0)
-    total = float(target.sum())
-    return per, (float(covered.sum()) / total if total > 0 else None)
 
 
 def new_request_id() -> str:
@@ -502,7 +493,7 @@ class Market:
             )
             req.status = RequestStatus.committed.value
             req.updated_ms = now
-        MARKET_REQUESTS.labels("committed").inc()
+        MARKET_REQUESTS.labels(RequestStatus.committed.value).inc()
         return req, True
 
     @staticmethod
@@ -567,7 +558,7 @@ class Market:
             await session.execute(delete(LedgerEntry).where(LedgerEntry.request_id == req.id))
             req.status = RequestStatus.cancelled.value
             req.updated_ms = now
-        MARKET_REQUESTS.labels("cancelled").inc()
+        MARKET_REQUESTS.labels(RequestStatus.cancelled.value).inc()
         return req, True
 
     # -- housekeeping --
@@ -587,7 +578,7 @@ class Market:
             result = await session.execute(q)
         n = int(getattr(result, "rowcount", 0) or 0)
         if n:
-            MARKET_REQUESTS.labels("expired").inc(n)
+            MARKET_REQUESTS.labels(RequestStatus.expired.value).inc(n)
         return n
 
     async def booked_mw(self, request_id: str) -> tuple[I64, F64]:
@@ -688,7 +679,14 @@ class Market:
         if lines:
             target = np.array([ln.target_mw for ln in lines], dtype=float)
             delivered = np.array([ln.delivered_mw for ln in lines], dtype=float)
-            per, total = performance(target, delivered)
+            # An interval with nothing committed shows as met (1.0); no commitment at all
+            # leaves the stored performance.
+            per = interval_performance(delivered_mw=delivered, committed_mw=target, uncommitted=1.0)
+            total = (
+                performance(delivered_mw=delivered, committed_mw=target)
+                if (target > 0).any()
+                else None
+            )
             doc["intervals"] = [
                 {
                     "start": to_rfc3339(ln.interval_start_ms),

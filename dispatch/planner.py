@@ -37,7 +37,7 @@ from dispatch.types import (
 from dispatch.types import Plan as OptimiserPlan
 from store.models import CapacityRequest, Command, GridEvent
 from store.models import Plan as PlanRow
-from vpp.domain import GridEventStatus, RequestStatus
+from vpp.domain import CommandType, GridEventStatus, RequestStatus
 from vpp.fleet.snapshot import FleetSnapshot
 from vpp.flexibility import available_kw
 from vpp.metrics import PLANS_MADE
@@ -333,7 +333,7 @@ class Planner:
                         func.sum(Command.valid_until_ms - Command.valid_from_ms),
                         func.max(Command.valid_until_ms),
                     )
-                    .where(Command.type != "restore")
+                    .where(Command.type != CommandType.restore.value)
                     .where(Command.created_ms >= since)
                     .where(Command.event_id.not_in(planned_ids))
                     .group_by(Command.device_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,14 @@ from devices.edges import Edges
 from dispatch import events as es
 from dispatch.settlement import (
     MIN_CONTROL_DEVICES,
+    Line,
     Settlement,
     SettlementGrid,
     SettlementInputs,
     TenInTen,
     active_mask,
+    interval_performance,
+    performance,
     resample,
     settle,
 )
@@ -36,7 +40,7 @@ from store.models import (
     SettlementLine,
     TelemetryInterval,
 )
-from vpp.domain import CommandType
+from vpp.domain import CommandStatus, CommandType
 from vpp.timefmt import to_rfc3339
 
 PRE_WINDOW_MS = 30 * 60_000  # meter-before: the 30 minutes before the event
@@ -44,7 +48,8 @@ POST_WINDOW_MS = 30 * 60_000  # meter-after: the 30 minutes after it
 DAY_MS = 86_400_000
 TEN_IN_TEN_LOOKBACK_DAYS = 20
 ADJUST_FROM_H, ADJUST_TO_H = 4.0, 1.0  # same-day adjustment: hours −4..−1 before the start
-NOT_DISPATCHED = ("pending", "restored")  # stored but never published
+# Stored but never published.
+NOT_DISPATCHED = (CommandStatus.pending.value, CommandStatus.restored.value)
 
 
 async def _runner_body(services: Edges, event_id: str) -> dict[str, Any]:
@@ -164,8 +169,8 @@ async def compute_settlement(
         ends = [x for x in later[dev] if x > vf]
         until = min([int(vu), *ends])
         windows[dev].append((int(vf), until))
-    bat_ids = sorted(d for d, t in kinds.items() if t == "battery_discharge")
-    th_ids = sorted(d for d, t in kinds.items() if t == "thermostat_offset")
+    bat_ids = sorted(d for d, t in kinds.items() if t == CommandType.battery_discharge)
+    th_ids = sorted(d for d, t in kinds.items() if t == CommandType.thermostat_offset)
 
     slot_ms = int(s.history_interval_s * 1000)
     lo, hi = ev.start_ms - PRE_WINDOW_MS, ev.end_ms + POST_WINDOW_MS
@@ -319,26 +324,35 @@ async def settle_event(
     return st
 
 
-def _interval_dict(
-    start_ms: int,
-    end_ms: int,
-    target: float,
-    delivered: float,
-    baseline: float,
-    actual: float,
-    method: str,
-) -> dict[str, Any]:
-    perf = min(max(delivered, 0.0), target) / target if target > 0 else 0.0
-    return {
-        "start": to_rfc3339(start_ms),
-        "end": to_rfc3339(end_ms),
-        "target_mw": round(target, 6),
-        "delivered_mw": round(delivered, 6),
-        "baseline_mw": round(baseline, 6),
-        "actual_mw": round(actual, 6),
-        "performance": round(perf, 4),
-        "method": method,
-    }
+# Command statuses counted as acknowledged, and as replaced (the device failed its command).
+_ACKNOWLEDGED = (CommandStatus.received, CommandStatus.started, CommandStatus.completed)
+_REPLACED = (
+    CommandStatus.opted_out,
+    CommandStatus.rejected,
+    CommandStatus.expired,
+    CommandStatus.missed,
+    CommandStatus.stale,
+)
+
+
+def _interval_dicts(lines: Sequence[SettlementLine | Line]) -> list[dict[str, Any]]:
+    """Stored or provisional lines as the API shows them."""
+    per = interval_performance(
+        delivered_mw=[ln.delivered_mw for ln in lines], committed_mw=[ln.target_mw for ln in lines]
+    )
+    return [
+        {
+            "start": to_rfc3339(ln.interval_start_ms),
+            "end": to_rfc3339(ln.interval_end_ms),
+            "target_mw": round(ln.target_mw, 6),
+            "delivered_mw": round(ln.delivered_mw, 6),
+            "baseline_mw": round(ln.baseline_mw, 6),
+            "actual_mw": round(ln.actual_mw, 6),
+            "performance": round(float(p), 4),
+            "method": ln.method,
+        }
+        for ln, p in zip(lines, per.tolist(), strict=True)
+    ]
 
 
 async def settlement_lines(services: Edges, event_id: str) -> list[SettlementLine]:
@@ -368,33 +382,17 @@ async def settlement_view(services: Edges, event_id: str) -> dict[str, Any]:
         )
     devices = {
         "commanded": int(sum(counts.values())),
-        "acknowledged": int(sum(counts.get(k, 0) for k in ("received", "started", "completed"))),
-        "opted_out": int(counts.get("opted_out", 0)),
-        "replaced": int(
-            sum(counts.get(k, 0) for k in ("opted_out", "rejected", "expired", "missed", "stale"))
-        ),
+        "acknowledged": int(sum(counts.get(k, 0) for k in _ACKNOWLEDGED)),
+        "opted_out": int(counts.get(CommandStatus.opted_out, 0)),
+        "replaced": int(sum(counts.get(k, 0) for k in _REPLACED)),
     }
     if lines:
-        intervals = [
-            _interval_dict(
-                ln.interval_start_ms,
-                ln.interval_end_ms,
-                ln.target_mw,
-                ln.delivered_mw,
-                ln.baseline_mw,
-                ln.actual_mw,
-                ln.method,
-            )
-            for ln in lines
-        ]
-        tgt = np.array([ln.target_mw for ln in lines])
-        dl = np.array([ln.delivered_mw for ln in lines])
-        from dispatch.settlement import performance
-
+        tgt = [ln.target_mw for ln in lines]
+        dl = [ln.delivered_mw for ln in lines]
         return {
             "settled": True,
-            "intervals": intervals,
-            "performance": round(performance(dl, tgt), 4),
+            "intervals": _interval_dicts(lines),
+            "performance": round(performance(delivered_mw=dl, committed_mw=tgt), 4),
             "devices": devices,
         }
     now = services.clock.now_ms()
@@ -405,25 +403,12 @@ async def settlement_view(services: Edges, event_id: str) -> dict[str, Any]:
     if res is None:
         return {"settled": False, "intervals": [], "performance": None, "devices": devices}
     _, st = res
-    intervals = [
-        _interval_dict(
-            ln.interval_start_ms,
-            ln.interval_end_ms,
-            ln.target_mw,
-            ln.delivered_mw,
-            ln.baseline_mw,
-            ln.actual_mw,
-            ln.method,
-        )
-        for ln in st.lines
-        if ln.interval_end_ms <= now
-    ]
     done = [ln for ln in st.lines if ln.interval_end_ms <= now]
-    from dispatch.settlement import performance
-
+    intervals = _interval_dicts(done)
     perf = (
         performance(
-            np.array([ln.delivered_mw for ln in done]), np.array([ln.target_mw for ln in done])
+            delivered_mw=[ln.delivered_mw for ln in done],
+            committed_mw=[ln.target_mw for ln in done],
         )
         if done
         else None

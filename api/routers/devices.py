@@ -43,7 +43,7 @@ from devices.onboarding import (
 )
 from dispatch.services import Services
 from vpp import physics
-from vpp.domain import DeviceKind, FreshnessCode, Role
+from vpp.domain import DeviceKind, Freshness, FreshnessCode, Role
 from vpp.fleet.records import unpack_states
 from vpp.fleet.registry import REGISTRY_COLUMNS, assemble, build_registry
 from vpp.flexibility import available_kw, outdoor_temperatures
@@ -285,7 +285,7 @@ def _decode_cursor(cursor: str) -> str:
 def _live(view: FleetView, device_id: str) -> tuple[bool, str, float]:
     i = view.snapshot.index.get(device_id)
     if i is None:  # registered since the snapshot was built
-        return False, "offline", 0.0
+        return False, Freshness.offline.value, 0.0
     snap = view.snapshot
     return (
         bool(snap.online[i] and snap.freshness[i] <= FreshnessCode.stale),
@@ -339,7 +339,7 @@ async def list_devices(
             sel &= snap.enrolled == enrolled
         if status == "online":
             sel &= snap.online & (snap.freshness <= FreshnessCode.stale)
-        elif status == "offline":
+        elif status == Freshness.offline:
             sel &= snap.freshness >= FreshnessCode.offline
         else:
             sel &= snap.freshness == FreshnessCode[status]

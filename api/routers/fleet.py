@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query
 from api.deps import Principal, any_role, get_services
 from api.schemas.devices import ErrorOut, FleetOut
 from dispatch.services import Services
-from vpp.domain import DeviceKind, FreshnessCode, Role
+from vpp.domain import DeviceKind, Freshness, FreshnessCode, Role
 from vpp.fleet.snapshot import FleetSnapshot, summarise
 from vpp.flexibility import available_kw
 from vpp.timefmt import to_rfc3339
@@ -29,10 +29,11 @@ WINDOW_H = 1.0
 # The latest view per services object (one per app; tests run several in one process).
 _VIEWS: weakref.WeakKeyDictionary[Services, FleetView] = weakref.WeakKeyDictionary()
 FRESHNESS_NAMES = {
-    FreshnessCode.fresh: "fresh",
-    FreshnessCode.stale: "stale",
-    FreshnessCode.offline: "offline",
-    FreshnessCode.never: "offline",  # registered, never heard from: offline to the outside
+    FreshnessCode.fresh: Freshness.fresh.value,
+    FreshnessCode.stale: Freshness.stale.value,
+    FreshnessCode.offline: Freshness.offline.value,
+    # registered, never heard from: offline to the outside
+    FreshnessCode.never: Freshness.offline.value,
 }
 
 

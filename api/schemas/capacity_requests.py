@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -162,3 +162,5 @@ class CapacityRequestList(BaseModel):
 ListStatus = Literal[
     "quoted", "committed", "active", "completed", "rejected", "cancelled", "expired"
 ]
+# Spelled out for the OpenAPI query parameter; the vocabulary is RequestStatus's.
+assert set(get_args(ListStatus)) == {s.value for s in RequestStatus}

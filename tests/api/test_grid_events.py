@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from tests.helpers.settings import make_settings
+from vpp.domain import CommandStatus, CommandType
 from vpp.timefmt import to_rfc3339
 
 
@@ -169,16 +170,21 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
                 rows = await s.execute(select(Command).where(Command.event_id == ev))
                 return list(rows.scalars())
 
-        live = {"pending", "sent", "received", "started"}
+        live = {
+            CommandStatus.pending,
+            CommandStatus.sent,
+            CommandStatus.received,
+            CommandStatus.started,
+        }
         before = await commands()
-        acting = {c.device_id for c in before if c.type != "restore" and c.status in live}
-        restored_before = {c.id for c in before if c.type == "restore"}
+        acting = {c.device_id for c in before if c.type != CommandType.restore and c.status in live}
+        restored_before = {c.id for c in before if c.type == CommandType.restore}
         assert acting
         r = await st.client.post(f"/v1/grid-events/{ev}/abort", headers=headers)
         assert r.status_code == 200 and r.json()["status"] == "aborted"
 
         async def abort_restores() -> list[Command]:
-            return [c for c in await commands() if c.type == "restore"]
+            return [c for c in await commands() if c.type == CommandType.restore]
 
         async def all_out() -> bool:
             return acting <= {c.device_id for c in await abort_restores()}

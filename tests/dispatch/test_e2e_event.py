@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.simulator import performance as truth_performance
+from dispatch.settlement import performance
 from tests.helpers.eventkit import running_stack, summer_clock, wait_for
 from tests.helpers.settings import REDIS_URL, make_settings
 from vpp.timefmt import to_rfc3339
@@ -124,7 +124,7 @@ async def test_capacity_request_delivered_measured_and_settled(
     true_mw = np.array([members.get(s, 0.0) for s in starts])
     within = np.abs(delivered - target) <= 0.05 * target
     measured_perf = float(body["performance"])
-    true_perf = truth_performance(true_mw.tolist(), target.tolist())
+    true_perf = performance(delivered_mw=true_mw, committed_mw=target)
     print(
         f"\ncommitted {committed:.3f} MW (P90 {p90:.3f}); intervals within ±5 %: "
         f"{within.sum()}/{len(within)}; performance measured {measured_perf:.4f}, "

@@ -20,7 +20,6 @@ from dispatch.market import (
     RequestInput,
     ledger_slots,
     make_quote,
-    performance,
     sellable_mw,
     validate_input,
     window_rule,
@@ -119,12 +118,6 @@ def test_notice_and_event_length_rules() -> None:
     assert window_rule(inp(start_h=1.0, end_h=6.0)) is None
     rule = window_rule(inp(start_h=1.0, end_h=6.5))
     assert rule is not None and "5 h" in rule
-
-
-def test_performance_is_capped_per_interval() -> None:
-    per, total = performance(np.array([2.0, 2.0, 0.0]), np.array([3.0, 1.0, 1.0]))
-    np.testing.assert_allclose(per, [1.0, 0.5, 1.0])
-    assert total == pytest.approx(0.75)
 
 
 def test_idempotency_hash_depends_on_the_body_only() -> None:

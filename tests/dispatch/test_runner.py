@@ -21,6 +21,8 @@ from store.models import Command, GridEvent, SettlementLine
 from tests.helpers.eventkit import running_stack, summer_clock, wait_for
 from tests.helpers.fleets import fleet_of
 from tests.helpers.settings import make_settings
+from vpp.domain import CommandStatus, CommandType, RequestStatus
+from vpp.fleet.snapshot import THERMOSTAT
 from vpp.flexibility import available_kw
 from vpp.timefmt import to_rfc3339
 
@@ -70,11 +72,11 @@ async def test_grid_event_runs_restores_and_settles(sqlite_url, services_factory
         async with svc.db.session() as s:
             cmds = (await s.execute(select(Command).where(Command.event_id == ev_id))).scalars()
             cmds = list(cmds)
-        assert cmds and all(c.status != "pending" for c in cmds)
+        assert cmds and all(c.status != CommandStatus.pending for c in cmds)
         assert all(c.valid_until_ms <= end + 16 * 60_000 for c in cmds)
 
         assert await wait_for(lambda: svc.clock.now_ms() > end + 25 * 60_000, 90)
-        assert await status() == "completed"
+        assert await status() == RequestStatus.completed
 
         async def settled() -> bool:
             async with svc.db.session() as s:
@@ -138,7 +140,7 @@ def _fake_run(n: int, now: int) -> Running:
         ids=[f"c-{i:04d}" for i in range(n)],
         device_ids=[f"d-{i}" for i in range(n)],
         kind=np.zeros(n, np.int8),
-        type=["battery_discharge"] * n,
+        type=[CommandType.battery_discharge.value] * n,
         setpoint_w=np.full(n, 3000.0),
         offset_c=np.full(n, np.nan),
         limit_w=np.full(n, np.nan),
@@ -168,7 +170,8 @@ def test_command_json_follows_the_contract() -> None:
         "valid_until": 1_784_064_600_000,
     }
     b = CommandBatch(
-        ids=["c-r"], device_ids=["d-1"], kind=np.array([2], np.int8), type=["thermostat_offset"],
+        ids=["c-r"], device_ids=["d-1"], kind=np.array([THERMOSTAT], np.int8),
+        type=[CommandType.thermostat_offset.value],
         setpoint_w=np.array([np.nan]), offset_c=np.array([1.7]), limit_w=np.array([np.nan]),
         valid_from_ms=np.array([1], np.int64), valid_until_ms=np.array([2], np.int64),
         randomize_s=np.array([120], np.int64), baseline_w=np.array([0.0]),
@@ -225,7 +228,8 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
     assert (run.table.status[1:] == MISSED).all() and sorted(replaced) == [1, 2]
     async with svc.db.session() as s:
         rows = {c.id: c for c in (await s.execute(select(Command))).scalars()}
-    assert rows["c-0000"].status == "started" and rows["c-0001"].status == "missed"
+    assert rows["c-0000"].status == CommandStatus.started
+    assert rows["c-0001"].status == CommandStatus.missed
     assert rows["c-0001"].attempts == 2
 
 
@@ -234,7 +238,7 @@ def _batch_of(run: Running) -> CommandBatch:
     n = len(t)
     return CommandBatch(
         ids=t.cmd_id.tolist(), device_ids=t.device_id.tolist(), kind=t.kind,
-        type=["battery_discharge"] * n, setpoint_w=np.full(n, 3000.0),
+        type=[CommandType.battery_discharge.value] * n, setpoint_w=np.full(n, 3000.0),
         offset_c=np.full(n, np.nan), limit_w=np.full(n, np.nan),
         valid_from_ms=t.valid_from_ms, valid_until_ms=t.valid_until_ms,
         randomize_s=np.zeros(n, np.int64), baseline_w=t.baseline_w, expected_kw=t.expected_kw,

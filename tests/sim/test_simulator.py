@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
+from dispatch.settlement import performance
 from sim.simulator import (
     BATTERY,
     CMD_NONE,
@@ -20,7 +21,6 @@ from sim.simulator import (
     FleetConfig,
     FleetSimulator,
     SimFleet,
-    performance,
 )
 from vpp.clock import ManualClock
 from vpp.settings import Settings
@@ -241,7 +241,7 @@ def test_ground_truth_equals_the_commanded_battery_power() -> None:
     starts, mw = f.ground_truth().series("e-1")
     assert starts[0] == start and len(starts) == 12
     assert np.allclose(mw, len(bats) * 2000 / 1e6, rtol=1e-6)
-    assert performance(mw, [len(bats) * 2e-3] * 12) == pytest.approx(1.0)
+    assert performance(delivered_mw=mw, committed_mw=[len(bats) * 2e-3] * 12) == pytest.approx(1.0)
 
 
 def test_ground_truth_nets_out_self_consumption() -> None:
