@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from devices.ingest import IngestWorker
 from devices.mqtt import MqttClient
+from dispatch.services import Services
 from store.history import IntervalHistory, write_intervals
 from store.models import TelemetryInterval
 from tests.helpers.mosquitto import free_port
