@@ -1253,6 +1253,11 @@ class EventRunner:
         rows = np.flatnonzero(new.demand_index == 0)
         if rows.size == 0:
             return 0
+        # Replacements are front-loaded like the devices an event starts with: a thermostat
+        # sheds its whole load until the home drifts to the new setpoint. Command only as many
+        # as cover the shortfall with that early kW, and count them at it while they settle,
+        # or a drop-out's replacements over-deliver for an interval or two.
+        rows, _, early_kw = self.hold_back_front_load(fleet, new, rows, short_kw / 1000.0)
         ids = fleet.device_ids[new.device_index[rows]].tolist()
         # The same baseline settlement uses: the device's level over the 30 minutes before the
         # event (then scaled by the control group). Its level now already carries the drift
@@ -1271,7 +1276,8 @@ class EventRunner:
             batch.expected_kw = np.where(
                 bat & np.isfinite(credit_kw), np.maximum(credit_kw, 0.0), batch.expected_kw
             )
-        await self.add_commands(run, batch)
+        th = batch.kind == THERMOSTAT
+        await self.add_commands(run, batch, settle_kw=np.where(th, early_kw, batch.expected_kw))
         return len(batch)
 
     def _reserve_for(self, run: Running, fleet: FleetSnapshot) -> Assignment:
@@ -1296,14 +1302,20 @@ class EventRunner:
         sub.device_index = idx[keep]
         return sub
 
-    async def add_commands(self, run: Running, batch: CommandBatch) -> None:
-        """Store, then publish, extra commands for a running event."""
+    async def add_commands(
+        self, run: Running, batch: CommandBatch, settle_kw: F64 | None = None
+    ) -> None:
+        """Store, then publish, extra commands for a running event (``settle_kw``: what each
+        is counted at until its telemetry shows it acting; the plan's kW if not given)."""
         now = self.clock.now_ms()
         records = self.store.records(run.id, batch, now)
         async with self.services.db.engine.begin() as conn:
             await self.store.insert(conn, records)
         start = len(run.table)
-        run.table.append(self._table(run.id, batch))
+        table = self._table(run.id, batch)
+        if settle_kw is not None:
+            table.settle_kw = np.asarray(settle_kw, dtype=float)
+        run.table.append(table)
         self._register(run, start)
         await self.publish_due(run, now)
 
@@ -1322,7 +1334,11 @@ class EventRunner:
         # level, and counting it would read as a shortfall and enlist far too many devices.
         # (The first report after the start may average over the switch: skip ACT_LAG_MS.)
         acting = known & (recv >= t.valid_from_ms + ACT_LAG_MS)
-        fresh = acting & (recv >= now_ms - stale_after_ms)
+        # A device whose status says offline (its Last Will, or a gateway's retained status)
+        # delivers nothing from that moment: it is stale at once, not after the stale horizon,
+        # so the next control step replaces it.
+        online = np.where(known, fleet.online[np.where(known, idx, 0)], False) if n else known
+        fresh = acting & online & (recv >= now_ms - stale_after_ms)
         # Devices commanded moments ago cannot show it yet: count what the plan expects, until
         # they have had the stale horizon to report (after that, silence means stale).
         settle_wall = max(
