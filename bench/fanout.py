@@ -79,7 +79,9 @@ def bare_paho(messages: list[tuple[str, bytes]], window: int = 1000) -> float:
 
 async def main(n: int) -> None:
     from dispatch import events as es
-    from dispatch.runner import SENT, CommandBatch, EventRunner, Running, new_command_id
+    from dispatch.runner.commands import SENT, CommandBatch, new_command_id
+    from dispatch.runner.loop import EventRunner
+    from dispatch.runner.table import Running
     from dispatch.services import Services
     from dispatch.types import Horizon
     from store.migrate import upgrade

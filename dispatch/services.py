@@ -20,7 +20,7 @@ from dispatch.forecast_service import ForecastService
 from dispatch.housekeeping import MarketHousekeeper
 from dispatch.market import Market
 from dispatch.planner import Planner
-from dispatch.runner import EventRunner
+from dispatch.runner.loop import EventRunner
 
 log = logging.getLogger(__name__)
 

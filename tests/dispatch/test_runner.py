@@ -9,14 +9,9 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from dispatch.runner import (
-    MISSED,
-    SENT,
-    CommandBatch,
-    EventRunner,
-    Running,
-    payloads,
-)
+from dispatch.runner.commands import MISSED, SENT, CommandBatch, payloads
+from dispatch.runner.loop import EventRunner
+from dispatch.runner.table import Running
 from store.models import Command, GridEvent, SettlementLine
 from tests.helpers.eventkit import running_stack, summer_clock, wait_for
 from tests.helpers.fleets import fleet_of
@@ -216,7 +211,7 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
     await svc.state.push_acks([orjson.dumps({"device_id": "d-0", "command_id": "c-0000",
                                              "status": "started", "ts": 1, "recv_ms": 1})])  # fmt: skip  # noqa: E501
     await runner.drain_acks()
-    import dispatch.runner as rmod
+    import dispatch.runner.loop as rmod
 
     monkeypatch.setattr(rmod, "MIN_ACK_WAIT_WALL_S", 0.0)
     run.table.sent_wall[:] -= 31.0
@@ -254,7 +249,8 @@ async def test_estimate_waits_for_telemetry_from_after_the_start(
     read ~0 MW there, enlist every free device of the region, and have none left when the
     thermostats' shed faded later in the window. Once a device has had time to report and has
     not, it is stale."""
-    from dispatch.runner import ACT_LAG_MS, STARTED
+    from dispatch.runner.commands import STARTED
+    from dispatch.runner.loop import ACT_LAG_MS
     from vpp.clock import ManualClock
 
     start = 1_784_061_000_000

@@ -81,7 +81,7 @@ async def running_stack(
     """API (ASGI), ingest, event runner and a simulated fleet onboarded through the API."""
     from api.app import create_app
     from devices.ingest import IngestWorker
-    from dispatch.runner import EventRunner
+    from dispatch.runner.loop import EventRunner
     from sim.simulator import FleetSimulator
     from store.keys import create_api_key
 

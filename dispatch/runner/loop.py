@@ -32,7 +32,6 @@ import secrets
 import socket
 import time
 import zlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +41,30 @@ from sqlalchemy import func, insert, select, update
 
 from devices.edges import Edges
 from dispatch import events as es
+from dispatch.runner.commands import (
+    ACK_CODES,
+    ACKED,
+    FAIL_CODES,
+    FAILED,
+    KIND_OF_COMMAND,
+    LIVE,
+    MISSED,
+    OPTED_OUT,
+    PENDING,
+    PREEMPTED,
+    RECEIVED,
+    RELEASED,
+    RESTORED,
+    SENT,
+    STALE,
+    STARTED,
+    STATUS_CODE,
+    CommandBatch,
+    new_command_id,
+    payloads,
+)
+from dispatch.runner.store import CommandStore
+from dispatch.runner.table import DeviceTable, Running
 from dispatch.settlement import (
     MIN_CONTROL_DEVICES,
     RATIO_CLIP,
@@ -61,11 +84,7 @@ from store.models import Command, EventTimeline, Plan, TelemetryInterval
 from vpp import metrics
 from vpp.domain import (
     COMMAND_BY_CODE,
-    COMMAND_KIND,
     COMMAND_STATUS_BY_CODE,
-    COMMAND_STATUS_CODE,
-    KIND_CODE,
-    AckStatus,
     CommandStatus,
     CommandType,
     GridEventStatus,
@@ -74,40 +93,10 @@ from vpp.domain import (
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.flexibility import thermostat_inputs
 
-log = logging.getLogger(__name__)
-
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
-# Command row statuses: codes in arrays (vpp.domain.COMMAND_STATUS_CODE), names in the database.
-PENDING = COMMAND_STATUS_CODE[CommandStatus.pending]
-SENT = COMMAND_STATUS_CODE[CommandStatus.sent]
-RECEIVED = COMMAND_STATUS_CODE[CommandStatus.received]
-STARTED = COMMAND_STATUS_CODE[CommandStatus.started]
-COMPLETED = COMMAND_STATUS_CODE[CommandStatus.completed]
-OPTED_OUT = COMMAND_STATUS_CODE[CommandStatus.opted_out]
-REJECTED = COMMAND_STATUS_CODE[CommandStatus.rejected]
-EXPIRED = COMMAND_STATUS_CODE[CommandStatus.expired]
-MISSED = COMMAND_STATUS_CODE[CommandStatus.missed]
-STALE = COMMAND_STATUS_CODE[CommandStatus.stale]
-PREEMPTED = COMMAND_STATUS_CODE[CommandStatus.preempted]
-RELEASED = COMMAND_STATUS_CODE[CommandStatus.released]
-RESTORED = COMMAND_STATUS_CODE[CommandStatus.restored]
-STATUS_CODE: dict[str, int] = {s.value: c for s, c in COMMAND_STATUS_CODE.items()}
-LIVE = np.array([PENDING, SENT, RECEIVED, STARTED], dtype=np.int8)  # the device should act
-ACKED = np.array([RECEIVED, STARTED, COMPLETED], dtype=np.int8)
-FAILED = np.array([OPTED_OUT, REJECTED, EXPIRED, MISSED, STALE, PREEMPTED], dtype=np.int8)
-# What an ack's status makes of a command: progress, or a failure to replace.
-ACK_CODES: dict[str, int] = {
-    a.value: STATUS_CODE[a.value]
-    for a in (AckStatus.received, AckStatus.started, AckStatus.completed)
-}
-FAIL_CODES: dict[str, int] = {
-    a.value: STATUS_CODE[a.value]
-    for a in (AckStatus.opted_out, AckStatus.rejected, AckStatus.expired)
-}
-# The kind code of the device each command type acts on.
-KIND_OF_COMMAND: dict[str, int] = {t.value: KIND_CODE[k] for t, k in COMMAND_KIND.items()}
+log = logging.getLogger(__name__)
 
 CONTROL_SHARE = 0.075  # 5–10 % of eligible thermostats held back as the control group
 MAX_ATTEMPTS = 2  # first send + one retry; no ack after that → missed, replaced
@@ -129,265 +118,6 @@ PUBLISH_CHUNK = 500  # messages per publish_many call
 PUBLISH_CONCURRENCY = 2  # chunks in flight (keeps paho's queue short: its acks cost O(queue))
 LEASE_NAME = "event-runner"
 LEASE_TTL_S = 6.0
-
-
-def new_command_id() -> str:
-    return f"c-{secrets.token_hex(10)}"
-
-
-# --- commands -----------------------------------------------------------------------------------
-@dataclass
-class CommandBatch:
-    """New commands, columnar (one entry a command)."""
-
-    ids: list[str]
-    device_ids: list[str]
-    kind: npt.NDArray[np.int8]
-    type: list[str]
-    setpoint_w: F64
-    offset_c: F64
-    limit_w: F64
-    valid_from_ms: I64
-    valid_until_ms: I64
-    randomize_s: I64  # 0 = none
-    baseline_w: F64
-    expected_kw: F64
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def payloads(event_id: str, b: CommandBatch) -> list[bytes]:
-    """The contract's command JSON for each command of a batch."""
-    out = []
-    sp = b.setpoint_w.tolist()
-    oc = b.offset_c.tolist()
-    lw = b.limit_w.tolist()
-    vf = b.valid_from_ms.tolist()
-    vu = b.valid_until_ms.tolist()
-    rs = b.randomize_s.tolist()
-    dumps = orjson.dumps
-    for i, cid in enumerate(b.ids):
-        doc: dict[str, Any] = {"command_id": cid, "event_id": event_id, "type": b.type[i]}
-        t = b.type[i]
-        if t == CommandType.battery_discharge or t == CommandType.battery_charge:
-            doc["setpoint_w"] = int(sp[i])
-        elif t == CommandType.thermostat_offset:
-            doc["offset_c"] = round(oc[i], 2)
-        elif t == CommandType.solar_curtail:
-            doc["limit_w"] = int(lw[i])
-        doc["valid_from"] = vf[i]
-        doc["valid_until"] = vu[i]
-        if rs[i] > 0:
-            doc["randomize_start_s"] = rs[i]
-        out.append(dumps(doc))
-    return out
-
-
-def _nan_none(v: float) -> float | None:
-    return None if v != v else float(v)
-
-
-class CommandStore:
-    """Bulk writes of command rows: PostgreSQL COPY and unnest updates; executemany on SQLite."""
-
-    COLUMNS = (
-        "id",
-        "event_id",
-        "device_id",
-        "type",
-        "setpoint_w",
-        "offset_c",
-        "limit_w",
-        "valid_from_ms",
-        "valid_until_ms",
-        "randomize_start_s",
-        "status",
-        "attempts",
-        "sent_ms",
-        "ack_ms",
-        "reason",
-        "created_ms",
-        "baseline_w",
-        "expected_kw",
-    )
-
-    def __init__(self, services: Edges) -> None:
-        self.services = services
-        self.pg = not services.db.is_sqlite
-
-    def records(self, event_id: str, b: CommandBatch, now_ms: int) -> list[tuple[Any, ...]]:
-        sp, oc, lw = b.setpoint_w.tolist(), b.offset_c.tolist(), b.limit_w.tolist()
-        vf, vu, rs = b.valid_from_ms.tolist(), b.valid_until_ms.tolist(), b.randomize_s.tolist()
-        bw, ek = b.baseline_w.tolist(), b.expected_kw.tolist()
-        return [
-            (
-                b.ids[i],
-                event_id,
-                b.device_ids[i],
-                b.type[i],
-                _nan_none(sp[i]),
-                _nan_none(oc[i]),
-                _nan_none(lw[i]),
-                vf[i],
-                vu[i],
-                rs[i] or None,
-                CommandStatus.pending.value,
-                0,
-                None,
-                None,
-                None,
-                now_ms,
-                _nan_none(bw[i]),
-                _nan_none(ek[i]),
-            )
-            for i in range(len(b))
-        ]
-
-    async def insert(self, conn: Any, records: list[tuple[Any, ...]]) -> None:
-        """Insert inside the caller's transaction (``conn``: an AsyncConnection)."""
-        if not records:
-            return
-        if self.pg:
-            raw = await conn.get_raw_connection()
-            await raw.driver_connection.copy_records_to_table(
-                "commands", records=records, columns=list(self.COLUMNS)
-            )
-        else:
-            await conn.execute(
-                insert(Command),
-                [dict(zip(self.COLUMNS, r, strict=True)) for r in records],
-            )
-
-    async def mark(
-        self,
-        ids: list[str],
-        status: str | list[str],
-        *,
-        sent_ms: int | None = None,
-        ack_ms: list[int] | None = None,
-        attempts_inc: bool = False,
-        reason: str | None = None,
-    ) -> None:
-        """Set status (one for all, or one each) and optionally sent_ms/attempts or ack_ms."""
-        if not ids:
-            return
-        statuses = [status] * len(ids) if isinstance(status, str) else status
-        async with self.services.db.engine.begin() as conn:
-            if self.pg:
-                raw: Any = (await conn.get_raw_connection()).driver_connection
-                sets = ["status = v.s"]
-                args: list[Any] = [ids, statuses]
-                cols = "unnest($1::text[], $2::text[]"
-                if ack_ms is not None:
-                    cols += ", $3::bigint[]"
-                    args.append(ack_ms)
-                    sets.append("ack_ms = v.a")
-                cols += ")"
-                names = "v(id, s" + (", a" if ack_ms is not None else "") + ")"
-                if sent_ms is not None:
-                    args.append(sent_ms)
-                    sets.append(f"sent_ms = ${len(args)}")
-                if attempts_inc:
-                    sets.append("attempts = commands.attempts + 1")
-                if reason is not None:
-                    args.append(reason)
-                    sets.append(f"reason = ${len(args)}")
-                sql = (
-                    f"UPDATE commands SET {', '.join(sets)} FROM {cols} AS {names} "
-                    "WHERE commands.id = v.id"
-                )
-                for lo in range(0, len(ids), 50_000):
-                    chunk = [a[lo : lo + 50_000] if isinstance(a, list) else a for a in args]
-                    await raw.execute(sql, *chunk)
-            else:
-                t: Any = Command.__table__
-                values: dict[str, Any] = {}
-                if sent_ms is not None:
-                    values["sent_ms"] = sent_ms
-                if attempts_inc:
-                    values["attempts"] = t.c.attempts + 1
-                if reason is not None:
-                    values["reason"] = reason
-                from sqlalchemy import bindparam
-
-                stmt = (
-                    update(t)
-                    .where(t.c.id == bindparam("b_id"))
-                    .values(
-                        status=bindparam("b_status"),
-                        **({"ack_ms": bindparam("b_ack")} if ack_ms is not None else {}),
-                        **values,
-                    )
-                )
-                rows = [
-                    {"b_id": i, "b_status": s, **({"b_ack": ack_ms[k]} if ack_ms else {})}
-                    for k, (i, s) in enumerate(zip(ids, statuses, strict=True))
-                ]
-                await conn.execute(stmt, rows)
-
-
-# --- one running event ----------------------------------------------------------------------------
-@dataclass
-class DeviceTable:
-    """Dispatch commands of one event, one row a command (a replaced device keeps its row)."""
-
-    cmd_id: npt.NDArray[np.object_] = field(default_factory=lambda: np.zeros(0, object))
-    device_id: npt.NDArray[np.object_] = field(default_factory=lambda: np.zeros(0, object))
-    kind: npt.NDArray[np.int8] = field(default_factory=lambda: np.zeros(0, np.int8))
-    status: npt.NDArray[np.int8] = field(default_factory=lambda: np.zeros(0, np.int8))
-    attempts: npt.NDArray[np.int32] = field(default_factory=lambda: np.zeros(0, np.int32))
-    sent_ms: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
-    sent_wall: F64 = field(default_factory=lambda: np.zeros(0))
-    valid_from_ms: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
-    valid_until_ms: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
-    baseline_w: F64 = field(default_factory=lambda: np.zeros(0))
-    expected_kw: F64 = field(default_factory=lambda: np.zeros(0))
-    # kW counted for a row while it settles (before telemetry shows it): its expected kW, or
-    # what it gives at first when that is more (front-loaded shed, a charging battery's bonus).
-    settle_kw: F64 = field(default_factory=lambda: np.zeros(0))
-    restore_id: npt.NDArray[np.object_] = field(default_factory=lambda: np.zeros(0, object))
-    # Service ms at which the end-of-event restore goes out (thermostats: staggered); 0 = none.
-    release_at_ms: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
-    payload: list[bytes] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.cmd_id)
-
-    def append(self, other: DeviceTable) -> None:
-        for name, value in self.__dict__.items():
-            if isinstance(value, np.ndarray):
-                setattr(self, name, np.concatenate([value, getattr(other, name)]))
-        self.payload.extend(other.payload)
-
-
-@dataclass
-class Running:
-    info: es.EventInfo
-    horizon: Horizon
-    target_mw: F64  # per horizon interval
-    table: DeviceTable
-    control_ids: list[str]
-    control_baseline_w: F64
-    control_kind: npt.NDArray[np.int8] = field(default_factory=lambda: np.zeros(0, np.int8))
-    reserve: Assignment | None = None  # the plan's reserve devices (for replacements)
-    reserve_ids: list[str] = field(default_factory=list)  # device id per assignment row
-    last_control_ms: int = 0
-    last_control_wall: float = 0.0
-    replaced: int = 0
-    ending: str | None = None  # completed | aborted | cancelled, once restores are out
-    last_estimate_mw: float = 0.0
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    def target_at(self, now_ms: int) -> float:
-        h = self.horizon
-        t = (now_ms - h.start_ms) // (h.interval_s * 1000)
-        if t < 0 or t >= h.n_intervals:
-            return 0.0
-        return float(self.target_mw[int(t)])
 
 
 def _control_group(
