@@ -34,11 +34,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from devices.edges import Edges
-from dispatch.forecast_service import ForecastInputError, ForecastService
+from dispatch.forecast_service import ForecastService
 from dispatch.settlement_service import settlement_lines
 from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock
 from vpp.clock import to_datetime
 from vpp.domain import Direction, RequestStatus
+from vpp.errors import Conflict, InvalidInput, NotFound
 from vpp.metrics import MARKET_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -54,30 +55,16 @@ BOOKED = (RequestStatus.committed.value, RequestStatus.active.value, RequestStat
 
 
 # --- errors -------------------------------------------------------------------------------------
-class MarketError(Exception):
-    """A caller's mistake or a state conflict; ``detail`` names the field or the state."""
-
-    def __init__(self, status: int, field: str | None, message: str) -> None:
-        self.status = status
-        self.field = field
-        self.message = message
-        super().__init__(self.detail)
-
-    @property
-    def detail(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+def invalid(field: str, message: str) -> InvalidInput:
+    return InvalidInput(field, message)
 
 
-def invalid(field: str, message: str) -> MarketError:
-    return MarketError(422, field, message)
+def conflict(message: str, field: str | None = "status") -> Conflict:
+    return Conflict(field, message)
 
 
-def conflict(message: str, field: str | None = "status") -> MarketError:
-    return MarketError(409, field, message)
-
-
-def not_found(request_id: str) -> MarketError:
-    return MarketError(404, "id", f"no capacity request {request_id!r}")
+def not_found(request_id: str) -> NotFound:
+    return NotFound("id", f"no capacity request {request_id!r}")
 
 
 # --- pure ledger arithmetic ---------------------------------------------------------------------
@@ -125,7 +112,7 @@ def validate_input(
     min_notice_s: float,
     max_mw: float,
 ) -> None:
-    """Raise a 422 :class:`MarketError` naming the first bad field."""
+    """Raise :class:`InvalidInput` naming the first bad field."""
     if not inp.region or inp.region not in known_regions:
         known = ", ".join(sorted(known_regions)) or "none"
         raise invalid("region", f"unknown region {inp.region!r} (known: {known})")
@@ -256,7 +243,7 @@ def new_request_id() -> str:
 # --- database edge ------------------------------------------------------------------------------
 class Market:
     """Quotes, commits, cancels and reads capacity requests. ``tenant_id`` None means the caller
-    sees every tenant (operator, admin); otherwise another tenant's request is 404."""
+    sees every tenant (operator, admin); otherwise another tenant's request is not found."""
 
     def __init__(self, services: Edges, forecast: ForecastService) -> None:
         self.services = services
@@ -281,16 +268,14 @@ class Market:
 
     async def _forecast(self, inp: RequestInput, slots: I64) -> tuple[F64, F64]:
         """(firm MW at the request's firmness, P90 MW) per ledger slot."""
-        try:
-            res = await self.forecast.forecast(
-                inp.region,
-                int(slots[0]),
-                int(slots[-1]) + LEDGER_STEP_MS,
-                step_s=LEDGER_STEP_MS // 1000,
-                firmness=inp.firmness,
-            )
-        except ForecastInputError as exc:
-            raise invalid(exc.field, exc.message) from exc
+        # A bad window raises ForecastInputError, an InvalidInput naming the field.
+        res = await self.forecast.forecast(
+            inp.region,
+            int(slots[0]),
+            int(slots[-1]) + LEDGER_STEP_MS,
+            step_s=LEDGER_STEP_MS // 1000,
+            firmness=inp.firmness,
+        )
         starts = np.asarray(res.starts_ms, dtype=np.int64)
         if starts.shape != slots.shape or not np.array_equal(starts, slots):
             raise RuntimeError("forecast intervals do not match the ledger slots")
@@ -461,7 +446,7 @@ class Market:
     # -- commit --
     async def commit(self, request_id: str, tenant_id: str | None) -> tuple[CapacityRequest, bool]:
         """Book a quote's MW in the ledger. Returns (request, changed); committing a committed
-        request again changes nothing. 409 when the quote is expired, cancelled, rejected, the
+        request again changes nothing. Conflict when the quote is expired, cancelled, rejected, the
         window has started, or the capacity is no longer there (the ledger is then unchanged)."""
         now = self.now_ms()
         async with self.services.db.session() as session:
@@ -545,7 +530,7 @@ class Market:
     # -- cancel --
     async def cancel(self, request_id: str, tenant_id: str | None) -> tuple[CapacityRequest, bool]:
         """Cancel before the window: quoted or committed → cancelled, ledger rows released.
-        Cancelling a cancelled request again changes nothing; 409 once the window has started
+        Cancelling a cancelled request again changes nothing; Conflict once the window has started
         or the request is completed, rejected or expired."""
         now = self.now_ms()
         async with self.services.db.session() as session:
@@ -667,7 +652,7 @@ class Market:
 
     # -- reads --
     async def get(self, request_id: str, tenant_id: str | None) -> CapacityRequest:
-        """One request (404 for another tenant's). A quote past its expiry reads as expired."""
+        """One request (NotFound for another tenant's). A quote past its expiry reads as expired."""
         async with self.services.db.session() as session:
             req = await self._load(session, request_id, tenant_id)
         now = self.now_ms()

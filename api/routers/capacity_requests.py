@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from api.deps import Principal, get_services, require_roles
 from api.schemas.capacity_requests import (
@@ -14,7 +14,7 @@ from api.schemas.capacity_requests import (
     CapacityRequestOut,
     ListStatus,
 )
-from dispatch.market import MarketError, RequestInput
+from dispatch.market import RequestInput
 from dispatch.services import Services
 from vpp.clock import to_ms
 
@@ -37,10 +37,6 @@ _ID = Path(description="capacity request id, cr-<12 hex>", max_length=64)
 
 def _scope(principal: Principal) -> str | None:
     return None if principal.sees_all_tenants else principal.tenant_id
-
-
-def _http(exc: MarketError) -> HTTPException:
-    return HTTPException(exc.status, exc.detail)
 
 
 @router.post(
@@ -78,10 +74,7 @@ async def create_request(
         direction=body.direction.value,
         max_price_per_mwh=body.max_price_per_mwh,
     )
-    try:
-        req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
-    except MarketError as exc:
-        raise _http(exc) from exc
+    req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return await market.view(req)
@@ -105,10 +98,7 @@ async def commit_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    try:
-        req, changed = await market.commit(request_id, _scope(principal))
-    except MarketError as exc:
-        raise _http(exc) from exc
+    req, changed = await market.commit(request_id, _scope(principal))
     if changed:
         # The plan is made now so the buyer sees it; a failure here leaves the booking intact
         # and the planner's refresh makes the plan later.
@@ -134,10 +124,7 @@ async def cancel_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    try:
-        req, _ = await market.cancel(request_id, _scope(principal))
-    except MarketError as exc:
-        raise _http(exc) from exc
+    req, _ = await market.cancel(request_id, _scope(principal))
     return await market.view(req)
 
 
@@ -178,8 +165,5 @@ async def get_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    try:
-        req = await market.get(request_id, _scope(principal))
-    except MarketError as exc:
-        raise _http(exc) from exc
+    req = await market.get(request_id, _scope(principal))
     return await market.view(req)
