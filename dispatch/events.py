@@ -19,6 +19,7 @@ from store.keys import ensure_tenant
 from store.models import CapacityRequest, GridEvent
 from vpp.clock import to_datetime
 from vpp.domain import Direction, GridEventStatus, RequestStatus
+from vpp.errors import Conflict, InvalidInput, NotFound
 
 KIND_REQUEST = "capacity_request"
 KIND_GRID = "grid_event"
@@ -26,16 +27,6 @@ KIND_GRID = "grid_event"
 MAX_GRID_EVENT_H = 24.0
 # A grid event may be raised "now": a start up to this far in the past is taken as now.
 START_GRACE_S = 300.0
-
-
-class EventError(Exception):
-    """A caller's mistake or a state conflict: ``status`` is the HTTP status, ``detail`` names
-    the field."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -115,11 +106,9 @@ def _parse_time(name: str, value: Any) -> int:
         try:
             dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
-            raise EventError(
-                422, f"{name}: an RFC 3339 time such as 2026-07-15T17:00:00Z"
-            ) from None
+            raise InvalidInput(name, "an RFC 3339 time such as 2026-07-15T17:00:00Z") from None
     else:
-        raise EventError(422, f"{name}: an RFC 3339 time such as 2026-07-15T17:00:00Z")
+        raise InvalidInput(name, "an RFC 3339 time such as 2026-07-15T17:00:00Z")
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
@@ -138,24 +127,24 @@ async def create_grid_event(
 ) -> dict[str, Any]:
     now = services.clock.now_ms()
     if region not in services.settings.regions:
-        raise EventError(
-            422,
-            f"region: unknown region {region!r} (one of {', '.join(services.settings.regions)})",
+        raise InvalidInput(
+            "region",
+            f"unknown region {region!r} (one of {', '.join(services.settings.regions)})",
         )
     start_ms, end_ms = _parse_time("start", start), _parse_time("end", end)
     if end_ms <= start_ms:
-        raise EventError(422, "end: must be after start")
+        raise InvalidInput("end", "must be after start")
     if end_ms <= now:
-        raise EventError(422, "end: must be in the future")
+        raise InvalidInput("end", "must be in the future")
     if start_ms < now - START_GRACE_S * 1000:
-        raise EventError(422, "start: must not be more than 5 minutes in the past")
+        raise InvalidInput("start", "must not be more than 5 minutes in the past")
     if (end_ms - start_ms) / 3.6e6 > MAX_GRID_EVENT_H:
-        raise EventError(422, f"end: a grid event lasts at most {MAX_GRID_EVENT_H:g} h")
+        raise InvalidInput("end", f"a grid event lasts at most {MAX_GRID_EVENT_H:g} h")
     if not (mw > 0 and mw <= services.settings.max_request_mw):
-        raise EventError(422, f"mw: must be > 0 and ≤ {services.settings.max_request_mw:g}")
+        raise InvalidInput("mw", f"must be > 0 and ≤ {services.settings.max_request_mw:g}")
     prio = GRID_EVENT_PRIORITY if priority is None else int(priority)
     if not 0 <= prio <= 1000:
-        raise EventError(422, "priority: must be within 0..1000")
+        raise InvalidInput("priority", "must be within 0..1000")
     row = GridEvent(
         id=f"ge-{secrets.token_hex(6)}",
         tenant_id=tenant_id,
@@ -180,7 +169,7 @@ async def get_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
     async with services.db.session() as s:
         g = await s.get(GridEvent, event_id)
     if g is None:
-        raise EventError(404, f"id: no grid event {event_id!r}")
+        raise NotFound("id", f"no grid event {event_id!r}")
     return await grid_event_view(services, from_grid(g), created_ms=g.created_ms)
 
 
@@ -200,9 +189,9 @@ async def abort_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
     async with services.db.session() as s, s.begin():
         g = await s.get(GridEvent, event_id, with_for_update=True)
         if g is None:
-            raise EventError(404, f"id: no grid event {event_id!r}")
+            raise NotFound("id", f"no grid event {event_id!r}")
         if g.status in (GridEventStatus.completed.value, GridEventStatus.aborted.value):
-            raise EventError(409, f"status: the grid event is already {g.status}")
+            raise Conflict("status", f"the grid event is already {g.status}")
         g.status = GridEventStatus.aborted.value
         g.updated_ms = now
     _wake_runner(services)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi import APIRouter, Depends, Path
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.deps import Principal, get_services, require_roles
@@ -106,10 +106,6 @@ class GridEventOut(BaseModel):
     )
 
 
-def _http(exc: es.EventError) -> HTTPException:
-    return HTTPException(exc.status, exc.detail)
-
-
 @router.post(
     "/v1/grid-events",
     status_code=201,
@@ -129,19 +125,16 @@ async def create_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    try:
-        return await es.create_grid_event(
-            services,
-            principal.tenant_id,
-            region=body.region,
-            mw=body.mw,
-            start=body.start,
-            end=body.end,
-            priority=body.priority,
-            preempt=body.preempt,
-        )
-    except es.EventError as exc:
-        raise _http(exc) from None
+    return await es.create_grid_event(
+        services,
+        principal.tenant_id,
+        region=body.region,
+        mw=body.mw,
+        start=body.start,
+        end=body.end,
+        priority=body.priority,
+        preempt=body.preempt,
+    )
 
 
 @router.get(
@@ -167,10 +160,7 @@ async def get_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    try:
-        return await es.get_grid_event(services, event_id)
-    except es.EventError as exc:
-        raise _http(exc) from None
+    return await es.get_grid_event(services, event_id)
 
 
 @router.post(
@@ -187,7 +177,4 @@ async def abort_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    try:
-        return await es.abort_grid_event(services, event_id)
-    except es.EventError as exc:
-        raise _http(exc) from None
+    return await es.abort_grid_event(services, event_id)
