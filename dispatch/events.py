@@ -1,7 +1,8 @@
 """Grid events (an operator's short-notice call on the fleet) and the uniform view of both kinds of
 event (capacity requests and grid events) that the event runner and the events API read.
 
-Edge code: database rows in, plain dicts and :class:`EventInfo` out.
+Edge code: database rows in, :class:`EventInfo` and :class:`EventRecord` out (the API shapes them
+into JSON: ``api/presenters/events.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class EventInfo:
         return self.kind == KIND_GRID
 
 
+@dataclass(frozen=True)
+class EventRecord:
+    """An event as the lists and the grid-event answers show it: with when it was made."""
+
+    info: EventInfo
+    created_ms: int
+
+
 def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
@@ -71,6 +80,10 @@ def from_request(r: CapacityRequest) -> EventInfo:
         direction=r.direction or Direction.load_reduction.value,
         status=r.status,
     )
+
+
+def grid_record(g: GridEvent) -> EventRecord:
+    return EventRecord(from_grid(g), g.created_ms)
 
 
 def from_grid(g: GridEvent) -> EventInfo:
@@ -124,7 +137,7 @@ async def create_grid_event(
     end: Any,
     priority: int | None = None,
     preempt: bool = False,
-) -> dict[str, Any]:
+) -> EventRecord:
     now = services.clock.now_ms()
     if region not in services.settings.regions:
         raise InvalidInput(
@@ -162,28 +175,28 @@ async def create_grid_event(
     async with services.db.session() as s, s.begin():
         s.add(row)
     _wake_runner(services)
-    return await grid_event_view(services, from_grid(row), created_ms=now)
+    return grid_record(row)
 
 
-async def get_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
+async def get_grid_event(services: Edges, event_id: str) -> EventRecord:
     async with services.db.session() as s:
         g = await s.get(GridEvent, event_id)
     if g is None:
         raise NotFound("id", f"no grid event {event_id!r}")
-    return await grid_event_view(services, from_grid(g), created_ms=g.created_ms)
+    return grid_record(g)
 
 
-async def list_grid_events(services: Edges, limit: int = 100) -> list[dict[str, Any]]:
+async def list_grid_events(services: Edges, limit: int = 100) -> list[EventRecord]:
     async with services.db.session() as s:
         rows = (
             (await s.execute(select(GridEvent).order_by(GridEvent.start_ms.desc()).limit(limit)))
             .scalars()
             .all()
         )
-    return [_base_view(from_grid(g), g.created_ms) for g in rows]
+    return [grid_record(g) for g in rows]
 
 
-async def abort_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
+async def abort_grid_event(services: Edges, event_id: str) -> EventRecord:
     """Abort: every device is restored at once (the runner sends restores with no stagger)."""
     now = services.clock.now_ms()
     async with services.db.session() as s, s.begin():
@@ -200,31 +213,6 @@ async def abort_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
 
 def _wake_runner(services: Edges) -> None:
     services.event_changed()
-
-
-def _base_view(ev: EventInfo, created_ms: int | None = None) -> dict[str, Any]:
-    return {
-        "id": ev.id,
-        "kind": ev.kind,
-        "region": ev.region,
-        "mw": ev.mw,
-        "start": iso(ev.start_ms),
-        "end": iso(ev.end_ms),
-        "priority": ev.priority,
-        "preempt": ev.preempt,
-        "status": ev.status,
-        "created_at": iso(created_ms),
-    }
-
-
-async def grid_event_view(
-    services: Edges, ev: EventInfo, created_ms: int | None = None
-) -> dict[str, Any]:
-    from dispatch.settlement_service import settlement_view
-
-    out = _base_view(ev, created_ms)
-    out.update(await settlement_view(services, ev.id))
-    return out
 
 
 # --- both kinds, for the runner and the events API -----------------------------------------------
@@ -352,8 +340,9 @@ async def set_status(
 
 async def list_events(
     services: Edges, *, status: str, tenant_id: str | None, now_ms: int, limit: int = 100
-) -> list[dict[str, Any]]:
-    """Both kinds of event: ``active`` (running now) or ``recent`` (ended in the last 7 days)."""
+) -> list[EventRecord]:
+    """Both kinds of event: ``active`` (running now) or ``recent`` (ended in the last 7 days),
+    latest start first."""
     week_ms = 7 * 86_400_000
     async with services.db.session() as s:
         rq = select(CapacityRequest)
@@ -380,14 +369,9 @@ async def list_events(
         reqs = (
             await s.execute(rq.order_by(CapacityRequest.start_ms.desc()).limit(limit))
         ).scalars()
-        evs = [(from_request(r), r.created_ms, r.tenant_id) for r in reqs]
+        evs = [EventRecord(from_request(r), r.created_ms) for r in reqs]
         if tenant_id is None:
             grids = (await s.execute(gq.order_by(GridEvent.start_ms.desc()).limit(limit))).scalars()
-            evs += [(from_grid(g), g.created_ms, g.tenant_id) for g in grids]
-    evs.sort(key=lambda e: -e[0].start_ms)
-    out = []
-    for ev, created, tenant in evs[:limit]:
-        v = _base_view(ev, created)
-        v["tenant_id"] = tenant
-        out.append(v)
-    return out
+            evs += [grid_record(g) for g in grids]
+    evs.sort(key=lambda e: -e.info.start_ms)
+    return evs[:limit]

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Depends, Path
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.deps import Principal, get_services, require_roles
+from api.presenters.events import event_doc, grid_event_doc
 from dispatch import events as es
 from dispatch.services import Services
+from dispatch.settlement_service import event_settlement
 
 router = APIRouter(tags=["grid events"])
 
@@ -106,6 +108,10 @@ class GridEventOut(BaseModel):
     )
 
 
+async def _present(services: Services, rec: es.EventRecord) -> dict[str, Any]:
+    return grid_event_doc(rec, await event_settlement(services, rec.info.id))
+
+
 @router.post(
     "/v1/grid-events",
     status_code=201,
@@ -125,7 +131,7 @@ async def create_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    return await es.create_grid_event(
+    rec = await es.create_grid_event(
         services,
         principal.tenant_id,
         region=body.region,
@@ -135,6 +141,7 @@ async def create_grid_event(
         priority=body.priority,
         preempt=body.preempt,
     )
+    return await _present(services, rec)
 
 
 @router.get(
@@ -146,7 +153,7 @@ async def create_grid_event(
 async def list_grid_events(
     principal: Principal = Depends(operator), services: Services = Depends(get_services)
 ) -> list[dict[str, Any]]:
-    return await es.list_grid_events(services)
+    return [event_doc(rec) for rec in await es.list_grid_events(services)]
 
 
 @router.get(
@@ -160,7 +167,7 @@ async def get_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    return await es.get_grid_event(services, event_id)
+    return await _present(services, await es.get_grid_event(services, event_id))
 
 
 @router.post(
@@ -177,4 +184,4 @@ async def abort_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    return await es.abort_grid_event(services, event_id)
+    return await _present(services, await es.abort_grid_event(services, event_id))
