@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from devices.edges import Edges
 from dispatch.forecast_service import ForecastService
 from dispatch.settlement_service import settlement_lines
-from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock
+from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock, SettlementLine
 from vpp.clock import to_datetime
 from vpp.domain import Direction, RequestStatus
 from vpp.errors import Conflict, InvalidInput, NotFound
@@ -238,6 +238,21 @@ def performance(target_mw: F64, delivered_mw: F64) -> tuple[F64, float | None]:
 
 def new_request_id() -> str:
     return f"cr-{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class RequestDetail:
+    """A request with its latest plan, booked MW per ledger slot and settlement lines;
+    ``line_performance`` is min(delivered ÷ target, 1) per line and ``performance`` the total
+    over the lines (None without lines: the request's stored performance stands)."""
+
+    request: CapacityRequest
+    plan: Plan | None
+    booked_starts_ms: I64
+    booked_mw: F64
+    lines: list[SettlementLine]
+    line_performance: list[float]
+    performance: float | None
 
 
 # --- database edge ------------------------------------------------------------------------------
@@ -718,75 +733,17 @@ class Market:
                 out[p.event_id] = p  # the last row per event is the latest version
             return out
 
-    async def view(self, req: CapacityRequest, detail: bool = True) -> dict[str, Any]:
-        """The API representation: the request, its plan and, once run, its delivery."""
+    async def detail(self, req: CapacityRequest) -> RequestDetail:
+        """Everything GET /v1/capacity-requests/{id} shows: the request, its latest plan, its
+        ledger rows and, once settled, its delivery per interval."""
         plans = await self.latest_plans([req.id])
-        doc = request_doc(req, plans.get(req.id))
-        if not detail:
-            return doc
         starts, mw = await self.booked_mw(req.id)
-        doc["booked"] = [
-            {"start": rfc3339(int(t)), "mw": round(float(v), 6)}
-            for t, v in zip(starts.tolist(), mw.tolist(), strict=True)
-        ]
         lines = await settlement_lines(self.services, req.id)
+        per: list[float] = []
+        total: float | None = None
         if lines:
             target = np.array([ln.target_mw for ln in lines], dtype=float)
             delivered = np.array([ln.delivered_mw for ln in lines], dtype=float)
-            per, total = performance(target, delivered)
-            doc["intervals"] = [
-                {
-                    "start": rfc3339(ln.interval_start_ms),
-                    "end": rfc3339(ln.interval_end_ms),
-                    "target_mw": round(float(ln.target_mw), 6),
-                    "delivered_mw": round(float(ln.delivered_mw), 6),
-                    "performance": round(float(p), 6),
-                }
-                for ln, p in zip(lines, per.tolist(), strict=True)
-            ]
-            doc["performance"] = round(total, 6) if total is not None else doc["performance"]
-        return doc
-
-
-def plan_doc(plan: Plan | None) -> dict[str, Any] | None:
-    """A stored plan as the API shows it (``dispatch.planner`` writes the body)."""
-    if plan is None:
-        return None
-    body = plan.body or {}
-    return {
-        "version": int(plan.version),
-        "created_at": rfc3339(plan.created_ms),
-        "interval_s": int(plan.interval_s),
-        "solver": str(body.get("solver", "")),
-        "status": str(body.get("status", "")),
-        "reason": body.get("reason"),
-        "available_mw": float(body.get("available_mw", 0.0)),
-        "intervals": list(body.get("intervals", [])),
-        "devices_by_kind": dict(body.get("devices_by_kind", {})),
-    }
-
-
-def request_doc(req: CapacityRequest, plan: Plan | None = None) -> dict[str, Any]:
-    booked = req.status in BOOKED
-    return {
-        "id": req.id,
-        "status": req.status,
-        "quoted_mw": round(float(req.quoted_mw), 6),
-        "firmness": float(req.firmness),
-        "quote_expires_at": rfc3339(req.quote_expires_ms) if req.quote_expires_ms else None,
-        "reason": req.reason,
-        "region": req.region,
-        "mw": float(req.mw),
-        "committed_mw": round(float(req.quoted_mw), 6) if booked else 0.0,
-        "start": rfc3339(req.start_ms),
-        "end": rfc3339(req.end_ms),
-        "direction": req.direction,
-        "max_price_per_mwh": req.max_price_per_mwh,
-        "tenant_id": req.tenant_id,
-        "created_at": rfc3339(req.created_ms),
-        "updated_at": rfc3339(req.updated_ms),
-        "booked": [],
-        "plan": plan_doc(plan),
-        "intervals": [],
-        "performance": req.performance,
-    }
+            per_arr, total = performance(target, delivered)
+            per = per_arr.tolist()
+        return RequestDetail(req, plans.get(req.id), starts, mw, lines, per, total)

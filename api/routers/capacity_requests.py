@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from api.deps import Principal, get_services, require_roles
+from api.presenters.requests import request_detail_doc, request_doc
 from api.schemas.capacity_requests import (
     CapacityRequestIn,
     CapacityRequestList,
@@ -77,7 +78,7 @@ async def create_request(
     req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return await market.view(req)
+    return request_detail_doc(await market.detail(req))
 
 
 @router.post(
@@ -106,7 +107,7 @@ async def commit_request(
             await services.planner.plan_for(req.id, reason="committed")
         except Exception:
             log.exception("planning %s after commit", req.id)
-    return await market.view(req)
+    return request_detail_doc(await market.detail(req))
 
 
 @router.post(
@@ -125,7 +126,7 @@ async def cancel_request(
 ) -> dict[str, Any]:
     market = services.market
     req, _ = await market.cancel(request_id, _scope(principal))
-    return await market.view(req)
+    return request_detail_doc(await market.detail(req))
 
 
 @router.get(
@@ -147,8 +148,6 @@ async def list_requests(
         _scope(principal), status=status, region=region, limit=limit, offset=offset
     )
     plans = await market.latest_plans([r.id for r in rows])
-    from dispatch.market import request_doc
-
     items = [request_doc(r, plans.get(r.id)) for r in rows]
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
@@ -166,4 +165,4 @@ async def get_request(
 ) -> dict[str, Any]:
     market = services.market
     req = await market.get(request_id, _scope(principal))
-    return await market.view(req)
+    return request_detail_doc(await market.detail(req))
