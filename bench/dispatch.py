@@ -33,8 +33,9 @@ from dispatch.assign import assign
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise
 from dispatch.types import Demand, DispatchParams, Horizon
-from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
-from vpp.fleet.snapshot import FleetSnapshot, available_kw
+from sim.synthetic import synthetic_fleet, synthetic_usage
+from vpp.fleet.snapshot import FleetSnapshot
+from vpp.flexibility import available_kw
 
 NOW_MS = 1_784_061_000_000
 HOUR_MS = 3_600_000

@@ -79,11 +79,13 @@ def bare_paho(messages: list[tuple[str, bytes]], window: int = 1000) -> float:
 
 async def main(n: int) -> None:
     from dispatch import events as es
-    from dispatch.runner import CommandBatch, EventRunner, Running, new_command_id
+    from dispatch.runner import SENT, CommandBatch, EventRunner, Running, new_command_id
     from dispatch.services import Services
     from dispatch.types import Horizon
     from store.migrate import upgrade
     from vpp.clock import Clock
+    from vpp.domain import AckStatus, CommandStatus, CommandType, Direction, RequestStatus
+    from vpp.fleet.snapshot import BATTERY
     from vpp.settings import Settings
 
     db = f"vpp_bench_fanout_{uuid.uuid4().hex[:8]}"
@@ -106,14 +108,14 @@ async def main(n: int) -> None:
         rng = np.random.default_rng(1)
         # The plan: one row a device, as the assignment hands it over.
         setpoint = np.floor(rng.uniform(2000, 5000, n))
-        kind = np.zeros(n, np.int8)
+        kind = np.full(n, BATTERY, np.int8)
 
         t_plan = time.perf_counter()
         batch = CommandBatch(
             ids=[new_command_id() for _ in range(n)],
             device_ids=ids,
             kind=kind,
-            type=["battery_discharge"] * n,
+            type=[CommandType.battery_discharge.value] * n,
             setpoint_w=setpoint,
             offset_c=np.full(n, np.nan),
             limit_w=np.full(n, np.nan),
@@ -124,7 +126,8 @@ async def main(n: int) -> None:
             expected_kw=setpoint / 1000.0,
         )
         info = es.EventInfo("cr-bench", es.KIND_REQUEST, "t", "ERCOT-NORTH", n * 3.5 / 1000,
-                            now, end, 50, False, "load_reduction", "active")  # fmt: skip
+                            now, end, 50, False, Direction.load_reduction.value,
+                            RequestStatus.active.value)  # fmt: skip
         run = Running(info, Horizon(now, 300, 24), np.ones(24), runner._table("cr-bench", batch),
                       [], np.zeros(0))  # fmt: skip
         t_built = time.perf_counter()
@@ -141,9 +144,10 @@ async def main(n: int) -> None:
                 for i in range(n)]  # fmt: skip
         await runner.publish(msgs)
         t_acked = time.perf_counter()
-        await runner.store.mark(batch.ids, "sent", sent_ms=svc.clock.now_ms(), attempts_inc=True)
+        await runner.store.mark(batch.ids, CommandStatus.sent.value, sent_ms=svc.clock.now_ms(),
+                                attempts_inc=True)  # fmt: skip
         t_done = time.perf_counter()
-        run.table.status[rows] = 1
+        run.table.status[rows] = SENT
 
         runner_s = t_acked - t_plan  # plan → last command accepted by Mosquitto
         bare_msgs = [(m[0], m[1]) for m in msgs]
@@ -160,10 +164,10 @@ async def main(n: int) -> None:
         # Acks: one "received" and one "started" per device, through the ack queue.
         acks = []
         for cid, dev in zip(batch.ids, ids, strict=True):
-            acks.append(orjson.dumps({"device_id": dev, "command_id": cid, "status": "received",
-                                      "ts": now, "recv_ms": now}))  # fmt: skip
-            acks.append(orjson.dumps({"device_id": dev, "command_id": cid, "status": "started",
-                                      "ts": now, "recv_ms": now}))  # fmt: skip
+            for status in (AckStatus.received, AckStatus.started):
+                acks.append(orjson.dumps({"device_id": dev, "command_id": cid,
+                                          "status": status.value, "ts": now,
+                                          "recv_ms": now}))  # fmt: skip
         for lo in range(0, len(acks), 20_000):
             await svc.state.push_acks(acks[lo : lo + 20_000])
         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 request) and after (vectorised build, packed state read with cached positions, stale-while-
 revalidate, incremental onboarding), against the real PostgreSQL and Redis on this machine.
 
-For each size it writes a synthetic fleet (``sim.synthetic_dispatch.synthetic_fleet``) to a
+For each size it writes a synthetic fleet (``sim.synthetic.synthetic_fleet``) to a
 PostgreSQL database and a Redis prefix of its own (both dropped afterwards) and prints:
 
 - registry: database read, row-wise build (before) vs vectorised build (after);
@@ -36,11 +36,12 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sim.synthetic_dispatch import synthetic_fleet  # noqa: E402
+from sim.synthetic import synthetic_fleet  # noqa: E402
 from vpp.domain import KIND_BY_CODE, KIND_CODE, DeviceKind  # noqa: E402
 from vpp.fleet import registry as R  # noqa: E402
 from vpp.fleet import snapshot as F  # noqa: E402
 from vpp.fleet.records import STATE_DTYPE, unpack_states  # noqa: E402
+from vpp.flexibility import available_kw  # noqa: E402
 
 PG_ADMIN_DSN = os.environ.get("VPP_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VPP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -339,7 +340,7 @@ async def bench_size(n: int) -> None:
         async def before_onboarding() -> None:
             reg = legacy_build_registry(await read_rows(False))
             st, stat = await asyncio.gather(store.all_states(), store.all_status())
-            F.available_kw(legacy_assemble(reg, st, stat, now_ms))
+            available_kw(legacy_assemble(reg, st, stat, now_ms))
 
         _, t_req_before = await atimed(before_onboarding())
         for k, batch in enumerate((1, 1000)):
@@ -375,8 +376,8 @@ async def bench_size(n: int) -> None:
         )
         cache.max_age_s = 2.0
         snap = await cache.snapshot()
-        kw, t_kw = timed(F.available_kw, snap)
-        _, t_sum = timed(F.summarise, snap, 1.0, kw)
+        kw, t_kw = timed(available_kw, snap)
+        _, t_sum = timed(F.summarise, snap, kw)
         print(f"  available_kw {t_kw:.2f} s, summarise {t_sum:.2f} s")
     finally:
         if services is not None:

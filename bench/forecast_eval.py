@@ -16,9 +16,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+# Run as a script, bench/ comes first on sys.path and its dispatch.py would shadow the package
+# (sim.synthetic imports dispatch.types).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sim.backtest import BacktestConfig, run_backtest
 from sim.synthetic import make_fleet

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
+from vpp.domain import DeviceKind, GridEventStatus, RequestStatus
+
 if TYPE_CHECKING:
     import httpx
     from rich.console import Console
@@ -150,8 +152,16 @@ def _pct(value: Any) -> str:
 
 
 def _short_time(value: Any) -> str:
+    """A wire time as a table cell, ``2026-07-15 17:00Z`` (seconds and ms only if not zero)."""
+    from vpp.timefmt import TimeFormatError, parse_rfc3339, to_rfc3339
+
     text = str(value or "–")
-    return text.replace("T", " ").replace(":00Z", "Z") if "T" in text else text
+    try:
+        wire = to_rfc3339(parse_rfc3339(text))
+    except TimeFormatError:
+        return text
+    clock = wire[11:-1].removesuffix(".000").removesuffix(":00")
+    return f"{wire[:10]} {clock}Z"
 
 
 # --- times ---------------------------------------------------------------------------------------
@@ -174,8 +184,9 @@ def parse_span_s(text: str, field: str) -> float:
 
 
 def resolve_time(text: str, field: str, now_ms: int | None = None) -> str:
-    """RFC 3339 as given, or ``+2h`` / ``now+90m`` relative to the service clock → RFC 3339."""
-    from datetime import UTC, datetime
+    """RFC 3339 (an offset, or UTC if none), or ``+2h`` / ``now+90m`` relative to the service
+    clock → the wire's RFC 3339 (vpp.timefmt)."""
+    from vpp.timefmt import TimeFormatError, parse_rfc3339, to_rfc3339
 
     text = text.strip()
     if text.lower() == "now" or _RELATIVE.match(text):
@@ -187,15 +198,11 @@ def resolve_time(text: str, field: str, now_ms: int | None = None) -> str:
         match = _RELATIVE.match(text)
         if match:
             offset_s = float(match.group(1)) * _UNIT_S[match.group(2).lower()]
-        epoch_s = now_ms / 1000 + offset_s
-        return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return to_rfc3339(now_ms + round(offset_s * 1000))
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        fail(f"{field}: {text!r} is not an RFC 3339 time (2026-07-15T17:00:00Z) or +2h", 2)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return to_rfc3339(parse_rfc3339(text, field, assume_utc=True))
+    except TimeFormatError as exc:
+        fail(f"{exc} (or +2h from now)", 2)
 
 
 # --- devices import ------------------------------------------------------------------------------
@@ -423,15 +430,15 @@ def _request_table(rows: list[dict[str, Any]], title: str) -> Any:
 
 def _status_text(status: Any) -> str:
     colour = {
-        "quoted": "blue",
-        "committed": "yellow",
-        "active": "green",
-        "completed": "bold",
-        "rejected": "red",
-        "cancelled": "red",
-        "expired": "red",
-        "aborted": "red",
-        "scheduled": "cyan",
+        RequestStatus.quoted.value: "blue",
+        RequestStatus.committed.value: "yellow",
+        RequestStatus.active.value: "green",
+        RequestStatus.completed.value: "bold",
+        RequestStatus.rejected.value: "red",
+        RequestStatus.cancelled.value: "red",
+        RequestStatus.expired.value: "red",
+        GridEventStatus.aborted.value: "red",
+        GridEventStatus.scheduled.value: "cyan",
     }.get(str(status), "white")
     return f"[{colour}]{status}[/]"
 
@@ -490,12 +497,10 @@ def requests_quote(
     if end is not None:
         end_text = resolve_time(end, "end")
     else:
-        from datetime import datetime, timedelta
+        from vpp.timefmt import parse_rfc3339, to_rfc3339
 
-        begin = datetime.fromisoformat(start_text.replace("Z", "+00:00"))
-        end_text = (begin + timedelta(seconds=parse_span_s(duration or "", "duration"))).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        )
+        span_ms = round(parse_span_s(duration or "", "duration") * 1000)
+        end_text = to_rfc3339(parse_rfc3339(start_text, "start") + span_ms)
     body: dict[str, Any] = {"region": region, "mw": mw, "start": start_text, "end": end_text}
     if firmness is not None:
         body["firmness"] = firmness
@@ -511,7 +516,7 @@ def requests_quote(
         _print_json(req)
         return
     out = _console()
-    if req.get("status") == "rejected":
+    if req.get("status") == RequestStatus.rejected:
         out.print(f"[red]rejected[/] {req.get('id')}: {req.get('reason', 'no reason given')}")
         return
     out.print(
@@ -734,7 +739,7 @@ def events_abort(
     if as_json:
         _print_json(data)
         return
-    _console().print(f"{event_id}: [bold]{data.get('status', 'aborted')}[/]")
+    _console().print(f"{event_id}: [bold]{data.get('status', GridEventStatus.aborted.value)}[/]")
 
 
 # --- fleet ---------------------------------------------------------------------------------------
@@ -742,7 +747,7 @@ def fleet_rows(data: Any) -> list[dict[str, Any]]:
     """Flatten the fleet answer into rows of region, kind, registered, online, available_mw,
     whether it lists rows or nests kinds inside regions."""
     rows: list[dict[str, Any]] = []
-    kinds = {"battery", "solar", "thermostat"}
+    kinds = {k.value for k in DeviceKind}
 
     def walk(node: Any, region: str | None, key_name: str | None) -> None:
         if isinstance(node, list):

@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from vpp.domain import CommandStatus, CommandType, RequestStatus
+from vpp.timefmt import parse_rfc3339, to_rfc3339
+
 if TYPE_CHECKING:
     import httpx
     from rich.console import Console
@@ -102,10 +105,6 @@ def next_evening_ms(wall_ms: float, hour_utc: int, lead_min: int) -> int:
     return int(start.timestamp() * 1000)
 
 
-def rfc3339(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def hhmm(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).strftime("%H:%M")
 
@@ -175,10 +174,6 @@ class Demo:
             raise DemoError(f"{method} {path} answered {resp.status_code}: {resp.text[:300]}")
         return resp.json() if resp.content else {}
 
-    async def sleep_service(self, seconds: float) -> None:
-        assert self.clock is not None
-        await self.clock.sleep(seconds)
-
     # ---- stages -------------------------------------------------------------------------------
     async def start_service(self) -> None:
         import httpx
@@ -244,7 +239,8 @@ class Demo:
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=120.0)
         self.say(f"data in [bold]{self.workdir}[/] (SQLite), in-process broker and state store")
         self.say(
-            f"service clock: [bold]×{opts.time_scale:g}[/], now {rfc3339(self.service_now_ms())} "
+            f"service clock: [bold]×{opts.time_scale:g}[/], "
+            f"now {to_rfc3339(self.service_now_ms())} "
             f"(a {opts.window_h:g} h window lasts {opts.window_h * 3600 / opts.time_scale:.0f} s)"
         )
         self.say(f"API and dashboard on [bold]{self.base_url}[/]  ·  log: {log_file}")
@@ -371,8 +367,8 @@ class Demo:
                 "buyer",
                 params={
                     "region": region,
-                    "start": rfc3339(start_ms),
-                    "end": rfc3339(end_ms),
+                    "start": to_rfc3339(start_ms),
+                    "end": to_rfc3339(end_ms),
                     "step": "PT15M",
                     "firmness": 0.9,
                 },
@@ -393,8 +389,8 @@ class Demo:
         body = {
             "region": region,
             "mw": asked,
-            "start": rfc3339(start_ms),
-            "end": rfc3339(end_ms),
+            "start": to_rfc3339(start_ms),
+            "end": to_rfc3339(end_ms),
             "firmness": 0.9,
         }
         try:
@@ -416,7 +412,7 @@ class Demo:
         )
         if quote.get("reason"):
             self.say(f"[dim]{quote['reason']}[/]")
-        if quote["status"] != "quoted" or self.result.quoted_mw <= 0:
+        if quote["status"] != RequestStatus.quoted or self.result.quoted_mw <= 0:
             self.say("[yellow]nothing to commit[/]")
             return quote
         committed = await self.api(
@@ -445,8 +441,8 @@ class Demo:
 
         opts = self.opts
         rid = req["id"]
-        start_ms = _parse_ms(req["start"])
-        end_ms = _parse_ms(req["end"])
+        start_ms = parse_rfc3339(req["start"], "start")
+        end_ms = parse_rfc3339(req["end"], "end")
         self.stage(4, f"The window opens at {hhmm(start_ms)} UTC")
         with Progress(
             "   [progress.description]{task.description}",
@@ -537,17 +533,20 @@ class Demo:
             rows = (
                 await session.execute(
                     select(Command.status, func.count(func.distinct(Command.device_id)))
-                    .where(Command.event_id == event_id, Command.type != "restore")
+                    .where(Command.event_id == event_id, Command.type != CommandType.restore.value)
                     .group_by(Command.status)
                 )
             ).all()
         by = {str(s): int(n) for s, n in rows}
-        acked = sum(by.get(s, 0) for s in ("received", "started", "completed"))
+        acked = sum(
+            by.get(s, 0)
+            for s in (CommandStatus.received, CommandStatus.started, CommandStatus.completed)
+        )
         return {
             "commanded": sum(by.values()),
-            "acknowledged": acked + by.get("opted_out", 0),
-            "opted_out": by.get("opted_out", 0),
-            "replaced": by.get("replaced", 0) + by.get("missed", 0),
+            "acknowledged": acked + by.get(CommandStatus.opted_out, 0),
+            "opted_out": by.get(CommandStatus.opted_out, 0),
+            "replaced": by.get(CommandStatus.missed, 0),
         }
 
     async def settle(self, rid: str) -> None:
@@ -565,7 +564,10 @@ class Demo:
             progress.add_task("   waiting for the request to complete and settle", total=None)
             while time.monotonic() < deadline:
                 req = await self.api("GET", f"/v1/capacity-requests/{rid}", "buyer")
-                if req.get("status") == "completed" and req.get("performance") is not None:
+                if (
+                    req.get("status") == RequestStatus.completed
+                    and req.get("performance") is not None
+                ):
                     break
                 await asyncio.sleep(1.0)
         self.result.status = req.get("status")
@@ -660,7 +662,7 @@ class Demo:
         await self.start_service()
         await self.start_fleet()
         req = await self.quote_and_commit()
-        if req is not None and req.get("status") == "committed":
+        if req is not None and req.get("status") == RequestStatus.committed:
             await self.run_window(req)
             await self.settle(req["id"])
         self.result.wall_s = time.monotonic() - t0
@@ -674,10 +676,6 @@ class DemoError(RuntimeError):
 
 class EndpointMissing(DemoError):
     pass
-
-
-def _parse_ms(text: str) -> int:
-    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 async def run_demo(opts: DemoOptions, console: Console) -> DemoResult | None:

@@ -39,6 +39,7 @@ from store.models import Device, Tenant
 from vpp.domain import (
     BATTERY_MIN_RESERVE_PCT,
     KIND_CODE,
+    KIND_OFFBOARDED,
     THERMOSTAT_DEFAULT_MAX_OFFSET_C,
     DeviceKind,
 )
@@ -59,7 +60,6 @@ _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 # enough for SQLite's 32 766 bound parameters (25 columns × 1 000 rows).
 _INSERT_CHUNK = 1_000
 _SELECT_CHUNK = 5_000
-REGISTRY_TOMBSTONE = -1
 DEVICES_TABLE = cast(Table, Device.__table__)
 
 # Columns of the devices table each kind uses (the rest stay NULL).
@@ -784,6 +784,6 @@ async def offboard(services: Edges, device_id: str, scope: TenantScope) -> None:
             raise BrokerFailure(
                 [FieldError("broker", f"could not revoke credentials, nothing changed: {exc}")]
             ) from exc
-    await services.state.registry_put({device_id: REGISTRY_TOMBSTONE})
+    await services.state.registry_put({device_id: KIND_OFFBOARDED})
     await services.state.delete_devices([device_id])
     services.fleet.apply_changes([], [device_id])

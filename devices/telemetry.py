@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from vpp.domain import AckStatus, RejectReason
+from vpp.domain import KIND_OFFBOARDED, AckStatus, RejectReason
 from vpp.fleet.records import STATE_DTYPE
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT
 from vpp.physics import MODE_CODE
 
 # ts_ms, recv_ms, seq, power_w, soc_pct, backup_reserve_pct, indoor_c, setpoint_c, hvac_w,
@@ -33,8 +34,6 @@ _RECORD = struct.Struct("<qqqfffffffdbbbb")
 assert _RECORD.size == STATE_DTYPE.itemsize
 _NAN = math.nan
 
-BATTERY, SOLAR, THERMOSTAT = 0, 1, 2
-OFFBOARDED = -1  # registry tombstone
 
 # Plausibility bounds. The contract fixes 0–100 % and the signs; the other limits only keep
 # nonsense (and float32 overflow) out of the fleet's sums: no home device comes near them.
@@ -136,7 +135,7 @@ def validate_telemetry(
     if kind != BATTERY and kind != SOLAR and kind != THERMOSTAT:
         # Who sent it is checked before what was sent: an offboarded device's garbage counts
         # as `offboarded`.
-        if kind == OFFBOARDED:
+        if kind == KIND_OFFBOARDED:
             return Rejected(RejectReason.offboarded, "device_id", "the device was offboarded")
         return Rejected(RejectReason.unknown_device, "device_id", "not a registered device")
     obj = _parse_object(payload, limits.max_payload_bytes)

@@ -12,8 +12,11 @@ Per device and demand, the flexibility counted is:
   into blocks of at most 2 h, 3 h for grid events), less customer overrides (~10 % at 2 h,
   linear in the block length) and less the recovery energy of blocks that end inside the window;
 - solar: nothing (curtailment only; it never adds load reduction or export).
-Devices that have used their season's events or hours, or have not rested since their last event,
-are not eligible; the MW they would have given is reported as ``fatigue_lost_mw``.
+Each device's inputs (state of charge, reserve, setpoint, offset, outdoor temperature, and the
+defaults for readings it has not sent) come from ``vpp.flexibility``, as for the fleet view and
+the forecast. Devices that have used their season's events or hours, or have not rested since
+their last event, are not eligible; the MW they would have given is reported as
+``fatigue_lost_mw``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ import numpy as np
 import numpy.typing as npt
 
 from dispatch.types import Demand, DeviceUsage, DispatchParams, Horizon
-from vpp import physics
-from vpp.domain import BATTERY_ONE_WAY_EFFICIENCY, THERMOSTAT_DEFAULT_MAX_OFFSET_C
-from vpp.fleet.snapshot import BATTERY, DEFAULT_OUTDOOR_C, SOLAR, THERMOSTAT, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
+from vpp.flexibility import ThermostatInputs, battery_inputs, thermostat_inputs
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -134,97 +136,16 @@ class Clusters:
         )
 
 
-def _nan0(a: np.ndarray, fill: float = 0.0) -> F64:
-    return np.nan_to_num(np.asarray(a, dtype=float), nan=fill, posinf=fill, neginf=fill)
-
-
-def _battery_flex(fleet: FleetSnapshot, idx: I64) -> tuple[F64, F64, F64]:
-    """(max discharge kW, AC energy kWh above the reserve, pre-event output kW) of batteries
-    ``idx``. The pre-event output is what the battery already gives its home (self-consumption,
-    ≥ 0): settlement subtracts it, and it drains the same energy during the window."""
-    st = fleet.state
-    state_reserve = st["backup_reserve_pct"][idx].astype(float)
-    reserve = np.where(np.isnan(state_reserve), _nan0(fleet.backup_reserve_pct[idx]), state_reserve)
-    usable_wh = physics.battery_energy_above_reserve_wh(
-        np.clip(_nan0(st["soc_pct"][idx].astype(float)), 0.0, 100.0),
-        np.maximum(_nan0(fleet.capacity_wh[idx]), 0.0),
-        reserve,
-    )
-    power_kw = np.maximum(_nan0(fleet.max_discharge_w[idx]), 0.0) / 1000.0
-    energy_kwh = usable_wh * BATTERY_ONE_WAY_EFFICIENCY / 1000.0
-    pre_kw = np.clip(_nan0(st["power_w"][idx].astype(float)) / 1000.0, 0.0, power_kw)
-    return power_kw, energy_kwh, pre_kw
-
-
-def _outdoor_c(fleet: FleetSnapshot, idx: I64) -> F64:
-    """Outdoor temperature of devices ``idx``: their own reading, else the median reading of
-    the others in their region (as ``snapshot.outdoor_temperatures``, over ``idx`` only)."""
-    out = fleet.state["outdoor_c"][idx].astype(float)
-    missing = np.isnan(out)
-    if missing.any():
-        reg = fleet.region_codes[idx]
-        for code in np.unique(reg[missing]):
-            vals = out[(reg == code) & ~missing]
-            fill = float(np.median(vals)) if vals.size else DEFAULT_OUTDOOR_C
-            out[missing & (reg == code)] = fill
-    return out
-
-
-def _thermostat_inputs(fleet: FleetSnapshot, idx: I64, params: DispatchParams) -> dict[str, F64]:
-    st = fleet.state
-    out_c = _outdoor_c(fleet, idx)
-    mode = st["mode"][idx]
-    setpoint = st["setpoint_c"][idx].astype(float)
-    indoor = np.where(np.isnan(st["indoor_c"][idx]), setpoint, st["indoor_c"][idx].astype(float))
-    heating = (mode == physics.MODE_HEAT) | ((mode == physics.MODE_AUTO) & (out_c < setpoint))
-    comfort = np.where(heating, fleet.comfort_min_c[idx], fleet.comfort_max_c[idx])
-    room = np.where(heating, setpoint - comfort, comfort - setpoint)
-    room = np.where(np.isnan(room), np.inf, room)  # no comfort limit registered
-    offset = np.minimum(
-        params.thermostat_offset_c,
-        _nan0(fleet.max_offset_c[idx], THERMOSTAT_DEFAULT_MAX_OFFSET_C),
-    )
-    offset = np.clip(np.minimum(offset, room), 0.0, None)
-    # An offset too small to notice sheds nothing worth a command (and a home already below its
-    # setpoint would otherwise "shed" with no offset at all).
-    usable = (
-        (mode != physics.MODE_OFF)
-        & (mode >= 0)
-        & ~np.isnan(setpoint)
-        & ~np.isnan(out_c)
-        & (offset >= params.thermostat_min_offset_c)
-    )
-    offset = np.where(usable, offset, 0.0)
-    return {
-        "indoor": _nan0(indoor),
-        "setpoint": _nan0(setpoint),
-        "outdoor": _nan0(out_c),
-        "heating": heating.astype(float),
-        "offset": offset,
-        "rated_kw": np.maximum(_nan0(fleet.hvac_rated_w[idx]), 0.0) / 1000.0,
-    }
-
-
 def _thermostat_shed(
-    inp: dict[str, F64], w: DemandWindow, params: DispatchParams
+    inp: ThermostatInputs, w: DemandWindow, params: DispatchParams
 ) -> tuple[F64, F64]:
     """(expected kW shed while active, recovery kWh) for one demand's rotation blocks."""
     L = max(w.block_h, 1e-6)
-    shed, _, rec = physics.thermostat_shed(
-        inp["indoor"],
-        inp["setpoint"],
-        inp["outdoor"],
-        inp["offset"],
-        L,
-        inp["rated_kw"],
-        heating=inp["heating"].astype(bool),
-    )
-    shed = _nan0(shed)
-    rec = _nan0(rec)
+    shed, _, rec = inp.shed(L)
     override = min(params.thermostat_override_at_2h * L / 2.0, 0.5)
     inside = (w.n_blocks - 1) / w.n_blocks  # share of blocks whose snapback falls in the window
     net = (shed * L * (1.0 - override) - rec * inside) / L
-    asked = inp["offset"] > 0
+    asked = inp.offset_c > 0
     return np.where(asked, np.maximum(net, 0.0), 0.0), np.where(asked, rec, 0.0)
 
 
@@ -302,7 +223,11 @@ def build_clusters(
     energy_kwh = np.zeros(m)
     pre_kw = np.zeros(m)
     if bat_rows.size:
-        max_kw, total_kwh, pre_kw[bat_rows] = _battery_flex(fleet, cand[bat_rows])
+        b_inp = battery_inputs(fleet, cand[bat_rows])
+        max_kw, total_kwh = b_inp.max_discharge_kw, b_inp.energy_kwh()
+        # Output before the event: what the battery already gives its home (self-consumption,
+        # ≥ 0). Settlement subtracts it, and it drains the same energy during the window.
+        pre_kw[bat_rows] = np.clip(b_inp.output_w / 1000.0, 0.0, max_kw)
         # Plan on the increment over what the battery already gives its home: a battery at
         # 1.5 kW before the event, commanded to 5 kW, delivers 3.5 kW, and its energy above the
         # reserve must last the window at the full 5 kW. So power = max discharge − pre-event,
@@ -314,9 +239,18 @@ def build_clusters(
     offset_c = np.full(m, np.nan)
     shed_kw = np.zeros((m, nd))
     recovery_kwh = np.zeros((m, nd))
-    th_inp = _thermostat_inputs(fleet, cand[th_rows], params) if th_rows.size else None
+    th_inp = (
+        thermostat_inputs(
+            fleet,
+            cand[th_rows],
+            offset_c=params.thermostat_offset_c,
+            min_offset_c=params.thermostat_min_offset_c,
+        )
+        if th_rows.size
+        else None
+    )
     if th_inp is not None:
-        offset_c[th_rows] = th_inp["offset"]
+        offset_c[th_rows] = th_inp.offset_c
     shed_cache: dict[tuple[float, int], tuple[F64, F64]] = {}
     for j, w in enumerate(windows):
         if w.b <= w.a:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -18,7 +17,6 @@ from devices.edges import Edges
 from dispatch.types import GRID_EVENT_PRIORITY
 from store.keys import ensure_tenant
 from store.models import CapacityRequest, GridEvent
-from vpp.clock import to_datetime
 from vpp.domain import Direction, GridEventStatus, RequestStatus
 from vpp.errors import Conflict, InvalidInput, NotFound
 
@@ -57,12 +55,6 @@ class EventRecord:
 
     info: EventInfo
     created_ms: int
-
-
-def iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return to_datetime(ms).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def from_request(r: CapacityRequest) -> EventInfo:
@@ -112,29 +104,14 @@ async def load_event(services: Edges, event_id: str) -> EventInfo | None:
 
 
 # --- grid events ---------------------------------------------------------------------------------
-def _parse_time(name: str, value: Any) -> int:
-    if isinstance(value, datetime):
-        dt = value
-    elif isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidInput(name, "an RFC 3339 time such as 2026-07-15T17:00:00Z") from None
-    else:
-        raise InvalidInput(name, "an RFC 3339 time such as 2026-07-15T17:00:00Z")
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
-
-
 async def create_grid_event(
     services: Edges,
     tenant_id: str,
     *,
     region: str,
     mw: float,
-    start: Any,
-    end: Any,
+    start_ms: int,
+    end_ms: int,
     priority: int | None = None,
     preempt: bool = False,
 ) -> EventRecord:
@@ -144,7 +121,6 @@ async def create_grid_event(
             "region",
             f"unknown region {region!r} (one of {', '.join(services.settings.regions)})",
         )
-    start_ms, end_ms = _parse_time("start", start), _parse_time("end", end)
     if end_ms <= start_ms:
         raise InvalidInput("end", "must be after start")
     if end_ms <= now:

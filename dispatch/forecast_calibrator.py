@@ -40,7 +40,7 @@ from dispatch.forecast_service import (
     ForecastService,
     tuning_to_json,
 )
-from vpp.domain import FreshnessCode
+from vpp.domain import CommandStatus, CommandType, FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
 from vpp.weather import weather_for_region
@@ -301,7 +301,7 @@ class ForecastCalibrator:
                 cmds = (
                     await session.execute(
                         select(Command.device_id, Command.status)
-                        .where(Command.type != "restore")
+                        .where(Command.type != CommandType.restore.value)
                         .where(Command.valid_from_ms < w_end)
                         .where(Command.valid_until_ms > w_start)
                     )
@@ -325,7 +325,7 @@ class ForecastCalibrator:
             opted = np.zeros(n, bool)
             if cmds:
                 cpos = ids.get_indexer(pd.Index([c[0] for c in cmds]))
-                cstat = np.array([c[1] == "opted_out" for c in cmds])
+                cstat = np.array([c[1] == CommandStatus.opted_out for c in cmds])
                 ok = cpos >= 0
                 commanded[cpos[ok]] = True
                 opted[cpos[ok][cstat[ok]]] = True

@@ -23,6 +23,7 @@ import pandas as pd
 from sqlalchemy import case, func, select
 
 from devices.edges import Edges
+from vpp.domain import CommandStatus, CommandType, GridEventStatus, RequestStatus
 from vpp.errors import InvalidInput
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
@@ -426,16 +427,20 @@ class ForecastService:
                     select(Device.id, Device.created_ms).where(Device.offboarded_ms.is_(None))
                 )
             ).all()
-            opted = func.sum(case((Command.status == "opted_out", 1), else_=0))
+            opted = func.sum(case((Command.status == CommandStatus.opted_out.value, 1), else_=0))
             cmds = (
                 await session.execute(
                     select(Command.device_id, func.count(), opted)
-                    .where(Command.type != "restore")
+                    .where(Command.type != CommandType.restore.value)
                     .where(Command.created_ms >= since)
                     .group_by(Command.device_id)
                 )
             ).all()
-            booked = ("committed", "active", "completed")
+            booked = (
+                RequestStatus.committed.value,
+                RequestStatus.active.value,
+                RequestStatus.completed.value,
+            )
             req = (
                 await session.execute(
                     select(CapacityRequest.region, CapacityRequest.start_ms)
@@ -447,7 +452,7 @@ class ForecastService:
                 await session.execute(
                     select(GridEvent.region, GridEvent.start_ms)
                     .where(GridEvent.start_ms >= since)
-                    .where(GridEvent.status != "aborted")
+                    .where(GridEvent.status != GridEventStatus.aborted.value)
                 )
             ).all()
         event_days: dict[str, set[int]] = {}

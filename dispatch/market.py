@@ -12,8 +12,8 @@ both win:
   database's write lock before it reads anything; a second writer waits on the busy timeout.
 
 Life of a request: quoted → committed → active → completed, or rejected / cancelled / expired.
-The event runner moves committed → active → completed with :meth:`Market.mark_active` and
-:meth:`Market.mark_completed`, and reads a request's booked MW with :meth:`Market.booked_mw`.
+The event runner (``dispatch.runner``, through ``dispatch.events``) moves committed → active →
+completed.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from devices.edges import Edges
 from dispatch.forecast_service import ForecastService
+from dispatch.settlement import interval_performance, performance
 from dispatch.settlement_service import settlement_lines
 from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock, SettlementLine
-from vpp.clock import to_datetime
 from vpp.domain import Direction, RequestStatus
 from vpp.errors import Conflict, InvalidInput, NotFound
 from vpp.metrics import MARKET_REQUESTS
+from vpp.timefmt import to_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,6 @@ def not_found(request_id: str) -> NotFound:
 
 
 # --- pure ledger arithmetic ---------------------------------------------------------------------
-def rfc3339(epoch_ms: int | float) -> str:
-    dt = to_datetime(epoch_ms)
-    if int(epoch_ms) % 1000:
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch_ms) % 1000:03d}Z"
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @dataclass(frozen=True)
 class RequestInput:
     """A capacity request as the market reads it (epoch ms, plain values)."""
@@ -131,13 +125,13 @@ def validate_input(
     if inp.end_ms <= inp.start_ms:
         raise invalid("end", "must be after start")
     if inp.start_ms < now_ms:
-        raise invalid("start", f"the window starts in the past (now is {rfc3339(now_ms)})")
+        raise invalid("start", f"the window starts in the past (now is {to_rfc3339(now_ms)})")
     earliest = now_ms + int(min_notice_s * 1000)
     if inp.start_ms < earliest:
         raise invalid(
             "start",
             f"notice of at least {min_notice_s / 60:g} min is needed: start at "
-            f"{rfc3339(earliest)} or later",
+            f"{to_rfc3339(earliest)} or later",
         )
     horizon_end = now_ms + int(horizon_h * 3_600_000)
     slots = ledger_slots(inp.start_ms, inp.end_ms)
@@ -145,7 +139,7 @@ def validate_input(
         raise invalid(
             "end",
             f"beyond the forecast horizon of {horizon_h:g} h (the last bookable interval ends "
-            f"{rfc3339(horizon_end // LEDGER_STEP_MS * LEDGER_STEP_MS)})",
+            f"{to_rfc3339(horizon_end // LEDGER_STEP_MS * LEDGER_STEP_MS)})",
         )
 
 
@@ -206,7 +200,7 @@ def make_quote(
     k = int(np.argmin(free))
     worst = float(free[k])
     quoted = floor_mw(min(float(asked_mw), worst))
-    when = rfc3339(int(slots_ms[k]))
+    when = to_rfc3339(int(slots_ms[k]))
     detail = (
         f"P{round(firmness * 100):d} {float(min(firm_mw[k], p90_mw[k])):.3f} MW, margin "
         f"{margin_pct:g} % of the P90, committed {float(committed_mw[k]):.3f} MW"
@@ -226,16 +220,6 @@ def first_short_slot(free: F64, need_mw: float) -> int | None:
     return int(short[0]) if short.size else None
 
 
-def performance(target_mw: F64, delivered_mw: F64) -> tuple[F64, float | None]:
-    """Per interval min(delivered ÷ committed, 1), and Σ min(delivered, committed) ÷ Σ committed."""
-    target = np.asarray(target_mw, float)
-    delivered = np.maximum(np.asarray(delivered_mw, float), 0.0)
-    covered = np.minimum(delivered, target)
-    per = np.where(target > 0, covered / np.where(target > 0, target, 1.0), 1.0)
-    total = float(target.sum())
-    return per, (float(covered.sum()) / total if total > 0 else None)
-
-
 def new_request_id() -> str:
     return f"cr-{secrets.token_hex(6)}"
 
@@ -243,8 +227,9 @@ def new_request_id() -> str:
 @dataclass(frozen=True)
 class RequestDetail:
     """A request with its latest plan, booked MW per ledger slot and settlement lines;
-    ``line_performance`` is min(delivered ÷ target, 1) per line and ``performance`` the total
-    over the lines (None without lines: the request's stored performance stands)."""
+    ``line_performance`` is min(delivered, target) ÷ target per line (1.0 where nothing was
+    committed) and ``performance`` the total over the lines (None without lines or without any
+    commitment: the request's stored performance stands)."""
 
     request: CapacityRequest
     plan: Plan | None
@@ -473,7 +458,7 @@ class Market:
         self._check_committable(req, now)
         if req.quote_expires_ms is not None and now >= req.quote_expires_ms:
             await self.expire_quotes(now, request_id=request_id)
-            raise conflict(f"quote expired at {rfc3339(req.quote_expires_ms)}")
+            raise conflict(f"quote expired at {to_rfc3339(req.quote_expires_ms)}")
         inp = self._input_of(req)
         slots = ledger_slots(req.start_ms, req.end_ms)
         # The forecast does not read the ledger: compute it before taking the lock.
@@ -492,7 +477,7 @@ class Market:
                 MARKET_REQUESTS.labels("conflict").inc()
                 raise conflict(
                     f"capacity no longer available: {floor_mw(float(free[k])):g} MW free in "
-                    f"interval {rfc3339(int(slots[k]))}, the quote was {req.quoted_mw:g} MW; "
+                    f"interval {to_rfc3339(int(slots[k]))}, the quote was {req.quoted_mw:g} MW; "
                     "ask for a new quote",
                     field="mw",
                 )
@@ -509,7 +494,7 @@ class Market:
             )
             req.status = RequestStatus.committed.value
             req.updated_ms = now
-        MARKET_REQUESTS.labels("committed").inc()
+        MARKET_REQUESTS.labels(RequestStatus.committed.value).inc()
         return req, True
 
     @staticmethod
@@ -517,12 +502,12 @@ class Market:
         status = req.status
         if status == RequestStatus.quoted.value:
             if req.quote_expires_ms is not None and now >= req.quote_expires_ms:
-                raise conflict(f"quote expired at {rfc3339(req.quote_expires_ms)}")
+                raise conflict(f"quote expired at {to_rfc3339(req.quote_expires_ms)}")
             if now >= req.start_ms:
-                raise conflict(f"the window started at {rfc3339(req.start_ms)}", field="start")
+                raise conflict(f"the window started at {to_rfc3339(req.start_ms)}", field="start")
             return
         if status == RequestStatus.expired.value:
-            when = rfc3339(req.quote_expires_ms) if req.quote_expires_ms else "its deadline"
+            when = to_rfc3339(req.quote_expires_ms) if req.quote_expires_ms else "its deadline"
             raise conflict(f"quote expired at {when}")
         if status == RequestStatus.rejected.value:
             raise conflict(
@@ -568,16 +553,16 @@ class Market:
                 raise conflict(f"request is {req.status}: there is nothing to cancel")
             if now >= req.start_ms:
                 raise conflict(
-                    f"the window started at {rfc3339(req.start_ms)}: too late to cancel",
+                    f"the window started at {to_rfc3339(req.start_ms)}: too late to cancel",
                     field="start",
                 )
             await session.execute(delete(LedgerEntry).where(LedgerEntry.request_id == req.id))
             req.status = RequestStatus.cancelled.value
             req.updated_ms = now
-        MARKET_REQUESTS.labels("cancelled").inc()
+        MARKET_REQUESTS.labels(RequestStatus.cancelled.value).inc()
         return req, True
 
-    # -- housekeeping and the runner's calls --
+    # -- housekeeping --
     async def expire_quotes(self, now_ms: int, request_id: str | None = None) -> int:
         """Quotes past their expiry become expired (they never held ledger rows). Returns how
         many; call it periodically (the event runner does)."""
@@ -594,61 +579,8 @@ class Market:
             result = await session.execute(q)
         n = int(getattr(result, "rowcount", 0) or 0)
         if n:
-            MARKET_REQUESTS.labels("expired").inc(n)
+            MARKET_REQUESTS.labels(RequestStatus.expired.value).inc(n)
         return n
-
-    async def _transition(
-        self, request_id: str, from_: tuple[str, ...], to: str, now_ms: int, **values: Any
-    ) -> bool:
-        async with self.services.db.session() as session, session.begin():
-            result = await session.execute(
-                update(CapacityRequest)
-                .where(CapacityRequest.id == request_id)
-                .where(CapacityRequest.status.in_(from_))
-                .values(status=to, updated_ms=int(now_ms), **values)
-            )
-        return bool(getattr(result, "rowcount", 0))
-
-    async def mark_active(self, request_id: str, now_ms: int) -> bool:
-        """committed → active (the runner, when the window opens). False if it was not
-        committed (cancelled meanwhile, or already active)."""
-        return await self._transition(
-            request_id, (RequestStatus.committed.value,), RequestStatus.active.value, now_ms
-        )
-
-    async def mark_completed(
-        self, request_id: str, now_ms: int, performance: float | None = None
-    ) -> bool:
-        """active (or committed) → completed, with the measured performance if known."""
-        values: dict[str, Any] = {}
-        if performance is not None:
-            values["performance"] = float(min(max(performance, 0.0), 1.0))
-        return await self._transition(
-            request_id,
-            (RequestStatus.active.value, RequestStatus.committed.value),
-            RequestStatus.completed.value,
-            now_ms,
-            **values,
-        )
-
-    async def due(self, now_ms: int, lookahead_ms: int = 0) -> list[CapacityRequest]:
-        """Committed requests whose window starts by ``now_ms + lookahead_ms`` and has not
-        ended (for the runner to activate), and active ones (to run or complete)."""
-        async with self.services.db.session() as session:
-            rows = (
-                await session.execute(
-                    select(CapacityRequest)
-                    .where(
-                        (
-                            (CapacityRequest.status == RequestStatus.committed.value)
-                            & (CapacityRequest.start_ms <= int(now_ms) + int(lookahead_ms))
-                        )
-                        | (CapacityRequest.status == RequestStatus.active.value)
-                    )
-                    .order_by(CapacityRequest.start_ms)
-                )
-            ).scalars()
-            return list(rows)
 
     async def booked_mw(self, request_id: str) -> tuple[I64, F64]:
         """A request's ledger rows: (15-minute slot starts in epoch ms, MW per slot)."""
@@ -744,6 +676,14 @@ class Market:
         if lines:
             target = np.array([ln.target_mw for ln in lines], dtype=float)
             delivered = np.array([ln.delivered_mw for ln in lines], dtype=float)
-            per_arr, total = performance(target, delivered)
-            per = per_arr.tolist()
+            # An interval with nothing committed shows as met (1.0); no commitment at all
+            # leaves the stored performance.
+            per = interval_performance(
+                delivered_mw=delivered, committed_mw=target, uncommitted=1.0
+            ).tolist()
+            total = (
+                performance(delivered_mw=delivered, committed_mw=target)
+                if (target > 0).any()
+                else None
+            )
         return RequestDetail(req, plans.get(req.id), starts, mw, lines, per, total)

@@ -536,24 +536,3 @@ def optimise(
         build_s,
         notes,
     )
-
-
-def optimise_greedy(
-    fleet: FleetSnapshot,
-    usage: DeviceUsage,
-    demands: Sequence[Demand],
-    horizon: Horizon,
-    params: DispatchParams,
-    *,
-    exclude: np.ndarray | None = None,
-    clusters: Clusters | None = None,
-) -> Plan:
-    """The greedy plan only (no solver): always available, milliseconds."""
-    t0 = time.perf_counter()
-    cl, lp = _prepare(fleet, usage, demands, horizon, params, exclude, clusters, "cluster")
-    build_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    g = greedy_solution(lp, cl, params, horizon.dt_h)
-    return _plan_from(
-        lp, cl, g, demands, horizon, "greedy", "greedy", time.perf_counter() - t1, build_s, []
-    )

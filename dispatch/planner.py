@@ -37,9 +37,11 @@ from dispatch.types import (
 from dispatch.types import Plan as OptimiserPlan
 from store.models import CapacityRequest, Command, GridEvent
 from store.models import Plan as PlanRow
-from vpp.domain import GridEventStatus, RequestStatus
-from vpp.fleet.snapshot import FleetSnapshot, available_kw
+from vpp.domain import CommandType, GridEventStatus, RequestStatus
+from vpp.fleet.snapshot import FleetSnapshot
+from vpp.flexibility import available_kw
 from vpp.metrics import PLANS_MADE
+from vpp.timefmt import to_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +91,12 @@ def plan_body(
     reason: str,
 ) -> dict[str, Any]:
     """The stored body for one event of a joint plan."""
-    from dispatch.market import rfc3339
-
     j = plan.demand_ids.index(event_id)
     h = plan.horizon
     a, b = h.window(event_start_ms, event_end_ms)
     intervals = [
         {
-            "start": rfc3339(h.interval_start_ms(t)),
+            "start": to_rfc3339(h.interval_start_ms(t)),
             "target_mw": round(float(plan.requested_mw[j, t]), 6),
             "planned_mw": round(float(plan.planned_mw[j, t]), 6),
             "shortfall_mw": round(float(plan.shortfall_mw[j, t]), 6),
@@ -333,7 +333,7 @@ class Planner:
                         func.sum(Command.valid_until_ms - Command.valid_from_ms),
                         func.max(Command.valid_until_ms),
                     )
-                    .where(Command.type != "restore")
+                    .where(Command.type != CommandType.restore.value)
                     .where(Command.created_ms >= since)
                     .where(Command.event_id.not_in(planned_ids))
                     .group_by(Command.device_id)

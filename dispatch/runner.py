@@ -51,7 +51,6 @@ from dispatch.settlement import (
 from dispatch.types import (
     CMD_BATTERY,
     CMD_THERMOSTAT,
-    COMMAND_TYPES,
     Assignment,
     Demand,
     DeviceUsage,
@@ -60,47 +59,55 @@ from dispatch.types import (
 )
 from store.models import Command, EventTimeline, Plan, TelemetryInterval
 from vpp import metrics
-from vpp.domain import CommandType, GridEventStatus, RequestStatus
+from vpp.domain import (
+    COMMAND_BY_CODE,
+    COMMAND_KIND,
+    COMMAND_STATUS_BY_CODE,
+    COMMAND_STATUS_CODE,
+    KIND_CODE,
+    AckStatus,
+    CommandStatus,
+    CommandType,
+    GridEventStatus,
+    RequestStatus,
+)
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.flexibility import thermostat_inputs
 
 log = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
-# Command row statuses (codes in arrays, names in the database).
-PENDING, SENT, RECEIVED, STARTED, COMPLETED = 0, 1, 2, 3, 4
-OPTED_OUT, REJECTED, EXPIRED, MISSED, STALE, PREEMPTED, RELEASED, RESTORED = (
-    5,
-    6,
-    7,
-    8,
-    9,
-    10,
-    11,
-    12,
-)
-STATUS_NAMES = (
-    "pending",
-    "sent",
-    "received",
-    "started",
-    "completed",
-    "opted_out",
-    "rejected",
-    "expired",
-    "missed",
-    "stale",
-    "preempted",
-    "released",
-    "restored",
-)
-STATUS_CODE = {n: i for i, n in enumerate(STATUS_NAMES)}
+# Command row statuses: codes in arrays (vpp.domain.COMMAND_STATUS_CODE), names in the database.
+PENDING = COMMAND_STATUS_CODE[CommandStatus.pending]
+SENT = COMMAND_STATUS_CODE[CommandStatus.sent]
+RECEIVED = COMMAND_STATUS_CODE[CommandStatus.received]
+STARTED = COMMAND_STATUS_CODE[CommandStatus.started]
+COMPLETED = COMMAND_STATUS_CODE[CommandStatus.completed]
+OPTED_OUT = COMMAND_STATUS_CODE[CommandStatus.opted_out]
+REJECTED = COMMAND_STATUS_CODE[CommandStatus.rejected]
+EXPIRED = COMMAND_STATUS_CODE[CommandStatus.expired]
+MISSED = COMMAND_STATUS_CODE[CommandStatus.missed]
+STALE = COMMAND_STATUS_CODE[CommandStatus.stale]
+PREEMPTED = COMMAND_STATUS_CODE[CommandStatus.preempted]
+RELEASED = COMMAND_STATUS_CODE[CommandStatus.released]
+RESTORED = COMMAND_STATUS_CODE[CommandStatus.restored]
+STATUS_CODE: dict[str, int] = {s.value: c for s, c in COMMAND_STATUS_CODE.items()}
 LIVE = np.array([PENDING, SENT, RECEIVED, STARTED], dtype=np.int8)  # the device should act
 ACKED = np.array([RECEIVED, STARTED, COMPLETED], dtype=np.int8)
 FAILED = np.array([OPTED_OUT, REJECTED, EXPIRED, MISSED, STALE, PREEMPTED], dtype=np.int8)
-ACK_CODES = {"received": RECEIVED, "started": STARTED, "completed": COMPLETED}
-FAIL_CODES = {"opted_out": OPTED_OUT, "rejected": REJECTED, "expired": EXPIRED}
+# What an ack's status makes of a command: progress, or a failure to replace.
+ACK_CODES: dict[str, int] = {
+    a.value: STATUS_CODE[a.value]
+    for a in (AckStatus.received, AckStatus.started, AckStatus.completed)
+}
+FAIL_CODES: dict[str, int] = {
+    a.value: STATUS_CODE[a.value]
+    for a in (AckStatus.opted_out, AckStatus.rejected, AckStatus.expired)
+}
+# The kind code of the device each command type acts on.
+KIND_OF_COMMAND: dict[str, int] = {t.value: KIND_CODE[k] for t, k in COMMAND_KIND.items()}
 
 CONTROL_SHARE = 0.075  # 5–10 % of eligible thermostats held back as the control group
 MAX_ATTEMPTS = 2  # first send + one retry; no ack after that → missed, replaced
@@ -163,11 +170,11 @@ def payloads(event_id: str, b: CommandBatch) -> list[bytes]:
     for i, cid in enumerate(b.ids):
         doc: dict[str, Any] = {"command_id": cid, "event_id": event_id, "type": b.type[i]}
         t = b.type[i]
-        if t == "battery_discharge" or t == "battery_charge":
+        if t == CommandType.battery_discharge or t == CommandType.battery_charge:
             doc["setpoint_w"] = int(sp[i])
-        elif t == "thermostat_offset":
+        elif t == CommandType.thermostat_offset:
             doc["offset_c"] = round(oc[i], 2)
-        elif t == "solar_curtail":
+        elif t == CommandType.solar_curtail:
             doc["limit_w"] = int(lw[i])
         doc["valid_from"] = vf[i]
         doc["valid_until"] = vu[i]
@@ -225,7 +232,7 @@ class CommandStore:
                 vf[i],
                 vu[i],
                 rs[i] or None,
-                "pending",
+                CommandStatus.pending.value,
                 0,
                 None,
                 None,
@@ -514,11 +521,11 @@ class EventRunner:
             st = current.get(ev_id)
             if run.ending is None:
                 if st in (GridEventStatus.aborted.value,):
-                    await self.end_event(run, "aborted")
+                    await self.end_event(run, GridEventStatus.aborted.value)
                 elif st in (RequestStatus.cancelled.value,):
-                    await self.end_event(run, "cancelled")
+                    await self.end_event(run, RequestStatus.cancelled.value)
                 elif now >= run.info.end_ms:
-                    await self.end_event(run, "completed")
+                    await self.end_event(run, GridEventStatus.completed.value)
                 else:
                     await self.publish_due(run, now)
                     await self.retries(run)
@@ -596,16 +603,7 @@ class EventRunner:
         log.info("resumed %s: %d commands", ev.id, len(table))
 
     def _table_from_rows(self, event_id: str, rows: list[Command]) -> DeviceTable:
-        len(rows)
-        kind = np.array(
-            [
-                BATTERY
-                if r.type == "battery_discharge"
-                else (THERMOSTAT if r.type == "thermostat_offset" else 1)
-                for r in rows
-            ],
-            dtype=np.int8,
-        )
+        kind = np.array([KIND_OF_COMMAND[r.type] for r in rows], dtype=np.int8)
         b = CommandBatch(
             ids=[r.id for r in rows],
             device_ids=[r.device_id for r in rows],
@@ -700,7 +698,14 @@ class EventRunner:
                         Command.type != CommandType.restore.value,
                         Command.created_ms >= season_start,
                         Command.event_id.notin_([exclude_event, *preempted]),
-                        Command.status.notin_(["pending", "opted_out", "rejected", "missed"]),
+                        Command.status.notin_(
+                            [
+                                CommandStatus.pending.value,
+                                CommandStatus.opted_out.value,
+                                CommandStatus.rejected.value,
+                                CommandStatus.missed.value,
+                            ]
+                        ),
                     )
                     .group_by(Command.device_id)
                 )
@@ -794,7 +799,7 @@ class EventRunner:
         h = asg.horizon
         kind = asg.kind_code[rows].astype(np.int8)
         ct = asg.command_type[rows]
-        types = [COMMAND_TYPES[int(c)].value for c in ct]
+        types = [COMMAND_BY_CODE[int(c)].value for c in ct]
         vf = h.start_ms + asg.start_interval[rows].astype(np.int64) * h.interval_s * 1000
         vf = np.maximum(vf, min(now_ms, end_ms))
         block_end = h.start_ms + asg.end_interval[rows].astype(np.int64) * h.interval_s * 1000
@@ -846,20 +851,14 @@ class EventRunner:
             return rows, np.zeros(0, np.int64), early
         th = asg.kind_code[rows] == THERMOSTAT
         if th.any():
-            from dispatch.clusters import _thermostat_inputs
-            from vpp import physics
-
-            inp = _thermostat_inputs(fleet, asg.device_index[rows[th]], self.params)
-            shed, _, _ = physics.thermostat_shed(
-                inp["indoor"],
-                inp["setpoint"],
-                inp["outdoor"],
-                inp["offset"],
-                FRONT_LOAD_H,
-                inp["rated_kw"],
-                heating=inp["heating"].astype(bool),
+            inp = thermostat_inputs(
+                fleet,
+                asg.device_index[rows[th]],
+                offset_c=self.params.thermostat_offset_c,
+                min_offset_c=self.params.thermostat_min_offset_c,
             )
-            early[th] = np.maximum(np.nan_to_num(shed), early[th])
+            shed, _, _ = inp.shed(FRONT_LOAD_H)
+            early[th] = np.maximum(shed, early[th])
         bat = asg.kind_code[rows] == BATTERY
         if bat.any():
             level_kw = np.nan_to_num(self.live_levels(fleet, asg.device_index[rows[bat]])) / 1e3
@@ -1006,6 +1005,7 @@ class EventRunner:
                 )
             ).scalar_one()
             model: Any = es.GridEvent if ev.is_grid else es.CapacityRequest
+            active = (GridEventStatus.active if ev.is_grid else RequestStatus.active).value
             from_status = (
                 (GridEventStatus.active.value,)
                 if already_active
@@ -1016,7 +1016,7 @@ class EventRunner:
             res = await conn.execute(
                 update(model)
                 .where(model.id == ev.id, model.status.in_(from_status))
-                .values(status="active", updated_ms=now)
+                .values(status=active, updated_ms=now)
             )
             if not res.rowcount:
                 return None  # cancelled or started elsewhere meanwhile
@@ -1032,9 +1032,11 @@ class EventRunner:
             )
             await self.store.insert(conn, records)
         if preempted:
-            await self.store.mark(preempted, "preempted", reason=f"preempted by {ev.id}")
+            await self.store.mark(
+                preempted, CommandStatus.preempted.value, reason=f"preempted by {ev.id}"
+            )
         run = Running(
-            info=es.EventInfo(**{**ev.__dict__, "status": "active"}),
+            info=es.EventInfo(**{**ev.__dict__, "status": active}),
             horizon=horizon,
             target_mw=target,
             table=self._table(ev.id, batch),
@@ -1074,7 +1076,7 @@ class EventRunner:
                 t.status[hit] = PREEMPTED
                 out.extend(t.cmd_id[hit].tolist())
                 run.replaced += int(hit.sum())
-                metrics.DEVICES_REPLACED.labels("preempted").inc(int(hit.sum()))
+                metrics.DEVICES_REPLACED.labels(CommandStatus.preempted.value).inc(int(hit.sum()))
         return out
 
     # --- publishing ----------------------------------------------------------------------------
@@ -1115,10 +1117,12 @@ class EventRunner:
         pend = [ids[k] for k in np.flatnonzero(first)]
         again = [ids[k] for k in np.flatnonzero(~first)]
         if pend:
-            await self.store.mark(pend, "sent", sent_ms=sent, attempts_inc=True)
+            await self.store.mark(pend, CommandStatus.sent.value, sent_ms=sent, attempts_inc=True)
         if again:
             await self.store.mark(
-                again, [STATUS_NAMES[int(s)] for s in t.status[rows[~first]]], attempts_inc=True
+                again,
+                [COMMAND_STATUS_BY_CODE[int(s)].value for s in t.status[rows[~first]]],
+                attempts_inc=True,
             )
 
     def ack_wait_wall_s(self) -> float:
@@ -1142,9 +1146,9 @@ class EventRunner:
         if missed.size:
             t.status[missed] = MISSED
             await self.store.mark(
-                t.cmd_id[missed].tolist(), "missed", reason="no ack after 2 tries"
+                t.cmd_id[missed].tolist(), CommandStatus.missed.value, reason="no ack after 2 tries"
             )
-            await self.replace(run, missed, "missed")
+            await self.replace(run, missed, CommandStatus.missed.value)
 
     # --- acknowledgements ----------------------------------------------------------------------
     async def drain_acks(self) -> int:
@@ -1416,8 +1420,10 @@ class EventRunner:
         stale_rows = np.flatnonzero(est["stale"])
         if stale_rows.size:
             t.status[stale_rows] = STALE
-            await self.store.mark(t.cmd_id[stale_rows].tolist(), "stale", reason="no telemetry")
-            await self.replace(run, stale_rows, "stale")
+            await self.store.mark(
+                t.cmd_id[stale_rows].tolist(), CommandStatus.stale.value, reason="no telemetry"
+            )
+            await self.replace(run, stale_rows, CommandStatus.stale.value)
             action = f"replaced {stale_rows.size} stale"
             est = self.estimate(run, fleet, now)
         target = run.target_at(now)
@@ -1469,7 +1475,9 @@ class EventRunner:
             return 0
         rows_a = np.asarray(chosen, dtype=np.int64)
         t.status[rows_a] = RELEASED
-        await self.store.mark(t.cmd_id[rows_a].tolist(), "released", reason="over target")
+        await self.store.mark(
+            t.cmd_id[rows_a].tolist(), CommandStatus.released.value, reason="over target"
+        )
         await self.send_restores(run, rows_a)
         return len(rows_a)
 
@@ -1535,8 +1543,10 @@ class EventRunner:
             for d, p in zip(b.device_ids, payloads(run.id, b), strict=True)
         ]
         await self.publish(msgs)
-        await self.store.mark(b.ids, "sent", sent_ms=self.clock.now_ms(), attempts_inc=True)
-        metrics.COMMANDS_SENT.labels("restore").inc(n)
+        await self.store.mark(
+            b.ids, CommandStatus.sent.value, sent_ms=self.clock.now_ms(), attempts_inc=True
+        )
+        metrics.COMMANDS_SENT.labels(CommandType.restore.value).inc(n)
 
     async def end_event(self, run: Running, reason: str) -> None:
         """Restore every device that may be acting and close the event. Batteries at once;
@@ -1548,24 +1558,25 @@ class EventRunner:
         never = acting[t.status[acting] == PENDING]
         if never.size:
             t.status[never] = RESTORED
-            await self.store.mark(t.cmd_id[never].tolist(), "restored", reason=reason)
+            await self.store.mark(
+                t.cmd_id[never].tolist(), CommandStatus.restored.value, reason=reason
+            )
         acting = acting[t.status[acting] != RESTORED]
         now = self.clock.now_ms()
-        if reason == "aborted":
+        if reason == GridEventStatus.aborted:
             t.release_at_ms[acting] = now
         else:
             th = t.kind[acting] == THERMOSTAT
             t.release_at_ms[acting] = np.where(
                 th, np.maximum(t.valid_until_ms[acting] - int(VALID_MARGIN_S * 1000), now), now
             )
-        if reason == "completed":
+        if reason == GridEventStatus.completed:
+            grid = run.info.is_grid
             await es.set_status(
                 self.services,
                 run.info,
-                GridEventStatus.completed.value
-                if run.info.is_grid
-                else RequestStatus.completed.value,
-                only_from=("active",),
+                (GridEventStatus.completed if grid else RequestStatus.completed).value,
+                only_from=((GridEventStatus.active if grid else RequestStatus.active).value,),
             )
         run.ending = reason
         await self.release_due(run, now)
@@ -1615,7 +1626,10 @@ class EventRunner:
         if run is None:
             return None
         t = run.table
-        counts = {STATUS_NAMES[c]: int((t.status == c).sum()) for c in np.unique(t.status)}
+        counts = {
+            COMMAND_STATUS_BY_CODE[int(c)].value: int((t.status == c).sum())
+            for c in np.unique(t.status)
+        }
         return {
             "event_id": event_id,
             "commands": len(t),

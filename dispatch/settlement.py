@@ -18,7 +18,8 @@ Delivered = baseline − actual, on load (a battery's output counts as negative 
   size). Without a usable control group: CAISO's 10-in-10 (mean of the same interval on the 10
   most recent eligible days) with the same-day adjustment capped at ±20 %, where history allows;
   otherwise the device's pre-event level unadjusted.
-- Performance = Σ min(delivered, committed) ÷ Σ committed, delivered floored at 0.
+- Performance = Σ min(delivered, committed) ÷ Σ committed, delivered floored at 0
+  (:func:`performance`; per interval :func:`interval_performance`).
 
 Every figure a line used goes into its ``inputs`` so the line can be recomputed and disputed.
 """
@@ -234,13 +235,32 @@ class Settlement:
     methods: dict[str, str]
 
 
-def performance(delivered_mw: F64, committed_mw: F64) -> float:
+def _floored(delivered_mw: npt.ArrayLike, committed_mw: npt.ArrayLike) -> tuple[F64, F64]:
+    """Delivered floored at 0 (NaN: nothing proven), commitments floored at 0."""
     committed = np.maximum(np.asarray(committed_mw, dtype=float), 0.0)
+    delivered = np.maximum(np.nan_to_num(np.asarray(delivered_mw, dtype=float)), 0.0)
+    return delivered, committed
+
+
+def performance(*, delivered_mw: npt.ArrayLike, committed_mw: npt.ArrayLike) -> float:
+    """Σ min(delivered, committed) ÷ Σ committed over the intervals (the domain brief's
+    performance), delivered floored at 0; 0.0 when nothing was committed."""
+    delivered, committed = _floored(delivered_mw, committed_mw)
     total = float(committed.sum())
     if total <= 0:
         return 0.0
-    d = np.maximum(np.nan_to_num(np.asarray(delivered_mw, dtype=float)), 0.0)
-    return float(np.minimum(d, committed).sum() / total)
+    return float(np.minimum(delivered, committed).sum() / total)
+
+
+def interval_performance(
+    *, delivered_mw: npt.ArrayLike, committed_mw: npt.ArrayLike, uncommitted: float = 0.0
+) -> F64:
+    """Each interval's min(delivered, committed) ÷ committed (delivered floored at 0), and
+    ``uncommitted`` in an interval where nothing was committed."""
+    delivered, committed = _floored(delivered_mw, committed_mw)
+    some = committed > 0
+    covered = np.minimum(delivered, committed)
+    return np.where(some, covered / np.where(some, committed, 1.0), uncommitted)
 
 
 def _r(x: float, nd: int = 6) -> float:
@@ -385,6 +405,7 @@ def settle(inp: SettlementInputs) -> Settlement:
     actual_w = th_actual_load - bat_actual_out
     delivered_w = baseline_w - actual_w
     delivered_mw = delivered_w / 1e6
+    per_interval = interval_performance(delivered_mw=delivered_mw, committed_mw=target)
 
     starts, ends = inp.grid.starts_ms, inp.grid.ends_ms
     lines: list[Line] = []
@@ -413,7 +434,6 @@ def settle(inp: SettlementInputs) -> Settlement:
             methods.setdefault("thermostat", m)
         tgt = float(target[t])
         d = float(delivered_mw[t])
-        perf = min(max(d, 0.0), tgt) / tgt if tgt > 0 else 0.0
         lines.append(
             Line(
                 interval_start_ms=int(starts[t]),
@@ -422,7 +442,7 @@ def settle(inp: SettlementInputs) -> Settlement:
                 baseline_mw=_r(baseline_w[t] / 1e6),
                 actual_mw=_r(actual_w[t] / 1e6),
                 delivered_mw=_r(d),
-                performance=_r(perf, 4),
+                performance=_r(per_interval[t], 4),
                 method=method or "none",
                 inputs={
                     "battery": {
@@ -475,7 +495,7 @@ def settle(inp: SettlementInputs) -> Settlement:
         )
     return Settlement(
         lines=lines,
-        performance=performance(delivered_mw, target),
+        performance=performance(delivered_mw=delivered_mw, committed_mw=target),
         delivered_mw=delivered_mw,
         target_mw=target,
         methods=methods,

@@ -10,6 +10,7 @@ export and ``timeline_rows`` the events timeline.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from dispatch.settlement import (
     SettlementInputs,
     TenInTen,
     active_mask,
+    interval_performance,
     performance,
     resample,
     settle,
@@ -38,14 +40,15 @@ from store.models import (
     SettlementLine,
     TelemetryInterval,
 )
-from vpp.domain import CommandType
+from vpp.domain import CommandStatus, CommandType
 
 PRE_WINDOW_MS = 30 * 60_000  # meter-before: the 30 minutes before the event
 POST_WINDOW_MS = 30 * 60_000  # meter-after: the 30 minutes after it
 DAY_MS = 86_400_000
 TEN_IN_TEN_LOOKBACK_DAYS = 20
 ADJUST_FROM_H, ADJUST_TO_H = 4.0, 1.0  # same-day adjustment: hours −4..−1 before the start
-NOT_DISPATCHED = ("pending", "restored")  # stored but never published
+# Stored but never published.
+NOT_DISPATCHED = (CommandStatus.pending.value, CommandStatus.restored.value)
 
 
 async def _runner_body(services: Edges, event_id: str) -> dict[str, Any]:
@@ -165,8 +168,8 @@ async def compute_settlement(
         ends = [x for x in later[dev] if x > vf]
         until = min([int(vu), *ends])
         windows[dev].append((int(vf), until))
-    bat_ids = sorted(d for d, t in kinds.items() if t == "battery_discharge")
-    th_ids = sorted(d for d, t in kinds.items() if t == "thermostat_offset")
+    bat_ids = sorted(d for d, t in kinds.items() if t == CommandType.battery_discharge)
+    th_ids = sorted(d for d, t in kinds.items() if t == CommandType.thermostat_offset)
 
     slot_ms = int(s.history_interval_s * 1000)
     lo, hi = ev.start_ms - PRE_WINDOW_MS, ev.end_ms + POST_WINDOW_MS
@@ -320,6 +323,17 @@ async def settle_event(
     return st
 
 
+# Command statuses counted as acknowledged, and as replaced (the device failed its command).
+_ACKNOWLEDGED = (CommandStatus.received, CommandStatus.started, CommandStatus.completed)
+_REPLACED = (
+    CommandStatus.opted_out,
+    CommandStatus.rejected,
+    CommandStatus.expired,
+    CommandStatus.missed,
+    CommandStatus.stale,
+)
+
+
 async def settlement_lines(services: Edges, event_id: str) -> list[SettlementLine]:
     """An event's stored settlement lines, in interval order."""
     async with services.db.session() as s:
@@ -343,7 +357,8 @@ class DeviceCounts:
 
 @dataclass(frozen=True)
 class IntervalResult:
-    """One settlement interval's figures, stored or provisional."""
+    """One settlement interval's figures, stored or provisional; ``performance`` is
+    min(delivered, target) ÷ target (0 with no target)."""
 
     start_ms: int
     end_ms: int
@@ -351,19 +366,28 @@ class IntervalResult:
     delivered_mw: float
     baseline_mw: float
     actual_mw: float
+    performance: float
     method: str
 
-    @classmethod
-    def of(cls, ln: SettlementLine | Line) -> IntervalResult:
-        return cls(
+
+def _intervals(lines: Sequence[SettlementLine | Line]) -> list[IntervalResult]:
+    """Stored or provisional lines with each interval's performance."""
+    per = interval_performance(
+        delivered_mw=[ln.delivered_mw for ln in lines], committed_mw=[ln.target_mw for ln in lines]
+    )
+    return [
+        IntervalResult(
             ln.interval_start_ms,
             ln.interval_end_ms,
             ln.target_mw,
             ln.delivered_mw,
             ln.baseline_mw,
             ln.actual_mw,
+            float(p),
             ln.method,
         )
+        for ln, p in zip(lines, per.tolist(), strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -394,17 +418,15 @@ async def event_settlement(services: Edges, event_id: str) -> EventSettlement:
         )
     devices = DeviceCounts(
         commanded=int(sum(counts.values())),
-        acknowledged=int(sum(counts.get(k, 0) for k in ("received", "started", "completed"))),
-        opted_out=int(counts.get("opted_out", 0)),
-        replaced=int(
-            sum(counts.get(k, 0) for k in ("opted_out", "rejected", "expired", "missed", "stale"))
-        ),
+        acknowledged=int(sum(counts.get(k, 0) for k in _ACKNOWLEDGED)),
+        opted_out=int(counts.get(CommandStatus.opted_out, 0)),
+        replaced=int(sum(counts.get(k, 0) for k in _REPLACED)),
     )
     if lines:
-        tgt = np.array([ln.target_mw for ln in lines])
-        dl = np.array([ln.delivered_mw for ln in lines])
+        tgt = [ln.target_mw for ln in lines]
+        dl = [ln.delivered_mw for ln in lines]
         return EventSettlement(
-            True, [IntervalResult.of(ln) for ln in lines], performance(dl, tgt), devices
+            True, _intervals(lines), performance(delivered_mw=dl, committed_mw=tgt), devices
         )
     now = services.clock.now_ms()
     ev = await es.load_event(services, event_id)
@@ -417,12 +439,13 @@ async def event_settlement(services: Edges, event_id: str) -> EventSettlement:
     done = [ln for ln in st.lines if ln.interval_end_ms <= now]
     perf = (
         performance(
-            np.array([ln.delivered_mw for ln in done]), np.array([ln.target_mw for ln in done])
+            delivered_mw=[ln.delivered_mw for ln in done],
+            committed_mw=[ln.target_mw for ln in done],
         )
         if done
         else None
     )
-    return EventSettlement(False, [IntervalResult.of(ln) for ln in done], perf, devices)
+    return EventSettlement(False, _intervals(done), perf, devices)
 
 
 def _count() -> Any:

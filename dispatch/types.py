@@ -13,6 +13,8 @@ import orjson
 
 from vpp.domain import (
     BATTERY_WEAR_COST_PER_KWH,
+    COMMAND_BY_CODE,
+    COMMAND_CODE,
     KIND_BY_CODE,
     PENALTY_PER_MWH,
     THERMOSTAT_DEFAULT_OFFSET_C,
@@ -21,6 +23,7 @@ from vpp.domain import (
     CommandType,
     Direction,
 )
+from vpp.flexibility import THERMOSTAT_MIN_OFFSET_C
 
 F64 = npt.NDArray[np.float64]
 
@@ -35,13 +38,10 @@ BINDING_FATIGUE = "fatigue_budget"
 BINDING_NO_DEVICES = "no_devices"
 BINDING_TIME_LIMIT = "time_limit"
 
-# Command codes in Assignment.command_type (index into this tuple).
-COMMAND_TYPES: tuple[CommandType, ...] = (
-    CommandType.battery_discharge,
-    CommandType.thermostat_offset,
-    CommandType.solar_curtail,
-)
-CMD_BATTERY, CMD_THERMOSTAT, CMD_SOLAR = 0, 1, 2
+# The command codes the optimiser assigns (Assignment.command_type, vpp.domain.COMMAND_CODE).
+CMD_BATTERY = COMMAND_CODE[CommandType.battery_discharge]
+CMD_THERMOSTAT = COMMAND_CODE[CommandType.thermostat_offset]
+CMD_SOLAR = COMMAND_CODE[CommandType.solar_curtail]
 
 
 def _finite(name: str, value: float, *, minimum: float | None = None) -> float:
@@ -215,7 +215,7 @@ class DispatchParams:
     solver_parameters: str = ""  # solver-specific, text format (e.g. GLOP "use_dual_simplex:true")
     wear_cost_per_kwh: float = BATTERY_WEAR_COST_PER_KWH
     thermostat_offset_c: float = THERMOSTAT_DEFAULT_OFFSET_C
-    thermostat_min_offset_c: float = 0.25  # below this a thermostat is not asked
+    thermostat_min_offset_c: float = THERMOSTAT_MIN_OFFSET_C  # below this: not asked
     thermostat_max_event_h: float = THERMOSTAT_MAX_EVENT_H
     thermostat_hard_max_h: float = THERMOSTAT_HARD_MAX_EVENT_H  # grid events may run this long
     thermostat_override_at_2h: float = 0.10  # share of customers overriding by 2 h (linear in h)
@@ -423,7 +423,7 @@ class Assignment:
     is_reserve: npt.NDArray[np.bool_]
     profile: npt.NDArray[np.int32]
     profiles: F64  # (n_profiles, n_intervals) multipliers in [0, 1]
-    command_type: npt.NDArray[np.int8]  # index into COMMAND_TYPES
+    command_type: npt.NDArray[np.int8]  # vpp.domain.COMMAND_CODE
     setpoint_w: F64  # battery_discharge (NaN otherwise)
     offset_c: F64  # thermostat_offset (NaN otherwise)
     limit_w: F64  # solar_curtail (NaN otherwise)
@@ -431,10 +431,6 @@ class Assignment:
 
     def __len__(self) -> int:
         return len(self.device_index)
-
-    @property
-    def primary(self) -> npt.NDArray[np.bool_]:
-        return ~self.is_reserve
 
     @property
     def reserve_devices(self) -> npt.NDArray[np.int64]:
@@ -491,7 +487,7 @@ class Assignment:
 
     def command(self, row: int) -> dict[str, Any]:
         """The kind-appropriate command fields for one row (the runner adds ids and validity)."""
-        ct = COMMAND_TYPES[int(self.command_type[row])]
+        ct = COMMAND_BY_CODE[int(self.command_type[row])]
         doc: dict[str, Any] = {"type": ct.value}
         if ct is CommandType.battery_discharge:
             doc["setpoint_w"] = float(self.setpoint_w[row])

@@ -48,6 +48,10 @@ import numpy.typing as npt
 import orjson
 
 from vpp.domain import (
+    COMMAND_CODE,
+    COMMAND_FIELD,
+    COMMAND_KIND,
+    KIND_BY_CODE,
     KIND_CODE,
     THERMOSTAT_C_KWH_PER_C,
     THERMOSTAT_COP,
@@ -55,14 +59,15 @@ from vpp.domain import (
     THERMOSTAT_Q_GAIN_KW,
     THERMOSTAT_R_C_PER_KW,
     THERMOSTAT_RATED_W,
-    DeviceKind,
+    AckStatus,
+    CommandType,
 )
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT
 from vpp.physics import (
     battery_reserve_pct,
     battery_step,
     rc_alpha,
     solar_power_w,
-    thermostat_hold_kw,
     thermostat_step,
 )
 from vpp.weather import region_centre, weather_for_region
@@ -80,31 +85,16 @@ FArray = npt.NDArray[np.float64]
 IArray = npt.NDArray[np.int64]
 BArray = npt.NDArray[np.bool_]
 
-BATTERY = KIND_CODE[DeviceKind.battery]
-SOLAR = KIND_CODE[DeviceKind.solar]
-THERMOSTAT = KIND_CODE[DeviceKind.thermostat]
-KIND_NAME = {BATTERY: "battery", SOLAR: "solar", THERMOSTAT: "thermostat"}
-
-# Command type codes in the state arrays.
-CMD_NONE, CMD_DISCHARGE, CMD_CHARGE, CMD_OFFSET, CMD_CURTAIL = 0, 1, 2, 3, 4
-CMD_CODE = {
-    "battery_discharge": CMD_DISCHARGE,
-    "battery_charge": CMD_CHARGE,
-    "thermostat_offset": CMD_OFFSET,
-    "solar_curtail": CMD_CURTAIL,
-}
-CMD_KIND = {
-    CMD_DISCHARGE: BATTERY,
-    CMD_CHARGE: BATTERY,
-    CMD_OFFSET: THERMOSTAT,
-    CMD_CURTAIL: SOLAR,
-}
-CMD_VALUE_FIELD = {
-    CMD_DISCHARGE: "setpoint_w",
-    CMD_CHARGE: "setpoint_w",
-    CMD_OFFSET: "offset_c",
-    CMD_CURTAIL: "limit_w",
-}
+# Command type codes in the state arrays (vpp.domain.COMMAND_CODE); CMD_NONE: no command.
+CMD_NONE = -1
+CMD_DISCHARGE = COMMAND_CODE[CommandType.battery_discharge]
+CMD_CHARGE = COMMAND_CODE[CommandType.battery_charge]
+CMD_OFFSET = COMMAND_CODE[CommandType.thermostat_offset]
+CMD_CURTAIL = COMMAND_CODE[CommandType.solar_curtail]
+# The commands a device obeys (a restore is handled apart), by their wire name.
+CMD_CODE: dict[str, int] = {t.value: COMMAND_CODE[t] for t in COMMAND_KIND}
+CMD_KIND = {COMMAND_CODE[t]: KIND_CODE[k] for t, k in COMMAND_KIND.items()}
+CMD_VALUE_FIELD = {COMMAND_CODE[t]: f for t, f in COMMAND_FIELD.items()}
 
 DEFAULT_VENDORS = ("solara", "voltcell", "thermix", "homegrid")
 MS_PER_H = 3_600_000.0
@@ -221,14 +211,6 @@ class GroundTruth:
         return starts, [total[s] for s in starts]
 
 
-def performance(delivered_mw: Sequence[float], committed_mw: Sequence[float]) -> float:
-    """Σ min(delivered, committed) ÷ Σ committed (the domain brief's performance)."""
-    d = np.asarray(delivered_mw, dtype=float)
-    c = np.asarray(committed_mw, dtype=float)
-    total = float(c.sum())
-    return float(np.minimum(d, c).sum() / total) if total > 0 else 0.0
-
-
 def _number(cmd: dict[str, Any], name: str) -> float | None:
     v = cmd.get(name)
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -339,7 +321,7 @@ class SimFleet:
         self.load_w = np.zeros(n)
 
         # --- commands --------------------------------------------------------------------
-        self.cmd_type = np.zeros(n, dtype=np.int8)
+        self.cmd_type = np.full(n, CMD_NONE, dtype=np.int8)
         self.cmd_value = np.zeros(n)
         self.cmd_start_ms = np.zeros(n, dtype=np.int64)
         self.cmd_until_ms = np.zeros(n, dtype=np.int64)
@@ -349,7 +331,7 @@ class SimFleet:
         self.member_event = np.full(n, -1, dtype=np.int32)
         self.member_until_ms = np.zeros(n, dtype=np.int64)
         self.cmd_id: list[str | None] = [None] * n
-        self._ack_status: dict[tuple[int, str], str] = {}  # last ack per (device, command)
+        self._ack_status: dict[tuple[int, str], AckStatus] = {}  # last ack per (device, command)
         self._opted_out: set[tuple[int, int]] = set()  # (device, event index)
         self.event_ids: list[str] = []
         self._event_index: dict[str, int] = {}
@@ -405,20 +387,20 @@ class SimFleet:
         return idx
 
     def _ack(
-        self, i: int, command_id: str, status: str, ts_ms: int, reason: str | None = None
+        self, i: int, command_id: str, status: AckStatus, ts_ms: int, reason: str | None = None
     ) -> dict[str, Any]:
         self._ack_status[(i, command_id)] = status
         ack: dict[str, Any] = {
             "command_id": command_id,
-            "status": status,
+            "status": status.value,
             "ts": int(ts_ms + self.clock_skew_ms[i]),
         }
         if reason:
             ack["reason"] = reason
-        self.acks_sent[status] = self.acks_sent.get(status, 0) + 1
+        self.acks_sent[status.value] = self.acks_sent.get(status.value, 0) + 1
         return ack
 
-    def _emit(self, i: int, status: str, ts_ms: int, reason: str | None = None) -> None:
+    def _emit(self, i: int, status: AckStatus, ts_ms: int, reason: str | None = None) -> None:
         cid = self.cmd_id[i]
         if cid is not None and self.alive[i] and not self.mute[i]:
             self._acks.append((i, self._ack(i, cid, status, ts_ms, reason)))
@@ -464,7 +446,7 @@ class SimFleet:
                 self.next_due_ms[starting] = int(t1 + dt_ms)
                 start_ts = np.maximum(self.cmd_start_ms[starting], int(t0)).tolist()
                 for i, ts in zip(starting.tolist(), start_ts, strict=True):
-                    self._emit(i, "started", ts)
+                    self._emit(i, AckStatus.started, ts)
         running = frac > 0
 
         # Weather, load and PV: one draw, shared by the actual homes and their twins.
@@ -559,7 +541,7 @@ class SimFleet:
                     ev = int(self.cmd_event[i])
                     self._opted_out.add((i, ev))
                     self.opt_out_count[ev] = self.opt_out_count.get(ev, 0) + 1
-                    self._emit(i, "opted_out", t1, "customer override")
+                    self._emit(i, AckStatus.opted_out, t1, "customer override")
                 self._clear(out, keep_member=True)
 
         # Commands end by themselves at valid_until (a lost restore never strands a home).
@@ -567,7 +549,9 @@ class SimFleet:
         if ended.size:
             for i in ended.tolist():
                 self._emit(
-                    i, "completed" if self.cmd_started[i] else "expired", int(self.cmd_until_ms[i])
+                    i,
+                    AckStatus.completed if self.cmd_started[i] else AckStatus.expired,
+                    int(self.cmd_until_ms[i]),
                 )
             self._clear(ended)
         done_members = (self.member_event >= 0) & (self.member_until_ms <= t1)
@@ -660,59 +644,65 @@ class SimFleet:
         if seen is not None:
             return [self._ack(i, cid, seen, now_ms)]
         typ = cmd.get("type")
-        if typ == "restore":
-            acks = [self._ack(i, cid, "received", now_ms)]
+        if typ == CommandType.restore:
+            acks = [self._ack(i, cid, AckStatus.received, now_ms)]
             old = self.cmd_id[i]
             if self.cmd_type[i] != CMD_NONE and old is not None:
                 # The command it ends is done too (said once, under that command's id).
-                acks.append(self._ack(i, old, "completed", now_ms, "restored"))
+                acks.append(self._ack(i, old, AckStatus.completed, now_ms, "restored"))
                 self._clear([i])
-            acks.append(self._ack(i, cid, "completed", now_ms))
+            acks.append(self._ack(i, cid, AckStatus.completed, now_ms))
             return acks
         code = CMD_CODE.get(typ) if isinstance(typ, str) else None
         if code is None:
-            return [self._ack(i, cid, "rejected", now_ms, f"type: unknown command type {typ!r}")]
+            return [
+                self._ack(i, cid, AckStatus.rejected, now_ms, f"type: unknown command type {typ!r}")
+            ]
         if self.kind[i] != CMD_KIND[code]:
             return [
                 self._ack(
                     i,
                     cid,
-                    "rejected",
+                    AckStatus.rejected,
                     now_ms,
-                    f"type: {typ} does not apply to a {KIND_NAME[int(self.kind[i])]}",
+                    f"type: {typ} does not apply to a {KIND_BY_CODE[int(self.kind[i])].value}",
                 )
             ]
         until = _number(cmd, "valid_until")
         if until is None:
-            return [self._ack(i, cid, "rejected", now_ms, "valid_until: required (epoch ms)")]
+            return [
+                self._ack(i, cid, AckStatus.rejected, now_ms, "valid_until: required (epoch ms)")
+            ]
         valid_from = _number(cmd, "valid_from")
         if valid_from is not None and valid_from > until:
-            return [self._ack(i, cid, "rejected", now_ms, "valid_from: after valid_until")]
+            return [self._ack(i, cid, AckStatus.rejected, now_ms, "valid_from: after valid_until")]
         if until <= now_ms:
-            return [self._ack(i, cid, "expired", now_ms, "valid_until: already past")]
+            return [self._ack(i, cid, AckStatus.expired, now_ms, "valid_until: already past")]
         start = float(now_ms) if valid_from is None else valid_from
         spread = _number(cmd, "randomize_start_s")
         if "randomize_start_s" in cmd and (spread is None or spread < 0):
-            return [self._ack(i, cid, "rejected", now_ms, "randomize_start_s: must be >= 0")]
+            return [
+                self._ack(i, cid, AckStatus.rejected, now_ms, "randomize_start_s: must be >= 0")
+            ]
         field_name = CMD_VALUE_FIELD[code]
         value = _number(cmd, field_name)
         if value is None:
-            return [self._ack(i, cid, "rejected", now_ms, f"{field_name}: required number")]
+            return [self._ack(i, cid, AckStatus.rejected, now_ms, f"{field_name}: required number")]
         reason = self._check_value(i, code, value)
         if reason:
-            return [self._ack(i, cid, "rejected", now_ms, reason)]
+            return [self._ack(i, cid, AckStatus.rejected, now_ms, reason)]
         event_id = cmd.get("event_id")
         ev = self._event_idx(event_id if isinstance(event_id, str) and event_id else cid)
         if (i, ev) in self._opted_out:
             return [
-                self._ack(i, cid, "received", now_ms),
-                self._ack(i, cid, "opted_out", now_ms, "customer override"),
+                self._ack(i, cid, AckStatus.received, now_ms),
+                self._ack(i, cid, AckStatus.opted_out, now_ms, "customer override"),
             ]
         if spread:
             start += float(self._rng_behaviour.uniform(0.0, spread)) * 1000.0
         start = max(start, float(now_ms))
         if start >= until:
-            return [self._ack(i, cid, "expired", now_ms, "valid_until: before the start")]
+            return [self._ack(i, cid, AckStatus.expired, now_ms, "valid_until: before the start")]
         self.cmd_type[i] = code
         self.cmd_value[i] = value
         self.cmd_start_ms[i] = int(start)
@@ -722,12 +712,12 @@ class SimFleet:
         self.member_event[i] = ev
         self.member_until_ms[i] = int(until)
         self.cmd_id[i] = cid
-        acks = [self._ack(i, cid, "received", now_ms)]
+        acks = [self._ack(i, cid, AckStatus.received, now_ms)]
         if start <= now_ms:
             # Starts at once: the unit changes mode now, the physics follows from this step.
             self.cmd_started[i] = True
             self.next_due_ms[i] = min(int(self.next_due_ms[i]), int(now_ms))
-            acks.append(self._ack(i, cid, "started", now_ms))
+            acks.append(self._ack(i, cid, AckStatus.started, now_ms))
         return acks
 
     def _check_value(self, i: int, code: int, value: float) -> str | None:
@@ -895,13 +885,6 @@ class SimFleet:
                 self._clear(busy)
         return idx
 
-    def revive(self, idx: IArray | Sequence[int]) -> IArray:
-        idx = np.asarray(idx, dtype=np.int64)
-        idx = idx[~self.alive[idx]]
-        self.alive[idx] = True
-        self.next_due_ms[idx] = self.t_ms
-        return idx
-
     def vendor_devices(self, vendor: str) -> IArray:
         if vendor not in self.vendors:
             raise ValueError(f"vendor: unknown {vendor!r} (one of {', '.join(self.vendors)})")
@@ -990,7 +973,7 @@ class SimFleet:
             region = self.regions[int(self.region_idx[i])]
             row: dict[str, Any] = {
                 "id": self.ids[i],
-                "kind": KIND_NAME[k],
+                "kind": KIND_BY_CODE[k].value,
                 "site_id": f"site-{self.ids[i]}",
                 "region": region,
                 "feeder": f"{region}-F{feeders[i]:03d}",
@@ -1016,24 +999,6 @@ class SimFleet:
                 )
             rows.append(row)
         return rows
-
-    def baseline_kw(self) -> FArray:
-        """What each thermostat draws to hold its own setpoint at the current weather."""
-        heating = self.outdoor_c + self.r * self.q_gain_kw < self.sp_heat
-        sp = np.where(heating, self.sp_heat, self.sp_cool)
-        return np.where(
-            self.is_thermostat,
-            thermostat_hold_kw(
-                sp,
-                self.outdoor_c,
-                self.hvac_rated_w / 1000.0,
-                heating=heating,
-                r_c_per_kw=self.r,
-                cop=self.cop,
-                q_gain_kw=self.q_gain_kw,
-            ),
-            0.0,
-        )
 
     def ground_truth(self) -> GroundTruth:
         hours = self.config.settlement_interval_s / 3600.0
@@ -1535,14 +1500,6 @@ class FleetSimulator:
         they were told until it expires or they have been 10 minutes out of contact."""
         ids = [self.fleet.ids[i] for i in self.fleet.vendor_devices(vendor).tolist()]
         return await self.drop_devices(ids, revert=False, announce=False)
-
-    async def revive_devices(self, ids: Iterable[str]) -> list[str]:
-        idx = self.fleet.revive([self.fleet.index[d] for d in ids])
-        if not self.per_device:
-            await self._publish(
-                [(self._status_topics[i], b"online", 1, True) for i in idx.tolist()], idx.tolist()
-            )
-        return [self.fleet.ids[i] for i in idx.tolist()]
 
     def skew_clocks(self, fraction: float, skew_s: float) -> list[str]:
         idx = self.fleet.pick(fraction)

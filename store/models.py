@@ -189,7 +189,8 @@ class Command(Base):
     valid_from_ms: Mapped[int] = mapped_column(BigInteger)
     valid_until_ms: Mapped[int] = mapped_column(BigInteger)
     randomize_start_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # pending → sent → received/started/completed, or opted_out/rejected/expired/missed/replaced
+    # vpp.domain.CommandStatus: pending → sent → received/started/completed, or opted_out/
+    # rejected/expired/missed/stale/preempted/released/restored
     status: Mapped[str] = mapped_column(String(20))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     sent_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -1,10 +1,9 @@
-"""Shared fixtures. Storage, ingest and dispatch tests run against the real local services
-(PostgreSQL, Redis, Mosquitto); each test session gets its own PostgreSQL database, Redis key
-prefix and MQTT topic root, so several runs can share the servers."""
+"""Shared fixtures: a PostgreSQL database per session (and a migrated template to clone per
+test), SQLite files, the Redis and MQTT addresses, and factories for Services and an API client.
+Where the servers are and how a test builds its Settings: :mod:`tests.helpers.settings`."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -12,14 +11,10 @@ import httpx
 import psycopg
 import pytest
 
+from tests.helpers.mosquitto import MosquittoBroker, mosquitto_available, run_mosquitto
+from tests.helpers.settings import MQTT_URL, PG_ADMIN_DSN, REDIS_URL, RUN_ID, make_settings
 from vpp.clock import Clock
 from vpp.settings import Settings
-
-PG_ADMIN_DSN = os.environ.get("VPP_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("VPP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-MQTT_URL = os.environ.get("VPP_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
-
-RUN_ID = uuid.uuid4().hex[:8]
 
 
 @pytest.fixture(scope="session")
@@ -83,22 +78,14 @@ def mqtt_url() -> str:
     return MQTT_URL
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{RUN_ID}-{uuid.uuid4().hex[:6]}"
-
-
-def make_settings(database_url: str, **overrides: object) -> Settings:
-    """Settings for a test: embedded defaults unless overridden, unique prefix and topic root."""
-    values: dict[str, object] = {
-        "database_url": database_url,
-        "mqtt_url": "memory://",
-        "redis_url": "memory://",
-        "state_prefix": unique("vppt"),
-        "topic_root": unique("vppt") + "/v1",
-        "broker_credentials": "none",
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def mosquitto_broker() -> Iterator[MosquittoBroker]:
+    """A private Mosquitto with the project's config and dynamic security, one per test module,
+    topic root ``vpp/v1`` (skips when Mosquitto is not installed)."""
+    if not mosquitto_available():
+        pytest.skip("mosquitto with the dynamic-security plugin is not installed")
+    with run_mosquitto() as broker:
+        yield broker
 
 
 @pytest.fixture()

@@ -41,12 +41,6 @@ class Clock:
     async def sleep(self, service_seconds: float) -> None:
         await asyncio.sleep(max(0.0, service_seconds / self.time_scale))
 
-    async def sleep_until_ms(self, service_ms: int) -> None:
-        await self.sleep((service_ms - self.now_ms()) / 1000.0)
-
-    def sleep_blocking(self, service_seconds: float) -> None:
-        time.sleep(max(0.0, service_seconds / self.time_scale))
-
 
 class ManualClock(Clock):
     """A clock that only moves when told to: for tests and back-tests."""
@@ -68,9 +62,6 @@ class ManualClock(Clock):
         self.advance(service_seconds)
         await asyncio.sleep(0)
 
-    def sleep_blocking(self, service_seconds: float) -> None:
-        self.advance(service_seconds)
-
 
 _clock: Clock | None = None
 
@@ -89,13 +80,3 @@ def get_clock() -> Clock:
 def set_clock(clock: Clock) -> None:
     global _clock
     _clock = clock
-
-
-def to_datetime(epoch_ms: int | float) -> datetime:
-    return datetime.fromtimestamp(epoch_ms / 1000.0, tz=UTC)
-
-
-def to_ms(dt: datetime) -> int:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)

@@ -18,6 +18,8 @@ KIND_CODE: dict[DeviceKind, int] = {
     DeviceKind.thermostat: 2,
 }
 KIND_BY_CODE: dict[int, DeviceKind] = {v: k for k, v in KIND_CODE.items()}
+# The kind code the ingest registry keeps for an offboarded device (a tombstone, not a kind).
+KIND_OFFBOARDED = -1
 
 
 class Role(StrEnum):
@@ -68,6 +70,59 @@ class CommandType(StrEnum):
     thermostat_offset = "thermostat_offset"
     solar_curtail = "solar_curtail"
     restore = "restore"
+
+
+# Small integer codes for command types in arrays: the optimiser's assignments (stored in plans
+# as ``command_type``, so these numbers must not change), the runner and the simulator.
+COMMAND_CODE: dict[CommandType, int] = {
+    CommandType.battery_discharge: 0,
+    CommandType.thermostat_offset: 1,
+    CommandType.solar_curtail: 2,
+    CommandType.battery_charge: 3,
+    CommandType.restore: 4,
+}
+COMMAND_BY_CODE: dict[int, CommandType] = {v: k for k, v in COMMAND_CODE.items()}
+# The kind of device each command acts on (a restore ends whatever a device is doing).
+COMMAND_KIND: dict[CommandType, DeviceKind] = {
+    CommandType.battery_discharge: DeviceKind.battery,
+    CommandType.battery_charge: DeviceKind.battery,
+    CommandType.thermostat_offset: DeviceKind.thermostat,
+    CommandType.solar_curtail: DeviceKind.solar,
+}
+# The payload field that carries each command's value.
+COMMAND_FIELD: dict[CommandType, str] = {
+    CommandType.battery_discharge: "setpoint_w",
+    CommandType.battery_charge: "setpoint_w",
+    CommandType.thermostat_offset: "offset_c",
+    CommandType.solar_curtail: "limit_w",
+}
+
+
+class CommandStatus(StrEnum):
+    """A stored command's status (``commands.status``): pending → sent → an ack's status
+    (received, started, completed, opted_out, rejected, expired), or what the runner decided
+    (missed: no ack; stale: no telemetry; preempted; released: over target; restored: void,
+    never sent, at the event's end)."""
+
+    pending = "pending"
+    sent = "sent"
+    received = "received"
+    started = "started"
+    completed = "completed"
+    opted_out = "opted_out"
+    rejected = "rejected"
+    expired = "expired"
+    missed = "missed"
+    stale = "stale"
+    preempted = "preempted"
+    released = "released"
+    restored = "restored"
+
+
+# Codes of command statuses in the runner's arrays. Progress is ordered: an ack only moves a
+# command forward (received < started < completed).
+COMMAND_STATUS_CODE: dict[CommandStatus, int] = {s: i for i, s in enumerate(CommandStatus)}
+COMMAND_STATUS_BY_CODE: dict[int, CommandStatus] = {v: k for k, v in COMMAND_STATUS_CODE.items()}
 
 
 class AckStatus(StrEnum):

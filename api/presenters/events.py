@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from api.presenters.settlement import settlement_doc
-from dispatch.events import EventInfo, EventRecord, iso
+from dispatch.events import EventInfo, EventRecord
 from dispatch.settlement_service import EventSettlement
 from store.models import EventTimeline
+from vpp.timefmt import to_rfc3339
 
 
 def event_doc(rec: EventRecord) -> dict[str, Any]:
@@ -18,12 +19,12 @@ def event_doc(rec: EventRecord) -> dict[str, Any]:
         "kind": ev.kind,
         "region": ev.region,
         "mw": ev.mw,
-        "start": iso(ev.start_ms),
-        "end": iso(ev.end_ms),
+        "start": to_rfc3339(ev.start_ms),
+        "end": to_rfc3339(ev.end_ms),
         "priority": ev.priority,
         "preempt": ev.preempt,
         "status": ev.status,
-        "created_at": iso(rec.created_ms),
+        "created_at": to_rfc3339(rec.created_ms),
     }
 
 
@@ -42,7 +43,7 @@ def grid_event_doc(rec: EventRecord, settlement: EventSettlement) -> dict[str, A
 
 def timeline_point_doc(r: EventTimeline) -> dict[str, Any]:
     return {
-        "ts": iso(r.ts_ms),
+        "ts": to_rfc3339(r.ts_ms),
         "target_mw": r.target_mw,
         "delivered_mw": r.delivered_mw,
         "commanded": r.commanded,

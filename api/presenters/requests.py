@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatch.market import BOOKED, RequestDetail, rfc3339
+from dispatch.market import BOOKED, RequestDetail
 from store.models import CapacityRequest, Plan
+from vpp.timefmt import to_rfc3339
 
 
 def plan_doc(plan: Plan | None) -> dict[str, Any] | None:
@@ -16,7 +17,7 @@ def plan_doc(plan: Plan | None) -> dict[str, Any] | None:
     body = plan.body or {}
     return {
         "version": int(plan.version),
-        "created_at": rfc3339(plan.created_ms),
+        "created_at": to_rfc3339(plan.created_ms),
         "interval_s": int(plan.interval_s),
         "solver": str(body.get("solver", "")),
         "status": str(body.get("status", "")),
@@ -35,18 +36,18 @@ def request_doc(req: CapacityRequest, plan: Plan | None = None) -> dict[str, Any
         "status": req.status,
         "quoted_mw": round(float(req.quoted_mw), 6),
         "firmness": float(req.firmness),
-        "quote_expires_at": rfc3339(req.quote_expires_ms) if req.quote_expires_ms else None,
+        "quote_expires_at": to_rfc3339(req.quote_expires_ms) if req.quote_expires_ms else None,
         "reason": req.reason,
         "region": req.region,
         "mw": float(req.mw),
         "committed_mw": round(float(req.quoted_mw), 6) if booked else 0.0,
-        "start": rfc3339(req.start_ms),
-        "end": rfc3339(req.end_ms),
+        "start": to_rfc3339(req.start_ms),
+        "end": to_rfc3339(req.end_ms),
         "direction": req.direction,
         "max_price_per_mwh": req.max_price_per_mwh,
         "tenant_id": req.tenant_id,
-        "created_at": rfc3339(req.created_ms),
-        "updated_at": rfc3339(req.updated_ms),
+        "created_at": to_rfc3339(req.created_ms),
+        "updated_at": to_rfc3339(req.updated_ms),
         "booked": [],
         "plan": plan_doc(plan),
         "intervals": [],
@@ -58,14 +59,14 @@ def request_detail_doc(d: RequestDetail) -> dict[str, Any]:
     """The representation of one request: the list's, plus booked rows and delivery."""
     doc = request_doc(d.request, d.plan)
     doc["booked"] = [
-        {"start": rfc3339(int(t)), "mw": round(float(v), 6)}
+        {"start": to_rfc3339(int(t)), "mw": round(float(v), 6)}
         for t, v in zip(d.booked_starts_ms.tolist(), d.booked_mw.tolist(), strict=True)
     ]
     if d.lines:
         doc["intervals"] = [
             {
-                "start": rfc3339(ln.interval_start_ms),
-                "end": rfc3339(ln.interval_end_ms),
+                "start": to_rfc3339(ln.interval_start_ms),
+                "end": to_rfc3339(ln.interval_end_ms),
                 "target_mw": round(float(ln.target_mw), 6),
                 "delivered_mw": round(float(ln.delivered_mw), 6),
                 "performance": round(float(p), 6),

@@ -10,22 +10,20 @@ from typing import Any
 
 import orjson
 
-from dispatch.events import iso
 from dispatch.settlement_service import EventSettlement, IntervalResult
 from store.models import SettlementLine
+from vpp.timefmt import to_rfc3339
 
 
 def interval_doc(iv: IntervalResult) -> dict[str, Any]:
-    target, delivered = iv.target_mw, iv.delivered_mw
-    perf = min(max(delivered, 0.0), target) / target if target > 0 else 0.0
     return {
-        "start": iso(iv.start_ms),
-        "end": iso(iv.end_ms),
-        "target_mw": round(target, 6),
-        "delivered_mw": round(delivered, 6),
+        "start": to_rfc3339(iv.start_ms),
+        "end": to_rfc3339(iv.end_ms),
+        "target_mw": round(iv.target_mw, 6),
+        "delivered_mw": round(iv.delivered_mw, 6),
         "baseline_mw": round(iv.baseline_mw, 6),
         "actual_mw": round(iv.actual_mw, 6),
-        "performance": round(perf, 4),
+        "performance": round(iv.performance, 4),
         "method": iv.method,
     }
 
@@ -87,8 +85,8 @@ def settlement_csv(event_id: str, lines: list[SettlementLine]) -> str:
         w.writerow(
             [
                 event_id,
-                iso(ln.interval_start_ms),
-                iso(ln.interval_end_ms),
+                to_rfc3339(ln.interval_start_ms),
+                to_rfc3339(ln.interval_end_ms),
                 ln.target_mw,
                 ln.baseline_mw,
                 ln.actual_mw,

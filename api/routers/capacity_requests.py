@@ -17,7 +17,6 @@ from api.schemas.capacity_requests import (
 )
 from dispatch.market import RequestInput
 from dispatch.services import Services
-from vpp.clock import to_ms
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,8 @@ async def create_request(
     inp = RequestInput(
         region=body.region,
         mw=float(body.mw),
-        start_ms=to_ms(body.start),
-        end_ms=to_ms(body.end),
+        start_ms=body.start,
+        end_ms=body.end,
         firmness=float(body.firmness),
         direction=body.direction.value,
         max_price_per_mwh=body.max_price_per_mwh,

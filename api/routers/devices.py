@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from api.deps import Principal, get_services, require_roles
-from api.routers.fleet import FleetView, current_view, freshness_name, rfc3339
+from api.routers.fleet import FleetView, current_view, freshness_name
 from api.schemas.devices import (
     BulkCreated,
     DeviceCreate,
@@ -42,10 +42,11 @@ from devices.onboarding import (
 )
 from dispatch.services import Services
 from vpp import physics
-from vpp.domain import DeviceKind, FreshnessCode, Role
+from vpp.domain import DeviceKind, Freshness, FreshnessCode, Role
 from vpp.fleet.records import unpack_states
 from vpp.fleet.registry import REGISTRY_COLUMNS, assemble, build_registry
-from vpp.fleet.snapshot import DEFAULT_OUTDOOR_C, available_kw
+from vpp.flexibility import available_kw, outdoor_temperatures
+from vpp.timefmt import to_rfc3339
 
 
 class DeviceRoute(APIRoute):
@@ -112,8 +113,8 @@ def _scope(principal: Principal) -> TenantScope:
 
 def device_out(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in ("offboarded_ms", "created_ms", "updated_ms")}
-    out["created_at"] = rfc3339(row["created_ms"])
-    out["updated_at"] = rfc3339(row["updated_ms"])
+    out["created_at"] = to_rfc3339(row["created_ms"])
+    out["updated_at"] = to_rfc3339(row["updated_ms"])
     return out
 
 
@@ -281,7 +282,7 @@ def _decode_cursor(cursor: str) -> str:
 def _live(view: FleetView, device_id: str) -> tuple[bool, str, float]:
     i = view.snapshot.index.get(device_id)
     if i is None:  # registered since the snapshot was built
-        return False, "offline", 0.0
+        return False, Freshness.offline.value, 0.0
     snap = view.snapshot
     return (
         bool(snap.online[i] and snap.freshness[i] <= FreshnessCode.stale),
@@ -335,7 +336,7 @@ async def list_devices(
             sel &= snap.enrolled == enrolled
         if status == "online":
             sel &= snap.online & (snap.freshness <= FreshnessCode.stale)
-        elif status == "offline":
+        elif status == Freshness.offline:
             sel &= snap.freshness >= FreshnessCode.offline
         else:
             sel &= snap.freshness == FreshnessCode[status]
@@ -374,9 +375,9 @@ def last_telemetry(rec: np.void, kind: str) -> dict[str, Any] | None:
     if int(rec["recv_ms"]) <= 0:
         return None
     out: dict[str, Any] = {
-        "ts": rfc3339(int(rec["ts_ms"])),
+        "ts": to_rfc3339(int(rec["ts_ms"])),
         "ts_ms": int(rec["ts_ms"]),
-        "received_at": rfc3339(int(rec["recv_ms"])),
+        "received_at": to_rfc3339(int(rec["recv_ms"])),
         "received_ms": int(rec["recv_ms"]),
         "clock_skewed": bool(rec["clock_skewed"]),
         "seq": int(rec["seq"]) if int(rec["seq"]) >= 0 else None,
@@ -400,17 +401,6 @@ def last_telemetry(rec: np.void, kind: str) -> dict[str, Any] | None:
             outdoor_c=_num(rec["outdoor_c"]),
         )
     return out
-
-
-def _region_outdoor_c(view: FleetView, region: str) -> float:
-    """Median outdoor reading of the region's thermostats (for one that reports none)."""
-    snap = view.snapshot
-    code = snap.region_code(region)
-    if code < 0:
-        return DEFAULT_OUTDOOR_C
-    vals = snap.state["outdoor_c"][snap.region_codes == code].astype(float)
-    vals = vals[~np.isnan(vals)]
-    return float(np.median(vals)) if vals.size else DEFAULT_OUTDOOR_C
 
 
 @router.get(
@@ -439,10 +429,9 @@ async def get_device(
         settings.offline_after_s,
     )
     rec = unpack_states([blob])[0]
-    outdoor = None
-    if row["kind"] == DeviceKind.thermostat:
-        own = float(rec["outdoor_c"])
-        outdoor = np.array([own if not math.isnan(own) else _region_outdoor_c(view, row["region"])])
+    # A thermostat without its own reading borrows its region's median from the whole fleet.
+    is_th = row["kind"] == DeviceKind.thermostat
+    outdoor = outdoor_temperatures(one, reference=view.snapshot) if is_th else None
     capability = available_kw(one, 1.0, outdoor_c=outdoor, only_dispatchable=False)
     out = device_out(row)
     out.update(

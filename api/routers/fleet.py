@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -19,8 +18,10 @@ from fastapi import APIRouter, Depends, Query
 from api.deps import Principal, any_role, get_services
 from api.schemas.devices import ErrorOut, FleetOut
 from dispatch.services import Services
-from vpp.domain import DeviceKind, FreshnessCode, Role
-from vpp.fleet.snapshot import FleetSnapshot, available_kw, summarise
+from vpp.domain import DeviceKind, Freshness, FreshnessCode, Role
+from vpp.fleet.snapshot import FleetSnapshot, summarise
+from vpp.flexibility import available_kw
+from vpp.timefmt import to_rfc3339
 
 router = APIRouter(tags=["fleet"])
 
@@ -28,17 +29,12 @@ WINDOW_H = 1.0
 # The latest view per services object (one per app; tests run several in one process).
 _VIEWS: weakref.WeakKeyDictionary[Services, FleetView] = weakref.WeakKeyDictionary()
 FRESHNESS_NAMES = {
-    FreshnessCode.fresh: "fresh",
-    FreshnessCode.stale: "stale",
-    FreshnessCode.offline: "offline",
-    FreshnessCode.never: "offline",  # registered, never heard from: offline to the outside
+    FreshnessCode.fresh: Freshness.fresh.value,
+    FreshnessCode.stale: Freshness.stale.value,
+    FreshnessCode.offline: Freshness.offline.value,
+    # registered, never heard from: offline to the outside
+    FreshnessCode.never: Freshness.offline.value,
 }
-
-
-def rfc3339(epoch_ms: int | float) -> str:
-    dt = datetime.fromtimestamp(int(epoch_ms) / 1000.0, tz=UTC)
-    ms = int(epoch_ms) % 1000
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{ms:03d}Z" if ms else "Z")
 
 
 def freshness_name(code: int) -> str:
@@ -84,15 +80,15 @@ def fleet_summary(
         return cached
     snap = view.snapshot
     if tenant is None and region is None and kind is None:
-        rows = summarise(snap, WINDOW_H, kw=view.available_kw)
+        rows = summarise(snap, view.available_kw)
     else:
         sel = snap.mask(region, kind)
         if tenant is not None:
             sel &= snap.tenant_ids == tenant
-        rows = summarise(snap.take(sel), WINDOW_H, kw=view.available_kw[sel])
+        rows = summarise(snap.take(sel), view.available_kw[sel])
     rows.sort(key=lambda r: (r["region"], r["kind"]))
     out = {
-        "as_of": rfc3339(snap.now_ms),
+        "as_of": to_rfc3339(snap.now_ms),
         "window_h": WINDOW_H,
         "regions": rows,
         "totals": _totals(rows),

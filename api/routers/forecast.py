@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -11,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import get_services, require_roles
 from vpp.errors import InvalidInput
+from vpp.timefmt import TimeFormatError, parse_rfc3339, to_rfc3339
 
 router = APIRouter()
 
@@ -65,21 +65,6 @@ def format_duration(seconds: int) -> str:
     return f"PT{seconds}S"
 
 
-def parse_time_ms(text: str) -> int:
-    """RFC 3339 timestamp → epoch ms; a time without an offset is taken as UTC."""
-    try:
-        dt = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ValueError("an RFC 3339 time such as 2026-07-15T17:00:00Z") from exc
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
-
-
-def format_time(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @router.get(
     "/v1/forecast",
     response_model=ForecastOut,
@@ -115,13 +100,11 @@ async def get_forecast(
     except ValueError as exc:
         raise InvalidInput("step", str(exc)) from exc
     try:
-        start_ms = parse_time_ms(start) if start else now_ms
-    except ValueError as exc:
-        raise InvalidInput("start", str(exc)) from exc
-    try:
-        end_ms = parse_time_ms(end) if end else None
-    except ValueError as exc:
-        raise InvalidInput("end", str(exc)) from exc
+        # A time without an offset is read as UTC here (the query parameters always allowed it).
+        start_ms = parse_rfc3339(start, "start", assume_utc=True) if start else now_ms
+        end_ms = parse_rfc3339(end, "end", assume_utc=True) if end else None
+    except TimeFormatError as exc:
+        raise InvalidInput(exc.field, exc.reason) from exc
     if end_ms is None:
         # Default: as many whole steps as fit before the horizon.
         horizon_ms = int(services.settings.forecast_horizon_h * 3_600_000)
@@ -140,7 +123,7 @@ async def get_forecast(
     intervals = []
     for i, s in enumerate(result.starts_ms.tolist()):
         row: dict[str, Any] = {
-            "start": format_time(s),
+            "start": to_rfc3339(s),
             "p50_mw": round(float(result.p50_mw[i]), 4),
             "p90_mw": round(float(result.p90_mw[i]), 4),
             "committed_mw": round(float(committed[i]), 4),
@@ -160,4 +143,4 @@ async def get_forecast(
     }
 
 
-__all__ = ["format_duration", "parse_duration_s", "parse_time_ms", "router"]
+__all__ = ["format_duration", "parse_duration_s", "router"]

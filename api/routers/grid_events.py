@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Principal, get_services, require_roles
 from api.presenters.events import event_doc, grid_event_doc
+from api.schemas.times import Rfc3339Ms
 from dispatch import events as es
 from dispatch.services import Services
 from dispatch.settlement_service import event_settlement
@@ -49,11 +50,11 @@ class GridEventIn(BaseModel):
 
     region: str = Field(min_length=1, max_length=64, description="ISO zone, e.g. ERCOT-NORTH")
     mw: float = Field(gt=0, allow_inf_nan=False, description="MW of load reduction asked for")
-    start: AwareDatetime = Field(
+    start: Rfc3339Ms = Field(
         description="RFC 3339 with an offset; now or later (up to 5 minutes in the past is "
         "taken as now)"
     )
-    end: AwareDatetime = Field(description="RFC 3339 with an offset; after start, at most 24 h")
+    end: Rfc3339Ms = Field(description="RFC 3339 with an offset; after start, at most 24 h")
     priority: int | None = Field(
         None, ge=0, le=1000, description="higher wins (default 100; capacity requests are 50)"
     )
@@ -136,8 +137,8 @@ async def create_grid_event(
         principal.tenant_id,
         region=body.region,
         mw=body.mw,
-        start=body.start,
-        end=body.end,
+        start_ms=body.start,
+        end_ms=body.end,
         priority=body.priority,
         preempt=body.preempt,
     )

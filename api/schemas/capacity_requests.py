@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from api.schemas.times import Rfc3339Ms
 from vpp.domain import DEFAULT_FIRMNESS, Direction, RequestStatus
 
 MAX_REQUEST_MW = 100_000.0
@@ -40,12 +41,12 @@ class CapacityRequestIn(BaseModel):
         allow_inf_nan=False,
         description="MW asked for, held over the whole window (0 < mw ≤ 100 000)",
     )
-    start: AwareDatetime = Field(
+    start: Rfc3339Ms = Field(
         description="window start, RFC 3339 with an offset (UTC preferred); at least the "
         "service's minimum notice ahead of now. Capacity is booked on the 15-minute grid: a "
         "window off the grid books the 15-minute intervals it touches"
     )
-    end: AwareDatetime = Field(
+    end: Rfc3339Ms = Field(
         description="window end, RFC 3339 with an offset; after start and within the forecast "
         "horizon (48 h by default). Events last at most 5 h: a longer window is quoted "
         "'rejected' with the rule in reason"
@@ -161,3 +162,5 @@ class CapacityRequestList(BaseModel):
 ListStatus = Literal[
     "quoted", "committed", "active", "completed", "rejected", "cancelled", "expired"
 ]
+# Spelled out for the OpenAPI query parameter; the vocabulary is RequestStatus's.
+assert set(get_args(ListStatus)) == {s.value for s in RequestStatus}

@@ -7,7 +7,7 @@ Units: kW for one device, MW for aggregates, RFC 3339 UTC timestamps.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -18,9 +18,14 @@ from devices.onboarding import (
     SolarSpec,
     ThermostatSpec,
 )
+from vpp import domain
 
 DeviceCreate = DeviceSpec
 Freshness = Literal["fresh", "stale", "offline"]
+Kind = Literal["battery", "solar", "thermostat"]
+# Spelled out for the OpenAPI schema; the vocabularies are vpp.domain's.
+assert set(get_args(Freshness)) == {f.value for f in domain.Freshness}
+assert set(get_args(Kind)) == {k.value for k in domain.DeviceKind}
 
 __all__ = [
     "BatterySpec",
@@ -81,7 +86,7 @@ class MqttCredentials(BaseModel):
 class DeviceOut(BaseModel):
     id: str = Field(description="Device id, also its MQTT username.")
     tenant_id: str = Field(description="Tenant that owns the device.")
-    kind: Literal["battery", "solar", "thermostat"] = Field(description="Device kind.")
+    kind: Kind = Field(description="Device kind.")
     site_id: str = Field(description="The customer's site.")
     region: str = Field(description="Market region (ISO zone).")
     feeder: str | None = Field(None, description="Distribution feeder id.")
@@ -182,7 +187,7 @@ class BulkCreated(BaseModel):
 # --- Fleet --------------------------------------------------------------------------------------
 class FleetRow(BaseModel):
     region: str = Field(description="Market region (ISO zone).")
-    kind: Literal["battery", "solar", "thermostat"] = Field(description="Device kind.")
+    kind: Kind = Field(description="Device kind.")
     registered: int = Field(description="Devices registered (not offboarded).")
     enrolled: int = Field(description="Of which enrolled in events.")
     online: int = Field(description="Of which online and not offline by freshness.")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 
 
 @pytest.fixture()

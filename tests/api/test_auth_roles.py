@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_devices import NOW, battery, settings_for, uid
+from tests.helpers.devices import NOW, battery, uid
+from tests.helpers.settings import settings_for
 from vpp.clock import ManualClock
 
 DEVICE_CALLS = [

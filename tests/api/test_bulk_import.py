@@ -5,23 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import pytest
 
-from tests.api.test_devices import (
-    battery,
-    fields_of,
-    make_api,
-    solar,
-    stored_ids,
-    thermostat,
-    uid,
-)
-
-
-@pytest.fixture()
-async def api(db_url: str, api_factory: Any) -> Any:
-    return await make_api(db_url, api_factory)
-
+from tests.helpers.devices import battery, fields_of, solar, stored_ids, thermostat, uid
 
 CSV_HEADER = (
     "id,kind,site_id,region,capacity_wh,max_discharge_w,max_charge_w,backup_reserve_pct,"

@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
+from dispatch import events as es
 from store.models import LedgerEntry, SettlementLine
-from tests.conftest import make_settings
-from tests.dispatch.test_market import NOW, REGION, battery_fleet, install_stub
+from tests.helpers.fleets import NOW, REGION, fleet_of
+from tests.helpers.market import install_stub
+from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
+from vpp.timefmt import to_rfc3339
 
 H = 3_600_000
-
-
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def body(mw: float = 5.0, start_h: float = 2.0, end_h: float = 4.0, **kw: Any) -> dict[str, Any]:
     return {
         "region": REGION,
         "mw": mw,
-        "start": iso(NOW + int(start_h * H)),
-        "end": iso(NOW + int(end_h * H)),
+        "start": to_rfc3339(NOW + int(start_h * H)),
+        "end": to_rfc3339(NOW + int(end_h * H)),
         **kw,
     }
 
@@ -37,7 +35,7 @@ async def api(db_url: str, api_factory: Any) -> Any:
     client, make_key = await api_factory(make_settings(db_url), clock)
     services = client.services
     install_stub(services, p90_mw=10.0)
-    snap = battery_fleet(400, NOW)
+    snap = fleet_of("b" * 400)
 
     async def snapshot(force: bool = False) -> FleetSnapshot:
         return snap
@@ -70,7 +68,7 @@ async def test_quote_commit_and_read_with_plan(api: Any) -> None:
     assert r.status_code == 201, r.text
     q = r.json()
     assert q["status"] == "quoted" and q["quoted_mw"] == 1.0 and q["firmness"] == 0.9
-    assert q["id"].startswith("cr-") and q["quote_expires_at"] == iso(NOW + 900_000)
+    assert q["id"].startswith("cr-") and q["quote_expires_at"] == "2026-07-14T20:45:00.000Z"
     assert q["plan"] is None and q["committed_mw"] == 0.0
     r = await client.post(f"/v1/capacity-requests/{q['id']}/commit", headers=keys["acme"])
     assert r.status_code == 200, r.text
@@ -79,7 +77,7 @@ async def test_quote_commit_and_read_with_plan(api: Any) -> None:
     assert [b["mw"] for b in c["booked"]] == [1.0] * 8
     plan = c["plan"]
     assert plan["version"] == 1 and len(plan["intervals"]) == 8
-    assert plan["intervals"][0]["start"] == iso(NOW + 2 * H)
+    assert plan["intervals"][0]["start"] == to_rfc3339(NOW + 2 * H)
     assert plan["intervals"][0]["planned_mw"] == pytest.approx(1.0, rel=1e-3)
     assert plan["devices_by_kind"]["battery"]["assigned"] > 0
     # Committing again is harmless: same request, no second booking.
@@ -209,16 +207,19 @@ async def test_state_errors_are_409_naming_the_state(api: Any) -> None:
     clock.advance(901)
     r = await client.post(f"/v1/capacity-requests/{e['id']}/commit", headers=h)
     assert r.status_code == 409
-    assert r.json()["detail"] == f"status: quote expired at {iso(NOW + 900_000)}"
+    assert r.json()["detail"] == f"status: quote expired at {to_rfc3339(NOW + 900_000)}"
     got = (await client.get(f"/v1/capacity-requests/{e['id']}", headers=h)).json()
     assert got["status"] == "expired"
-    # Completed request cannot be cancelled.
-    market = client.services.market
+    # Once the runner has started it (committed → active), then closed it (→ completed), the
+    # request cannot be cancelled.
+    services = client.services
     clock.advance(2 * 3600)
-    await market.mark_active(c["id"], clock.now_ms())
+    ev = await es.load_event(services, c["id"])
+    assert ev is not None
+    assert await es.set_status(services, ev, "active", only_from=("committed",))
     r = await client.post(f"/v1/capacity-requests/{c['id']}/cancel", headers=h)
     assert r.status_code == 409 and "request is active" in r.json()["detail"]
-    await market.mark_completed(c["id"], clock.now_ms())
+    assert await es.set_status(services, ev, "completed", only_from=("active",))
     r = await client.post(f"/v1/capacity-requests/{c['id']}/cancel", headers=h)
     assert r.status_code == 409 and "request is completed" in r.json()["detail"]
     assert await ledger(client) == before

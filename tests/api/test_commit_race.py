@@ -16,9 +16,10 @@ from sqlalchemy import func, select
 from api.app import create_app
 from store.keys import create_api_key
 from store.models import LedgerEntry
-from tests.conftest import make_settings
-from tests.dispatch.test_market import install_stub
+from tests.helpers.market import install_stub
+from tests.helpers.settings import make_settings
 from vpp.clock import Clock
+from vpp.timefmt import to_rfc3339
 
 H = 3_600_000
 REGION = "PJM-DOM"
@@ -29,12 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def iso(ms: int) -> str:
-    from dispatch.market import rfc3339
-
-    return rfc3339(ms)
 
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
@@ -71,7 +66,12 @@ async def test_only_one_of_two_racing_commits_wins(
             clients = [one, two]
             for k in range(ROUNDS):
                 start = (now // 900_000 + 8 + 8 * k) * 900_000  # 2 h on, a fresh window each
-                body = {"region": REGION, "mw": 6.0, "start": iso(start), "end": iso(start + H)}
+                body = {
+                    "region": REGION,
+                    "mw": 6.0,
+                    "start": to_rfc3339(start),
+                    "end": to_rfc3339(start + H),
+                }
                 quotes = [
                     (await c.post("/v1/capacity-requests", json=body, headers=h)).json()
                     for c, h in zip(clients, keys, strict=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from api.routers.dashboard import STATIC_DIR
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 
 
 async def test_index_loads_without_a_key(api_factory, sqlite_url):

@@ -6,8 +6,6 @@ Runs on SQLite (in-process state store) and on PostgreSQL with the real Redis st
 from __future__ import annotations
 
 import math
-import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,97 +13,20 @@ import pytest
 from sqlalchemy import func, select
 
 from store.models import Device
-from tests.conftest import REDIS_URL, make_settings
+from tests.helpers.devices import (
+    NOW,
+    REGION,
+    battery,
+    fields_of,
+    solar,
+    state,
+    stored_ids,
+    thermostat,
+    uid,
+)
+from tests.helpers.mosquitto import WAIT_S, Client, MosquittoBroker
+from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
-from vpp.fleet.records import empty_state, pack_state
-from vpp.settings import Settings
-
-NOW = 1_784_061_000_000  # 2026-07-14T20:30:00Z
-REGION = "ERCOT-NORTH"
-
-
-# --- helpers shared by the device, bulk, role and fleet tests -------------------------------------
-def settings_for(db_url: str, **overrides: Any) -> Settings:
-    """Embedded defaults on SQLite; the real Redis state store next to PostgreSQL."""
-    if db_url.startswith("postgresql"):
-        overrides.setdefault("redis_url", REDIS_URL)
-    return make_settings(db_url, **overrides)
-
-
-def uid(prefix: str = "d") -> str:
-    return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def battery(device_id: str | None = None, **kw: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "kind": "battery",
-        "site_id": "site-1",
-        "region": REGION,
-        "capacity_wh": 13_500,
-        "max_discharge_w": 5_000,
-        "max_charge_w": 5_000,
-    }
-    if device_id is not None:
-        body["id"] = device_id
-    return {**body, **kw}
-
-
-def thermostat(device_id: str | None = None, **kw: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "kind": "thermostat",
-        "site_id": "site-2",
-        "region": REGION,
-        "hvac_rated_w": 5_600,
-        "comfort_max_c": 28,
-        "comfort_min_c": 18,
-    }
-    if device_id is not None:
-        body["id"] = device_id
-    return {**body, **kw}
-
-
-def solar(device_id: str | None = None, **kw: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "kind": "solar",
-        "site_id": "site-3",
-        "region": REGION,
-        "rated_w": 7_600,
-    }
-    if device_id is not None:
-        body["id"] = device_id
-    return {**body, **kw}
-
-
-def state(recv_ms: int, **fields: float) -> bytes:
-    """A packed state record as ingest writes it (received at ``recv_ms``)."""
-    rec = empty_state()
-    rec["recv_ms"] = recv_ms
-    rec["ts_ms"] = recv_ms - 1_000
-    for name, value in fields.items():
-        rec[name] = value
-    return pack_state(rec)
-
-
-def fields_of(resp: Any) -> set[str]:
-    return {e["field"] for e in resp.json()["errors"]}
-
-
-async def stored_ids(client: Any) -> set[str]:
-    async with client.services.db.session() as s:
-        return set((await s.execute(select(Device.id))).scalars().all())
-
-
-async def make_api(db_url: str, api_factory: Any) -> Any:
-    """A client on a fresh database with a ManualClock at NOW, and a fleet key of tenant acme."""
-    client, make_key = await api_factory(settings_for(db_url), ManualClock(NOW))
-    client.headers.update(await make_key("acme", "fleet"))
-    client.make_key = make_key
-    return client
-
-
-@pytest.fixture()
-async def api(db_url: str, api_factory: Any) -> Any:
-    return await make_api(db_url, api_factory)
 
 
 # --- registering --------------------------------------------------------------------------------
@@ -222,7 +143,7 @@ async def test_device_detail_shows_telemetry_freshness_and_flexibility_by_hand(a
     t = d["last_telemetry"]
     assert t["soc_pct"] == 100 and t["power_kw"] == pytest.approx(-1.2) and t["grid"] == "up"
     assert t["seq"] == 7 and t["received_ms"] == NOW - 60_000 and t["ts_ms"] == NOW - 61_000
-    assert t["received_at"] == "2026-07-14T20:29:00Z" and t["clock_skewed"] is False
+    assert t["received_at"] == "2026-07-14T20:29:00.000Z" and t["clock_skewed"] is False
 
     # 40 %: (40 − 20) % × 13.5 kWh = 2.7 kWh × 0.949 = 2.5623 kW for one hour.
     d = (await api.get(f"/v1/devices/{low}")).json()
@@ -373,28 +294,15 @@ async def test_offboarded_device_disappears_and_leaves_a_tombstone(api: Any) -> 
 
 
 # --- against a real Mosquitto with dynamic security ---------------------------------------------
-@pytest.fixture(scope="module")
-def dynsec_broker() -> Iterator[Any]:
-    from tests.helpers.mosquitto import mosquitto_available, run_mosquitto
-
-    if not mosquitto_available():
-        pytest.skip("mosquitto with the dynamic-security plugin is not installed")
-    root = f"vppdev{secrets.token_hex(3)}/v1"
-    with run_mosquitto(root) as broker:
-        yield root, broker
-
-
 async def test_credentials_work_until_offboarding_revokes_them(
-    dynsec_broker: Any, sqlite_url: str, api_factory: Any
+    mosquitto_broker: MosquittoBroker, sqlite_url: str, api_factory: Any
 ) -> None:
-    from tests.devices.test_broker_security import WAIT_S, Client
-
-    root, broker = dynsec_broker
+    broker = mosquitto_broker
     settings = make_settings(
         sqlite_url,
         mqtt_url=broker.service_url,
         broker_credentials="dynsec",
-        topic_root=root,
+        topic_root=broker.topic_root,
     )
     client, make_key = await api_factory(settings, ManualClock(NOW))
     headers = await make_key("acme", "fleet")

@@ -7,20 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_devices import (
-    NOW,
-    battery,
-    make_api,
-    solar,
-    state,
-    thermostat,
-    uid,
-)
-
-
-@pytest.fixture()
-async def api(db_url: str, api_factory: Any) -> Any:
-    return await make_api(db_url, api_factory)
+from tests.helpers.devices import NOW, battery, solar, state, thermostat, uid
 
 
 def row(fleet: dict[str, Any], region: str, kind: str) -> dict[str, Any]:
@@ -53,7 +40,7 @@ async def test_fleet_sums_match_the_devices(api: Any) -> None:
     r = await api.get("/v1/fleet")
     assert r.status_code == 200, r.text
     fleet = r.json()
-    assert fleet["as_of"] == "2026-07-14T20:30:00Z" and fleet["window_h"] == 1
+    assert fleet["as_of"] == "2026-07-14T20:30:00.000Z" and fleet["window_h"] == 1
 
     n = row(fleet, "ERCOT-NORTH", "battery")
     assert (n["registered"], n["enrolled"], n["online"], n["fresh"]) == (3, 3, 3, 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,24 +21,13 @@ from store.database import Database
 from store.keys import create_api_key
 from store.models import Base, CapacityRequest, LedgerEntry
 from store.state.memory import MemoryStateStore
+from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
-from vpp.fleet.snapshot import FleetSnapshot
 from vpp.settings import Settings
+from vpp.timefmt import to_rfc3339
 
 NOW = 1_783_000_800_000  # on the 15-minute grid
 H = 3_600_000
-
-
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class FakeFleet:
-    def __init__(self, snap: FleetSnapshot) -> None:
-        self.snap = snap
-
-    async def snapshot(self, force: bool = False) -> FleetSnapshot:
-        return self.snap
 
 
 @pytest.fixture
@@ -53,7 +41,7 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]
         clock=ManualClock(NOW),
         db=db,
         state=MemoryStateStore(),
-        fleet=FakeFleet(snap),
+        fleet=FixedFleet(snap),
     )
     services.forecast = ForecastService(services)  # type: ignore[arg-type]
     key = await create_api_key(db, "t-1", "hyperscaler", NOW)
@@ -79,8 +67,8 @@ async def test_default_window_is_the_48h_horizon(client: Any) -> None:
     assert body["event"] == "PT5H"  # a 48 h window is served as consecutive 5 h events
     rows = body["intervals"]
     assert len(rows) == 192
-    assert rows[0]["start"] == iso(NOW)
-    assert rows[1]["start"] == iso(NOW + 900_000)
+    assert rows[0]["start"] == "2026-07-02T14:00:00.000Z"  # NOW, three ms digits
+    assert rows[1]["start"] == to_rfc3339(NOW + 900_000)
     for row in rows:
         assert set(row) == {"start", "p50_mw", "p90_mw", "committed_mw"}
         assert 0 <= row["p90_mw"] <= row["p50_mw"]
@@ -118,8 +106,8 @@ async def test_window_step_firmness_and_committed(client: Any) -> None:
         "/v1/forecast",
         params={
             "region": "ERCOT-NORTH",
-            "start": iso(NOW),
-            "end": iso(NOW + 3 * H),
+            "start": to_rfc3339(NOW),
+            "end": to_rfc3339(NOW + 3 * H),
             "step": "PT1H",
             "firmness": 0.95,
         },
@@ -128,14 +116,22 @@ async def test_window_step_firmness_and_committed(client: Any) -> None:
     body = r.json()
     assert body["step"] == "PT1H"
     rows = body["intervals"]
-    assert [row["start"] for row in rows] == [iso(NOW), iso(NOW + H), iso(NOW + 2 * H)]
+    assert [row["start"] for row in rows] == [
+        to_rfc3339(NOW),
+        to_rfc3339(NOW + H),
+        to_rfc3339(NOW + 2 * H),
+    ]
     assert [row["committed_mw"] for row in rows] == [0, 0.4, 0]
     assert all(row["firm_mw"] <= row["p90_mw"] for row in rows)
 
 
 async def test_shorter_events_shed_more_per_interval(client: Any) -> None:
     c, _ = client
-    params = {"region": "ERCOT-NORTH", "start": iso(NOW + 2 * H), "end": iso(NOW + 6 * H)}
+    params = {
+        "region": "ERCOT-NORTH",
+        "start": to_rfc3339(NOW + 2 * H),
+        "end": to_rfc3339(NOW + 6 * H),
+    }
     long_ = (await c.get("/v1/forecast", params=params)).json()
     short = (await c.get("/v1/forecast", params={**params, "event": "PT1H"})).json()
     assert long_["event"] == "PT4H" and short["event"] == "PT1H"
@@ -146,20 +142,43 @@ async def test_shorter_events_shed_more_per_interval(client: Any) -> None:
 
 async def test_region_without_devices_answers_zeros(client: Any) -> None:
     c, _ = client
-    r = await c.get("/v1/forecast", params={"region": "PJM-DOM", "end": iso(NOW + 2 * H)})
+    r = await c.get("/v1/forecast", params={"region": "PJM-DOM", "end": to_rfc3339(NOW + 2 * H)})
     assert r.status_code == 200, r.text
     rows = r.json()["intervals"]
     assert len(rows) == 8 and all(row["p90_mw"] == 0 and row["p50_mw"] == 0 for row in rows)
+
+
+async def test_start_and_end_take_offsets_and_naive_utc(client: Any) -> None:
+    """start/end go through vpp.timefmt.parse_rfc3339: a numeric offset is honoured, and a
+    time without one is read as UTC (as this query always allowed)."""
+    c, _ = client
+    # NOW is 2026-07-02T14:00:00Z; the end is 15:00Z.
+    for start in ("2026-07-02T16:00:00+02:00", "2026-07-02t14:00:00.000z", "2026-07-02T14:00:00"):
+        params = {"region": "ERCOT-NORTH", "start": start, "end": "2026-07-02T10:00:00-05:00"}
+        r = await c.get("/v1/forecast", params=params)
+        assert r.status_code == 200, (start, r.text)
+        starts = [row["start"] for row in r.json()["intervals"]]
+        assert starts == [f"2026-07-02T14:{m:02d}:00.000Z" for m in (0, 15, 30, 45)]
 
 
 @pytest.mark.parametrize(
     ("params", "field"),
     [
         ({"region": "MARS-1"}, "region"),
-        ({"region": "ERCOT-NORTH", "start": iso(NOW - 5 * H), "end": iso(NOW - 4 * H)}, "start"),
-        ({"region": "ERCOT-NORTH", "start": iso(NOW + 2 * H), "end": iso(NOW + H)}, "end"),
-        ({"region": "ERCOT-NORTH", "end": iso(NOW + 60 * H)}, "end"),
-        ({"region": "ERCOT-NORTH", "end": iso(NOW + H), "step": "PT7M"}, "step"),
+        (
+            {
+                "region": "ERCOT-NORTH",
+                "start": to_rfc3339(NOW - 5 * H),
+                "end": to_rfc3339(NOW - 4 * H),
+            },
+            "start",
+        ),
+        (
+            {"region": "ERCOT-NORTH", "start": to_rfc3339(NOW + 2 * H), "end": to_rfc3339(NOW + H)},
+            "end",
+        ),
+        ({"region": "ERCOT-NORTH", "end": to_rfc3339(NOW + 60 * H)}, "end"),
+        ({"region": "ERCOT-NORTH", "end": to_rfc3339(NOW + H), "step": "PT7M"}, "step"),
         ({"region": "ERCOT-NORTH", "step": "fifteen minutes"}, "step"),
         ({"region": "ERCOT-NORTH", "start": "yesterday"}, "start"),
         ({"region": "ERCOT-NORTH", "end": "2026-13-45T00:00:00Z"}, "end"),

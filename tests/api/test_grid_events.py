@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
 
-from tests.conftest import make_settings
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+from tests.helpers.settings import make_settings
+from vpp.domain import CommandStatus, CommandType
+from vpp.timefmt import to_rfc3339
 
 
 async def test_grid_events_lifecycle_and_roles(sqlite_url, api_factory) -> None:  # type: ignore[no-untyped-def]
     client, make_key = await api_factory(make_settings(sqlite_url))
     op = await make_key("gridco", "operator")
     now = client.services.clock.now_ms()
-    body = {"region": "ERCOT-NORTH", "mw": 5, "start": _iso(now + 3_600_000),
-            "end": _iso(now + 7_200_000), "priority": 120, "preempt": True}  # fmt: skip
+    body = {"region": "ERCOT-NORTH", "mw": 5, "start": to_rfc3339(now + 3_600_000),
+            "end": to_rfc3339(now + 7_200_000), "priority": 120, "preempt": True}  # fmt: skip
     # Roles: no key 401, buyer and fleet keys 403.
     assert (await client.post("/v1/grid-events", json=body)).status_code == 401
     for role in ("hyperscaler", "fleet"):
@@ -27,6 +25,9 @@ async def test_grid_events_lifecycle_and_roles(sqlite_url, api_factory) -> None:
     ev = r.json()
     assert ev["id"].startswith("ge-") and ev["status"] == "scheduled"
     assert ev["priority"] == 120 and ev["preempt"] is True and ev["mw"] == 5
+    # Times come back in the one wire format (vpp.timefmt): UTC, three ms digits, Z.
+    assert (ev["start"], ev["end"]) == (body["start"], body["end"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ev["created_at"])
     got = await client.get(f"/v1/grid-events/{ev['id']}", headers=op)
     assert got.status_code == 200 and got.json()["intervals"] == []
     admin = await make_key("root", "admin")
@@ -47,14 +48,14 @@ async def test_grid_event_validation_names_the_field(sqlite_url, api_factory) ->
     client, make_key = await api_factory(make_settings(sqlite_url))
     op = await make_key("gridco", "operator")
     now = client.services.clock.now_ms()
-    ok = {"region": "ERCOT-NORTH", "mw": 5, "start": _iso(now + 60_000),
-          "end": _iso(now + 3_600_000)}  # fmt: skip
+    ok = {"region": "ERCOT-NORTH", "mw": 5, "start": to_rfc3339(now + 60_000),
+          "end": to_rfc3339(now + 3_600_000)}  # fmt: skip
     cases: list[tuple[dict[str, object], str]] = [
         ({"mw": -1}, "mw"),
         ({"region": "MARS-1"}, "region"),
-        ({"end": _iso(now)}, "end"),
-        ({"start": _iso(now - 3_600_000)}, "start"),
-        ({"end": _iso(now + 30 * 3_600_000)}, "end"),
+        ({"end": to_rfc3339(now)}, "end"),
+        ({"start": to_rfc3339(now - 3_600_000)}, "start"),
+        ({"end": to_rfc3339(now + 30 * 3_600_000)}, "end"),
         ({"start": "yesterday"}, "start"),
         ({"priority": 5000}, "priority"),
     ]
@@ -69,17 +70,18 @@ async def test_grid_event_rejects_bad_windows_and_mw(sqlite_url, api_factory) ->
     op = await make_key("gridco", "operator")
     now = client.services.clock.now_ms()
     start, end = now + 600_000, now + 4_200_000
-    ok = {"region": "ERCOT-NORTH", "mw": 5, "start": _iso(start), "end": _iso(end)}
+    ok = {"region": "ERCOT-NORTH", "mw": 5, "start": to_rfc3339(start), "end": to_rfc3339(end)}
     cases: list[tuple[dict[str, object], str]] = [
         ({"mw": 0}, "mw"),
         ({"mw": -0.001}, "mw"),
-        ({"end": _iso(start)}, "end"),  # end = start
-        ({"end": _iso(start - 60_000)}, "end"),  # end before start
+        ({"end": to_rfc3339(start)}, "end"),  # end = start
+        ({"end": to_rfc3339(start - 60_000)}, "end"),  # end before start
         ({"region": "ercot-north"}, "region"),  # regions are named exactly
         ({"region": ""}, "region"),
         # A window wholly in the past.
-        ({"start": _iso(now - 7_200_000), "end": _iso(now - 3_600_000)}, "end"),
+        ({"start": to_rfc3339(now - 7_200_000), "end": to_rfc3339(now - 3_600_000)}, "end"),
         ({"start": "2026-07-15T19:00:00"}, "start"),  # no offset
+        ({"start": start // 1000}, "start"),  # a number, not an RFC 3339 string
     ]
     for change, field in cases:
         r = await client.post("/v1/grid-events", json={**ok, **change}, headers=op)
@@ -98,8 +100,8 @@ async def test_abort_roles_and_tenants(sqlite_url, api_factory) -> None:  # type
     client, make_key = await api_factory(make_settings(sqlite_url))
     op = await make_key("gridco", "operator")
     now = client.services.clock.now_ms()
-    body = {"region": "ERCOT-NORTH", "mw": 2, "start": _iso(now + 3_600_000),
-            "end": _iso(now + 7_200_000)}  # fmt: skip
+    body = {"region": "ERCOT-NORTH", "mw": 2, "start": to_rfc3339(now + 3_600_000),
+            "end": to_rfc3339(now + 7_200_000)}  # fmt: skip
 
     async def new_event() -> str:
         r = await client.post("/v1/grid-events", json=body, headers=op)
@@ -137,8 +139,8 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
     from sqlalchemy import select
 
     from store.models import Command
-    from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
-    from vpp.fleet.snapshot import available_kw
+    from tests.helpers.eventkit import running_stack, summer_clock, wait_for
+    from vpp.flexibility import available_kw
 
     scale = 240.0
     svc = await services_factory(
@@ -154,8 +156,8 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
         headers = await st.operator()
         r = await st.client.post(
             "/v1/grid-events",
-            json={"region": "ERCOT-NORTH", "mw": mw, "start": iso(start),
-                  "end": iso(start + 2 * 3_600_000)},
+            json={"region": "ERCOT-NORTH", "mw": mw, "start": to_rfc3339(start),
+                  "end": to_rfc3339(start + 2 * 3_600_000)},
             headers=headers,
         )  # fmt: skip
         assert r.status_code == 201, r.text
@@ -168,16 +170,21 @@ async def test_abort_restores_every_device_at_once(  # type: ignore[no-untyped-d
                 rows = await s.execute(select(Command).where(Command.event_id == ev))
                 return list(rows.scalars())
 
-        live = {"pending", "sent", "received", "started"}
+        live = {
+            CommandStatus.pending,
+            CommandStatus.sent,
+            CommandStatus.received,
+            CommandStatus.started,
+        }
         before = await commands()
-        acting = {c.device_id for c in before if c.type != "restore" and c.status in live}
-        restored_before = {c.id for c in before if c.type == "restore"}
+        acting = {c.device_id for c in before if c.type != CommandType.restore and c.status in live}
+        restored_before = {c.id for c in before if c.type == CommandType.restore}
         assert acting
         r = await st.client.post(f"/v1/grid-events/{ev}/abort", headers=headers)
         assert r.status_code == 200 and r.json()["status"] == "aborted"
 
         async def abort_restores() -> list[Command]:
-            return [c for c in await commands() if c.type == "restore"]
+            return [c for c in await commands() if c.type == CommandType.restore]
 
         async def all_out() -> bool:
             return acting <= {c.device_id for c in await abort_restores()}

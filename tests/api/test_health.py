@@ -1,4 +1,4 @@
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 
 
 async def test_healthz_and_readyz_on_embedded_defaults(api_factory, sqlite_url):

@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
 from store.keys import create_api_key
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 from vpp.clock import Clock
 from vpp.settings import Settings
 

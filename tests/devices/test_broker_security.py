@@ -10,14 +10,9 @@ forbidden message would have arrived before it).
 from __future__ import annotations
 
 import secrets
-import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.credentials import (
     AutoCredentialManager,
@@ -28,112 +23,29 @@ from devices.credentials import (
     make_credential_manager,
 )
 from tests.helpers.mosquitto import (
+    WAIT_S,
+    Client,
     MosquittoBroker,
     free_port,
     mosquitto_available,
-    run_mosquitto,
 )
 from vpp.settings import Settings
 
-ROOT = "vpp/v1"
-WAIT_S = 5.0
+ROOT = "vpp/v1"  # the topic root of the mosquitto_broker fixture
 
 needs_mosquitto = pytest.mark.skipif(
     not mosquitto_available(), reason="mosquitto with the dynamic-security plugin not installed"
 )
 
 
-class Client:
-    """A blocking MQTT 5 test client that records what the broker tells it."""
-
-    def __init__(self, broker: MosquittoBroker, username: str | None, password: str | None):
-        self._broker = broker
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"t-{username}-{secrets.token_hex(3)}",
-            protocol=mqtt.MQTTv5,
-        )
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.connack: ReasonCode | None = None
-        self.connected = threading.Event()
-        self.disconnected = threading.Event()
-        self.messages: list[tuple[str, bytes]] = []
-        self._message_arrived = threading.Condition()
-        self._subacks: dict[int, list[ReasonCode]] = {}
-        self._suback_arrived = threading.Condition()
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
-
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
-        self.connack = rc
-        self.connected.set()
-
-    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _rc: ReasonCode, _p: Any) -> None:
-        self.disconnected.set()
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._message_arrived:
-            self.messages.append((msg.topic, bytes(msg.payload)))
-            self._message_arrived.notify_all()
-
-    def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
-        with self._suback_arrived:
-            self._subacks[mid] = rcs
-            self._suback_arrived.notify_all()
-
-    def connect(self) -> ReasonCode:
-        """CONNECT and return the CONNACK reason code (the client stops retrying on refusal)."""
-        self.client.connect(self._broker.host, self._broker.port, keepalive=30)
-        self.client.loop_start()
-        assert self.connected.wait(WAIT_S), "no CONNACK"
-        assert self.connack is not None
-        if self.connack.is_failure:
-            self.stop()
-        return self.connack
-
-    def subscribe(self, topic: str, qos: int = 1) -> ReasonCode:
-        """SUBSCRIBE one filter and return its SUBACK reason code."""
-        _rc, mid = self.client.subscribe(topic, qos)
-        assert mid is not None
-        with self._suback_arrived:
-            assert self._suback_arrived.wait_for(lambda: mid in self._subacks, WAIT_S)
-            return self._subacks[mid][0]
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(WAIT_S)
-
-    def wait_for(self, topic: str, payload: bytes) -> bool:
-        with self._message_arrived:
-            return self._message_arrived.wait_for(lambda: (topic, payload) in self.messages, WAIT_S)
-
-    def received(self, topic: str) -> list[bytes]:
-        with self._message_arrived:
-            return [p for t, p in self.messages if t == topic]
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[MosquittoBroker]:
-    if not mosquitto_available():
-        pytest.skip("mosquitto with the dynamic-security plugin is not installed")
-    with run_mosquitto(ROOT) as b:
-        yield b
-
-
 @pytest.fixture
-async def manager(broker: MosquittoBroker) -> AsyncIterator[DynsecCredentialManager]:
+async def manager(mosquitto_broker: MosquittoBroker) -> AsyncIterator[DynsecCredentialManager]:
     # The service's own login (role vpp-service) administers device credentials.
     m = DynsecCredentialManager(
-        broker.host,
-        broker.port,
-        broker.service_username,
-        broker.service_password,
+        mosquitto_broker.host,
+        mosquitto_broker.port,
+        mosquitto_broker.service_username,
+        mosquitto_broker.service_password,
         topic_root=ROOT,
         timeout_s=10,
     )
@@ -155,9 +67,9 @@ def new_ids(n: int) -> list[str]:
 
 
 def connected(
-    clients: list[Client], broker: MosquittoBroker, user: str | None, pw: str | None
+    clients: list[Client], mosquitto_broker: MosquittoBroker, user: str | None, pw: str | None
 ) -> Client:
-    c = Client(broker, user, pw)
+    c = Client(mosquitto_broker, user, pw)
     clients.append(c)
     rc = c.connect()
     assert not rc.is_failure, f"{user} refused: {rc}"
@@ -220,16 +132,21 @@ def test_make_credential_manager_picks_by_settings() -> None:
 # --- against the project's Mosquitto ---------------------------------------------------------
 @needs_mosquitto
 async def test_device_cannot_publish_on_another_devices_topics(
-    broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
+    mosquitto_broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
 ) -> None:
     a, b = new_ids(2)
     pws = await manager.provision([a, b])
     # The ingest side reads through an MQTT 5 shared subscription with the service login.
-    service = connected(clients, broker, broker.service_username, broker.service_password)
+    service = connected(
+        clients,
+        mosquitto_broker,
+        mosquitto_broker.service_username,
+        mosquitto_broker.service_password,
+    )
     for kind in ("telemetry", "status", "ack"):
         rc = service.subscribe(f"$share/ingest/{ROOT}/devices/+/{kind}")
         assert not rc.is_failure, rc
-    device_a = connected(clients, broker, a, pws[a])
+    device_a = connected(clients, mosquitto_broker, a, pws[a])
     ta, tb = device_topics(ROOT, a), device_topics(ROOT, b)
 
     for kind in ("telemetry", "status", "ack"):
@@ -241,7 +158,7 @@ async def test_device_cannot_publish_on_another_devices_topics(
         assert service.received(tb[kind]) == [], f"forged {kind} was delivered"
     # Nor may a device publish commands, to itself or anyone.
     device_a.publish(tb["cmd"], b"{}", qos=1)
-    device_b = connected(clients, broker, b, pws[b])
+    device_b = connected(clients, mosquitto_broker, b, pws[b])
     assert not device_b.subscribe(tb["cmd"]).is_failure
     service.publish(tb["cmd"], b'{"command_id": "c-1"}')
     assert device_b.wait_for(tb["cmd"], b'{"command_id": "c-1"}')
@@ -250,11 +167,11 @@ async def test_device_cannot_publish_on_another_devices_topics(
 
 @needs_mosquitto
 async def test_device_subscribes_only_to_its_own_cmd(
-    broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
+    mosquitto_broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
 ) -> None:
     a, b = new_ids(2)
     pws = await manager.provision([a])
-    device_a = connected(clients, broker, a, pws[a])
+    device_a = connected(clients, mosquitto_broker, a, pws[a])
     for forbidden in (
         f"{ROOT}/devices/+/cmd",
         "#",
@@ -270,12 +187,12 @@ async def test_device_subscribes_only_to_its_own_cmd(
 
 @needs_mosquitto
 async def test_wrong_password_and_anonymous_are_refused(
-    broker: MosquittoBroker, manager: DynsecCredentialManager
+    mosquitto_broker: MosquittoBroker, manager: DynsecCredentialManager
 ) -> None:
     (a,) = new_ids(1)
     pws = await manager.provision([a])
     for user, pw in ((a, pws[a] + "x"), (a, ""), ("no-such-device", pws[a]), (None, None)):
-        c = Client(broker, user, pw)
+        c = Client(mosquitto_broker, user, pw)
         rc = c.connect()
         assert rc.is_failure, f"{user!r} got in"
         assert rc.getName() in ("Not authorized", "Bad user name or password"), rc.getName()
@@ -283,17 +200,17 @@ async def test_wrong_password_and_anonymous_are_refused(
 
 @needs_mosquitto
 async def test_revoke_disconnects_at_once_and_locks_out(
-    broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
+    mosquitto_broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
 ) -> None:
     a, keep = new_ids(2)
     pws = await manager.provision([a, keep])
-    device = connected(clients, broker, a, pws[a])
-    other = connected(clients, broker, keep, pws[keep])
+    device = connected(clients, mosquitto_broker, a, pws[a])
+    other = connected(clients, mosquitto_broker, keep, pws[keep])
 
     await manager.revoke([a])
 
     assert device.disconnected.wait(WAIT_S), "revoked device still connected"
-    again = Client(broker, a, pws[a])
+    again = Client(mosquitto_broker, a, pws[a])
     assert again.connect().is_failure
     assert not other.disconnected.is_set()  # only the revoked device is touched
     await manager.revoke([a])  # idempotent: revoking twice is fine
@@ -301,27 +218,37 @@ async def test_revoke_disconnects_at_once_and_locks_out(
 
 @needs_mosquitto
 async def test_provision_again_replaces_the_password(
-    broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
+    mosquitto_broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
 ) -> None:
     (a,) = new_ids(1)
     first = (await manager.provision([a]))[a]
     second = (await manager.provision([a]))[a]
     assert first != second
-    assert Client(broker, a, first).connect().is_failure
-    device = connected(clients, broker, a, second)
+    assert Client(mosquitto_broker, a, first).connect().is_failure
+    device = connected(clients, mosquitto_broker, a, second)
     assert not device.subscribe(device_topics(ROOT, a)["cmd"]).is_failure
 
 
 @needs_mosquitto
 async def test_gateway_publishes_for_many_devices(
-    broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
+    mosquitto_broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
 ) -> None:
     ids = new_ids(60)  # several $CONTROL batches
     pws = await manager.provision(ids)
     assert len(pws) == 60 and len(set(pws.values())) == 60
-    service = connected(clients, broker, broker.service_username, broker.service_password)
+    service = connected(
+        clients,
+        mosquitto_broker,
+        mosquitto_broker.service_username,
+        mosquitto_broker.service_password,
+    )
     assert not service.subscribe(f"{ROOT}/devices/+/telemetry").is_failure
-    gateway = connected(clients, broker, broker.gateway_username, broker.gateway_password)
+    gateway = connected(
+        clients,
+        mosquitto_broker,
+        mosquitto_broker.gateway_username,
+        mosquitto_broker.gateway_password,
+    )
     assert not gateway.subscribe(f"{ROOT}/devices/+/cmd").is_failure
     for d in ids:
         gateway.publish(device_topics(ROOT, d)["telemetry"], d.encode(), qos=1)
@@ -330,12 +257,14 @@ async def test_gateway_publishes_for_many_devices(
     service.publish(device_topics(ROOT, ids[7])["cmd"], b"go")
     assert gateway.wait_for(device_topics(ROOT, ids[7])["cmd"], b"go")
     # The last device of the bulk has a working login of its own.
-    connected(clients, broker, ids[-1], pws[ids[-1]])
+    connected(clients, mosquitto_broker, ids[-1], pws[ids[-1]])
 
 
 @needs_mosquitto
-async def test_auto_mode_finds_dynsec(broker: MosquittoBroker) -> None:
-    settings = Settings(mqtt_url=broker.service_url, broker_credentials="auto", topic_root=ROOT)
+async def test_auto_mode_finds_dynsec(mosquitto_broker: MosquittoBroker) -> None:
+    settings = Settings(
+        mqtt_url=mosquitto_broker.service_url, broker_credentials="auto", topic_root=ROOT
+    )
     m = make_credential_manager(settings)
     assert isinstance(m, AutoCredentialManager)
     try:
@@ -343,7 +272,7 @@ async def test_auto_mode_finds_dynsec(broker: MosquittoBroker) -> None:
         assert isinstance(m.chosen, DynsecCredentialManager)
         (a,) = new_ids(1)
         pws = await m.provision([a])
-        c = Client(broker, a, pws[a])
+        c = Client(mosquitto_broker, a, pws[a])
         assert not c.connect().is_failure
         c.stop()
     finally:
@@ -374,13 +303,13 @@ async def test_unreachable_broker_is_an_error_not_a_silent_fallback() -> None:
 
 @needs_mosquitto
 async def test_provision_repairs_a_half_made_device(
-    broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
+    mosquitto_broker: MosquittoBroker, manager: DynsecCredentialManager, clients: list[Client]
 ) -> None:
     # A crash between createRole and createClient leaves a role without its client.
     (a,) = new_ids(1)
     await manager.provision([a])
     await manager._execute([{"command": "deleteClient", "username": a}])
     pws = await manager.provision([a])
-    device = connected(clients, broker, a, pws[a])
+    device = connected(clients, mosquitto_broker, a, pws[a])
     assert not device.subscribe(device_topics(ROOT, a)["cmd"]).is_failure
     assert device.subscribe(f"{ROOT}/devices/+/cmd").is_failure

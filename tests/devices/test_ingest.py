@@ -24,15 +24,15 @@ from sqlalchemy import select
 
 from devices.ingest import IngestWorker
 from devices.mqtt import MqttClient
-from devices.telemetry import BATTERY, SOLAR, THERMOSTAT
 from dispatch.services import Services
 from store.history import IntervalHistory, write_intervals
 from store.models import TelemetryInterval
-from tests.conftest import MQTT_URL, REDIS_URL, make_settings, unique
 from tests.helpers.mosquitto import free_port
+from tests.helpers.settings import MQTT_URL, REDIS_URL, make_settings, unique
 from vpp.clock import ManualClock
 from vpp.domain import RejectReason
 from vpp.fleet.records import STATE_DTYPE, unpack_states
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT
 from vpp.settings import Settings
 
 T0 = 1_784_061_000_000  # 2026-07-14T20:30:00Z, on a 5-minute boundary

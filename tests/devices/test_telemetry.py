@@ -12,18 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.telemetry import (
-    BATTERY,
-    OFFBOARDED,
-    SOLAR,
-    THERMOSTAT,
     Rejected,
     record_ts_seq,
     validate_ack,
     validate_status,
     validate_telemetry,
 )
-from vpp.domain import RejectReason
+from vpp.domain import KIND_OFFBOARDED, RejectReason
 from vpp.fleet.records import STATE_DTYPE
+from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT
 from vpp.physics import MODE_COOL
 
 NOW = 1_784_061_042_000
@@ -190,7 +187,9 @@ def test_value_out_of_range(kind: int, payload: bytes, field: str) -> None:
 def test_unknown_and_offboarded_device() -> None:
     rejected(validate_telemetry(battery(), 9, None, NOW), RejectReason.unknown_device, "device_id")
     rejected(
-        validate_telemetry(battery(), OFFBOARDED, None, NOW), RejectReason.offboarded, "device_id"
+        validate_telemetry(battery(), KIND_OFFBOARDED, None, NOW),
+        RejectReason.offboarded,
+        "device_id",
     )
 
 
@@ -327,7 +326,7 @@ json_values = st.recursive(
             json_values,
         ).map(lambda d: orjson.dumps(d)),
     ),
-    kind=st.sampled_from([BATTERY, SOLAR, THERMOSTAT, OFFBOARDED, 7]),
+    kind=st.sampled_from([BATTERY, SOLAR, THERMOSTAT, KIND_OFFBOARDED, 7]),
 )
 def test_any_payload_is_either_a_record_or_a_named_rejection(payload: bytes, kind: int) -> None:
     r = validate_telemetry(payload, kind, (NOW - 10_000, 3), NOW)

@@ -9,8 +9,9 @@ from dispatch.assign import assign, replacements
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams
-from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
-from tests.dispatch.test_optimiser import NOW, REGION, demand, fleet_of, horizon
+from sim.synthetic import synthetic_fleet, synthetic_usage
+from tests.helpers.demands import demand, horizon
+from tests.helpers.fleets import NOW, REGION, fleet_of
 from vpp.domain import FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 

@@ -22,10 +22,11 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import REDIS_URL
-from tests.dispatch.eventkit import iso, summer_origin_ms, wait_for
+from tests.helpers.eventkit import summer_origin_ms, wait_for
+from tests.helpers.settings import REDIS_URL
 from vpp.clock import Clock
 from vpp.settings import Settings
+from vpp.timefmt import to_rfc3339
 
 SCALE = 60.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +116,8 @@ async def test_kill_9_mid_event_resumes_without_conflicting_commands(
         start = (clock.now_ms() // 300_000 + 2) * 300_000
         end = start + 3_600_000
         r = await http.post("/v1/grid-events", headers=op, json={
-            "region": "ERCOT-NORTH", "mw": 0.4, "start": iso(start), "end": iso(end)})  # fmt: skip
+            "region": "ERCOT-NORTH", "mw": 0.4,
+            "start": to_rfc3339(start), "end": to_rfc3339(end)})  # fmt: skip
         assert r.status_code == 201, r.text
         ev_id = r.json()["id"]
 

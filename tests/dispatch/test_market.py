@@ -1,7 +1,7 @@
 """The market: ledger arithmetic, quotes, commits, cancels and plans, on SQLite and PostgreSQL.
 
-The forecaster is replaced by :class:`StubForecast` (a ForecastService whose P90 is set by the
-test), so the figures a buyer would check are exact.
+The forecaster is replaced by :class:`tests.helpers.market.StubForecast` (a ForecastService whose
+P90 is set by the test), so the figures a buyer would check are exact.
 """
 
 from __future__ import annotations
@@ -13,91 +13,29 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from dispatch.forecast_service import ForecastService, validate_window
+from dispatch import events as es
 from dispatch.housekeeping import MarketHousekeeper
 from dispatch.market import (
     RequestInput,
     ledger_slots,
     make_quote,
-    performance,
     sellable_mw,
     validate_input,
     window_rule,
 )
 from dispatch.planner import material_change
-from sim.synthetic_dispatch import synthetic_fleet
 from store.models import LedgerEntry, Tenant
-from tests.conftest import make_settings
+from tests.helpers.fleets import fleet_of
+from tests.helpers.market import install_stub
+from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
-from vpp.domain import FreshnessCode
 from vpp.errors import Conflict, InvalidInput, NotFound
-from vpp.fleet.snapshot import BATTERY, FleetSnapshot
-from vpp.forecast.model import ForecastResult
+from vpp.fleet.snapshot import FleetSnapshot
 
 H = 3_600_000
 SLOT = 900_000
 NOW = 1_784_061_000_000  # 2026-07-14T20:30:00Z, on the 15-minute grid
 REGION = "ERCOT-NORTH"
-
-
-class StubForecast(ForecastService):
-    """A forecaster with a set P90 per region (MW), optionally per slot; firmness moves the firm
-    MW around the P90 (above it below 0.9, under it above 0.9)."""
-
-    def __init__(self, services: Any, p90_mw: float = 10.0, delay_s: float = 0.0) -> None:
-        super().__init__(services)
-        self.p90_mw = p90_mw
-        self.p90_at: dict[int, float] = {}
-        self.delay_s = delay_s
-        self.calls = 0
-
-    async def forecast(  # type: ignore[override]
-        self,
-        region: str,
-        start_ms: int,
-        end_ms: int,
-        step_s: int = 900,
-        firmness: float | None = None,
-        event_h: float | None = None,
-    ) -> ForecastResult:
-        import asyncio
-
-        self.calls += 1
-        s = self.services.settings
-        validate_window(
-            region,
-            start_ms,
-            end_ms,
-            step_s,
-            self.services.clock.now_ms(),
-            s.forecast_horizon_h,
-            set(s.regions),
-            firmness,
-        )
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        starts = np.arange(start_ms, end_ms, step_s * 1000, dtype=np.int64)
-        p90 = np.array([self.p90_at.get(int(t), self.p90_mw) for t in starts], dtype=float)
-        f = 0.9 if firmness is None else firmness
-        firm = p90 * (1.0 + (0.9 - f))
-        return ForecastResult(
-            region=region,
-            starts_ms=starts,
-            step_s=step_s,
-            p50_mw=p90 * 1.2,
-            p90_mw=p90,
-            firm_mw=firm,
-            calibrated=True,
-            n_devices=100,
-            firmness=firmness,
-        )
-
-
-def install_stub(services: Any, **kw: Any) -> StubForecast:
-    stub = StubForecast(services, **kw)
-    services.forecast = stub
-    services.market.forecast = stub
-    return stub
 
 
 def inp(mw: float = 5.0, start_h: float = 2.0, end_h: float = 4.0, **kw: Any) -> RequestInput:
@@ -182,12 +120,6 @@ def test_notice_and_event_length_rules() -> None:
     assert rule is not None and "5 h" in rule
 
 
-def test_performance_is_capped_per_interval() -> None:
-    per, total = performance(np.array([2.0, 2.0, 0.0]), np.array([3.0, 1.0, 1.0]))
-    np.testing.assert_allclose(per, [1.0, 0.5, 1.0])
-    assert total == pytest.approx(0.75)
-
-
 def test_idempotency_hash_depends_on_the_body_only() -> None:
     assert inp().body_hash() == inp().body_hash()
     assert inp().body_hash() != inp(mw=5.001).body_hash()
@@ -266,19 +198,20 @@ async def test_state_errors_leave_the_ledger_unchanged(market_env: Any) -> None:
         await market.commit(q2.id, "acme")
     assert "quote expired at" in str(err.value)
     assert (await market.get(q2.id, "acme")).status == "expired"
-    # Committed request: runner marks it active, then completed; cancel is then refused.
+    # Committed request, due once its window opens: the runner's status moves (committed →
+    # active when it starts the event, active → completed when it closes it) refuse cancel.
     q3, _ = await market.quote("acme", inp(mw=2.0))
     await market.commit(q3.id, None)  # operator scope
     before = await ledger_total(services)
     clock.advance(2 * 3600)
-    due = await market.due(clock.now_ms())
-    assert [r.id for r in due] == [q3.id]
-    assert await market.mark_active(q3.id, clock.now_ms())
-    assert not await market.mark_active(q3.id, clock.now_ms())
+    due = await es.due_events(services, clock.now_ms())
+    assert [e.id for e in due] == [q3.id]
+    assert await es.set_status(services, due[0], "active", only_from=("committed",))
+    assert await es.due_events(services, clock.now_ms()) == []
     with pytest.raises(Conflict) as err:
         await market.cancel(q3.id, "acme")
     assert "request is active" in str(err.value)
-    assert await market.mark_completed(q3.id, clock.now_ms(), performance=0.93)
+    assert await es.set_status(services, due[0], "completed", only_from=("active",))
     with pytest.raises(Conflict) as err:
         await market.cancel(q3.id, "acme")
     assert "request is completed" in str(err.value)
@@ -317,7 +250,7 @@ async def test_rejected_when_nothing_is_free_and_window_rule(market_env: Any) ->
     market = services.market
     r, _ = await market.quote("acme", inp(mw=1.0))
     assert r.status == "rejected" and r.quoted_mw == 0.0
-    assert r.quote_expires_ms is None and "interval 2026-07-14T23:30:00Z" in (r.reason or "")
+    assert r.quote_expires_ms is None and "interval 2026-07-14T23:30:00.000Z" in (r.reason or "")
     with pytest.raises(Conflict) as err:
         await market.commit(r.id, "acme")
     assert "rejected" in str(err.value)
@@ -326,25 +259,9 @@ async def test_rejected_when_nothing_is_free_and_window_rule(market_env: Any) ->
 
 
 # --- plans --------------------------------------------------------------------------------------
-def battery_fleet(n: int, now_ms: int, region: str = REGION) -> FleetSnapshot:
-    """n dispatchable batteries (13.5 kWh, 5 kW, full) in one region."""
-    f = synthetic_fleet(n, regions=[region], seed=1, now_ms=now_ms, kind_shares=(1.0, 0.0, 0.0))
-    f.kind_codes[:] = BATTERY
-    f.enrolled[:] = True
-    f.online[:] = True
-    f.freshness[:] = FreshnessCode.fresh
-    f.capacity_wh[:] = 13_500.0
-    f.max_discharge_w[:] = 5_000.0
-    f.backup_reserve_pct[:] = 20.0
-    f.state["soc_pct"] = 100.0
-    f.state["backup_reserve_pct"] = 20.0
-    f.state["recv_ms"] = now_ms - 10_000
-    return f
-
-
 async def test_plan_is_stored_and_remade_when_the_fleet_changes(market_env: Any) -> None:
     services, clock = market_env
-    fleet = {"snap": battery_fleet(400, NOW)}  # 2 MW of batteries
+    fleet = {"snap": fleet_of("b" * 400)}  # 2 MW of batteries
 
     async def snapshot(force: bool = False) -> FleetSnapshot:
         return fleet["snap"]
@@ -364,7 +281,7 @@ async def test_plan_is_stored_and_remade_when_the_fleet_changes(market_env: Any)
     # Nothing changed: refresh leaves the plan alone.
     assert await planner.refresh(clock.now_ms()) == []
     # Half the batteries drop out: re-planned, version 2, with a shortfall.
-    fleet["snap"] = battery_fleet(150, NOW)
+    fleet["snap"] = fleet_of("b" * 150)
     assert await planner.refresh(clock.now_ms()) == [q.id]
     latest = await planner.latest(q.id)
     assert latest is not None and latest.version == 2

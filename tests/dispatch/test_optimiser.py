@@ -2,75 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 from dispatch.clusters import build_clusters
-from dispatch.optimiser import optimise, optimise_greedy
+from dispatch.optimiser import optimise
 from dispatch.types import Demand, DeviceUsage, DispatchParams, Horizon, Plan
-from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
-from vpp import physics
-from vpp.domain import FreshnessCode
-from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
-
-NOW = 1_784_061_000_000
-H = 3_600_000
-REGION = "ERCOT-NORTH"
-
-
-def fleet_of(kinds: str, region: str = REGION, **cols: object) -> FleetSnapshot:
-    """A fleet of identical, dispatchable devices: 'b' battery (13.5 kWh, 5 kW, 100 %, reserve
-    20 %), 't' thermostat (24 °C set, 35 °C outside, 5.6 kW, comfort 27 °C), 's' solar."""
-    n = len(kinds)
-    f = synthetic_fleet(n, regions=[region, "CAISO-SP15"], seed=0, now_ms=NOW)
-    code = {"b": BATTERY, "t": THERMOSTAT, "s": SOLAR}
-    f.kind_codes = np.array([code[k] for k in kinds], dtype=np.int8)
-    f.region_codes = np.zeros(n, np.int32)
-    f.enrolled[:] = True
-    f.online[:] = True
-    f.freshness[:] = FreshnessCode.fresh
-    bat = f.kind_codes == BATTERY
-    th = f.kind_codes == THERMOSTAT
-    f.capacity_wh = np.where(bat, 13_500.0, np.nan)
-    f.max_discharge_w = np.where(bat, 5_000.0, np.nan)
-    f.backup_reserve_pct = np.where(bat, 20.0, np.nan)
-    f.hvac_rated_w = np.where(th, 5_600.0, np.nan)
-    f.comfort_max_c = np.where(th, 27.0, np.nan)
-    f.max_offset_c = np.where(th, 2.0, np.nan)
-    st = f.state
-    st["recv_ms"] = NOW - 10_000
-    st["soc_pct"] = np.where(bat, 100.0, np.nan)
-    st["backup_reserve_pct"] = np.where(bat, 20.0, np.nan)
-    st["mode"] = np.where(th, physics.MODE_COOL, -1)
-    st["setpoint_c"] = np.where(th, 24.0, np.nan)
-    st["indoor_c"] = np.where(th, 24.0, np.nan)
-    st["outdoor_c"] = np.where(th, 35.0, np.nan)
-    for name, value in cols.items():
-        if name in (st.dtype.names or ()):
-            st[name] = value
-        else:
-            setattr(f, name, np.broadcast_to(np.asarray(value), (n,)).copy())
-    return f
-
-
-def horizon(n: int = 16) -> Horizon:
-    return Horizon(start_ms=NOW + H, interval_s=900, n_intervals=n)
-
-
-def demand(
-    id: str = "r1", mw: float = 0.01, start_h: float = 0.0, end_h: float = 2.0, **kw: object
-) -> Demand:
-    h = horizon()
-    args: dict[str, Any] = {"region": REGION, **kw}
-    return Demand(
-        id=id,
-        start_ms=h.start_ms + int(start_h * H),
-        end_ms=h.start_ms + int(end_h * H),
-        mw=mw,
-        **args,
-    )
+from sim.synthetic import synthetic_fleet, synthetic_usage
+from tests.helpers.demands import H, demand, horizon
+from tests.helpers.fleets import NOW, REGION, fleet_of
+from vpp.fleet.snapshot import FleetSnapshot
 
 
 def run(
@@ -186,18 +127,17 @@ def test_per_interval_profile_and_energy_shaping() -> None:
     np.testing.assert_allclose(plan.planned_mw[0, :8], mw[:8], rtol=1e-6)
 
 
-def test_greedy_fallback_and_direct() -> None:
+def test_greedy_fallback() -> None:
     f = synthetic_fleet(400, seed=3, now_ms=NOW)
     u = synthetic_usage(400, seed=3, now_ms=NOW)
     ds = [demand("a", mw=0.2, end_h=2.0), demand("b", mw=0.1, start_h=1.0, end_h=3.0)]
     fallback = optimise(f, u, ds, horizon(), DispatchParams(time_limit_s=0.0))
     assert fallback.solver == "greedy" and fallback.notes
-    direct = optimise_greedy(f, u, ds, horizon(), DispatchParams())
     lp = optimise(f, u, ds, horizon(), DispatchParams())
-    for p in (fallback, direct, lp):
+    for p in (fallback, lp):
         assert (p.planned_mw <= p.requested_mw + 1e-9).all()
         np.testing.assert_allclose(p.planned_mw + p.shortfall_mw, p.requested_mw, atol=1e-9)
-    assert lp.objective >= direct.objective - 1e-6
+    assert lp.objective >= fallback.objective - 1e-6
 
 
 def test_pdlp_solver_matches_glop() -> None:

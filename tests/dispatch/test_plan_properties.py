@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from dispatch.assign import assign, replacements
 from dispatch.optimiser import optimise
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams, Horizon
-from sim.synthetic_dispatch import synthetic_fleet, synthetic_usage
+from sim.synthetic import synthetic_fleet, synthetic_usage
 from vpp import physics
-from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot, outdoor_temperatures
+from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.flexibility import outdoor_temperatures
 
 NOW = 1_784_061_000_000
 H = 3_600_000

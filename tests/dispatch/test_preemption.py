@@ -13,9 +13,11 @@ from sqlalchemy import select, update
 
 from store.keys import ensure_tenant
 from store.models import CapacityRequest, Command, EventTimeline, GridEvent, Plan
-from tests.conftest import make_settings
-from tests.dispatch.eventkit import Stack, iso, running_stack, summer_clock, wait_for
-from vpp.fleet.snapshot import available_kw
+from tests.helpers.eventkit import Stack, running_stack, summer_clock, wait_for
+from tests.helpers.settings import make_settings
+from vpp.domain import CommandStatus, CommandType
+from vpp.flexibility import available_kw
+from vpp.timefmt import to_rfc3339
 
 SCALE = 240.0
 BUYER = "cloudco"
@@ -52,7 +54,8 @@ async def _committed_request(svc: Any, start_ms: int, end_ms: int, mw: float) ->
 async def _grid_event(st: Stack, start_ms: int, end_ms: int, mw: float, preempt: bool) -> str:
     r = await st.client.post(
         "/v1/grid-events",
-        json={"region": "ERCOT-NORTH", "mw": mw, "start": iso(start_ms), "end": iso(end_ms),
+        json={"region": "ERCOT-NORTH", "mw": mw,
+              "start": to_rfc3339(start_ms), "end": to_rfc3339(end_ms),
               "priority": 100, "preempt": preempt},
         headers=await st.operator(),
     )  # fmt: skip
@@ -76,7 +79,14 @@ def _live_devices(cmds: list[Command]) -> set[str]:
     return {
         c.device_id
         for c in cmds
-        if c.type != "restore" and c.status in ("pending", "sent", "received", "started")
+        if c.type != CommandType.restore
+        and c.status
+        in (
+            CommandStatus.pending,
+            CommandStatus.sent,
+            CommandStatus.received,
+            CommandStatus.started,
+        )
     }
 
 
@@ -95,7 +105,7 @@ async def _running_request(st: Stack, mw_share: float) -> tuple[str, float, int]
 
     async def acked() -> bool:
         snap = st.runner.snapshot_of(rid)
-        return bool(snap and snap["by_status"].get("started", 0) > 0)
+        return bool(snap and snap["by_status"].get(CommandStatus.started.value, 0) > 0)
 
     assert await wait_for(acked, 20)
     assert await _status(svc, CapacityRequest, rid) == "active"
@@ -119,7 +129,7 @@ async def test_preempting_grid_event_takes_devices_from_a_request(  # type: igno
         # The grid event is running as soon as its plan is made; its commands and the request's
         # preempted marks are written right after, so wait for them.
         async def preempted_commands() -> list[Any]:
-            return [c for c in await _commands(svc, rid) if c.status == "preempted"]
+            return [c for c in await _commands(svc, rid) if c.status == CommandStatus.preempted]
 
         async def some_preempted() -> bool:
             return bool(await preempted_commands())
@@ -164,7 +174,7 @@ async def test_grid_event_without_preempt_gets_only_what_is_free(  # type: ignor
         ge = await _grid_event(st, svc.clock.now_ms() + MIN, end, round(0.7 * avail, 3), False)
         assert await wait_for(lambda: ge in st.runner.running, 20)
         cr_cmds = await _commands(svc, rid)
-        assert not [c for c in cr_cmds if c.status == "preempted"]
+        assert not [c for c in cr_cmds if c.status == CommandStatus.preempted]
         assert held <= _live_devices(cr_cmds)
         assert not held & _live_devices(await _commands(svc, ge))
         # What the commitment holds is not free: the grid event's plan is short.
@@ -240,8 +250,12 @@ async def test_request_cancelled_while_active_restores_every_device(  # type: ig
 
         async def all_restored() -> bool:
             cmds = await _commands(svc, rid)
-            sent = {c.device_id for c in cmds if c.type != "restore" and c.status != "restored"}
-            restored = {c.device_id for c in cmds if c.type == "restore"}
+            sent = {
+                c.device_id
+                for c in cmds
+                if c.type != CommandType.restore and c.status != CommandStatus.restored
+            }
+            restored = {c.device_id for c in cmds if c.type == CommandType.restore}
             return bool(cmds) and sent <= restored
 
         assert await wait_for(all_restored, 20)

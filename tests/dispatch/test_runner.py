@@ -18,9 +18,13 @@ from dispatch.runner import (
     payloads,
 )
 from store.models import Command, GridEvent, SettlementLine
-from tests.conftest import make_settings
-from tests.dispatch.eventkit import iso, running_stack, summer_clock, wait_for
-from vpp.fleet.snapshot import available_kw
+from tests.helpers.eventkit import running_stack, summer_clock, wait_for
+from tests.helpers.fleets import fleet_of
+from tests.helpers.settings import make_settings
+from vpp.domain import CommandStatus, CommandType, RequestStatus
+from vpp.fleet.snapshot import THERMOSTAT
+from vpp.flexibility import available_kw
+from vpp.timefmt import to_rfc3339
 
 SCALE = 240.0
 
@@ -29,7 +33,12 @@ async def _grid_event(stack, start_ms: int, end_ms: int, mw: float) -> str:  # t
     headers = await stack.operator()
     r = await stack.client.post(
         "/v1/grid-events",
-        json={"region": "ERCOT-NORTH", "mw": mw, "start": iso(start_ms), "end": iso(end_ms)},
+        json={
+            "region": "ERCOT-NORTH",
+            "mw": mw,
+            "start": to_rfc3339(start_ms),
+            "end": to_rfc3339(end_ms),
+        },
         headers=headers,
     )
     assert r.status_code == 201, r.text
@@ -63,11 +72,11 @@ async def test_grid_event_runs_restores_and_settles(sqlite_url, services_factory
         async with svc.db.session() as s:
             cmds = (await s.execute(select(Command).where(Command.event_id == ev_id))).scalars()
             cmds = list(cmds)
-        assert cmds and all(c.status != "pending" for c in cmds)
+        assert cmds and all(c.status != CommandStatus.pending for c in cmds)
         assert all(c.valid_until_ms <= end + 16 * 60_000 for c in cmds)
 
         assert await wait_for(lambda: svc.clock.now_ms() > end + 25 * 60_000, 90)
-        assert await status() == "completed"
+        assert await status() == RequestStatus.completed
 
         async def settled() -> bool:
             async with svc.db.session() as s:
@@ -131,7 +140,7 @@ def _fake_run(n: int, now: int) -> Running:
         ids=[f"c-{i:04d}" for i in range(n)],
         device_ids=[f"d-{i}" for i in range(n)],
         kind=np.zeros(n, np.int8),
-        type=["battery_discharge"] * n,
+        type=[CommandType.battery_discharge.value] * n,
         setpoint_w=np.full(n, 3000.0),
         offset_c=np.full(n, np.nan),
         limit_w=np.full(n, np.nan),
@@ -161,7 +170,8 @@ def test_command_json_follows_the_contract() -> None:
         "valid_until": 1_784_064_600_000,
     }
     b = CommandBatch(
-        ids=["c-r"], device_ids=["d-1"], kind=np.array([2], np.int8), type=["thermostat_offset"],
+        ids=["c-r"], device_ids=["d-1"], kind=np.array([THERMOSTAT], np.int8),
+        type=[CommandType.thermostat_offset.value],
         setpoint_w=np.array([np.nan]), offset_c=np.array([1.7]), limit_w=np.array([np.nan]),
         valid_from_ms=np.array([1], np.int64), valid_until_ms=np.array([2], np.int64),
         randomize_s=np.array([120], np.int64), baseline_w=np.array([0.0]),
@@ -172,7 +182,7 @@ def test_command_json_follows_the_contract() -> None:
 
 
 async def test_unacknowledged_commands_are_retried_then_replaced(
-    sqlite_url, services_factory
+    sqlite_url, services_factory, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     from vpp.clock import ManualClock
 
@@ -208,7 +218,7 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
     await runner.drain_acks()
     import dispatch.runner as rmod
 
-    rmod.MIN_ACK_WAIT_WALL_S = 0.0
+    monkeypatch.setattr(rmod, "MIN_ACK_WAIT_WALL_S", 0.0)
     run.table.sent_wall[:] -= 31.0
     await runner.retries(run)
     assert len(sent) == 2 and len(sent[1]) == 2
@@ -218,9 +228,9 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
     assert (run.table.status[1:] == MISSED).all() and sorted(replaced) == [1, 2]
     async with svc.db.session() as s:
         rows = {c.id: c for c in (await s.execute(select(Command))).scalars()}
-    assert rows["c-0000"].status == "started" and rows["c-0001"].status == "missed"
+    assert rows["c-0000"].status == CommandStatus.started
+    assert rows["c-0001"].status == CommandStatus.missed
     assert rows["c-0001"].attempts == 2
-    rmod.MIN_ACK_WAIT_WALL_S = 2.0
 
 
 def _batch_of(run: Running) -> CommandBatch:
@@ -228,7 +238,7 @@ def _batch_of(run: Running) -> CommandBatch:
     n = len(t)
     return CommandBatch(
         ids=t.cmd_id.tolist(), device_ids=t.device_id.tolist(), kind=t.kind,
-        type=["battery_discharge"] * n, setpoint_w=np.full(n, 3000.0),
+        type=[CommandType.battery_discharge.value] * n, setpoint_w=np.full(n, 3000.0),
         offset_c=np.full(n, np.nan), limit_w=np.full(n, np.nan),
         valid_from_ms=t.valid_from_ms, valid_until_ms=t.valid_until_ms,
         randomize_s=np.zeros(n, np.int64), baseline_w=t.baseline_w, expected_kw=t.expected_kw,
@@ -245,7 +255,6 @@ async def test_estimate_waits_for_telemetry_from_after_the_start(
     thermostats' shed faded later in the window. Once a device has had time to report and has
     not, it is stale."""
     from dispatch.runner import ACT_LAG_MS, STARTED
-    from tests.dispatch.test_optimiser import fleet_of
     from vpp.clock import ManualClock
 
     start = 1_784_061_000_000

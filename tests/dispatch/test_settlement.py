@@ -14,6 +14,7 @@ from dispatch.settlement import (
     TenInTen,
     active_mask,
     fit_battery_drift,
+    interval_performance,
     performance,
     resample,
     settle,
@@ -25,10 +26,23 @@ GRID = SettlementGrid(T0, T0 + 3_600_000, 900)  # four 15-minute intervals
 
 
 def test_performance_caps_each_interval_at_the_commitment() -> None:
-    assert performance(np.array([1.2, 0.5, -0.1]), np.array([1.0, 1.0, 1.0])) == pytest.approx(
+    delivered, committed = np.array([1.2, 0.5, -0.1]), np.array([1.0, 1.0, 1.0])
+    assert performance(delivered_mw=delivered, committed_mw=committed) == pytest.approx(
         (1.0 + 0.5 + 0.0) / 3
     )
-    assert performance(np.array([1.0]), np.array([0.0])) == 0.0
+    assert performance(delivered_mw=[1.0], committed_mw=[0.0]) == 0.0
+    per = interval_performance(
+        delivered_mw=[1.2, 0.5, -0.1, np.nan, 1.0], committed_mw=[1, 1, 1, 1, 0]
+    )
+    np.testing.assert_allclose(per, [1.0, 0.5, 0.0, 0.0, 0.0])
+
+
+def test_performance_is_capped_per_interval() -> None:
+    # As a request's view shows it: an interval with nothing committed reads as met.
+    committed, delivered = np.array([2.0, 2.0, 0.0]), np.array([3.0, 1.0, 1.0])
+    per = interval_performance(delivered_mw=delivered, committed_mw=committed, uncommitted=1.0)
+    np.testing.assert_allclose(per, [1.0, 0.5, 1.0])
+    assert performance(delivered_mw=delivered, committed_mw=committed) == pytest.approx(0.75)
 
 
 def test_resample_averages_history_slots_into_settlement_intervals() -> None:

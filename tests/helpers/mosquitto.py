@@ -7,13 +7,14 @@ the dynsec file with ``deploy/mosquitto/init-dynsec.sh`` (admin, ``vpp-service``
 credentials, and stops the broker afterwards. The system broker on 127.0.0.1:1883 is never
 touched.
 
-Use it as a context manager, or import the ``mosquitto_broker`` fixture (module scope: one
-broker per test module, about a second to start)::
-
-    from tests.helpers.mosquitto import mosquitto_broker  # noqa: F401  (registers the fixture)
+Use it as a context manager, or ask for the ``mosquitto_broker`` fixture (tests/conftest.py;
+module scope: one broker per test module, about a second to start)::
 
     async def test_x(mosquitto_broker):
         settings = Settings(mqtt_url=mosquitto_broker.service_url, broker_credentials="dynsec")
+
+:class:`Client` is a blocking MQTT 5 client (paho) for playing a device, the service or the
+gateway against such a broker.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
-import pytest
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_CONF = REPO_ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -226,10 +231,80 @@ def run_mosquitto(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def mosquitto_broker() -> Iterator[MosquittoBroker]:
-    """A private dynsec Mosquitto for the test module (skips when Mosquitto is not installed)."""
-    if not mosquitto_available():
-        pytest.skip("mosquitto with the dynamic-security plugin is not installed")
-    with run_mosquitto() as broker:
-        yield broker
+# --- a test client ---------------------------------------------------------------------------
+WAIT_S = 5.0  # how long the client waits for any answer from the broker
+
+
+class Client:
+    """A blocking MQTT 5 test client that records what the broker tells it."""
+
+    def __init__(self, broker: MosquittoBroker, username: str | None, password: str | None):
+        self._broker = broker
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"t-{username}-{secrets.token_hex(3)}",
+            protocol=mqtt.MQTTv5,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.connack: ReasonCode | None = None
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.messages: list[tuple[str, bytes]] = []
+        self._message_arrived = threading.Condition()
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._suback_arrived = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.connack = rc
+        self.connected.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _rc: ReasonCode, _p: Any) -> None:
+        self.disconnected.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._message_arrived:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+            self._message_arrived.notify_all()
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
+        with self._suback_arrived:
+            self._subacks[mid] = rcs
+            self._suback_arrived.notify_all()
+
+    def connect(self) -> ReasonCode:
+        """CONNECT and return the CONNACK reason code (the client stops retrying on refusal)."""
+        self.client.connect(self._broker.host, self._broker.port, keepalive=30)
+        self.client.loop_start()
+        assert self.connected.wait(WAIT_S), "no CONNACK"
+        assert self.connack is not None
+        if self.connack.is_failure:
+            self.stop()
+        return self.connack
+
+    def subscribe(self, topic: str, qos: int = 1) -> ReasonCode:
+        """SUBSCRIBE one filter and return its SUBACK reason code."""
+        _rc, mid = self.client.subscribe(topic, qos)
+        assert mid is not None
+        with self._suback_arrived:
+            assert self._suback_arrived.wait_for(lambda: mid in self._subacks, WAIT_S)
+            return self._subacks[mid][0]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(WAIT_S)
+
+    def wait_for(self, topic: str, payload: bytes) -> bool:
+        with self._message_arrived:
+            return self._message_arrived.wait_for(lambda: (topic, payload) in self.messages, WAIT_S)
+
+    def received(self, topic: str) -> list[bytes]:
+        with self._message_arrived:
+            return [p for t, p in self.messages if t == topic]
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

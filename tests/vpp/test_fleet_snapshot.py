@@ -12,7 +12,8 @@ import pytest
 from vpp.domain import FreshnessCode
 from vpp.fleet.records import empty_state, pack_state
 from vpp.fleet.registry import assemble, build_registry
-from vpp.fleet.snapshot import FleetSnapshot, available_kw, compute_freshness, summarise
+from vpp.fleet.snapshot import FleetSnapshot, compute_freshness, summarise
+from vpp.flexibility import available_kw
 
 NOW = 1_784_061_000_000
 INTERVAL_S = 300.0
@@ -212,7 +213,7 @@ def test_summarise_per_region_and_kind() -> None:
         "t1": rec(indoor_c=24, setpoint_c=24, outdoor_c=35, mode=1),
     }
     snap = snapshot(rows, states)
-    out = {(r["region"], r["kind"]): r for r in summarise(snap)}
+    out = {(r["region"], r["kind"]): r for r in summarise(snap, available_kw(snap))}
     assert set(out) == {
         ("ERCOT-NORTH", "battery"),
         ("PJM-DOM", "battery"),
@@ -228,8 +229,5 @@ def test_summarise_per_region_and_kind() -> None:
     )
     solar = out[("ERCOT-NORTH", "solar")]
     assert (solar["registered"], solar["online"], solar["available_mw"]) == (1, 0, 0)
-    # A caller that has the kW already gets the same sums.
-    same = summarise(snap, kw=available_kw(snap))
-    assert same == summarise(snap)
-    sub = snap.take(snap.mask(region="PJM-DOM"))
-    assert [r["registered"] for r in summarise(sub)] == [1]
+    sel = snap.mask(region="PJM-DOM")
+    assert [r["registered"] for r in summarise(snap.take(sel), available_kw(snap)[sel])] == [1]

@@ -8,12 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sim.backtest import BacktestConfig, run_backtest
 from sim.synthetic import make_fleet
+from tests.helpers.fleets import fleet_of
 from vpp import physics
-from vpp.domain import FreshnessCode
-from vpp.fleet.records import empty_state
-from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.fleet.snapshot import FleetSnapshot
 from vpp.forecast import model as m
 
 NOW = 1_783_000_800_000  # a summer afternoon, on the 15-minute grid
@@ -21,47 +19,6 @@ H = m.HOUR_MS
 NO_SHOCKS = m.ShockParams(
     temp_sigma_c=0.0, vendor_outage_p=0.0, optout_wave_sigma=0.0, solar_sigma=0.0
 )
-
-
-def uniform_fleet(n: int, kind: int, **cols: float) -> FleetSnapshot:
-    """n identical devices of one kind in one region, online and fresh."""
-    state = np.repeat(empty_state(), n)
-    state["recv_ms"] = NOW
-    for name in ("soc_pct", "setpoint_c", "indoor_c", "backup_reserve_pct"):
-        if name in cols:
-            state[name] = cols[name]
-    state["mode"] = physics.MODE_COOL if kind == THERMOSTAT else -1
-
-    def col(name: str) -> np.ndarray:
-        return np.full(n, cols.get(name, np.nan))
-
-    return FleetSnapshot(
-        now_ms=NOW,
-        device_ids=np.array([f"d{i}" for i in range(n)], dtype=object),
-        tenant_ids=np.full(n, "t", dtype=object),
-        region_codes=np.zeros(n, np.int32),
-        regions=["ERCOT-NORTH"],
-        kind_codes=np.full(n, kind, np.int8),
-        vendor_codes=np.zeros(n, np.int32),
-        vendors=["v"],
-        feeder_codes=np.zeros(n, np.int32),
-        feeders=[""],
-        enrolled=np.ones(n, bool),
-        capacity_wh=col("capacity_wh"),
-        max_discharge_w=col("max_discharge_w"),
-        max_charge_w=col("max_charge_w"),
-        backup_reserve_pct=col("backup_reserve_pct"),
-        rated_w=col("rated_w"),
-        hvac_rated_w=col("hvac_rated_w"),
-        comfort_max_c=col("comfort_max_c"),
-        comfort_min_c=col("comfort_min_c"),
-        max_offset_c=col("max_offset_c"),
-        lat=col("lat"),
-        lon=col("lon"),
-        state=state,
-        online=np.ones(n, bool),
-        freshness=np.full(n, FreshnessCode.fresh, np.int8),
-    )
 
 
 def flat_weather(temp_c: float, ghi: float = 0.0, hours: int = 60) -> m.WeatherForecast:
@@ -102,9 +59,10 @@ def test_quantile_for_firmness() -> None:
 def test_batteries_sum_to_hand_computed_mw() -> None:
     # 1000 × 13.5 kWh at 80 %, reserve 20 %, 5 kW, over a 2 h window starting now:
     # 8.1 kWh × 0.949 / 2 h = 3.8435 kW each → 3.8435 MW, certain.
-    snap = uniform_fleet(
-        1000,
-        BATTERY,
+    snap = fleet_of(
+        "b" * 1000,
+        now_ms=NOW,
+        age_s=0.0,
         capacity_wh=13_500.0,
         max_discharge_w=5_000.0,
         max_charge_w=5_000.0,
@@ -120,9 +78,10 @@ def test_batteries_sum_to_hand_computed_mw() -> None:
 
 def test_online_rate_and_optout_scale_the_mw() -> None:
     # Online 80 %, opt-out 10 % at 2 h: 3.8435 MW × 0.8 × 0.9 = 2.7673 MW expected.
-    snap = uniform_fleet(
-        1000,
-        BATTERY,
+    snap = fleet_of(
+        "b" * 1000,
+        now_ms=NOW,
+        age_s=0.0,
         capacity_wh=13_500.0,
         max_discharge_w=5_000.0,
         max_charge_w=5_000.0,
@@ -147,9 +106,10 @@ def test_online_rate_and_optout_scale_the_mw() -> None:
 def test_thermostats_match_the_rc_model_and_fall_with_event_length() -> None:
     # 1000 homes at 24 °C, comfort 26 °C, max offset 2 °C → the default +1.7 °C offset;
     # 35 °C outside all day.
-    snap = uniform_fleet(
-        1000,
-        THERMOSTAT,
+    snap = fleet_of(
+        "t" * 1000,
+        now_ms=NOW,
+        age_s=0.0,
         setpoint_c=24.0,
         indoor_c=24.0,
         hvac_rated_w=5_600.0,
@@ -168,9 +128,10 @@ def test_thermostats_match_the_rc_model_and_fall_with_event_length() -> None:
 
 
 def test_temperature_error_spreads_thermostat_forecast() -> None:
-    snap = uniform_fleet(
-        1000,
-        THERMOSTAT,
+    snap = fleet_of(
+        "t" * 1000,
+        now_ms=NOW,
+        age_s=0.0,
         setpoint_c=24.0,
         hvac_rated_w=5_600.0,
         comfort_max_c=27.0,
@@ -182,9 +143,10 @@ def test_temperature_error_spreads_thermostat_forecast() -> None:
 
 
 def test_vendor_outage_and_opt_out_wave_lower_p90() -> None:
-    snap = uniform_fleet(
-        2000,
-        BATTERY,
+    snap = fleet_of(
+        "b" * 2000,
+        now_ms=NOW,
+        age_s=0.0,
         capacity_wh=13_500.0,
         max_discharge_w=5_000.0,
         max_charge_w=5_000.0,
@@ -227,7 +189,7 @@ def test_a_fifth_of_batteries_offline_moves_next_hour() -> None:
 
 
 def test_region_without_devices_is_zero() -> None:
-    snap = uniform_fleet(10, BATTERY, soc_pct=50.0)
+    snap = fleet_of("b" * 10, now_ms=NOW, age_s=0.0, soc_pct=50.0)
     dev = m.region_devices(snap, np.zeros(0, np.int64), m.RegionCalibration())
     res = m.forecast_region(
         "X", dev, flat_weather(30.0), NOW, NOW, NOW + 4 * H, 900, m.RegionCalibration()
@@ -272,11 +234,3 @@ def test_quantile_map_learns_from_pits() -> None:
 def test_pit() -> None:
     scen = np.arange(100, dtype=float)[:, None] * np.ones((1, 2))
     np.testing.assert_allclose(m.pit(scen, np.array([9.5, 200.0])), [0.1, 1.0])
-
-
-def test_small_backtest_runs_and_scores() -> None:
-    rep = run_backtest(BacktestConfig(n_devices=1500, history_days=6, test_days=6, n_scenarios=300))
-    assert rep.realised.shape == (13, 2, 12)
-    assert 0.5 <= rep.coverage() <= 1.0
-    assert rep.pinball("model", 0.5) > 0.0
-    assert rep.calibrated[-1].all() and not rep.calibrated[1].any()

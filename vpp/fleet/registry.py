@@ -47,11 +47,6 @@ _EMPTY_RECORD = empty_state()[0]
 _RECORD_BYTES = np.dtype(f"V{STATE_DTYPE.itemsize}")
 
 
-def _factorize(values: Sequence[Any] | np.ndarray) -> tuple[npt.NDArray[np.intp], Any]:
-    arr = np.asarray(values, dtype=object)
-    return pd.factorize(arr, sort=False, use_na_sentinel=False)  # type: ignore[return-value]
-
-
 def _codes(values: Sequence[Any] | np.ndarray) -> tuple[npt.NDArray[np.int32], list[str]]:
     """Codes in order of first appearance (a missing value is ``""``), hashed in C."""
     codes, uniques = pd.factorize(

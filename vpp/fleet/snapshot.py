@@ -1,8 +1,9 @@
 """The fleet as arrays: registry attributes and latest state of every device, vectorised.
 
 A :class:`FleetSnapshot` is plain data (numpy arrays, one row a device) that the forecaster, the
-optimiser and the API read; :func:`available_kw` and :func:`summarise` are pure. The snapshot is
-put together by ``vpp.fleet.registry`` and kept current by ``store.fleet_cache``.
+optimiser and the API read; :func:`summarise` is pure. What each device is worth is valued in
+``vpp.flexibility``. The snapshot is put together by ``vpp.fleet.registry`` and kept current by
+``store.fleet_cache``.
 """
 
 from __future__ import annotations
@@ -14,22 +15,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vpp import physics
-from vpp.domain import (
-    KIND_CODE,
-    THERMOSTAT_DEFAULT_OFFSET_C,
-    DeviceKind,
-    FreshnessCode,
-)
+from vpp.domain import KIND_CODE, DeviceKind, FreshnessCode
 
 F64 = npt.NDArray[np.float64]
 
 BATTERY = KIND_CODE[DeviceKind.battery]
 SOLAR = KIND_CODE[DeviceKind.solar]
 THERMOSTAT = KIND_CODE[DeviceKind.thermostat]
-
-# Outdoor temperature assumed for a thermostat that reports none and whose region has no reading.
-DEFAULT_OUTDOOR_C = 30.0
 
 
 @dataclass
@@ -122,82 +114,9 @@ def compute_freshness(
     return out
 
 
-def outdoor_temperatures(snap: FleetSnapshot) -> F64:
-    """Each device's outdoor temperature: its own reading, else its region's median reading."""
-    outdoor = snap.state["outdoor_c"].astype(float)
-    missing = np.isnan(outdoor)
-    if missing.any():
-        fill = np.full(len(snap.regions), DEFAULT_OUTDOOR_C)
-        for code in np.unique(snap.region_codes[missing]):
-            vals = outdoor[(snap.region_codes == code) & ~missing]
-            if vals.size:
-                fill[code] = float(np.median(vals))
-        outdoor = np.where(missing, fill[snap.region_codes], outdoor)
-    return outdoor
-
-
-def available_kw(
-    snap: FleetSnapshot,
-    window_h: float = 1.0,
-    outdoor_c: F64 | None = None,
-    only_dispatchable: bool = True,
-) -> F64:
-    """Flexibility each device could deliver now, held over ``window_h`` hours (kW).
-
-    Battery: min(max discharge, energy above reserve × 0.949 / h). Thermostat: the RC model's
-    average shed at its current indoor/outdoor state with the default +1.7 °C offset (cut to the
-    device's own max offset and comfort limit). Solar: nothing upward.
-    """
-    st = snap.state
-    kw = np.zeros(len(snap))
-    bat = snap.kind_codes == BATTERY
-    if bat.any():
-        reserve = np.where(
-            np.isnan(st["backup_reserve_pct"][bat]),
-            snap.backup_reserve_pct[bat],
-            st["backup_reserve_pct"][bat],
-        )
-        kw[bat] = physics.battery_deliverable_kw(
-            np.nan_to_num(st["soc_pct"][bat].astype(float), nan=0.0),
-            snap.capacity_wh[bat],
-            snap.max_discharge_w[bat],
-            reserve,
-            window_h,
-        )
-    th = snap.kind_codes == THERMOSTAT
-    if th.any():
-        out_c = outdoor_temperatures(snap)[th] if outdoor_c is None else outdoor_c[th]
-        mode = st["mode"][th]
-        setpoint = st["setpoint_c"][th].astype(float)
-        indoor = np.where(np.isnan(st["indoor_c"][th]), setpoint, st["indoor_c"][th])
-        heating = (mode == physics.MODE_HEAT) | ((mode == physics.MODE_AUTO) & (out_c < setpoint))
-        comfort = np.where(heating, snap.comfort_min_c[th], snap.comfort_max_c[th])
-        offset = np.minimum(
-            THERMOSTAT_DEFAULT_OFFSET_C, np.nan_to_num(snap.max_offset_c[th], nan=2.0)
-        )
-        shed, _, _ = physics.thermostat_shed(
-            indoor,
-            setpoint,
-            out_c,
-            offset,
-            window_h,
-            snap.hvac_rated_w[th] / 1000.0,
-            heating=heating,
-            # No comfort limit on record: no limit (cooling up to 99 °C, heating down to -99).
-            comfort_limit_c=np.where(np.isnan(comfort), np.where(heating, -99.0, 99.0), comfort),
-        )
-        kw[th] = np.where((mode == physics.MODE_OFF) | np.isnan(setpoint), 0.0, np.nan_to_num(shed))
-    if only_dispatchable:
-        kw = np.where(snap.dispatchable(), kw, 0.0)
-    return kw
-
-
-def summarise(
-    snap: FleetSnapshot, window_h: float = 1.0, kw: F64 | None = None
-) -> list[dict[str, Any]]:
-    """Per region and kind: registered, online, fresh, and MW available now. ``kw``: the
-    snapshot's ``available_kw`` if the caller has it already."""
-    kw = available_kw(snap, window_h) if kw is None else kw
+def summarise(snap: FleetSnapshot, kw: F64) -> list[dict[str, Any]]:
+    """Per region and kind: registered, online, fresh, and MW available now, from ``kw`` (one
+    figure per device, as ``vpp.flexibility.available_kw`` gives it)."""
     n_kinds = 3
     key = snap.region_codes.astype(np.int64) * n_kinds + snap.kind_codes
     size = max(len(snap.regions), 1) * n_kinds

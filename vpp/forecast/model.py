@@ -25,15 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from vpp import physics
-from vpp.domain import (
-    BATTERY_DEFAULT_CAPACITY_WH,
-    BATTERY_DEFAULT_MAX_DISCHARGE_W,
-    BATTERY_MIN_RESERVE_PCT,
-    THERMOSTAT_DEFAULT_MAX_OFFSET_C,
-    THERMOSTAT_DEFAULT_OFFSET_C,
-    THERMOSTAT_RATED_W,
-)
 from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
+from vpp.flexibility import battery_inputs, thermostat_inputs
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -47,8 +40,6 @@ DEFAULT_OPTOUT_AT_2H = {BATTERY: 0.03, THERMOSTAT: 0.10, SOLAR: 0.0}  # brief: ~
 OPTOUT_DURATION_EXPONENT = 0.7  # overrides grow with duration: 10 % at 2 h → 16 % at 4 h
 OPTOUT_PER_CONSECUTIVE_DAY = 0.2  # +20 % of the base rate per consecutive event day before
 MAX_EVENT_H = 5.0  # events last 1–5 h: a longer window is served as consecutive events
-DEFAULT_SETPOINT_C = 24.0
-DEFAULT_HEAT_SETPOINT_C = 20.0
 # Home load that batteries cover outside events (self-consumption), W by local hour.
 HOME_LOAD_W = np.array(
     [
@@ -284,7 +275,9 @@ def region_devices(
     rows: npt.NDArray[np.int64],
     calib: RegionCalibration,
 ) -> RegionDevices:
-    """Cluster a region's devices (``rows`` index the snapshot); vectorised, no device loop."""
+    """Cluster a region's devices (``rows`` index the snapshot); vectorised, no device loop.
+    Each device's inputs, and the defaults for what it has not reported, come from
+    ``vpp.flexibility`` (as for the fleet view and the optimiser)."""
     kind = snap.kind_codes[rows]
     enrolled = snap.enrolled[rows]
     online_now = snap.dispatchable()[rows]
@@ -304,22 +297,12 @@ def region_devices(
     solar_rows = np.flatnonzero(kind == SOLAR)
 
     batteries = None
+    battery_kw = 0.0
     if bat_rows.size:
-        cap = np.nan_to_num(snap.capacity_wh[rows][bat_rows], nan=BATTERY_DEFAULT_CAPACITY_WH)
-        dis = np.nan_to_num(
-            snap.max_discharge_w[rows][bat_rows], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W
-        )
-        chg = np.nan_to_num(snap.max_charge_w[rows][bat_rows], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W)
-        res_state = st["backup_reserve_pct"][bat_rows].astype(float)
-        reserve = physics.battery_reserve_pct(
-            np.where(
-                np.isnan(res_state),
-                np.nan_to_num(snap.backup_reserve_pct[rows][bat_rows], nan=BATTERY_MIN_RESERVE_PCT),
-                res_state,
-            )
-        )
-        soc = st["soc_pct"][bat_rows].astype(float)
-        soc = np.where(np.isnan(soc), 50.0, soc)  # never reported: assume half full
+        b_inp = battery_inputs(snap, rows[bat_rows])
+        soc, cap, reserve = b_inp.soc_pct, b_inp.capacity_wh, b_inp.reserve_pct
+        dis, chg = b_inp.max_discharge_w, b_inp.max_charge_w
+        battery_kw = float(dis.sum()) / 1000.0
         r = _rates(
             bat_rows.size,
             None if r_given is None else r_given[bat_rows],
@@ -350,32 +333,17 @@ def region_devices(
 
     thermostats = None
     if th_rows.size:
-        mode = st["mode"][th_rows].astype(np.int64)
-        mode = np.where((mode < 0) | (mode > physics.MODE_AUTO), physics.MODE_AUTO, mode)
-        sp = st["setpoint_c"][th_rows].astype(float)
-        sp = np.where(
-            np.isnan(sp),
-            np.where(mode == physics.MODE_HEAT, DEFAULT_HEAT_SETPOINT_C, DEFAULT_SETPOINT_C),
-            sp,
-        )
-        rated = np.nan_to_num(snap.hvac_rated_w[rows][th_rows], nan=THERMOSTAT_RATED_W)
-        offset = np.minimum(
-            THERMOSTAT_DEFAULT_OFFSET_C,
-            np.nan_to_num(snap.max_offset_c[rows][th_rows], nan=THERMOSTAT_DEFAULT_MAX_OFFSET_C),
-        )
-        room_cool = np.nan_to_num(snap.comfort_max_c[rows][th_rows], nan=99.0) - sp
-        room_heat = sp - np.nan_to_num(snap.comfort_min_c[rows][th_rows], nan=-99.0)
-        off_cool = np.clip(np.minimum(offset, room_cool), 0.0, None)
-        off_heat = np.clip(np.minimum(offset, room_heat), 0.0, None)
+        t_inp = thermostat_inputs(snap, rows[th_rows])
+        # Not asked (no mode or setpoint reported, or mode off): off, at offset 0.
+        mode = np.where(t_inp.usable, t_inp.mode, physics.MODE_OFF)
+        sp, rated = t_inp.setpoint_c, t_inp.rated_kw * 1000.0
+        off_cool, off_heat = t_inp.offset_cool_c, t_inp.offset_heat_c
         r = _rates(
             th_rows.size,
             None if r_given is None else r_given[th_rows],
             DEFAULT_OPTOUT_AT_2H[THERMOSTAT],
         )
         # A unit switched off sheds nothing: it keeps its cluster (mode in the key) at offset 0.
-        is_off = mode == physics.MODE_OFF
-        off_cool = np.where(is_off, 0.0, off_cool)
-        off_heat = np.where(is_off, 0.0, off_heat)
         thermostats = _cluster(
             [
                 (vendor[th_rows], n_vendors),
@@ -405,15 +373,7 @@ def region_devices(
     solar_rated = np.nan_to_num(snap.rated_w[rows][solar_rows], nan=0.0)
     pv_share = float(min(1.0, solar_rows.size / n_bat)) if bat_rows.size else 0.0
     pv_w = float(min(solar_rated.mean(), MAX_PV_PER_BATTERY_W)) if solar_rows.size else 0.0
-    nameplate_kw = float(
-        (
-            np.nan_to_num(
-                snap.max_discharge_w[rows][bat_rows], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W
-            ).sum()
-            / 1000.0
-        )
-        + 1.1 * th_rows.size  # brief: ~1.1 kW of one-hour shift per thermostat
-    )
+    nameplate_kw = battery_kw + 1.1 * th_rows.size  # brief: ~1.1 kW of 1 h shift per thermostat
     power = st["power_w"][bat_rows[online_now[bat_rows]]].astype(float)
     power = power[np.isfinite(power)]
     # A handful of reports is no fleet mean: below 5, keep the model's own guess.
@@ -898,47 +858,23 @@ def realised_window_mw(
     out = np.zeros(t_count)
     bat = np.flatnonzero(kind == BATTERY)
     if bat.size:
-        cap = np.nan_to_num(snap.capacity_wh[bat], nan=BATTERY_DEFAULT_CAPACITY_WH)
-        dis = np.nan_to_num(snap.max_discharge_w[bat], nan=BATTERY_DEFAULT_MAX_DISCHARGE_W)
-        reserve = physics.battery_reserve_pct(
-            np.nan_to_num(snap.backup_reserve_pct[bat], nan=BATTERY_MIN_RESERVE_PCT)
-        )
-        soc0 = first_reported(soc_pct[:, bat])
-        soc0 = np.where(np.isnan(soc0), 50.0, soc0)  # online without a reading: assume half full
-        kw = physics.battery_deliverable_kw(soc0, cap, dis, reserve, event_h)
+        b_inp = battery_inputs(snap, bat, soc_pct=first_reported(soc_pct[:, bat]))
+        kw = b_inp.deliverable_kw(event_h)
         out += (avail[:, bat] * kw[None, :]).sum(axis=1)
     th = np.flatnonzero((kind == THERMOSTAT) & snap.enrolled)
     if th.size:
-        st = snap.state[th]
-        mode = st["mode"].astype(np.int64)
-        mode = np.where((mode < 0) | (mode > physics.MODE_AUTO), physics.MODE_AUTO, mode)
-        sp_state = st["setpoint_c"].astype(float)
-        sp_state = np.where(
-            np.isnan(sp_state),
-            np.where(mode == physics.MODE_HEAT, DEFAULT_HEAT_SETPOINT_C, DEFAULT_SETPOINT_C),
-            sp_state,
-        )
         sp = first_reported(setpoint_c[:, th])
-        sp = np.where(np.isnan(sp), sp_state, sp)
-        rated_kw = np.nan_to_num(snap.hvac_rated_w[th], nan=THERMOSTAT_RATED_W) / 1000.0
-        offset = np.minimum(
-            THERMOSTAT_DEFAULT_OFFSET_C,
-            np.nan_to_num(snap.max_offset_c[th], nan=THERMOSTAT_DEFAULT_MAX_OFFSET_C),
-        )
-        off_cool = np.clip(
-            np.minimum(offset, np.nan_to_num(snap.comfort_max_c[th], nan=99.0) - sp), 0.0, None
-        )
-        off_heat = np.clip(
-            np.minimum(offset, sp - np.nan_to_num(snap.comfort_min_c[th], nan=-99.0)), 0.0, None
-        )
+        sp = np.where(np.isnan(sp), snap.state["setpoint_c"][th].astype(float), sp)
+        t_inp = thermostat_inputs(snap, th, setpoint_c=sp)
         temp = np.asarray(outdoor_c, dtype=float)[:, None]
-        heating = (mode == physics.MODE_HEAT)[None, :] | (
-            (mode == physics.MODE_AUTO)[None, :] & (temp < sp[None, :])
-        )
-        off = np.where(heating, off_heat[None, :], off_cool[None, :])
-        off = np.where((mode == physics.MODE_OFF)[None, :], 0.0, off)
+        heating = t_inp.heating_at(temp)
         shed = physics.thermostat_flat_shed(
-            sp[None, :], temp, off, event_h, rated_kw[None, :], heating=heating
+            t_inp.setpoint_c[None, :],
+            temp,
+            t_inp.offset_at(heating),
+            event_h,
+            t_inp.rated_kw[None, :],
+            heating=heating,
         )
         out += (avail[:, th] * np.nan_to_num(shed)).sum(axis=1)
     return out / 1000.0

@@ -17,8 +17,9 @@ from sim.synthetic import SyntheticFleet, make_fleet
 from store.database import Database
 from store.models import Base, TelemetryInterval
 from store.state.memory import MemoryStateStore
+from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
-from vpp.fleet.snapshot import BATTERY, FleetSnapshot
+from vpp.fleet.snapshot import BATTERY
 from vpp.forecast import model as m
 from vpp.settings import Settings
 from vpp.weather import weather_for_region
@@ -28,14 +29,6 @@ H = 3_600_000
 DAY = 86_400_000
 REGION = "ERCOT-NORTH"
 SHORT = "PJM-DOM"  # only a few days of history
-
-
-class FakeFleet:
-    def __init__(self, snap: FleetSnapshot) -> None:
-        self.snap = snap
-
-    async def snapshot(self, force: bool = False) -> FleetSnapshot:
-        return self.snap
 
 
 async def write_history(
@@ -99,7 +92,7 @@ async def make_services(url: str, fleet: SyntheticFleet, create: bool) -> Any:
         clock=ManualClock(NOW),
         db=db,
         state=MemoryStateStore(),
-        fleet=FakeFleet(fleet.snap),
+        fleet=FixedFleet(fleet.snap),
     )
 
 

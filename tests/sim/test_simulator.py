@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
+from dispatch.settlement import performance
 from sim.simulator import (
     BATTERY,
     CMD_NONE,
@@ -20,7 +21,6 @@ from sim.simulator import (
     FleetConfig,
     FleetSimulator,
     SimFleet,
-    performance,
 )
 from vpp.clock import ManualClock
 from vpp.settings import Settings
@@ -241,7 +241,7 @@ def test_ground_truth_equals_the_commanded_battery_power() -> None:
     starts, mw = f.ground_truth().series("e-1")
     assert starts[0] == start and len(starts) == 12
     assert np.allclose(mw, len(bats) * 2000 / 1e6, rtol=1e-6)
-    assert performance(mw, [len(bats) * 2e-3] * 12) == pytest.approx(1.0)
+    assert performance(delivered_mw=mw, committed_mw=[len(bats) * 2e-3] * 12) == pytest.approx(1.0)
 
 
 def test_ground_truth_nets_out_self_consumption() -> None:
@@ -537,7 +537,8 @@ async def test_real_mosquitto_gateway_publishing(mqtt_url: str) -> None:
                "offset_c": 1.0, "valid_until": clock.now_ms() + H_MS}  # fmt: skip
         service.publish_nowait(f"{root}/devices/{t_id}/cmd", orjson.dumps(cmd), 1)
         deadline = time.perf_counter() + 10
-        while not got.leaf("ack") and time.perf_counter() < deadline:
+        # Both acks (received, then started) arrive one after the other: wait for the second.
+        while len(got.leaf("ack")) < 2 and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
             clock.advance(1)
             await sim.tick()

@@ -22,6 +22,7 @@ from store.models import (
     TelemetryInterval,
     Tenant,
 )
+from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
 from vpp.settings import Settings
@@ -31,23 +32,13 @@ H = 3_600_000
 REGIONS = ["ERCOT-NORTH", "PJM-DOM", "CAISO-SP15"]
 
 
-class FakeFleet:
-    """Stands in for FleetCache: hands out whatever snapshot the test sets."""
-
-    def __init__(self, snap: FleetSnapshot) -> None:
-        self.snap = snap
-
-    async def snapshot(self, force: bool = False) -> FleetSnapshot:
-        return self.snap
-
-
 async def make_services(tmp_path: Path, snap: FleetSnapshot) -> Any:
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'forecast.db'}")
     async with db.engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     settings = Settings(regions=REGIONS, database_url=db.url)
     return SimpleNamespace(
-        settings=settings, clock=ManualClock(NOW), db=db, state=None, fleet=FakeFleet(snap)
+        settings=settings, clock=ManualClock(NOW), db=db, state=None, fleet=FixedFleet(snap)
     )
 
 

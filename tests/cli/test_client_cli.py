@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from tests.conftest import make_settings
+from tests.helpers.settings import make_settings
 
 runner = CliRunner()
 

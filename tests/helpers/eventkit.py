@@ -34,10 +34,6 @@ def summer_clock(time_scale: float, at: datetime = SUMMER_START) -> Clock:
     return Clock(time_scale, summer_origin_ms(time_scale, at))
 
 
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
-
-
 async def wait_for(pred: Any, timeout_s: float, step_s: float = 0.1) -> bool:
     """Poll ``pred`` (sync or async) until true or ``timeout_s`` wall seconds pass."""
     deadline = time.monotonic() + timeout_s
