@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import errors
 from api.routers import (
     capacity_requests,
     dashboard,
@@ -122,6 +123,8 @@ def create_app(
                 },
             )
         return await http_exception_handler(request, exc)
+
+    errors.install(app)
 
     for router in ROUTERS:
         app.include_router(router)

@@ -2,7 +2,7 @@
 
 No HTTP here. Callers hand over raw rows (JSON objects or CSV records) or validated specs and a
 tenant scope; failures come back as :class:`OnboardingError` subclasses carrying every offending
-row and field, which the API turns into 4xx answers.
+row and field, which ``api/errors.py`` turns into HTTP answers.
 
 All or nothing: rows are inserted in one transaction (SQLAlchemy core executemany, in chunks),
 the broker credentials are provisioned before the commit, and anything that fails rolls the
@@ -43,6 +43,15 @@ from vpp.domain import (
     THERMOSTAT_DEFAULT_MAX_OFFSET_C,
     DeviceKind,
 )
+from vpp.errors import (
+    Conflict,
+    DomainError,
+    FieldError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 
 MAX_BULK_DEVICES = 100_000
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
@@ -78,79 +87,42 @@ TenantScope = str | None  # a tenant id, or None for a key that sees every tenan
 
 
 # --- Errors -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FieldError:
-    """One problem with one field; ``index`` is the row's position in a bulk import."""
-
-    field: str
-    message: str
-    index: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"field": self.field, "message": self.message}
-        if self.index is not None:
-            out = {"index": self.index, **out}
-        return out
-
-
-class OnboardingError(Exception):
-    status = 400
+class OnboardingError(DomainError):
+    """Every offending row and field of one call (``errors``); ``detail`` joins the first 20."""
 
     def __init__(self, errors: Sequence[FieldError] | str) -> None:
-        self.errors = [FieldError("body", errors)] if isinstance(errors, str) else list(errors)
-        super().__init__(self.detail)
-
-    @property
-    def detail(self) -> str:
+        found = [FieldError("body", errors)] if isinstance(errors, str) else list(errors)
         parts = [
             (f"row {e.index}: " if e.index is not None else "") + f"{e.field}: {e.message}"
-            for e in self.errors[:20]
+            for e in found[:20]
         ]
-        more = len(self.errors) - 20
-        return "; ".join(parts) + (f"; … and {more} more" if more > 0 else "")
-
-    def as_dict(self) -> dict[str, Any]:
-        rows = sorted({e.index for e in self.errors if e.index is not None})
-        out: dict[str, Any] = {
-            "detail": self.detail,
-            "errors": [e.as_dict() for e in self.errors],
-        }
-        if rows:
-            out["bad_rows"] = len(rows)
-        return out
+        more = len(found) - 20
+        super().__init__(
+            None, "; ".join(parts) + (f"; … and {more} more" if more > 0 else ""), found
+        )
 
 
-class InvalidDevice(OnboardingError):
-    """A field is missing, out of range, of another kind, or not allowed (HTTP 422)."""
-
-    status = 422
+class InvalidDevice(OnboardingError, InvalidInput):
+    """A field is missing, out of range, of another kind, or not allowed."""
 
 
-class DeviceExists(OnboardingError):
-    """An id is already registered (HTTP 409)."""
-
-    status = 409
+class DeviceExists(OnboardingError, Conflict):
+    """An id is already registered."""
 
 
-class DeviceNotFound(OnboardingError):
-    """No such device for this caller: missing, offboarded, or another tenant's (HTTP 404)."""
-
-    status = 404
+class DeviceNotFound(OnboardingError, NotFound):
+    """No such device for this caller: missing, offboarded, or another tenant's."""
 
     def __init__(self, device_id: str) -> None:
         super().__init__([FieldError("id", f"device {device_id!r} not found")])
 
 
-class TenantForbidden(OnboardingError):
-    """A fleet key tried to act for another tenant (HTTP 403)."""
-
-    status = 403
+class TenantForbidden(OnboardingError, Forbidden):
+    """A fleet key tried to act for another tenant."""
 
 
-class BrokerFailure(OnboardingError):
-    """The broker refused or did not answer a credential change; nothing was changed (503)."""
-
-    status = 503
+class BrokerFailure(OnboardingError, Unavailable):
+    """The broker refused or did not answer a credential change; nothing was changed."""
 
 
 # --- Specs --------------------------------------------------------------------------------------
@@ -441,8 +413,8 @@ def check_single(
 
 def parse_csv(text: str) -> list[dict[str, Any]]:
     """CSV with a header row of field names → row dicts; empty cells are absent fields.
-    Text the csv module cannot read (a stray carriage return in a cell, an over-long field) is a
-    422 naming the body and the line, never a crash."""
+    Text the csv module cannot read (a stray carriage return in a cell, an over-long field) is an
+    :class:`InvalidDevice` naming the body and the line, never a crash."""
     # newline="": the csv module reads \r, \n and \r\n line ends itself (and quoted ones).
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:

@@ -1,7 +1,8 @@
 """Grid events (an operator's short-notice call on the fleet) and the uniform view of both kinds of
 event (capacity requests and grid events) that the event runner and the events API read.
 
-Edge code: database rows in, plain dicts and :class:`EventInfo` out.
+Edge code: database rows in, :class:`EventInfo` and :class:`EventRecord` out (the API shapes them
+into JSON: ``api/presenters/events.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dispatch.types import GRID_EVENT_PRIORITY
 from store.keys import ensure_tenant
 from store.models import CapacityRequest, GridEvent
 from vpp.domain import Direction, GridEventStatus, RequestStatus
-from vpp.timefmt import to_rfc3339
+from vpp.errors import Conflict, InvalidInput, NotFound
 
 KIND_REQUEST = "capacity_request"
 KIND_GRID = "grid_event"
@@ -25,16 +26,6 @@ KIND_GRID = "grid_event"
 MAX_GRID_EVENT_H = 24.0
 # A grid event may be raised "now": a start up to this far in the past is taken as now.
 START_GRACE_S = 300.0
-
-
-class EventError(Exception):
-    """A caller's mistake or a state conflict: ``status`` is the HTTP status, ``detail`` names
-    the field."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -58,6 +49,14 @@ class EventInfo:
         return self.kind == KIND_GRID
 
 
+@dataclass(frozen=True)
+class EventRecord:
+    """An event as the lists and the grid-event answers show it: with when it was made."""
+
+    info: EventInfo
+    created_ms: int
+
+
 def from_request(r: CapacityRequest) -> EventInfo:
     committed = r.quoted_mw if r.quoted_mw and r.quoted_mw > 0 else r.mw
     return EventInfo(
@@ -73,6 +72,10 @@ def from_request(r: CapacityRequest) -> EventInfo:
         direction=r.direction or Direction.load_reduction.value,
         status=r.status,
     )
+
+
+def grid_record(g: GridEvent) -> EventRecord:
+    return EventRecord(from_grid(g), g.created_ms)
 
 
 def from_grid(g: GridEvent) -> EventInfo:
@@ -111,26 +114,26 @@ async def create_grid_event(
     end_ms: int,
     priority: int | None = None,
     preempt: bool = False,
-) -> dict[str, Any]:
+) -> EventRecord:
     now = services.clock.now_ms()
     if region not in services.settings.regions:
-        raise EventError(
-            422,
-            f"region: unknown region {region!r} (one of {', '.join(services.settings.regions)})",
+        raise InvalidInput(
+            "region",
+            f"unknown region {region!r} (one of {', '.join(services.settings.regions)})",
         )
     if end_ms <= start_ms:
-        raise EventError(422, "end: must be after start")
+        raise InvalidInput("end", "must be after start")
     if end_ms <= now:
-        raise EventError(422, "end: must be in the future")
+        raise InvalidInput("end", "must be in the future")
     if start_ms < now - START_GRACE_S * 1000:
-        raise EventError(422, "start: must not be more than 5 minutes in the past")
+        raise InvalidInput("start", "must not be more than 5 minutes in the past")
     if (end_ms - start_ms) / 3.6e6 > MAX_GRID_EVENT_H:
-        raise EventError(422, f"end: a grid event lasts at most {MAX_GRID_EVENT_H:g} h")
+        raise InvalidInput("end", f"a grid event lasts at most {MAX_GRID_EVENT_H:g} h")
     if not (mw > 0 and mw <= services.settings.max_request_mw):
-        raise EventError(422, f"mw: must be > 0 and ≤ {services.settings.max_request_mw:g}")
+        raise InvalidInput("mw", f"must be > 0 and ≤ {services.settings.max_request_mw:g}")
     prio = GRID_EVENT_PRIORITY if priority is None else int(priority)
     if not 0 <= prio <= 1000:
-        raise EventError(422, "priority: must be within 0..1000")
+        raise InvalidInput("priority", "must be within 0..1000")
     row = GridEvent(
         id=f"ge-{secrets.token_hex(6)}",
         tenant_id=tenant_id,
@@ -148,36 +151,36 @@ async def create_grid_event(
     async with services.db.session() as s, s.begin():
         s.add(row)
     _wake_runner(services)
-    return await grid_event_view(services, from_grid(row), created_ms=now)
+    return grid_record(row)
 
 
-async def get_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
+async def get_grid_event(services: Edges, event_id: str) -> EventRecord:
     async with services.db.session() as s:
         g = await s.get(GridEvent, event_id)
     if g is None:
-        raise EventError(404, f"id: no grid event {event_id!r}")
-    return await grid_event_view(services, from_grid(g), created_ms=g.created_ms)
+        raise NotFound("id", f"no grid event {event_id!r}")
+    return grid_record(g)
 
 
-async def list_grid_events(services: Edges, limit: int = 100) -> list[dict[str, Any]]:
+async def list_grid_events(services: Edges, limit: int = 100) -> list[EventRecord]:
     async with services.db.session() as s:
         rows = (
             (await s.execute(select(GridEvent).order_by(GridEvent.start_ms.desc()).limit(limit)))
             .scalars()
             .all()
         )
-    return [_base_view(from_grid(g), g.created_ms) for g in rows]
+    return [grid_record(g) for g in rows]
 
 
-async def abort_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
+async def abort_grid_event(services: Edges, event_id: str) -> EventRecord:
     """Abort: every device is restored at once (the runner sends restores with no stagger)."""
     now = services.clock.now_ms()
     async with services.db.session() as s, s.begin():
         g = await s.get(GridEvent, event_id, with_for_update=True)
         if g is None:
-            raise EventError(404, f"id: no grid event {event_id!r}")
+            raise NotFound("id", f"no grid event {event_id!r}")
         if g.status in (GridEventStatus.completed.value, GridEventStatus.aborted.value):
-            raise EventError(409, f"status: the grid event is already {g.status}")
+            raise Conflict("status", f"the grid event is already {g.status}")
         g.status = GridEventStatus.aborted.value
         g.updated_ms = now
     _wake_runner(services)
@@ -186,31 +189,6 @@ async def abort_grid_event(services: Edges, event_id: str) -> dict[str, Any]:
 
 def _wake_runner(services: Edges) -> None:
     services.event_changed()
-
-
-def _base_view(ev: EventInfo, created_ms: int | None = None) -> dict[str, Any]:
-    return {
-        "id": ev.id,
-        "kind": ev.kind,
-        "region": ev.region,
-        "mw": ev.mw,
-        "start": to_rfc3339(ev.start_ms),
-        "end": to_rfc3339(ev.end_ms),
-        "priority": ev.priority,
-        "preempt": ev.preempt,
-        "status": ev.status,
-        "created_at": to_rfc3339(created_ms),
-    }
-
-
-async def grid_event_view(
-    services: Edges, ev: EventInfo, created_ms: int | None = None
-) -> dict[str, Any]:
-    from dispatch.settlement_service import settlement_view
-
-    out = _base_view(ev, created_ms)
-    out.update(await settlement_view(services, ev.id))
-    return out
 
 
 # --- both kinds, for the runner and the events API -----------------------------------------------
@@ -338,8 +316,9 @@ async def set_status(
 
 async def list_events(
     services: Edges, *, status: str, tenant_id: str | None, now_ms: int, limit: int = 100
-) -> list[dict[str, Any]]:
-    """Both kinds of event: ``active`` (running now) or ``recent`` (ended in the last 7 days)."""
+) -> list[EventRecord]:
+    """Both kinds of event: ``active`` (running now) or ``recent`` (ended in the last 7 days),
+    latest start first."""
     week_ms = 7 * 86_400_000
     async with services.db.session() as s:
         rq = select(CapacityRequest)
@@ -366,14 +345,9 @@ async def list_events(
         reqs = (
             await s.execute(rq.order_by(CapacityRequest.start_ms.desc()).limit(limit))
         ).scalars()
-        evs = [(from_request(r), r.created_ms, r.tenant_id) for r in reqs]
+        evs = [EventRecord(from_request(r), r.created_ms) for r in reqs]
         if tenant_id is None:
             grids = (await s.execute(gq.order_by(GridEvent.start_ms.desc()).limit(limit))).scalars()
-            evs += [(from_grid(g), g.created_ms, g.tenant_id) for g in grids]
-    evs.sort(key=lambda e: -e[0].start_ms)
-    out = []
-    for ev, created, tenant in evs[:limit]:
-        v = _base_view(ev, created)
-        v["tenant_id"] = tenant
-        out.append(v)
-    return out
+            evs += [grid_record(g) for g in grids]
+    evs.sort(key=lambda e: -e.info.start_ms)
+    return evs[:limit]

@@ -24,6 +24,7 @@ from sqlalchemy import case, func, select
 
 from devices.edges import Edges
 from vpp.domain import CommandStatus, CommandType, GridEventStatus, RequestStatus
+from vpp.errors import InvalidInput
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
 from vpp.forecast.model import ForecastResult, QuantileMap, RegionCalibration, ShockParams
@@ -36,14 +37,12 @@ HISTORY_DAYS = 14
 MIN_HISTORY_INTERVALS_SHARE = 0.5  # share of a region's devices with ≥ 1 day of history
 
 
-class ForecastInputError(ValueError):
+class ForecastInputError(InvalidInput):
     """Bad forecast input; ``field`` names the offending parameter (region, start, end, step,
     firmness)."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(field, message)
 
 
 def validate_window(

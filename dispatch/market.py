@@ -34,11 +34,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from devices.edges import Edges
-from dispatch.forecast_service import ForecastInputError, ForecastService
+from dispatch.forecast_service import ForecastService
 from dispatch.settlement import interval_performance, performance
 from dispatch.settlement_service import settlement_lines
-from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock
+from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock, SettlementLine
 from vpp.domain import Direction, RequestStatus
+from vpp.errors import Conflict, InvalidInput, NotFound
 from vpp.metrics import MARKET_REQUESTS
 from vpp.timefmt import to_rfc3339
 
@@ -55,30 +56,16 @@ BOOKED = (RequestStatus.committed.value, RequestStatus.active.value, RequestStat
 
 
 # --- errors -------------------------------------------------------------------------------------
-class MarketError(Exception):
-    """A caller's mistake or a state conflict; ``detail`` names the field or the state."""
-
-    def __init__(self, status: int, field: str | None, message: str) -> None:
-        self.status = status
-        self.field = field
-        self.message = message
-        super().__init__(self.detail)
-
-    @property
-    def detail(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+def invalid(field: str, message: str) -> InvalidInput:
+    return InvalidInput(field, message)
 
 
-def invalid(field: str, message: str) -> MarketError:
-    return MarketError(422, field, message)
+def conflict(message: str, field: str | None = "status") -> Conflict:
+    return Conflict(field, message)
 
 
-def conflict(message: str, field: str | None = "status") -> MarketError:
-    return MarketError(409, field, message)
-
-
-def not_found(request_id: str) -> MarketError:
-    return MarketError(404, "id", f"no capacity request {request_id!r}")
+def not_found(request_id: str) -> NotFound:
+    return NotFound("id", f"no capacity request {request_id!r}")
 
 
 # --- pure ledger arithmetic ---------------------------------------------------------------------
@@ -119,7 +106,7 @@ def validate_input(
     min_notice_s: float,
     max_mw: float,
 ) -> None:
-    """Raise a 422 :class:`MarketError` naming the first bad field."""
+    """Raise :class:`InvalidInput` naming the first bad field."""
     if not inp.region or inp.region not in known_regions:
         known = ", ".join(sorted(known_regions)) or "none"
         raise invalid("region", f"unknown region {inp.region!r} (known: {known})")
@@ -237,10 +224,26 @@ def new_request_id() -> str:
     return f"cr-{secrets.token_hex(6)}"
 
 
+@dataclass(frozen=True)
+class RequestDetail:
+    """A request with its latest plan, booked MW per ledger slot and settlement lines;
+    ``line_performance`` is min(delivered, target) ÷ target per line (1.0 where nothing was
+    committed) and ``performance`` the total over the lines (None without lines or without any
+    commitment: the request's stored performance stands)."""
+
+    request: CapacityRequest
+    plan: Plan | None
+    booked_starts_ms: I64
+    booked_mw: F64
+    lines: list[SettlementLine]
+    line_performance: list[float]
+    performance: float | None
+
+
 # --- database edge ------------------------------------------------------------------------------
 class Market:
     """Quotes, commits, cancels and reads capacity requests. ``tenant_id`` None means the caller
-    sees every tenant (operator, admin); otherwise another tenant's request is 404."""
+    sees every tenant (operator, admin); otherwise another tenant's request is not found."""
 
     def __init__(self, services: Edges, forecast: ForecastService) -> None:
         self.services = services
@@ -265,16 +268,14 @@ class Market:
 
     async def _forecast(self, inp: RequestInput, slots: I64) -> tuple[F64, F64]:
         """(firm MW at the request's firmness, P90 MW) per ledger slot."""
-        try:
-            res = await self.forecast.forecast(
-                inp.region,
-                int(slots[0]),
-                int(slots[-1]) + LEDGER_STEP_MS,
-                step_s=LEDGER_STEP_MS // 1000,
-                firmness=inp.firmness,
-            )
-        except ForecastInputError as exc:
-            raise invalid(exc.field, exc.message) from exc
+        # A bad window raises ForecastInputError, an InvalidInput naming the field.
+        res = await self.forecast.forecast(
+            inp.region,
+            int(slots[0]),
+            int(slots[-1]) + LEDGER_STEP_MS,
+            step_s=LEDGER_STEP_MS // 1000,
+            firmness=inp.firmness,
+        )
         starts = np.asarray(res.starts_ms, dtype=np.int64)
         if starts.shape != slots.shape or not np.array_equal(starts, slots):
             raise RuntimeError("forecast intervals do not match the ledger slots")
@@ -445,7 +446,7 @@ class Market:
     # -- commit --
     async def commit(self, request_id: str, tenant_id: str | None) -> tuple[CapacityRequest, bool]:
         """Book a quote's MW in the ledger. Returns (request, changed); committing a committed
-        request again changes nothing. 409 when the quote is expired, cancelled, rejected, the
+        request again changes nothing. Conflict when the quote is expired, cancelled, rejected, the
         window has started, or the capacity is no longer there (the ledger is then unchanged)."""
         now = self.now_ms()
         async with self.services.db.session() as session:
@@ -529,7 +530,7 @@ class Market:
     # -- cancel --
     async def cancel(self, request_id: str, tenant_id: str | None) -> tuple[CapacityRequest, bool]:
         """Cancel before the window: quoted or committed → cancelled, ledger rows released.
-        Cancelling a cancelled request again changes nothing; 409 once the window has started
+        Cancelling a cancelled request again changes nothing; Conflict once the window has started
         or the request is completed, rejected or expired."""
         now = self.now_ms()
         async with self.services.db.session() as session:
@@ -598,7 +599,7 @@ class Market:
 
     # -- reads --
     async def get(self, request_id: str, tenant_id: str | None) -> CapacityRequest:
-        """One request (404 for another tenant's). A quote past its expiry reads as expired."""
+        """One request (NotFound for another tenant's). A quote past its expiry reads as expired."""
         async with self.services.db.session() as session:
             req = await self._load(session, request_id, tenant_id)
         now = self.now_ms()
@@ -664,82 +665,25 @@ class Market:
                 out[p.event_id] = p  # the last row per event is the latest version
             return out
 
-    async def view(self, req: CapacityRequest, detail: bool = True) -> dict[str, Any]:
-        """The API representation: the request, its plan and, once run, its delivery."""
+    async def detail(self, req: CapacityRequest) -> RequestDetail:
+        """Everything GET /v1/capacity-requests/{id} shows: the request, its latest plan, its
+        ledger rows and, once settled, its delivery per interval."""
         plans = await self.latest_plans([req.id])
-        doc = request_doc(req, plans.get(req.id))
-        if not detail:
-            return doc
         starts, mw = await self.booked_mw(req.id)
-        doc["booked"] = [
-            {"start": to_rfc3339(int(t)), "mw": round(float(v), 6)}
-            for t, v in zip(starts.tolist(), mw.tolist(), strict=True)
-        ]
         lines = await settlement_lines(self.services, req.id)
+        per: list[float] = []
+        total: float | None = None
         if lines:
             target = np.array([ln.target_mw for ln in lines], dtype=float)
             delivered = np.array([ln.delivered_mw for ln in lines], dtype=float)
             # An interval with nothing committed shows as met (1.0); no commitment at all
             # leaves the stored performance.
-            per = interval_performance(delivered_mw=delivered, committed_mw=target, uncommitted=1.0)
+            per = interval_performance(
+                delivered_mw=delivered, committed_mw=target, uncommitted=1.0
+            ).tolist()
             total = (
                 performance(delivered_mw=delivered, committed_mw=target)
                 if (target > 0).any()
                 else None
             )
-            doc["intervals"] = [
-                {
-                    "start": to_rfc3339(ln.interval_start_ms),
-                    "end": to_rfc3339(ln.interval_end_ms),
-                    "target_mw": round(float(ln.target_mw), 6),
-                    "delivered_mw": round(float(ln.delivered_mw), 6),
-                    "performance": round(float(p), 6),
-                }
-                for ln, p in zip(lines, per.tolist(), strict=True)
-            ]
-            doc["performance"] = round(total, 6) if total is not None else doc["performance"]
-        return doc
-
-
-def plan_doc(plan: Plan | None) -> dict[str, Any] | None:
-    """A stored plan as the API shows it (``dispatch.planner`` writes the body)."""
-    if plan is None:
-        return None
-    body = plan.body or {}
-    return {
-        "version": int(plan.version),
-        "created_at": to_rfc3339(plan.created_ms),
-        "interval_s": int(plan.interval_s),
-        "solver": str(body.get("solver", "")),
-        "status": str(body.get("status", "")),
-        "reason": body.get("reason"),
-        "available_mw": float(body.get("available_mw", 0.0)),
-        "intervals": list(body.get("intervals", [])),
-        "devices_by_kind": dict(body.get("devices_by_kind", {})),
-    }
-
-
-def request_doc(req: CapacityRequest, plan: Plan | None = None) -> dict[str, Any]:
-    booked = req.status in BOOKED
-    return {
-        "id": req.id,
-        "status": req.status,
-        "quoted_mw": round(float(req.quoted_mw), 6),
-        "firmness": float(req.firmness),
-        "quote_expires_at": to_rfc3339(req.quote_expires_ms) if req.quote_expires_ms else None,
-        "reason": req.reason,
-        "region": req.region,
-        "mw": float(req.mw),
-        "committed_mw": round(float(req.quoted_mw), 6) if booked else 0.0,
-        "start": to_rfc3339(req.start_ms),
-        "end": to_rfc3339(req.end_ms),
-        "direction": req.direction,
-        "max_price_per_mwh": req.max_price_per_mwh,
-        "tenant_id": req.tenant_id,
-        "created_at": to_rfc3339(req.created_ms),
-        "updated_at": to_rfc3339(req.updated_ms),
-        "booked": [],
-        "plan": plan_doc(plan),
-        "intervals": [],
-        "performance": req.performance,
-    }
+        return RequestDetail(req, plans.get(req.id), starts, mw, lines, per, total)

@@ -1,17 +1,17 @@
 """Settlement at the edge: read an event's commands, control group and interval history, run the
 pure :func:`dispatch.settlement.settle`, store one ``SettlementLine`` per interval (with the inputs
-kept), and serve the per-interval view and the CSV export.
+kept), and read back what the API shows (``api/presenters/settlement.py`` shapes it).
 
-``settlement_view(services, event_id)`` is what GET /v1/capacity-requests/{id} and
-GET /v1/grid-events/{id} add to their answer: target, delivered and performance per interval.
+``event_settlement(services, event_id)`` is what GET /v1/grid-events/{id} adds to its answer:
+target, delivered and performance per interval, and device counts; ``export_lines`` feeds the CSV
+export and ``timeline_rows`` the events timeline.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,6 @@ from store.models import (
     TelemetryInterval,
 )
 from vpp.domain import CommandStatus, CommandType
-from vpp.timefmt import to_rfc3339
 
 PRE_WINDOW_MS = 30 * 60_000  # meter-before: the 30 minutes before the event
 POST_WINDOW_MS = 30 * 60_000  # meter-after: the 30 minutes after it
@@ -335,26 +334,6 @@ _REPLACED = (
 )
 
 
-def _interval_dicts(lines: Sequence[SettlementLine | Line]) -> list[dict[str, Any]]:
-    """Stored or provisional lines as the API shows them."""
-    per = interval_performance(
-        delivered_mw=[ln.delivered_mw for ln in lines], committed_mw=[ln.target_mw for ln in lines]
-    )
-    return [
-        {
-            "start": to_rfc3339(ln.interval_start_ms),
-            "end": to_rfc3339(ln.interval_end_ms),
-            "target_mw": round(ln.target_mw, 6),
-            "delivered_mw": round(ln.delivered_mw, 6),
-            "baseline_mw": round(ln.baseline_mw, 6),
-            "actual_mw": round(ln.actual_mw, 6),
-            "performance": round(float(p), 4),
-            "method": ln.method,
-        }
-        for ln, p in zip(lines, per.tolist(), strict=True)
-    ]
-
-
 async def settlement_lines(services: Edges, event_id: str) -> list[SettlementLine]:
     """An event's stored settlement lines, in interval order."""
     async with services.db.session() as s:
@@ -366,7 +345,64 @@ async def settlement_lines(services: Edges, event_id: str) -> list[SettlementLin
         return list(result.scalars().all())
 
 
-async def settlement_view(services: Edges, event_id: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DeviceCounts:
+    """Devices of an event by what became of their command (restores not counted)."""
+
+    commanded: int
+    acknowledged: int
+    opted_out: int
+    replaced: int
+
+
+@dataclass(frozen=True)
+class IntervalResult:
+    """One settlement interval's figures, stored or provisional; ``performance`` is
+    min(delivered, target) ÷ target (0 with no target)."""
+
+    start_ms: int
+    end_ms: int
+    target_mw: float
+    delivered_mw: float
+    baseline_mw: float
+    actual_mw: float
+    performance: float
+    method: str
+
+
+def _intervals(lines: Sequence[SettlementLine | Line]) -> list[IntervalResult]:
+    """Stored or provisional lines with each interval's performance."""
+    per = interval_performance(
+        delivered_mw=[ln.delivered_mw for ln in lines], committed_mw=[ln.target_mw for ln in lines]
+    )
+    return [
+        IntervalResult(
+            ln.interval_start_ms,
+            ln.interval_end_ms,
+            ln.target_mw,
+            ln.delivered_mw,
+            ln.baseline_mw,
+            ln.actual_mw,
+            float(p),
+            ln.method,
+        )
+        for ln, p in zip(lines, per.tolist(), strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class EventSettlement:
+    """``settled``: the stored lines; otherwise the intervals measured so far while the event
+    runs (none before its window). ``performance``: Σ min(delivered, target) ÷ Σ target over
+    ``intervals``, None when there are none to measure."""
+
+    settled: bool
+    intervals: list[IntervalResult]
+    performance: float | None
+    devices: DeviceCounts
+
+
+async def event_settlement(services: Edges, event_id: str) -> EventSettlement:
     """Per-interval target, delivered and performance (stored lines once settled; a provisional
     measurement while the event runs), plus device counts."""
     lines = await settlement_lines(services, event_id)
@@ -380,31 +416,27 @@ async def settlement_view(services: Edges, event_id: str) -> dict[str, Any]:
                 )
             ).all()
         )
-    devices = {
-        "commanded": int(sum(counts.values())),
-        "acknowledged": int(sum(counts.get(k, 0) for k in _ACKNOWLEDGED)),
-        "opted_out": int(counts.get(CommandStatus.opted_out, 0)),
-        "replaced": int(sum(counts.get(k, 0) for k in _REPLACED)),
-    }
+    devices = DeviceCounts(
+        commanded=int(sum(counts.values())),
+        acknowledged=int(sum(counts.get(k, 0) for k in _ACKNOWLEDGED)),
+        opted_out=int(counts.get(CommandStatus.opted_out, 0)),
+        replaced=int(sum(counts.get(k, 0) for k in _REPLACED)),
+    )
     if lines:
         tgt = [ln.target_mw for ln in lines]
         dl = [ln.delivered_mw for ln in lines]
-        return {
-            "settled": True,
-            "intervals": _interval_dicts(lines),
-            "performance": round(performance(delivered_mw=dl, committed_mw=tgt), 4),
-            "devices": devices,
-        }
+        return EventSettlement(
+            True, _intervals(lines), performance(delivered_mw=dl, committed_mw=tgt), devices
+        )
     now = services.clock.now_ms()
     ev = await es.load_event(services, event_id)
-    if ev is None or devices["commanded"] == 0 or now < ev.start_ms:
-        return {"settled": False, "intervals": [], "performance": None, "devices": devices}
+    if ev is None or devices.commanded == 0 or now < ev.start_ms:
+        return EventSettlement(False, [], None, devices)
     res = await compute_settlement(services, event_id)
     if res is None:
-        return {"settled": False, "intervals": [], "performance": None, "devices": devices}
+        return EventSettlement(False, [], None, devices)
     _, st = res
     done = [ln for ln in st.lines if ln.interval_end_ms <= now]
-    intervals = _interval_dicts(done)
     perf = (
         performance(
             delivered_mw=[ln.delivered_mw for ln in done],
@@ -413,12 +445,7 @@ async def settlement_view(services: Edges, event_id: str) -> dict[str, Any]:
         if done
         else None
     )
-    return {
-        "settled": False,
-        "intervals": intervals,
-        "performance": None if perf is None else round(perf, 4),
-        "devices": devices,
-    }
+    return EventSettlement(False, _intervals(done), perf, devices)
 
 
 def _count() -> Any:
@@ -427,93 +454,19 @@ def _count() -> Any:
     return func.count()
 
 
-CSV_COLUMNS = [
-    "event_id",
-    "interval_start",
-    "interval_end",
-    "target_mw",
-    "baseline_mw",
-    "actual_mw",
-    "delivered_mw",
-    "performance",
-    "method",
-    "battery_devices",
-    "battery_with_readings",
-    "battery_baseline_output_kw",
-    "battery_actual_output_kw",
-    "battery_control_drift_kw",
-    "thermostat_devices",
-    "thermostat_with_readings",
-    "thermostat_pre_event_sum_kw",
-    "thermostat_baseline_load_kw",
-    "thermostat_actual_load_kw",
-    "control_devices",
-    "control_with_readings",
-    "control_mean_kw",
-    "control_pre_event_mean_kw",
-    "control_ratio",
-    "control_used",
-    "inputs_json",
-]
-
-
-async def settlement_csv(services: Edges, event_id: str) -> str:
-    """The settlement lines with their baseline inputs, one row an interval. Settles first if the
-    event ran but has no stored lines yet."""
-    import orjson
-
+async def export_lines(services: Edges, event_id: str) -> list[SettlementLine]:
+    """The stored settlement lines for the CSV export. Settles first if the event ran but has no
+    stored lines yet."""
     lines = await settlement_lines(services, event_id)
     ev = await es.load_event(services, event_id)
     if not lines and ev is not None and services.clock.now_ms() >= ev.end_ms:
         await settle_event(services, event_id)
         lines = await settlement_lines(services, event_id)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for ln in lines:
-        inp = ln.inputs or {}
-        b, t, c = inp.get("battery", {}), inp.get("thermostat", {}), inp.get("control", {})
-        perf = inp.get("performance")
-        if perf is None:
-            perf = (
-                min(max(ln.delivered_mw, 0.0), ln.target_mw) / ln.target_mw
-                if ln.target_mw > 0
-                else 0.0
-            )
-        w.writerow(
-            [
-                event_id,
-                to_rfc3339(ln.interval_start_ms),
-                to_rfc3339(ln.interval_end_ms),
-                ln.target_mw,
-                ln.baseline_mw,
-                ln.actual_mw,
-                ln.delivered_mw,
-                perf,
-                inp.get("method", ln.method),
-                b.get("devices", 0),
-                b.get("with_readings", 0),
-                b.get("baseline_output_kw", 0),
-                b.get("actual_output_kw", 0),
-                b.get("control_drift_kw", 0),
-                t.get("devices", 0),
-                t.get("with_readings", 0),
-                t.get("pre_event_sum_kw", 0),
-                t.get("baseline_load_kw", 0),
-                t.get("actual_load_kw", 0),
-                c.get("devices", 0),
-                c.get("with_readings", 0),
-                c.get("mean_kw", 0),
-                c.get("pre_event_mean_kw", 0),
-                c.get("ratio", 1),
-                c.get("used", False),
-                orjson.dumps(inp).decode(),
-            ]
-        )
-    return buf.getvalue()
+    return lines
 
 
-async def timeline(services: Edges, event_id: str) -> list[dict[str, Any]]:
+async def timeline_rows(services: Edges, event_id: str) -> list[EventTimeline]:
+    """An event's control steps as the runner recorded them, oldest first."""
     async with services.db.session() as s:
         rows = (
             (
@@ -526,17 +479,4 @@ async def timeline(services: Edges, event_id: str) -> list[dict[str, Any]]:
             .scalars()
             .all()
         )
-    return [
-        {
-            "ts": to_rfc3339(r.ts_ms),
-            "target_mw": r.target_mw,
-            "delivered_mw": r.delivered_mw,
-            "commanded": r.commanded,
-            "acknowledged": r.acknowledged,
-            "opted_out": r.opted_out,
-            "replaced": r.replaced,
-            "stale": r.stale,
-            "action": r.action,
-        }
-        for r in rows
-    ]
+    return list(rows)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from api.deps import Principal, get_services, require_roles
+from api.presenters.requests import request_detail_doc, request_doc
 from api.schemas.capacity_requests import (
     CapacityRequestIn,
     CapacityRequestList,
     CapacityRequestOut,
     ListStatus,
 )
-from dispatch.market import MarketError, RequestInput
+from dispatch.market import RequestInput
 from dispatch.services import Services
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ _ID = Path(description="capacity request id, cr-<12 hex>", max_length=64)
 
 def _scope(principal: Principal) -> str | None:
     return None if principal.sees_all_tenants else principal.tenant_id
-
-
-def _http(exc: MarketError) -> HTTPException:
-    return HTTPException(exc.status, exc.detail)
 
 
 @router.post(
@@ -77,13 +74,10 @@ async def create_request(
         direction=body.direction.value,
         max_price_per_mwh=body.max_price_per_mwh,
     )
-    try:
-        req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
-    except MarketError as exc:
-        raise _http(exc) from exc
+    req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return await market.view(req)
+    return request_detail_doc(await market.detail(req))
 
 
 @router.post(
@@ -104,10 +98,7 @@ async def commit_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    try:
-        req, changed = await market.commit(request_id, _scope(principal))
-    except MarketError as exc:
-        raise _http(exc) from exc
+    req, changed = await market.commit(request_id, _scope(principal))
     if changed:
         # The plan is made now so the buyer sees it; a failure here leaves the booking intact
         # and the planner's refresh makes the plan later.
@@ -115,7 +106,7 @@ async def commit_request(
             await services.planner.plan_for(req.id, reason="committed")
         except Exception:
             log.exception("planning %s after commit", req.id)
-    return await market.view(req)
+    return request_detail_doc(await market.detail(req))
 
 
 @router.post(
@@ -133,11 +124,8 @@ async def cancel_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    try:
-        req, _ = await market.cancel(request_id, _scope(principal))
-    except MarketError as exc:
-        raise _http(exc) from exc
-    return await market.view(req)
+    req, _ = await market.cancel(request_id, _scope(principal))
+    return request_detail_doc(await market.detail(req))
 
 
 @router.get(
@@ -159,8 +147,6 @@ async def list_requests(
         _scope(principal), status=status, region=region, limit=limit, offset=offset
     )
     plans = await market.latest_plans([r.id for r in rows])
-    from dispatch.market import request_doc
-
     items = [request_doc(r, plans.get(r.id)) for r in rows]
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
@@ -177,8 +163,5 @@ async def get_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    try:
-        req = await market.get(request_id, _scope(principal))
-    except MarketError as exc:
-        raise _http(exc) from exc
-    return await market.view(req)
+    req = await market.get(request_id, _scope(principal))
+    return request_detail_doc(await market.detail(req))

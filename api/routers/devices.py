@@ -37,7 +37,6 @@ from devices import onboarding
 from devices.onboarding import (
     FieldError,
     InvalidDevice,
-    OnboardingError,
     TenantScope,
     pydantic_field_errors,
 )
@@ -51,9 +50,9 @@ from vpp.timefmt import to_rfc3339
 
 
 class DeviceRoute(APIRoute):
-    """Answers request-validation and onboarding errors in one shape, naming each field (the
-    discriminated union's tag is taken out of the location: ``rated_w``, not
-    ``battery.rated_w``)."""
+    """Turns request-validation errors into :class:`InvalidDevice`, so they are answered in the
+    onboarding errors' shape (``api.errors``), naming each field (the discriminated union's tag is
+    taken out of the location: ``rated_w``, not ``battery.rated_w``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -69,9 +68,7 @@ class DeviceRoute(APIRoute):
                     # The model could not check the region against this service's list: add it,
                     # so one answer names every bad field.
                     errors += await _body_region_errors(request)
-                return JSONResponse(status_code=422, content=InvalidDevice(errors).as_dict())
-            except OnboardingError as exc:
-                return JSONResponse(status_code=exc.status, content=exc.as_dict())
+                raise InvalidDevice(errors) from None
 
         return route
 

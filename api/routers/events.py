@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
 from api.deps import Principal, get_services, require_roles
+from api.presenters.events import event_summary_doc, timeline_doc
 from dispatch import events as es
 from dispatch.services import Services
-from dispatch.settlement_service import timeline
+from dispatch.settlement_service import timeline_rows
+from vpp.errors import NotFound
 
 router = APIRouter(tags=["events"])
 
@@ -88,9 +90,10 @@ async def list_events(
     services: Services = Depends(get_services),
 ) -> list[dict[str, Any]]:
     tenant = None if principal.sees_all_tenants else principal.tenant_id
-    return await es.list_events(
+    found = await es.list_events(
         services, status=status, tenant_id=tenant, now_ms=services.clock.now_ms()
     )
+    return [event_summary_doc(rec) for rec in found]
 
 
 @router.get(
@@ -115,10 +118,5 @@ async def event_timeline(
     if ev is None or (
         not principal.sees_all_tenants and (ev.is_grid or ev.tenant_id != principal.tenant_id)
     ):
-        raise HTTPException(404, f"id: no event {event_id!r}")
-    return {
-        "event_id": ev.id,
-        "kind": ev.kind,
-        "status": ev.status,
-        "points": await timeline(services, event_id),
-    }
+        raise NotFound("id", f"no event {event_id!r}")
+    return timeline_doc(ev, await timeline_rows(services, event_id))

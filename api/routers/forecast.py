@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from api.deps import get_services, require_roles
-from dispatch.forecast_service import ForecastInputError
+from vpp.errors import InvalidInput
 from vpp.timefmt import TimeFormatError, parse_rfc3339, to_rfc3339
 
 router = APIRouter()
@@ -43,11 +43,6 @@ class ForecastOut(BaseModel):
     firmness: float | None = Field(None, description="the firmness asked for, if any")
     event: str = Field(description="ISO 8601 length of the event each interval is valued in")
     intervals: list[ForecastInterval] = Field(description="one row per step of the window")
-
-
-def _unprocessable(field: str, message: str) -> HTTPException:
-    # The service's error shape: {"detail": "field: message"}.
-    return HTTPException(status_code=422, detail=f"{field}: {message}")
 
 
 def parse_duration_s(text: str) -> int:
@@ -103,31 +98,27 @@ async def get_forecast(
     try:
         step_s = parse_duration_s(step)
     except ValueError as exc:
-        raise _unprocessable("step", str(exc)) from exc
+        raise InvalidInput("step", str(exc)) from exc
     try:
         # A time without an offset is read as UTC here (the query parameters always allowed it).
         start_ms = parse_rfc3339(start, "start", assume_utc=True) if start else now_ms
         end_ms = parse_rfc3339(end, "end", assume_utc=True) if end else None
     except TimeFormatError as exc:
-        raise _unprocessable(exc.field, exc.reason) from exc
+        raise InvalidInput(exc.field, exc.reason) from exc
     if end_ms is None:
         # Default: as many whole steps as fit before the horizon.
         horizon_ms = int(services.settings.forecast_horizon_h * 3_600_000)
         step_ms = max(step_s, 1) * 1000
         if step_ms > horizon_ms:
             horizon_h = services.settings.forecast_horizon_h
-            raise _unprocessable("step", f"longer than the {horizon_h:g} h forecast horizon")
+            raise InvalidInput("step", f"longer than the {horizon_h:g} h forecast horizon")
         end_ms = start_ms + max((now_ms + horizon_ms - start_ms) // step_ms, 1) * step_ms
     try:
         event_h = parse_duration_s(event) / 3600.0 if event else None
     except ValueError as exc:
-        raise _unprocessable("event", str(exc)) from exc
-    try:
-        result = await forecaster.forecast(
-            region, start_ms, end_ms, step_s, firmness, event_h=event_h
-        )
-    except ForecastInputError as exc:
-        raise _unprocessable(exc.field, exc.message) from exc
+        raise InvalidInput("event", str(exc)) from exc
+    # A bad region, window, step or firmness raises ForecastInputError (an InvalidInput: 422).
+    result = await forecaster.forecast(region, start_ms, end_ms, step_s, firmness, event_h=event_h)
     committed = await forecaster.committed_mw(region, result.starts_ms, step_s)
     intervals = []
     for i, s in enumerate(result.starts_ms.tolist()):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Principal, get_services, require_roles
+from api.presenters.events import event_doc, grid_event_doc
 from api.schemas.times import Rfc3339Ms
 from dispatch import events as es
 from dispatch.services import Services
+from dispatch.settlement_service import event_settlement
 
 router = APIRouter(tags=["grid events"])
 
@@ -107,8 +109,8 @@ class GridEventOut(BaseModel):
     )
 
 
-def _http(exc: es.EventError) -> HTTPException:
-    return HTTPException(exc.status, exc.detail)
+async def _present(services: Services, rec: es.EventRecord) -> dict[str, Any]:
+    return grid_event_doc(rec, await event_settlement(services, rec.info.id))
 
 
 @router.post(
@@ -130,19 +132,17 @@ async def create_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    try:
-        return await es.create_grid_event(
-            services,
-            principal.tenant_id,
-            region=body.region,
-            mw=body.mw,
-            start_ms=body.start,
-            end_ms=body.end,
-            priority=body.priority,
-            preempt=body.preempt,
-        )
-    except es.EventError as exc:
-        raise _http(exc) from None
+    rec = await es.create_grid_event(
+        services,
+        principal.tenant_id,
+        region=body.region,
+        mw=body.mw,
+        start_ms=body.start,
+        end_ms=body.end,
+        priority=body.priority,
+        preempt=body.preempt,
+    )
+    return await _present(services, rec)
 
 
 @router.get(
@@ -154,7 +154,7 @@ async def create_grid_event(
 async def list_grid_events(
     principal: Principal = Depends(operator), services: Services = Depends(get_services)
 ) -> list[dict[str, Any]]:
-    return await es.list_grid_events(services)
+    return [event_doc(rec) for rec in await es.list_grid_events(services)]
 
 
 @router.get(
@@ -168,10 +168,7 @@ async def get_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    try:
-        return await es.get_grid_event(services, event_id)
-    except es.EventError as exc:
-        raise _http(exc) from None
+    return await _present(services, await es.get_grid_event(services, event_id))
 
 
 @router.post(
@@ -188,7 +185,4 @@ async def abort_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    try:
-        return await es.abort_grid_event(services, event_id)
-    except es.EventError as exc:
-        raise _http(exc) from None
+    return await _present(services, await es.abort_grid_event(services, event_id))

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi import APIRouter, Depends, Path
 from fastapi.responses import Response
 from sqlalchemy import select
 
 from api.deps import Principal, get_services, require_roles
+from api.presenters.settlement import settlement_csv
 from dispatch.services import Services
-from dispatch.settlement_service import settlement_csv
+from dispatch.settlement_service import export_lines
 from store.models import CapacityRequest, GridEvent
+from vpp.errors import NotFound
 
 router = APIRouter(tags=["settlement"])
 
@@ -59,8 +61,8 @@ async def request_settlement_csv(
             )
         ).scalar_one_or_none()
     if tenant is None or (not principal.sees_all_tenants and tenant != principal.tenant_id):
-        raise HTTPException(404, f"id: no capacity request {request_id!r}")
-    return _csv(await settlement_csv(services, request_id), request_id)
+        raise NotFound("id", f"no capacity request {request_id!r}")
+    return _csv(settlement_csv(request_id, await export_lines(services, request_id)), request_id)
 
 
 @router.get(
@@ -77,5 +79,5 @@ async def grid_settlement_csv(
     async with services.db.session() as s:
         found = await s.get(GridEvent, event_id)
     if found is None:
-        raise HTTPException(404, f"id: no grid event {event_id!r}")
-    return _csv(await settlement_csv(services, event_id), event_id)
+        raise NotFound("id", f"no grid event {event_id!r}")
+    return _csv(settlement_csv(event_id, await export_lines(services, event_id)), event_id)

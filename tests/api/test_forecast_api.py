@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
+from api import errors
 from api.deps import get_services
 from api.routers.forecast import parse_duration_s, router
 from dispatch.forecast_service import ForecastService
@@ -45,6 +46,7 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]
     services.forecast = ForecastService(services)  # type: ignore[arg-type]
     key = await create_api_key(db, "t-1", "hyperscaler", NOW)
     app = FastAPI()
+    errors.install(app)  # domain errors answer as in the service's app
     app.include_router(router)
     app.dependency_overrides[get_services] = lambda: services
     transport = httpx.ASGITransport(app=app)

@@ -16,7 +16,6 @@ from sqlalchemy import func, select
 from dispatch import events as es
 from dispatch.housekeeping import MarketHousekeeper
 from dispatch.market import (
-    MarketError,
     RequestInput,
     ledger_slots,
     make_quote,
@@ -30,6 +29,7 @@ from tests.helpers.fleets import fleet_of
 from tests.helpers.market import install_stub
 from tests.helpers.settings import make_settings
 from vpp.clock import ManualClock
+from vpp.errors import Conflict, InvalidInput, NotFound
 from vpp.fleet.snapshot import FleetSnapshot
 
 H = 3_600_000
@@ -96,7 +96,7 @@ def test_quote_is_min_over_intervals_capped_and_floored() -> None:
     ],
 )
 def test_bad_input_names_the_field(change: dict[str, Any], field: str) -> None:
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(InvalidInput) as err:
         validate_input(
             inp(**change),
             NOW,
@@ -105,12 +105,12 @@ def test_bad_input_names_the_field(change: dict[str, Any], field: str) -> None:
             min_notice_s=0.0,
             max_mw=100_000.0,
         )
-    assert err.value.status == 422 and err.value.field == field
+    assert err.value.field == field
     assert err.value.detail.startswith(f"{field}: ")
 
 
 def test_notice_and_event_length_rules() -> None:
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(InvalidInput) as err:
         validate_input(
             inp(start_h=0.5, end_h=2.0), NOW, {REGION}, horizon_h=48, min_notice_s=3600, max_mw=1e5
         )
@@ -164,9 +164,9 @@ async def test_quote_commit_cancel_keep_the_ledger_within_p90_less_margin(market
     assert starts.tolist() == ledger_slots(a.start_ms, a.end_ms).tolist()
     assert set(mw.tolist()) == {6.0}
     # B overlaps A for an hour: 9.5 − 6 = 3.5 MW free there, less than B's quote.
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(Conflict) as err:
         await market.commit(b.id, "other")
-    assert err.value.status == 409 and "capacity no longer available: 3.5 MW free" in str(err.value)
+    assert "capacity no longer available: 3.5 MW free" in str(err.value)
     assert await ledger_total(services) == pytest.approx(6.0 * 8)
     # A new quote sees what is left.
     c, _ = await market.quote("other", inp(mw=6.0, start_h=3.0, end_h=5.0))
@@ -185,19 +185,18 @@ async def test_state_errors_leave_the_ledger_unchanged(market_env: Any) -> None:
     services, clock = market_env
     market = services.market
     q, _ = await market.quote("acme", inp(mw=2.0))
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(NotFound) as err:
         await market.commit(q.id, "other")  # another tenant's id looks missing
-    assert err.value.status == 404
     await market.cancel(q.id, "acme")
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(Conflict) as err:
         await market.commit(q.id, "acme")
-    assert err.value.status == 409 and "request is cancelled" in str(err.value)
+    assert "request is cancelled" in str(err.value)
     # Expired quote.
     q2, _ = await market.quote("acme", inp(mw=2.0))
     clock.advance(services.settings.quote_ttl_s + 1)
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(Conflict) as err:
         await market.commit(q2.id, "acme")
-    assert err.value.status == 409 and "quote expired at" in str(err.value)
+    assert "quote expired at" in str(err.value)
     assert (await market.get(q2.id, "acme")).status == "expired"
     # Committed request, due once its window opens: the runner's status moves (committed →
     # active when it starts the event, active → completed when it closes it) refuse cancel.
@@ -209,11 +208,11 @@ async def test_state_errors_leave_the_ledger_unchanged(market_env: Any) -> None:
     assert [e.id for e in due] == [q3.id]
     assert await es.set_status(services, due[0], "active", only_from=("committed",))
     assert await es.due_events(services, clock.now_ms()) == []
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(Conflict) as err:
         await market.cancel(q3.id, "acme")
-    assert err.value.status == 409 and "request is active" in str(err.value)
+    assert "request is active" in str(err.value)
     assert await es.set_status(services, due[0], "completed", only_from=("active",))
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(Conflict) as err:
         await market.cancel(q3.id, "acme")
     assert "request is completed" in str(err.value)
     assert await ledger_total(services) == before
@@ -227,9 +226,9 @@ async def test_expire_quotes_and_idempotency_key(market_env: Any) -> None:
     assert replayed and again.id == a.id
     other_tenant, replayed = await market.quote("other", inp(mw=1.0), idempotency_key="k1")
     assert not replayed and other_tenant.id != a.id
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(InvalidInput) as err:
         await market.quote("acme", inp(mw=2.0), idempotency_key="k1")
-    assert err.value.status == 422 and err.value.field == "Idempotency-Key"
+    assert err.value.field == "Idempotency-Key"
     clock.advance(services.settings.quote_ttl_s)
     assert await market.expire_quotes(clock.now_ms()) == 2
     rows, total = await market.list_requests("acme")
@@ -252,9 +251,9 @@ async def test_rejected_when_nothing_is_free_and_window_rule(market_env: Any) ->
     r, _ = await market.quote("acme", inp(mw=1.0))
     assert r.status == "rejected" and r.quoted_mw == 0.0
     assert r.quote_expires_ms is None and "interval 2026-07-14T23:30:00.000Z" in (r.reason or "")
-    with pytest.raises(MarketError) as err:
+    with pytest.raises(Conflict) as err:
         await market.commit(r.id, "acme")
-    assert err.value.status == 409 and "rejected" in str(err.value)
+    assert "rejected" in str(err.value)
     long, _ = await market.quote("acme", inp(mw=1.0, start_h=2.0, end_h=8.0))
     assert long.status == "rejected" and "at most 5 h" in (long.reason or "")
 

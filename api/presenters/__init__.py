@@ -1,0 +1,1 @@
+"""JSON (and CSV) shaping of what the service layers return: the routers present with these."""
