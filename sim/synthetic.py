@@ -32,24 +32,14 @@ from dispatch.types import DeviceUsage
 from vpp import physics
 from vpp.domain import FreshnessCode
 from vpp.fleet.records import empty_state
+from vpp.fleet.registry import FLOAT_COLUMNS
 from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot, compute_freshness
 
 F64 = npt.NDArray[np.float64]
 
 DEFAULT_REGIONS = ("ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM")
-REGISTRY_COLUMNS = (
-    "capacity_wh",
-    "max_discharge_w",
-    "max_charge_w",
-    "backup_reserve_pct",
-    "rated_w",
-    "hvac_rated_w",
-    "comfort_max_c",
-    "comfort_min_c",
-    "max_offset_c",
-    "lat",
-    "lon",
-)
+# The registry's per-device figures (capacities, ratings, comfort, location).
+REGISTRY_COLUMNS = FLOAT_COLUMNS
 
 
 def blank_state(n: int, kind: npt.ArrayLike, recv_ms: npt.ArrayLike) -> np.ndarray:
