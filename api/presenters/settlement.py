@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from dispatch.settlement import interval_performance
 from dispatch.settlement_service import EventSettlement, IntervalResult
 from store.models import SettlementLine
 from vpp.timefmt import to_rfc3339
@@ -72,16 +73,15 @@ def settlement_csv(event_id: str, lines: list[SettlementLine]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
-    for ln in lines:
+    computed = interval_performance(
+        delivered_mw=[ln.delivered_mw for ln in lines], committed_mw=[ln.target_mw for ln in lines]
+    ).tolist()
+    for ln, own in zip(lines, computed, strict=True):
         inp = ln.inputs or {}
         b, t, c = inp.get("battery", {}), inp.get("thermostat", {}), inp.get("control", {})
         perf = inp.get("performance")
         if perf is None:
-            perf = (
-                min(max(ln.delivered_mw, 0.0), ln.target_mw) / ln.target_mw
-                if ln.target_mw > 0
-                else 0.0
-            )
+            perf = own
         w.writerow(
             [
                 event_id,
