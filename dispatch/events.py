@@ -150,7 +150,7 @@ async def create_grid_event(
     await ensure_tenant(services.db, tenant_id, now)
     async with services.db.session() as s, s.begin():
         s.add(row)
-    _wake_runner(services)
+    services.event_changed()  # a runner in this process acts now, not on its next tick
     return grid_record(row)
 
 
@@ -183,12 +183,8 @@ async def abort_grid_event(services: Edges, event_id: str) -> EventRecord:
             raise Conflict("status", f"the grid event is already {g.status}")
         g.status = GridEventStatus.aborted.value
         g.updated_ms = now
-    _wake_runner(services)
+    services.event_changed()  # a runner in this process acts now, not on its next tick
     return await get_grid_event(services, event_id)
-
-
-def _wake_runner(services: Edges) -> None:
-    services.event_changed()
 
 
 # --- both kinds, for the runner and the events API -----------------------------------------------

@@ -130,13 +130,11 @@ class ForecastCalibrator:
 
     async def _daily(self, now_ms: int, day: int) -> None:
         """One process per service day computes; the others adopt what it persisted."""
-        state = getattr(self.services, "state", None)
-        mine = True
-        if state is not None:
-            with contextlib.suppress(Exception):
-                mine = await state.acquire_lease(
-                    f"forecast-calibrator:{day}", self.owner, 2 * 86_400.0
-                )
+        mine = True  # a store that cannot answer leaves each process to calibrate for itself
+        with contextlib.suppress(Exception):
+            mine = await self.services.state.acquire_lease(
+                f"forecast-calibrator:{day}", self.owner, 2 * 86_400.0
+            )
         if mine:
             await self.run_once(now_ms)
             return
@@ -201,12 +199,8 @@ class ForecastCalibrator:
             "calibrated_rates": bool(calib_now.calibrated),
         }
         fs.set_tuning(region, shocks=shocks, quantiles=quantiles, info=info)
-        state = getattr(self.services, "state", None)
-        persisted = False
-        if state is not None:
-            doc = tuning_to_json(shocks, quantiles, info)
-            await state.set_value(TUNING_KEY.format(region=region), orjson.dumps(doc))
-            persisted = True
+        doc = tuning_to_json(shocks, quantiles, info)
+        await self.services.state.set_value(TUNING_KEY.format(region=region), orjson.dumps(doc))
         return {
             "status": "learnt",
             "defaults": False,
@@ -219,7 +213,7 @@ class ForecastCalibrator:
             "optout_wave_sigma": round(shocks.optout_wave_sigma, 3),
             "p90_level": round(float(quantiles.level(0.1)), 4),
             "mean_pit": info["mean_pit"],
-            "persisted": persisted,
+            "persisted": True,
         }
 
     # --- history → per-day data -----------------------------------------------------------------

@@ -41,7 +41,6 @@ class Services(Edges):
     runner: EventRunner | None = field(default=None, init=False)
     housekeeper: MarketHousekeeper | None = field(default=None, init=False)
     calibrator: ForecastCalibrator | None = field(default=None, init=False)
-    _started: list[Background] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,23 +50,36 @@ class Services(Edges):
 
     async def start_background(self, *, runner_owner: str | None = None) -> None:
         """Ingest, the event runner, quote housekeeping and the forecast calibrator, in that
-        order; stopped in reverse by ``stop_background``."""
-        self.ingest = IngestWorker(self)
-        await self._start(self.ingest)
-        self.runner = EventRunner(self, owner=runner_owner)
-        await self._start(self.runner)
-        self.housekeeper = MarketHousekeeper(self.market, self.planner, self.clock)
-        await self._start(self.housekeeper)
-        self.calibrator = ForecastCalibrator(self, self.forecast)
-        await self._start(self.calibrator)
-
-    async def _start(self, component: Background) -> None:
-        await component.start()
-        self._started.append(component)
+        order; each is set here once it has started. If one fails to start, the ones already
+        running are stopped and the failure goes on up."""
+        try:
+            ingest = IngestWorker(self)
+            await ingest.start()
+            self.ingest = ingest
+            runner = EventRunner(self, owner=runner_owner)
+            await runner.start()
+            self.runner = runner
+            housekeeper = MarketHousekeeper(self.market, self.planner, self.clock)
+            await housekeeper.start()
+            self.housekeeper = housekeeper
+            calibrator = ForecastCalibrator(self, self.forecast)
+            await calibrator.start()
+            self.calibrator = calibrator
+        except BaseException:
+            await self.stop_background()
+            raise
 
     async def stop_background(self) -> None:
-        while self._started:
-            component = self._started.pop()
+        """Stop the background components in the reverse order of their start."""
+        components: tuple[Background | None, ...] = (
+            self.calibrator,
+            self.housekeeper,
+            self.runner,
+            self.ingest,
+        )
+        for component in components:
+            if component is None:
+                continue
             try:
                 await asyncio.wait_for(component.stop(), 30)
             except Exception:

@@ -38,8 +38,6 @@ from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot, comput
 F64 = npt.NDArray[np.float64]
 
 DEFAULT_REGIONS = ("ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM")
-# The registry's per-device figures (capacities, ratings, comfort, location).
-REGISTRY_COLUMNS = FLOAT_COLUMNS
 
 
 def blank_state(n: int, kind: npt.ArrayLike, recv_ms: npt.ArrayLike) -> np.ndarray:
@@ -69,11 +67,11 @@ def assemble(
     freshness: npt.ArrayLike | None = None,
     **registry: npt.ArrayLike,
 ) -> FleetSnapshot:
-    """A snapshot of ``len(kind_codes)`` devices. Registry columns (``REGISTRY_COLUMNS``) not
+    """A snapshot of ``len(kind_codes)`` devices. Registry columns (``FLOAT_COLUMNS``) not
     given are NaN; ids default to ``dev-<i>``, everyone is enrolled and online, on feeder 0 of
     vendor 0, and freshness is judged on ``state["recv_ms"]`` (5-minute reports, offline after
     15 minutes)."""
-    unknown = set(registry) - set(REGISTRY_COLUMNS)
+    unknown = set(registry) - set(FLOAT_COLUMNS)
     if unknown:
         raise TypeError(f"not registry columns: {sorted(unknown)}")
     kind = np.asarray(kind_codes, dtype=np.int8)
@@ -84,7 +82,7 @@ def assemble(
         ids = np.asarray(device_ids, dtype=object)
     cols = {
         name: np.broadcast_to(np.asarray(registry.get(name, np.nan), dtype=float), (n,)).copy()
-        for name in REGISTRY_COLUMNS
+        for name in FLOAT_COLUMNS
     }
     up = np.ones(n, bool) if online is None else np.asarray(online, dtype=bool)
     if freshness is None:

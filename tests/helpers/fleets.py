@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from sim.synthetic import REGISTRY_COLUMNS, assemble, blank_state
+from sim.synthetic import assemble, blank_state
 from vpp import physics
+from vpp.fleet.registry import FLOAT_COLUMNS
 from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
 
 NOW = 1_784_061_000_000  # 2026-07-14T20:30:00Z, on the 15-minute grid
@@ -67,7 +68,7 @@ def fleet_of(
     kind = np.array([KIND_LETTERS[k] for k in kinds], dtype=np.int8)
     state = blank_state(n, kind, now_ms - int(age_s * 1000))
     state["grid_up"] = 1
-    registry: dict[str, Any] = {name: np.full(n, np.nan) for name in REGISTRY_COLUMNS}
+    registry: dict[str, Any] = {name: np.full(n, np.nan) for name in FLOAT_COLUMNS}
     for code, values in DEFAULTS.items():
         rows = kind == code
         for name, value in values.items():
