@@ -677,7 +677,9 @@ class EventRunner:
         asg = await asyncio.to_thread(
             assign, fleet, usage, plan, demands, horizon, self.params, exclude
         )
-        mine = np.flatnonzero((asg.demand_index == 0) & ~asg.is_reserve)
+        mine = self.free_first(
+            fleet, asg, np.flatnonzero((asg.demand_index == 0) & ~asg.is_reserve), ev
+        )
         reserve_rows = np.flatnonzero((asg.demand_index == 0) & asg.is_reserve)
         mine, held, early_kw = self.hold_back_front_load(
             fleet, asg, mine, float(target.max(initial=0.0))
@@ -790,6 +792,25 @@ class EventRunner:
         )
         await self.publish_due(run, self.clock.now_ms())
         return run
+
+    def preemptable_devices(self, by: es.EventInfo) -> set[str]:
+        """Devices that lower-priority running events hold and ``by`` may take (none unless it
+        may preempt)."""
+        if not by.preempt:
+            return set()
+        return self.busy_devices(exclude_event=by.id) - self.busy_devices(
+            exclude_event=by.id, below_priority=by.priority
+        )
+
+    def free_first(self, fleet: FleetSnapshot, asg: Assignment, rows: I64, by: es.EventInfo) -> I64:
+        """``rows`` in plan order, those on free devices before those that would be taken from
+        a lower-priority event: only the front-loaded head is commanded at once, and a commitment
+        should lose a device only when the free ones cannot cover the target."""
+        taken = self.preemptable_devices(by)
+        if not taken or rows.size == 0:
+            return rows
+        from_others = np.isin(fleet.device_ids[asg.device_index[rows]], np.array(sorted(taken)))
+        return rows[np.argsort(from_others, kind="stable")]
 
     def _preempt(self, devices: set[str], by: es.EventInfo) -> list[str]:
         """Take ``devices`` away from lower-priority running events (their rows become
@@ -957,30 +978,40 @@ class EventRunner:
         exclude = np.zeros(n, bool)
         # Every device already in the event stays out (one dispatch command per device and
         # event: replaced devices failed, released ones are recovering).
+        # A preempting event may take what lower-priority events hold, as at its start.
+        preemptable = self.preemptable_devices(run.info)
         taken = (
             set(run.table.device_id.tolist())
             | set(run.control_ids)
-            | self.busy_devices(exclude_event=run.id)
+            | (self.busy_devices(exclude_event=run.id) - preemptable)
         )
         exclude |= fleet.mask_of(taken)
         asg = self._reserve_for(run, fleet)
-        usage = await self.usage_for(fleet, run.id)
+        lower = tuple(
+            r.id
+            for r in self.running.values()
+            if preemptable and r.id != run.id and r.ending is None
+            and r.info.priority < run.info.priority
+        )  # fmt: skip
+        usage = await self.usage_for(fleet, run.id, lower)
         h = run.horizon
         t0 = int(np.clip((now - h.start_ms) // (h.interval_s * 1000), 0, h.n_intervals - 1))
         nd = len(asg.demands)
         short = np.zeros(nd)
         short[0] = short_kw
-        new = await asyncio.to_thread(
-            replacements,
-            fleet,
-            usage,
-            asg,
-            short,
-            exclude,
-            from_interval=t0,
-            params=self.params,
-        )
-        rows = np.flatnonzero(new.demand_index == 0)
+
+        async def choose(excluded: npt.NDArray[np.bool_]) -> tuple[Assignment, I64]:
+            got = await asyncio.to_thread(
+                replacements, fleet, usage, asg, short, excluded, from_interval=t0,
+                params=self.params,
+            )  # fmt: skip
+            return got, np.flatnonzero(got.demand_index == 0)
+
+        # Free devices first: a lower-priority event loses one only when they cannot cover it.
+        new, rows = await choose(exclude | fleet.mask_of(preemptable) if preemptable else exclude)
+        if preemptable and float(new.expected_kw[rows].sum()) < short_kw * (1 - 1e-9):
+            new, rows = await choose(exclude)
+            rows = self.free_first(fleet, new, rows, run.info)
         if rows.size == 0:
             return 0
         # Replacements are front-loaded like the devices an event starts with: a thermostat
@@ -1007,6 +1038,12 @@ class EventRunner:
                 bat & np.isfinite(credit_kw), np.maximum(credit_kw, 0.0), batch.expected_kw
             )
         th = batch.kind == THERMOSTAT
+        preempted = self._preempt(set(batch.device_ids) & preemptable, run.info)
+        if preempted:
+            # Their lower-priority events let go first (their closed loops make up elsewhere).
+            await self.store.mark(
+                preempted, CommandStatus.preempted.value, reason=f"preempted by {run.id}"
+            )
         await self.add_commands(run, batch, settle_kw=np.where(th, early_kw, batch.expected_kw))
         return len(batch)
 

@@ -120,9 +120,10 @@ async def test_preempting_grid_event_takes_devices_from_a_request(  # type: igno
         rid, avail, end = await _running_request(st, 0.6)
         held = _live_devices(await _commands(svc, rid))
         assert held
-        # The fleet cannot cover both: 0.6 + 0.7 of what is available.
+        # The fleet cannot cover both: 0.6 + 0.9 of what is available. The grid event starts on
+        # free devices first; what they cannot give, even front-loaded, it takes from the request.
         ge_start = svc.clock.now_ms() + MIN
-        ge = await _grid_event(st, ge_start, end, round(0.7 * avail, 3), preempt=True)
+        ge = await _grid_event(st, ge_start, end, round(0.9 * avail, 3), preempt=True)
         assert await wait_for(lambda: ge in st.runner.running, 20)
         assert await _status(svc, GridEvent, ge) == "active"
 
@@ -162,6 +163,27 @@ async def test_preempting_grid_event_takes_devices_from_a_request(  # type: igno
         assert await wait_for(tried, 20)
         snap = st.runner.snapshot_of(rid)
         assert snap is not None and snap["replaced"] >= len(taken)
+
+
+async def test_preempting_grid_event_spares_the_request_while_free_devices_cover_it(  # type: ignore[no-untyped-def]
+    fresh_pg_url, redis_url, services_factory
+) -> None:
+    """``preempt`` allows taking devices, it does not ask for it: a small grid event that the
+    devices no commitment holds can cover leaves the request whole."""
+    svc = await _services(services_factory, fresh_pg_url, redis_url)
+    async with running_stack(svc, 160, seed=43, fleet_options={"never_answer_share": 0.0}) as st:
+        rid, avail, end = await _running_request(st, 0.5)
+        held = _live_devices(await _commands(svc, rid))
+        ge = await _grid_event(st, svc.clock.now_ms() + MIN, end, round(0.1 * avail, 3), True)
+        assert await wait_for(lambda: ge in st.runner.running, 20)
+
+        async def grid_commanded() -> bool:
+            return bool(_live_devices(await _commands(svc, ge)))
+
+        assert await wait_for(grid_commanded, 20)
+        cr_cmds = await _commands(svc, rid)
+        assert not [c for c in cr_cmds if c.status == CommandStatus.preempted]
+        assert not held & _live_devices(await _commands(svc, ge))
 
 
 async def test_grid_event_without_preempt_gets_only_what_is_free(  # type: ignore[no-untyped-def]
