@@ -59,9 +59,10 @@ class KnownKey:
 
 
 # Key lookups are cached briefly so a busy dashboard does not hit the database per request.
-# A key revoked through this process's API stops at once (its entry is dropped); revoked
-# elsewhere (`vpp keys revoke`, another replica) it stops within the TTL. Expiry is checked on
-# every request against the service clock, cached or not.
+# A revoked key stops at once: through this process's API its entry is dropped; with Redis,
+# `vpp keys revoke` and every replica's revocation leave a notice that the per-request rate-limit
+# check sees (store/ratelimit.py). Without Redis, a key revoked by another process stops within
+# the TTL. Expiry is checked on every request against the service clock, cached or not.
 _KEY_CACHE: dict[str, tuple[KnownKey | None, float]] = {}
 _KEY_CACHE_TTL_S = 10.0
 
@@ -123,22 +124,27 @@ def rate_limiter(request: Request, services: Services) -> RateLimiter:
     return limiter
 
 
-async def _check_rate(request: Request, services: Services, principal: Principal) -> None:
-    """429 with Retry-After when the caller's key has no token left in its bucket."""
+async def _check_rate(request: Request, services: Services, principal: Principal) -> bool:
+    """429 with Retry-After when the caller's key has no token left in its bucket. Returns
+    True when a revocation notice for the key is out instead (revoked by another process since
+    this one cached it)."""
     settings = services.settings
     rate = principal.rate_limit_per_s
     rate = settings.rate_limit_per_s if rate is None else rate
     burst = principal.rate_limit_burst or settings.rate_limit_burst
-    wait_s = await rate_limiter(request, services).take(principal.key_id, rate, burst)
-    if wait_s > 0:
+    verdict = await rate_limiter(request, services).check(principal.key_id, rate, burst)
+    if verdict.revoked:
+        return True
+    if verdict.wait_s > 0:
         HTTP_RATE_LIMITED.inc()
-        retry_after = max(1, math.ceil(wait_s))
+        retry_after = max(1, math.ceil(verdict.wait_s))
         raise HTTPException(
             429,
             f"rate limit: API key {principal.key_id} is over {rate:g} requests/s (burst "
             f"{burst}); retry after {retry_after} s",
             headers={"Retry-After": str(retry_after)},
         )
+    return False
 
 
 async def authenticate(
@@ -148,9 +154,12 @@ async def authenticate(
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("missing API key: send Authorization: Bearer <key>")
-    known = await _known_key(services, hash_key(credentials.credentials))
-    principal = _check_live(known, services.clock.now_ms())
-    await _check_rate(request, services, principal)
+    digest = hash_key(credentials.credentials)
+    principal = _check_live(await _known_key(services, digest), services.clock.now_ms())
+    if await _check_rate(request, services, principal):
+        # Revoked elsewhere since it was cached: the database says so (and when).
+        forget_key(principal.key_id)
+        principal = _check_live(await _known_key(services, digest), services.clock.now_ms())
     return principal
 
 

@@ -148,14 +148,16 @@ def keys_create(
 def keys_revoke(
     key_id: str = typer.Argument(..., help="the key id (vpp_<id>_…), or the whole key"),
 ) -> None:
-    """Revoke an API key: it answers 401 from now on (a running service's 10-second key cache
-    may accept it for up to those 10 s more).
+    """Revoke an API key: it answers 401 from now on. With Redis (VPP_REDIS_URL) every running
+    API replica refuses it at once; without, within its 10-second key cache.
 
     Example: vpp keys revoke 3f9a1c2b7d4e
     """
     from store.database import Database
     from store.keys import key_id_of, revoke_api_key
     from store.migrate import upgrade
+    from store.ratelimit import RateLimiter
+    from store.state import make_state_store
     from vpp.clock import get_clock
     from vpp.errors import DomainError
     from vpp.timefmt import to_rfc3339
@@ -164,16 +166,21 @@ def keys_revoke(
     s = get_settings()
     upgrade(s.database_url)
 
-    async def go() -> tuple[str, str, int | None, bool]:
+    async def go() -> tuple[str, str, int | None, bool, bool]:
         db = Database(s.database_url)
         try:
             row, changed = await revoke_api_key(db, key_id, get_clock().now_ms())
-            return row.tenant_id, row.role, row.revoked_ms, changed
         finally:
             await db.dispose()
+        state = make_state_store(s.redis_url, prefix=s.state_prefix)
+        try:  # a notice every API replica's next check of the key sees (Redis only)
+            noticed = await RateLimiter(state).announce_revoked(key_id)
+        finally:
+            await state.close()
+        return row.tenant_id, row.role, row.revoked_ms, changed, noticed
 
     try:
-        tenant, role, revoked_ms, changed = asyncio.run(go())
+        tenant, role, revoked_ms, changed, noticed = asyncio.run(go())
     except DomainError as exc:
         typer.echo(f"error: {exc.detail}", err=True)
         raise typer.Exit(1) from None
@@ -182,6 +189,10 @@ def keys_revoke(
         typer.echo(f"revoked key {key_id} (tenant {tenant}, role {role}) at {when}")
     else:
         typer.echo(f"key {key_id} (tenant {tenant}, role {role}) was revoked already, at {when}")
+    if noticed:
+        typer.echo("every API replica on this state store refuses it now")
+    else:
+        typer.echo("running API processes refuse it within 10 s (their key cache)")
 
 
 @db_app.command("upgrade")

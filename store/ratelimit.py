@@ -10,6 +10,11 @@ server's clock), so the limit holds across every API replica. With the in-proces
 in the process. If Redis does not answer, the replica's own bucket decides and a warning is
 logged (at most once a minute): the check fails open to a per-replica limit, never to a 5xx.
 
+The same script carries revocation notices: revoking a key (``vpp keys revoke``, the admin
+endpoint) sets ``<prefix>:revoked:<key id>`` in Redis for :data:`REVOCATION_NOTICE_S`, longer
+than any API process keeps a key in its cache, and every replica's next check of that key sees
+it. So with Redis a revoked key stops at once everywhere, not only when the cache runs out.
+
 Buckets run on wall time (monotonic, or the Redis server's), not the scaled service clock: a
 client's requests arrive in real seconds whatever ``VPP_TIME_SCALE`` is.
 """
@@ -19,18 +24,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from store.state.base import StateStore
 from vpp.metrics import RATE_LIMIT_STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] the bucket; ARGV rate a second, burst. The bucket is a hash of tokens and the time
-# they were counted at, expiring once it would be full again. Returns the seconds to wait as a
-# string ("0": allowed and a token taken), since Lua numbers come back to Redis as integers.
+# KEYS[1] the bucket, KEYS[2] the key's revocation notice; ARGV rate a second (0: no limit),
+# burst. The bucket is a hash of tokens and the time they were counted at, expiring once it
+# would be full again. Returns "revoked", or the seconds to wait as a string ("0": allowed and a
+# token taken), since Lua numbers come back to Redis as integers.
 _TAKE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 'revoked'
+end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+if rate <= 0 then
+  return '0'
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -53,6 +65,15 @@ return string.format('%.6f', wait)
 
 # How long a rate-limit check may wait for Redis before the local bucket decides.
 STORE_TIMEOUT_S = 0.25
+# How long a revocation notice stays in Redis: longer than any API process caches a key.
+REVOCATION_NOTICE_S = 120.0
+
+
+class Verdict(NamedTuple):
+    wait_s: float  # 0.0: go ahead (a token was taken); else seconds until the next token
+    revoked: bool = False  # a revocation notice for the key is out (Redis only)
+
+
 _WARN_EVERY_S = 60.0
 
 
@@ -79,7 +100,8 @@ class LocalBuckets:
 
 
 class RateLimiter:
-    """``await take(key_id, rate_per_s, burst)`` → 0.0 (go ahead) or the seconds to wait."""
+    """``await check(key_id, rate_per_s, burst)`` → a :class:`Verdict`;
+    ``await announce_revoked(key_id)`` after a revocation."""
 
     def __init__(self, state: StateStore | None = None) -> None:
         self.local = LocalBuckets()
@@ -99,18 +121,22 @@ class RateLimiter:
         """True when the buckets are in Redis (one limit across replicas)."""
         return self._script is not None
 
-    async def take(self, key_id: str, rate_per_s: float, burst: int) -> float:
-        if rate_per_s <= 0:
-            return 0.0  # no limit
+    def _keys(self, key_id: str) -> list[str]:
+        return [f"{self._prefix}:rl:{key_id}", f"{self._prefix}:revoked:{key_id}"]
+
+    async def check(self, key_id: str, rate_per_s: float, burst: int) -> Verdict:
         burst = max(1, int(burst))
         if self._script is None:
-            return self.local.take(key_id, rate_per_s, burst)
+            if rate_per_s <= 0:
+                return Verdict(0.0)  # no limit
+            return Verdict(self.local.take(key_id, rate_per_s, burst))
         try:
             raw = await asyncio.wait_for(
-                self._script(keys=[f"{self._prefix}:rl:{key_id}"], args=[rate_per_s, burst]),
+                self._script(keys=self._keys(key_id), args=[max(0.0, rate_per_s), burst]),
                 STORE_TIMEOUT_S,
             )
-            return float(raw.decode() if isinstance(raw, bytes) else raw)
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            return Verdict(0.0, revoked=True) if text == "revoked" else Verdict(float(text))
         except Exception as exc:
             RATE_LIMIT_STORE_ERRORS.inc()
             now = time.monotonic()
@@ -121,4 +147,21 @@ class RateLimiter:
                     "keys with its own bucket until it does",
                     exc.__class__.__name__,
                 )
-            return self.local.take(key_id, rate_per_s, burst)
+            if rate_per_s <= 0:
+                return Verdict(0.0)
+            return Verdict(self.local.take(key_id, rate_per_s, burst))
+
+    async def announce_revoked(self, key_id: str) -> bool:
+        """Tell every replica at once that ``key_id`` is revoked (Redis only; False if there is
+        no Redis or it did not answer: the key caches' TTL then bounds it)."""
+        if self._redis is None:
+            return False
+        try:
+            await asyncio.wait_for(
+                self._redis.set(self._keys(key_id)[1], b"1", ex=int(REVOCATION_NOTICE_S)),
+                STORE_TIMEOUT_S * 4,
+            )
+        except Exception as exc:
+            log.warning("revocation notice for key %s not sent: %s", key_id, exc)
+            return False
+        return True

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import Principal, forget_key, get_services, require_roles
+from api.deps import Principal, forget_key, get_services, rate_limiter, require_roles
 from dispatch.services import Services
 from store import audit
 from store.keys import revoke_api_key
@@ -131,6 +131,7 @@ async def list_audit(
     responses={**_AUTH, 404: {"description": "no such API key"}},
 )
 async def revoke_key(
+    request: Request,
     key_id: str = Path(description="the key id: the part of vpp_<id>_… after vpp_", max_length=32),
     principal: Principal = Depends(admin),
     services: Services = Depends(get_services),
@@ -138,7 +139,8 @@ async def revoke_key(
     row, _ = await revoke_api_key(
         services.db, key_id, services.clock.now_ms(), actor=principal.actor
     )
-    forget_key(key_id)
+    forget_key(key_id)  # this process: at once
+    await rate_limiter(request, services).announce_revoked(key_id)  # other replicas (Redis)
     return {
         "id": row.id,
         "tenant": row.tenant_id,
