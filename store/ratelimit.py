@@ -131,10 +131,11 @@ class RateLimiter:
                 return Verdict(0.0)  # no limit
             return Verdict(self.local.take(key_id, rate_per_s, burst))
         try:
-            raw = await asyncio.wait_for(
-                self._script(keys=self._keys(key_id), args=[max(0.0, rate_per_s), burst]),
-                STORE_TIMEOUT_S,
-            )
+            # asyncio.timeout, not wait_for: no task per call on this per-request path.
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                raw = await self._script(
+                    keys=self._keys(key_id), args=[max(0.0, rate_per_s), burst]
+                )
             text = raw.decode() if isinstance(raw, bytes) else str(raw)
             return Verdict(0.0, revoked=True) if text == "revoked" else Verdict(float(text))
         except Exception as exc:
