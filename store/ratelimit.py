@@ -7,8 +7,9 @@ its own key's tokens and never another's.
 
 With Redis as the state store the bucket lives there (one Lua script, atomic, timed by the Redis
 server's clock), so the limit holds across every API replica. With the in-process store it lives
-in the process. If Redis does not answer, the replica's own bucket decides and a warning is
-logged (at most once a minute): the check fails open to a per-replica limit, never to a 5xx.
+in the process. If Redis does not answer (within 0.25 s), the replica's own bucket decides for
+the next 5 s and a warning is logged (at most once a minute): the check fails open to a
+per-replica limit, never to a 5xx.
 
 The same script carries revocation notices: revoking a key (``vpp keys revoke``, the admin
 endpoint) sets ``<prefix>:revoked:<key id>`` in Redis for :data:`REVOCATION_NOTICE_S`, longer
@@ -63,8 +64,11 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return string.format('%.6f', wait)
 """
 
-# How long a rate-limit check may wait for Redis before the local bucket decides.
+# How long a rate-limit check may wait for Redis before the local bucket decides, and how long
+# after a failure the local bucket decides alone (so an unreachable Redis does not add the wait
+# to every request).
 STORE_TIMEOUT_S = 0.25
+STORE_RETRY_AFTER_S = 5.0
 # How long a revocation notice stays in Redis: longer than any API process caches a key.
 REVOCATION_NOTICE_S = 120.0
 
@@ -109,6 +113,7 @@ class RateLimiter:
         self._prefix = ""
         self._script: Any = None
         self._warned_at = -_WARN_EVERY_S
+        self._store_down_until = 0.0
         from store.state.redis import RedisStateStore
 
         if isinstance(state, RedisStateStore):
@@ -126,7 +131,7 @@ class RateLimiter:
 
     async def check(self, key_id: str, rate_per_s: float, burst: int) -> Verdict:
         burst = max(1, int(burst))
-        if self._script is None:
+        if self._script is None or time.monotonic() < self._store_down_until:
             if rate_per_s <= 0:
                 return Verdict(0.0)  # no limit
             return Verdict(self.local.take(key_id, rate_per_s, burst))
@@ -141,6 +146,7 @@ class RateLimiter:
         except Exception as exc:
             RATE_LIMIT_STORE_ERRORS.inc()
             now = time.monotonic()
+            self._store_down_until = now + STORE_RETRY_AFTER_S
             if now - self._warned_at >= _WARN_EVERY_S:
                 self._warned_at = now
                 log.warning(

@@ -295,12 +295,17 @@ async def test_rate_limit_fails_open_when_redis_is_down(
         rate_limit_per_s=0.001,
         rate_limit_burst=2,
     )
+    from vpp.metrics import RATE_LIMIT_STORE_ERRORS
+
     client, make_key = await api_factory(settings, ManualClock(NOW))
     op = await make_key("grid", "operator")
+    errors_before = RATE_LIMIT_STORE_ERRORS._value.get()
     with caplog.at_level(logging.WARNING, logger="store.ratelimit"):
         codes = [(await client.get("/v1/grid-events", headers=op)).status_code for _ in range(3)]
     assert codes == [200, 200, 429]  # no 5xx; the local bucket limits instead
     assert any("state store did not answer" in m for m in caplog.messages)
+    # Asked once, then left alone for a while: a dead Redis does not slow every request.
+    assert RATE_LIMIT_STORE_ERRORS._value.get() - errors_before == 1
 
 
 async def test_with_redis_a_key_revoked_by_the_cli_is_refused_at_once_by_every_replica(
