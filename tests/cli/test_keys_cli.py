@@ -4,6 +4,7 @@ operator would, then the key tried against the API on the same database."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,38 @@ def test_revoke_stops_the_key_and_is_audited(db_file: str) -> None:
 
     r = asyncio.run(call_api())
     assert r.status_code == 401 and f"API key {kid} was revoked at" in r.json()["detail"]
+
+
+def test_audit_command_lists_who_did_what(tmp_path: Path) -> None:
+    from tests.cli.test_client_cli import LiveServer
+
+    live = LiveServer(make_settings(f"sqlite+aiosqlite:///{tmp_path}/live.db")).start()
+    try:
+        admin = live.key("root", "admin")
+        op = live.key("grid", "operator")
+        env = {"VPP_API_KEY": "", "COLUMNS": "200"}
+        now = get_clock().now_ms()
+        from vpp.timefmt import to_rfc3339
+
+        body = {
+            "region": "ERCOT-NORTH",
+            "mw": 2,
+            "start": to_rfc3339(now + 3_600_000),
+            "end": to_rfc3339(now + 7_200_000),
+        }
+        with httpx.Client(base_url=live.url) as http:
+            r = http.post("/v1/grid-events", json=body, headers={"Authorization": f"Bearer {op}"})
+            assert r.status_code == 201, r.text
+            event_id = r.json()["id"]
+        args = ["audit", "--since", "1h", "--url", live.url, "--key", admin]
+        r = runner.invoke(app, [*args, "--json"], env=env)
+        assert r.exit_code == 0, r.output
+        rows = json.loads(r.stdout)
+        newest = rows[0]
+        assert (newest["action"], newest["target_id"]) == ("grid_event.created", event_id)
+        r = runner.invoke(app, [*args, "--action", "grid_event.created"], env=env)
+        assert r.exit_code == 0 and event_id in r.output and key_id_of(op) in r.output, r.output
+        r = runner.invoke(app, ["audit", "--url", live.url, "--key", op], env=env)
+        assert r.exit_code == 1 and "403" in r.output
+    finally:
+        live.stop()
