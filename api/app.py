@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import errors
 from api.routers import (
+    audit,
     capacity_requests,
     dashboard,
     devices,
@@ -43,6 +44,7 @@ ROUTERS = [
     grid_events.router,
     events.router,
     settlement.router,
+    audit.router,
     dashboard.router,
 ]
 
@@ -50,8 +52,9 @@ DESCRIPTION = """
 Residential flexibility (batteries, thermostats, solar) sold as firm capacity.
 
 Every `/v1` call needs `Authorization: Bearer <api key>`; a key has one tenant and one role
-(`admin`, `operator`, `fleet`, `hyperscaler`). 401 without a valid key, 403 when the role may not
-make the call, 404 for another tenant's object exactly as for a missing one. Errors are JSON
+(`admin`, `operator`, `fleet`, `hyperscaler`). 401 without a valid key (unknown, revoked or
+expired), 403 when the role may not make the call, 429 with `Retry-After` when the key is over its
+rate limit, 404 for another tenant's object exactly as for a missing one. Errors are JSON
 `{"detail": …}` naming the offending field. Units: kW for one device, MW for aggregates, RFC 3339
 UTC timestamps, ISO 8601 durations.
 """
@@ -211,6 +214,7 @@ _STANDARD = {
     "403": "the key's role may not do this",
     "404": "no such object for this key (another tenant's looks the same as a missing one)",
     "422": "a parameter or body field is invalid; `detail` names it",
+    "429": "the key is over its rate limit; `Retry-After` says in how many seconds to retry",
 }
 # Operations any role may call: they never answer 403.
 ANY_ROLE = {("get", "/v1/fleet"), ("get", "/v1/forecast")}
@@ -238,6 +242,7 @@ def document_errors(doc: dict[str, Any]) -> dict[str, Any]:
                     wanted.append("404")
                 if op.get("parameters") or op.get("requestBody"):
                     wanted.append("422")
+                wanted.append("429")
                 for code in wanted:
                     responses.setdefault(code, {"description": _STANDARD[code]})
             for code, resp in responses.items():

@@ -99,6 +99,7 @@ class ApiClient:
         hint = {
             401: " (check --key / VPP_API_KEY)",
             403: " (this key's role may not do that)",
+            429: f" (retry in {resp.headers.get('Retry-After', '?')} s)",
         }.get(resp.status_code, "")
         if resp.status_code == 404 and _detail(resp) == "Not Found":
             fail(f"{method} {path}: not available on this service (404){hint}")
@@ -742,6 +743,67 @@ def events_abort(
     _console().print(f"{event_id}: [bold]{data.get('status', GridEventStatus.aborted.value)}[/]")
 
 
+# --- audit ---------------------------------------------------------------------------------------
+def _since(text: str, field: str) -> str:
+    """An RFC 3339 time, or a span (``2h``, ``1d``) meaning that long before now."""
+    if _SPAN.match(text.strip()):
+        from vpp.clock import get_clock
+        from vpp.timefmt import to_rfc3339
+
+        return to_rfc3339(get_clock().now_ms() - round(parse_span_s(text, field) * 1000))
+    return resolve_time(text, field)
+
+
+def audit(
+    since: str | None = typer.Option(None, help="RFC 3339, or a span back from now: 2h, 7d"),
+    until: str | None = typer.Option(None, help="RFC 3339, or a span back from now"),
+    tenant: str | None = typer.Option(None, help="only the callers of this tenant"),
+    action: str | None = typer.Option(None, help="only this action, e.g. request.committed"),
+    limit: int = typer.Option(50, min=1, max=1000, help="rows, newest first"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Who did what and when: the audit trail (an admin key).
+
+    Example: vpp audit --since 24h --action key.revoked
+    """
+    from rich.table import Table
+
+    params: dict[str, Any] = {"limit": limit}
+    if since is not None:
+        params["since"] = _since(since, "since")
+    if until is not None:
+        params["until"] = _since(until, "until")
+    if tenant is not None:
+        params["tenant"] = tenant
+    if action is not None:
+        params["action"] = action
+    client = ApiClient(url, key)
+    rows = _list_of(client.get("/v1/audit", params=params), "items")
+    client.close()
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        _console().print("no audit entries")
+        return
+    table = Table(title=f"{len(rows)} audit entries, newest first", title_justify="left")
+    for col in ("at (UTC)", "action", "target", "tenant", "key", "detail"):
+        table.add_column(col)
+    for r in rows:
+        detail = json.dumps(r.get("detail") or {}, separators=(",", ":"))
+        table.add_row(
+            _short_time(r.get("at")),
+            str(r.get("action", "")),
+            str(r.get("target_id") or "–"),
+            str(r.get("tenant") or "–"),
+            str(r.get("key_id") or r.get("actor") or "–"),
+            detail if len(detail) <= 80 else detail[:79] + "…",
+        )
+    _console().print(table)
+
+
 # --- fleet ---------------------------------------------------------------------------------------
 def fleet_rows(data: Any) -> list[dict[str, Any]]:
     """Flatten the fleet answer into rows of region, kind, registered, online, available_mw,
@@ -839,6 +901,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(requests_app, name="requests")
     app.add_typer(events_app, name="events")
     app.command("fleet")(fleet)
+    app.command("audit")(audit)
 
 
 __all__ = ["ApiClient", "fleet_rows", "register", "resolve_time"]

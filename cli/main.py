@@ -66,13 +66,44 @@ def ingest() -> None:
     asyncio.run(run_standalone(get_settings()))
 
 
+def parse_expiry(text: str, now_ms: int) -> int:
+    """``--expires-in``: a span from now (``30d``, ``12h``, ``PT90M``) or an RFC 3339 time (UTC
+    if it has no offset) → epoch ms on the service clock."""
+    from cli.client import parse_span_s
+    from vpp.timefmt import TimeFormatError, parse_rfc3339
+
+    text = text.strip()
+    if len(text) >= 10 and text[4:5] == "-":  # a date: 2027-01-01 or 2027-01-01T00:00Z
+        try:
+            when = text if "T" in text.upper() or " " in text else text + "T00:00:00Z"
+            return parse_rfc3339(when, "expires-in", assume_utc=True)
+        except TimeFormatError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    return now_ms + round(parse_span_s(text, "expires-in") * 1000)
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: str = typer.Option(..., help="tenant id (created if new)"),
     role: str = typer.Option(..., help="admin | operator | fleet | hyperscaler"),
     label: str = typer.Option("", help="a note to recognise the key by"),
+    expires_in: str = typer.Option(
+        None,
+        "--expires-in",
+        help="the key stops working after this span (30d, 12h) or at this RFC 3339 time",
+    ),
+    rate_limit: float = typer.Option(
+        None, "--rate-limit", help="requests a second for this key (default VPP_RATE_LIMIT_PER_S)"
+    ),
+    burst: int = typer.Option(
+        None, "--burst", help="requests this key may make at once (default VPP_RATE_LIMIT_BURST)"
+    ),
 ) -> None:
-    """Print a new API key, alone on one line, on standard output."""
+    """Print a new API key, alone on one line, on standard output.
+
+    Example: vpp keys create --tenant acme --role hyperscaler --expires-in 30d
+    """
     from store.database import Database
     from store.keys import create_api_key
     from store.migrate import upgrade
@@ -84,13 +115,24 @@ def keys_create(
     except ValueError:
         typer.echo(f"error: role: must be one of {', '.join(r.value for r in Role)}", err=True)
         raise typer.Exit(2) from None
+    now_ms = get_clock().now_ms()
+    expires_ms = parse_expiry(expires_in, now_ms) if expires_in is not None else None
     s = get_settings()
     upgrade(s.database_url)
 
     async def go() -> str:
         db = Database(s.database_url)
         try:
-            return await create_api_key(db, tenant, role, get_clock().now_ms(), label)
+            return await create_api_key(
+                db,
+                tenant,
+                role,
+                now_ms,
+                label,
+                expires_ms=expires_ms,
+                rate_limit_per_s=rate_limit,
+                rate_limit_burst=burst,
+            )
         finally:
             await db.dispose()
 
@@ -100,6 +142,57 @@ def keys_create(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     sys.stdout.write(key + "\n")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="the key id (vpp_<id>_…), or the whole key"),
+) -> None:
+    """Revoke an API key: it answers 401 from now on. With Redis (VPP_REDIS_URL) every running
+    API replica refuses it at once; without, within its 10-second key cache.
+
+    Example: vpp keys revoke 3f9a1c2b7d4e
+    """
+    from store.database import Database
+    from store.keys import key_id_of, revoke_api_key
+    from store.migrate import upgrade
+    from store.ratelimit import RateLimiter
+    from store.state import make_state_store
+    from vpp.clock import get_clock
+    from vpp.errors import DomainError
+    from vpp.timefmt import to_rfc3339
+
+    key_id = key_id_of(key_id) or key_id
+    s = get_settings()
+    upgrade(s.database_url)
+
+    async def go() -> tuple[str, str, int | None, bool, bool]:
+        db = Database(s.database_url)
+        try:
+            row, changed = await revoke_api_key(db, key_id, get_clock().now_ms())
+        finally:
+            await db.dispose()
+        state = make_state_store(s.redis_url, prefix=s.state_prefix)
+        try:  # a notice every API replica's next check of the key sees (Redis only)
+            noticed = await RateLimiter(state).announce_revoked(key_id)
+        finally:
+            await state.close()
+        return row.tenant_id, row.role, row.revoked_ms, changed, noticed
+
+    try:
+        tenant, role, revoked_ms, changed, noticed = asyncio.run(go())
+    except DomainError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    when = to_rfc3339(revoked_ms)
+    if changed:
+        typer.echo(f"revoked key {key_id} (tenant {tenant}, role {role}) at {when}")
+    else:
+        typer.echo(f"key {key_id} (tenant {tenant}, role {role}) was revoked already, at {when}")
+    if noticed:
+        typer.echo("every API replica on this state store refuses it now")
+    else:
+        typer.echo("running API processes refuse it within 10 s (their key cache)")
 
 
 @db_app.command("upgrade")

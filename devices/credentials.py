@@ -540,14 +540,14 @@ def make_credential_manager(settings: Any) -> CredentialManager:
     The admin login is the one in ``settings.mqtt_url`` (``mqtt://user:pass@host:port``,
     ``mqtts://`` for TLS): the service's own MQTT user, which holds the ``vpp-service`` role.
     """
-    from devices.mqtt import parse_mqtt_url  # the one URL parser of the project
+    from devices.mqtt import parse_mqtt_url, tls_context  # the one URL parser of the project
 
     mode = str(getattr(settings, "broker_credentials", "auto")).lower()
     if mode not in ("dynsec", "none", "auto"):
         raise ValueError(f"broker_credentials: {mode!r} is not one of dynsec, none, auto")
     if mode == "none":
         return NullCredentialManager()
-    cfg = parse_mqtt_url(settings.mqtt_url)
+    cfg = parse_mqtt_url(settings.mqtt_url, getattr(settings, "mqtt_ca_file", None))
     if cfg.is_memory or not cfg.username:
         if mode == "dynsec":
             raise ValueError(
@@ -560,6 +560,7 @@ def make_credential_manager(settings: Any) -> CredentialManager:
         cfg.username,
         cfg.password or "",
         tls=cfg.tls,
+        tls_context=tls_context(cfg.ca_file) if cfg.tls else None,
         topic_root=getattr(settings, "topic_root", "vpp/v1"),
         client_id=f"{getattr(settings, 'mqtt_client_id_prefix', 'vpp-svc')}-dynsec-"
         f"{secrets.token_hex(4)}",

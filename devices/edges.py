@@ -80,6 +80,7 @@ class Edges:
             will=will,
             broker=self.broker,
             clean_start=clean_start,
+            ca_file=self.settings.mqtt_ca_file,
         )
 
     def topic(self, device_id: str, leaf: str) -> str:

@@ -39,14 +39,18 @@ class MqttConfig:
     username: str | None
     password: str | None
     tls: bool
+    # PEM file of the CA(s) that sign the broker's certificate (mqtts://); None: the system's.
+    ca_file: str | None = None
 
     @property
     def is_memory(self) -> bool:
         return self.host == "" and self.port == 0
 
 
-def parse_mqtt_url(url: str) -> MqttConfig:
-    """``mqtt://user:pass@host:1883``, ``mqtts://…`` (TLS, default port 8883), or ``memory://``."""
+def parse_mqtt_url(url: str, ca_file: str | None = None) -> MqttConfig:
+    """``mqtt://user:pass@host:1883``, ``mqtts://…`` (TLS, default port 8883), or ``memory://``.
+    ``ca_file`` (``VPP_MQTT_CA_FILE``) is the CA that a TLS connection verifies the broker
+    against."""
     if url.startswith("memory://"):
         return MqttConfig("", 0, None, None, False)
     parsed = urlparse(url)
@@ -61,7 +65,19 @@ def parse_mqtt_url(url: str) -> MqttConfig:
         username=unquote(parsed.username) if parsed.username else None,
         password=unquote(parsed.password) if parsed.password else None,
         tls=tls,
+        ca_file=ca_file or None,
     )
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client TLS context that verifies the broker's certificate and host name against
+    ``ca_file`` (or the system's CAs). A missing or unreadable file fails here, naming it."""
+    if ca_file:
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"VPP_MQTT_CA_FILE: cannot load {ca_file!r} ({exc})") from exc
+    return ssl.create_default_context()
 
 
 def topic_matches(filter_: str, topic: str) -> bool:
@@ -335,7 +351,7 @@ class PahoClient(MqttClient):
         if config.username:
             c.username_pw_set(config.username, config.password)
         if config.tls:
-            c.tls_set_context(ssl.create_default_context())
+            c.tls_set_context(tls_context(config.ca_file))
         if will is not None:
             topic, payload, qos, retain = will
             c.will_set(topic, payload, qos, retain)
@@ -474,11 +490,13 @@ def make_client(
     will: OutMessage | None = None,
     broker: InProcessBroker | None = None,
     clean_start: bool = True,
+    ca_file: str | None = None,
 ) -> MqttClient:
-    """A client for ``VPP_MQTT_URL``; ``username``/``password`` override the URL's (devices)."""
-    cfg = parse_mqtt_url(url)
+    """A client for ``VPP_MQTT_URL``; ``username``/``password`` override the URL's (devices);
+    ``ca_file`` verifies a TLS broker (``VPP_MQTT_CA_FILE``)."""
+    cfg = parse_mqtt_url(url, ca_file)
     if cfg.is_memory:
         return MemoryClient(client_id, broker=broker, will=will)
     if username is not None:
-        cfg = MqttConfig(cfg.host, cfg.port, username, password, cfg.tls)
+        cfg = MqttConfig(cfg.host, cfg.port, username, password, cfg.tls, cfg.ca_file)
     return PahoClient(cfg, client_id, will=will, clean_start=clean_start)

@@ -1228,7 +1228,12 @@ class FleetSimulator:
         from devices.mqtt import make_client
 
         return make_client(
-            self.mqtt_url, client_id, username=username, password=password, will=will
+            self.mqtt_url,
+            client_id,
+            username=username,
+            password=password,
+            will=will,
+            ca_file=self.settings.mqtt_ca_file,
         )
 
     def _on_message(self, topic: str, payload: bytes) -> None:

@@ -40,6 +40,11 @@ class ApiKey(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     created_ms: Mapped[int] = mapped_column(BigInteger)
     revoked_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Service-clock epoch ms after which the key answers 401; None: it never expires.
+    expires_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Per-key token bucket (requests a second, and the burst); None: the settings' defaults.
+    rate_limit_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rate_limit_burst: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Device(Base):
@@ -236,3 +241,19 @@ class EventTimeline(Base):
     replaced: Mapped[int] = mapped_column(Integer)
     stale: Mapped[int] = mapped_column(Integer, default=0)
     action: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class AuditEntry(Base):
+    """Who (tenant, key id) did what (action, target, a small JSON detail) and when (service ms):
+    one row per ledger, dispatch or key action. ``id`` rises with each row: the list's cursor."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    # The caller: its key's tenant and id over HTTP; None for the command line (``actor`` cli).
+    tenant_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    actor: Mapped[str] = mapped_column(String(16))  # api | cli
+    action: Mapped[str] = mapped_column(String(40), index=True)  # vpp.domain.AuditAction
+    target_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -151,6 +151,22 @@ class RejectReason(StrEnum):
     bad_topic = "bad_topic"
 
 
+class AuditAction(StrEnum):
+    """What an audit row records (``GET /v1/audit``'s ``action``)."""
+
+    request_quoted = "request.quoted"
+    request_committed = "request.committed"
+    request_cancelled = "request.cancelled"
+    grid_event_created = "grid_event.created"
+    grid_event_aborted = "grid_event.aborted"
+    device_created = "device.created"
+    devices_imported = "devices.imported"
+    device_updated = "device.updated"
+    device_offboarded = "device.offboarded"
+    key_created = "key.created"
+    key_revoked = "key.revoked"
+
+
 # --- Figures from the domain brief, used as defaults --------------------------------------------
 BATTERY_ONE_WAY_EFFICIENCY = 0.949  # sqrt(0.90 round trip)
 BATTERY_MIN_RESERVE_PCT = 20.0  # never below max(customer setting, 20 %)

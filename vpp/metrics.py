@@ -26,6 +26,16 @@ EVENT_DELIVERED_MW = Gauge("vpp_event_delivered_mw", "Estimated delivered MW", [
 EVENT_TARGET_MW = Gauge("vpp_event_target_mw", "Target MW", ["event_id"])
 
 HTTP_REQUESTS = Counter("vpp_http_requests_total", "HTTP requests", ["method", "route", "status"])
+HTTP_RATE_LIMITED = Counter(
+    "vpp_http_rate_limited_total", "Requests answered 429: their API key was over its rate limit"
+)
+RATE_LIMIT_STORE_ERRORS = Counter(
+    "vpp_rate_limit_store_errors_total",
+    "Rate-limit checks the state store could not answer (the replica's own bucket decided)",
+)
+AUDIT_WRITE_FAILURES = Counter(
+    "vpp_audit_write_failures_total", "Audit rows that could not be written after their action"
+)
 
 MARKET_REQUESTS = Counter(
     "vpp_market_requests_total",

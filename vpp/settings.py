@@ -25,6 +25,11 @@ class Settings(BaseSettings):
         description="mqtt://user:pass@host:1883 (mqtts:// for TLS), or memory:// for the "
         "in-process broker",
     )
+    mqtt_ca_file: str | None = Field(
+        None,
+        description="PEM file of the CA that signs the broker's certificate, for mqtts:// "
+        "(default: the system's CAs)",
+    )
     redis_url: str = Field(
         "memory://", description="redis://host:6379/0, or memory:// for the in-process store"
     )
@@ -71,6 +76,11 @@ class Settings(BaseSettings):
     regions: list[str] = Field(
         default_factory=lambda: ["ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM"]
     )
+
+    # Per API key token bucket: requests a second and the burst; a key's own columns override
+    # them. 0 requests a second turns the limit off.
+    rate_limit_per_s: float = Field(50.0, ge=0)
+    rate_limit_burst: int = Field(200, ge=1)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
+from api import auditing
 from api.deps import Principal, get_services, require_roles
 from api.presenters.requests import request_detail_doc, request_doc
 from api.schemas.capacity_requests import (
@@ -17,6 +18,8 @@ from api.schemas.capacity_requests import (
 )
 from dispatch.market import RequestInput
 from dispatch.services import Services
+from store.models import CapacityRequest
+from vpp.domain import AuditAction
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,18 @@ _ID = Path(description="capacity request id, cr-<12 hex>", max_length=64)
 
 def _scope(principal: Principal) -> str | None:
     return None if principal.sees_all_tenants else principal.tenant_id
+
+
+def _audit_detail(req: CapacityRequest) -> dict[str, Any]:
+    return {
+        "tenant": req.tenant_id,
+        "region": req.region,
+        "mw": req.mw,
+        "quoted_mw": req.quoted_mw,
+        "status": req.status,
+        "start_ms": req.start_ms,
+        "end_ms": req.end_ms,
+    }
 
 
 @router.post(
@@ -77,6 +92,10 @@ async def create_request(
     req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    else:
+        await auditing.record(
+            services, principal, AuditAction.request_quoted, req.id, _audit_detail(req)
+        )
     return request_detail_doc(await market.detail(req))
 
 
@@ -100,6 +119,9 @@ async def commit_request(
     market = services.market
     req, changed = await market.commit(request_id, _scope(principal))
     if changed:
+        await auditing.record(
+            services, principal, AuditAction.request_committed, req.id, _audit_detail(req)
+        )
         # The plan is made now so the buyer sees it; a failure here leaves the booking intact
         # and the planner's refresh makes the plan later.
         try:
@@ -124,7 +146,11 @@ async def cancel_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    req, _ = await market.cancel(request_id, _scope(principal))
+    req, changed = await market.cancel(request_id, _scope(principal))
+    if changed:
+        await auditing.record(
+            services, principal, AuditAction.request_cancelled, req.id, _audit_detail(req)
+        )
     return request_detail_doc(await market.detail(req))
 
 

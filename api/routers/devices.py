@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from api import auditing
 from api.deps import Principal, get_services, require_roles
 from api.routers.fleet import FleetView, current_view, freshness_name
 from api.schemas.devices import (
@@ -42,7 +43,7 @@ from devices.onboarding import (
 )
 from dispatch.services import Services
 from vpp import physics
-from vpp.domain import DeviceKind, Freshness, FreshnessCode, Role
+from vpp.domain import AuditAction, DeviceKind, Freshness, FreshnessCode, Role
 from vpp.fleet.records import unpack_states
 from vpp.fleet.registry import REGISTRY_COLUMNS, assemble, build_registry
 from vpp.flexibility import available_kw, outdoor_temperatures
@@ -147,6 +148,13 @@ async def create_device(
         indexed=False,
     )
     row = done.devices[0]
+    await auditing.record(
+        services,
+        principal,
+        AuditAction.device_created,
+        row["id"],
+        {"kind": row.get("kind"), "region": row.get("region"), "tenant": row.get("tenant_id")},
+    )
     out = device_out(row)
     out["mqtt"] = onboarding.mqtt_credentials(
         services.settings.topic_root, row["id"], done.passwords[row["id"]]
@@ -249,6 +257,17 @@ async def create_devices_bulk(
         specs,
         tenant_id=principal.tenant_id,
         sees_all_tenants=principal.sees_all_tenants,
+    )
+    await auditing.record(
+        services,
+        principal,
+        AuditAction.devices_imported,
+        None,
+        {
+            "count": len(done.devices),
+            "regions": sorted({str(r.get("region")) for r in done.devices})[:20],
+            "format": "csv" if content_type in ("text/csv", "application/csv") else "json",
+        },
     )
     root = services.settings.topic_root
     devices = [
@@ -472,6 +491,10 @@ async def patch_device(
     except orjson.JSONDecodeError as exc:
         raise InvalidDevice([FieldError("body", f"not valid JSON: {exc}")]) from None
     row = await onboarding.update_device(services, device_id, _scope(principal), body)
+    changed = sorted(body)[:20] if isinstance(body, dict) else []
+    await auditing.record(
+        services, principal, AuditAction.device_updated, device_id, {"fields": changed}
+    )
     return device_out(row)
 
 
@@ -489,4 +512,5 @@ async def delete_device(
     services: Services = Depends(get_services),
 ) -> Response:
     await onboarding.offboard(services, device_id, _scope(principal))
+    await auditing.record(services, principal, AuditAction.device_offboarded, device_id)
     return Response(status_code=204)

@@ -7,12 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from api import auditing
 from api.deps import Principal, get_services, require_roles
 from api.presenters.events import event_doc, grid_event_doc
 from api.schemas.times import Rfc3339Ms
 from dispatch import events as es
 from dispatch.services import Services
 from dispatch.settlement_service import event_settlement
+from vpp.domain import AuditAction
 
 router = APIRouter(tags=["grid events"])
 
@@ -109,6 +111,19 @@ class GridEventOut(BaseModel):
     )
 
 
+def _audit_detail(rec: es.EventRecord) -> dict[str, Any]:
+    info = rec.info
+    return {
+        "region": info.region,
+        "mw": info.mw,
+        "start_ms": info.start_ms,
+        "end_ms": info.end_ms,
+        "priority": info.priority,
+        "preempt": info.preempt,
+        "status": info.status,
+    }
+
+
 async def _present(services: Services, rec: es.EventRecord) -> dict[str, Any]:
     return grid_event_doc(rec, await event_settlement(services, rec.info.id))
 
@@ -141,6 +156,9 @@ async def create_grid_event(
         end_ms=body.end,
         priority=body.priority,
         preempt=body.preempt,
+    )
+    await auditing.record(
+        services, principal, AuditAction.grid_event_created, rec.info.id, _audit_detail(rec)
     )
     return await _present(services, rec)
 
@@ -185,4 +203,8 @@ async def abort_grid_event(
     principal: Principal = Depends(operator),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    return await _present(services, await es.abort_grid_event(services, event_id))
+    rec = await es.abort_grid_event(services, event_id)
+    await auditing.record(
+        services, principal, AuditAction.grid_event_aborted, rec.info.id, _audit_detail(rec)
+    )
+    return await _present(services, rec)

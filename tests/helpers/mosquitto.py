@@ -7,6 +7,10 @@ the dynsec file with ``deploy/mosquitto/init-dynsec.sh`` (admin, ``vpp-service``
 credentials, and stops the broker afterwards. The system broker on 127.0.0.1:1883 is never
 touched.
 
+``run_mosquitto(tls=True)`` also makes a CA and a server certificate for 127.0.0.1/localhost
+with openssl in the temp dir (:func:`make_test_ca`) and opens the deploy config's TLS listener
+on a second free port (``broker.tls_port``, ``broker.ca_file``, ``broker.tls_url(...)``).
+
 Use it as a context manager, or ask for the ``mosquitto_broker`` fixture (tests/conftest.py;
 module scope: one broker per test module, about a second to start)::
 
@@ -66,6 +70,16 @@ class MosquittoBroker:
     topic_root: str
     workdir: Path
     pid: int
+    # With tls=True: the deploy config's TLS listener on its own port, and the CA that signed
+    # the broker's certificate (what a client verifies the broker against).
+    tls_port: int | None = None
+    ca_file: Path | None = None
+
+    def tls_url(self, username: str, password: str) -> str:
+        """``mqtts://user:pass@127.0.0.1:tls_port`` (VPP_MQTT_URL for the TLS listener)."""
+        assert self.tls_port is not None, "started without tls=True"
+        user, pw = quote(username, safe=""), quote(password, safe="")
+        return f"mqtts://{user}:{pw}@{self.host}:{self.tls_port}"
 
     def url(self, username: str, password: str) -> str:
         """``mqtt://user:pass@host:port`` (the VPP_MQTT_URL format)."""
@@ -108,8 +122,76 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def render_config(workdir: Path, port: int, plugin: str, extra_config: str = "") -> str:
-    """The deploy config's global part with the paths moved into ``workdir``, one local listener."""
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: Path  # the test CA's certificate (what clients trust)
+    cert_file: Path  # the broker's certificate, signed by the CA, for 127.0.0.1 and localhost
+    key_file: Path  # the broker's private key
+
+
+def make_test_ca(directory: Path) -> TlsFiles:
+    """A throwaway CA and a broker certificate it signs (SAN 127.0.0.1, localhost), by openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
+    key, csr, crt = directory / "tls.key", directory / "tls.csr", directory / "tls.crt"
+    ext = directory / "san.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=vpp test CA", "-keyout", str(ca_key), "-out", str(ca_crt))  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", str(key), "-out", str(csr))  # fmt: skip
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))  # fmt: skip
+    return TlsFiles(ca_crt, crt, key)
+
+
+def deploy_listeners() -> list[list[str]]:
+    """The deploy config's listener blocks, each its option lines (comments dropped)."""
+    blocks: list[list[str]] = []
+    for line in DEPLOY_CONF.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.split(maxsplit=1)[0] == "listener":
+            blocks.append([])
+        if blocks:
+            blocks[-1].append(stripped)
+    return blocks
+
+
+def _tls_listener(port: int, tls: TlsFiles) -> list[str]:
+    """The deploy config's TLS listener (the block with a certfile), on ``port`` of 127.0.0.1
+    with the certificate paths moved to the test's files."""
+    block = next((b for b in deploy_listeners() if any(o.startswith("certfile") for o in b)), None)
+    if block is None:
+        raise RuntimeError(f"{DEPLOY_CONF} has no TLS listener (no certfile)")
+    paths = {"certfile": tls.cert_file, "keyfile": tls.key_file, "cafile": tls.ca_file}
+    out = [f"listener {port} 127.0.0.1"]
+    for option in block[1:]:
+        key = option.split(maxsplit=1)[0]
+        out.append(f"{key} {paths[key]}" if key in paths else option)
+    return out
+
+
+def render_config(
+    workdir: Path,
+    port: int,
+    plugin: str,
+    extra_config: str = "",
+    tls_port: int | None = None,
+    tls: TlsFiles | None = None,
+) -> str:
+    """The deploy config's global part with the paths moved into ``workdir``, one local listener
+    and, with ``tls_port`` and ``tls``, the deploy's TLS listener on that port."""
     kept: list[str] = []
     for line in DEPLOY_CONF.read_text().splitlines():
         key = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
@@ -134,6 +216,8 @@ def render_config(workdir: Path, port: int, plugin: str, extra_config: str = "")
     if extra_config:
         kept.append(extra_config)
     kept.append(f"listener {port} 127.0.0.1")
+    if tls_port is not None and tls is not None:
+        kept += _tls_listener(tls_port, tls)
     return "\n".join(kept) + "\n"
 
 
@@ -162,9 +246,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def run_mosquitto(
-    topic_root: str = "vpp/v1", *, extra_config: str = "", startup_timeout_s: float = 10.0
+    topic_root: str = "vpp/v1",
+    *,
+    extra_config: str = "",
+    startup_timeout_s: float = 10.0,
+    tls: bool = False,
 ) -> Iterator[MosquittoBroker]:
-    """Start a private Mosquitto (project config + dynsec); stop it and remove its files after."""
+    """Start a private Mosquitto (project config + dynsec); stop it and remove its files after.
+    ``tls``: also the deploy's TLS listener on a second free port, with a CA made for the test."""
     plugin = dynsec_plugin_path()
     if plugin is None or not mosquitto_available():
         raise RuntimeError("mosquitto, mosquitto_ctrl and the dynamic-security plugin are needed")
@@ -194,18 +283,23 @@ def run_mosquitto(
         )
         if init.returncode != 0:
             raise RuntimeError(f"init-dynsec.sh failed: {init.stderr.decode(errors='replace')}")
+        tls_files = make_test_ca(workdir / "certs") if tls else None
+        tls_port: int | None = None
 
         # A free port can be taken between probing and binding: try a few.
         for _attempt in range(5):
             port = free_port()
+            tls_port = free_port() if tls_files is not None else None
             conf = workdir / "mosquitto.conf"
-            conf.write_text(render_config(workdir, port, plugin, extra_config))
+            conf.write_text(render_config(workdir, port, plugin, extra_config, tls_port, tls_files))
             proc = subprocess.Popen(
                 ["mosquitto", "-c", str(conf)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            if _wait_listening("127.0.0.1", port, proc, startup_timeout_s):
+            if _wait_listening("127.0.0.1", port, proc, startup_timeout_s) and (
+                tls_port is None or _wait_listening("127.0.0.1", tls_port, proc, startup_timeout_s)
+            ):
                 break
             _stop(proc)
             proc = None
@@ -224,6 +318,8 @@ def run_mosquitto(
             topic_root=topic_root,
             workdir=workdir,
             pid=proc.pid,
+            tls_port=tls_port,
+            ca_file=tls_files.ca_file if tls_files is not None else None,
         )
     finally:
         if proc is not None:
