@@ -124,6 +124,8 @@ class TenantForbidden(OnboardingError, Forbidden):
 class BrokerFailure(OnboardingError, Unavailable):
     """The broker refused or did not answer a credential change; nothing was changed."""
 
+    dependency = "broker"
+
 
 # --- Specs --------------------------------------------------------------------------------------
 def _check_id(value: str | None) -> str | None:

@@ -7,7 +7,8 @@ place (``api/errors.py``):
 - :class:`NotFound`: no such object for this caller; another tenant's looks the same;
 - :class:`Conflict`: the object's state does not allow the change;
 - :class:`Forbidden`: the caller may not act on this object or for this tenant;
-- :class:`Unavailable`: a dependency (the broker) did not answer; nothing was changed.
+- :class:`Unavailable`: a dependency (database, state store, broker) did not answer; it names
+  which, and how soon to try again.
 
 A bare :class:`DomainError` is a bad request of no finer kind.
 """
@@ -59,4 +60,36 @@ class Forbidden(DomainError):
 
 
 class Unavailable(DomainError):
-    """A dependency did not answer or refused; nothing was changed."""
+    """A dependency did not answer or refused: ``dependency`` names it (``database``,
+    ``state_store``, ``broker``), ``retry_after_s`` says when to try again.
+
+    ``Unavailable.of("database", "not reachable")`` is the usual way to make one: its field is
+    the dependency, so the detail reads ``database: not reachable``."""
+
+    dependency: str = "service"
+    retry_after_s: int = 5
+
+    def __init__(
+        self,
+        field: str | None,
+        message: str,
+        errors: Sequence[FieldError] = (),
+        *,
+        dependency: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(field, message, errors)
+        if dependency is not None:
+            self.dependency = dependency
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+    @classmethod
+    def of(cls, dependency: str, message: str, retry_after_s: int | None = None) -> Unavailable:
+        return cls(
+            dependency,
+            message,
+            [FieldError(dependency, message)],
+            dependency=dependency,
+            retry_after_s=retry_after_s,
+        )
