@@ -1,10 +1,16 @@
 """The state-store interface: each device's latest state (packed records, ``vpp.fleet.records``),
-online status, the ingest registry, the ack queue and small shared values."""
+online status, the ingest registry, the ack queue and small shared values.
+
+Everything in it is a cache of the database or of telemetry, so losing it (a Redis restarted
+empty, a flush) loses nothing for good. A *generation* token, written when the store was last
+built, tells a lost store from an empty one: ``generation()`` is None once it is lost, and
+``rebuild()`` (one process at a time) refills what the database holds: the ingest registry.
+Latest states and statuses come back with the next telemetry; see ``store.state.rebuild``."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
 
@@ -62,6 +68,23 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def registry_version(self) -> int: ...
+
+    # --- loss and rebuild ---
+    @abc.abstractmethod
+    async def generation(self) -> str | None:
+        """The token written by the last build; None: the store lost its contents (or was never
+        built) and the registry must be rebuilt before anyone trusts it."""
+
+    @abc.abstractmethod
+    async def rebuild(self, load_registry: Callable[[], Awaitable[Mapping[str, int]]]) -> bool:
+        """Rebuild a lost store, unless another process is doing it: True if this call rebuilt.
+
+        Takes the rebuild lock (False at once when another holder has it, or when the store is
+        not lost), loads the registry with ``load_registry`` (device id → kind code, from the
+        database), adds it without overwriting entries written since the loss (an onboarding or
+        offboarding made after it is newer than the load), moves the registry version to a value
+        no process has seen, and writes a new generation, all only if the store was not lost
+        again meanwhile. Idempotent: two rebuilds give the same registry."""
 
     @abc.abstractmethod
     async def delete_devices(self, device_ids: list[str]) -> None:

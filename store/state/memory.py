@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from store.state.base import StateStore
 
 
 class MemoryStateStore(StateStore):
     def __init__(self) -> None:
+        self._clear()
+        # Built with the process and never lost while it runs; ``flush_prefix`` forgets it, so
+        # tests can lose this store the way a Redis is lost.
+        self._generation: str | None = uuid.uuid4().hex
+        self._rebuilding = False
+
+    def _clear(self) -> None:
+        self._epoch = getattr(self, "_epoch", 0) + 1  # one more loss
         self._states: dict[str, bytes] = {}
         self._status: dict[str, tuple[bool, int]] = {}
         self._registry: dict[str, int] = {}
@@ -49,6 +58,31 @@ class MemoryStateStore(StateStore):
 
     async def registry_version(self) -> int:
         return self._registry_version
+
+    async def generation(self) -> str | None:
+        return self._generation
+
+    async def rebuild(self, load_registry: Callable[[], Awaitable[Mapping[str, int]]]) -> bool:
+        if self._generation is not None or self._rebuilding:
+            return False
+        self._rebuilding = True
+        epoch = self._epoch
+        try:
+            loaded = await load_registry()
+            if self._generation is not None or self._epoch != epoch:
+                return False  # rebuilt by someone else, or lost again while we loaded
+            for device_id, code in loaded.items():
+                self._registry.setdefault(device_id, code)  # written since the loss: newer
+            self._registry_version = time.time_ns() // 1000  # a value no process has seen
+            self._generation = uuid.uuid4().hex
+            return True
+        finally:
+            self._rebuilding = False
+
+    async def flush_prefix(self) -> None:
+        """Forget everything, as a Redis restarted empty would (tests)."""
+        self._clear()
+        self._generation = None
 
     async def delete_devices(self, device_ids: list[str]) -> None:
         for d in device_ids:

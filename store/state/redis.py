@@ -7,14 +7,18 @@ Layout (prefix ``vpp``):
 - ``vpp:on:{bucket}``: hash device_id → ``"1:ts"`` / ``"0:ts"`` online status.
 - ``vpp:reg``: hash device_id → kind code (onboarded, enrolled devices), ``vpp:regv`` its version.
 - ``vpp:acks``: list of raw acks from ingest to the event runner.
+- ``vpp:gen``: the generation token written by the last build (missing: the store was lost),
+  ``vpp:rebuild``: the rebuild lock (its holder's token, with a TTL).
 """
 
 from __future__ import annotations
 
 import struct
+import time
+import uuid
 import zlib
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -68,6 +72,32 @@ return refused
 # Records per script call: bounds how long one call holds Redis (about 2 µs a record).
 _SCRIPT_CHUNK = 5000
 
+# Rebuild of a lost store, in three scripts that each first check the caller still holds the
+# rebuild lock: a Redis lost again while the rebuild ran has lost the lock too, and then nothing
+# more is written (no generation over a half-filled registry).
+# Fill: KEYS reg, lock; ARGV token, then id, code pairs. HSETNX: an entry written since the loss
+# (onboarding, offboarding) is newer than the database read and is kept.
+_REBUILD_FILL = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+# Finish: KEYS lock, regv, gen; ARGV token, version, generation.
+_REBUILD_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Longer than a registry load of a million devices; a holder that dies frees it after this.
+REBUILD_LOCK_TTL_S = 30.0
+_REBUILD_CHUNK = 5000  # registry entries per fill call
+
 
 class RedisStateStore(StateStore):
     def __init__(self, url: str, prefix: str = "vpp", n_buckets: int = N_BUCKETS) -> None:
@@ -76,6 +106,9 @@ class RedisStateStore(StateStore):
         self.n_buckets = n_buckets
         self.redis = aioredis.from_url(url, decode_responses=False, health_check_interval=30)
         self._put_if_newer = self.redis.register_script(_PUT_IF_NEWER)
+        self._rebuild_fill = self.redis.register_script(_REBUILD_FILL)
+        self._rebuild_finish = self.redis.register_script(_REBUILD_FINISH)
+        self._release_lock = self.redis.register_script(_RELEASE_LOCK)
 
     def _k(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -212,6 +245,39 @@ class RedisStateStore(StateStore):
     async def registry_version(self) -> int:
         v = await self.redis.get(self._k("regv"))
         return int(v or 0)
+
+    async def generation(self) -> str | None:
+        v = await self.redis.get(self._k("gen"))
+        return None if v is None else _text(v)
+
+    async def rebuild(self, load_registry: Callable[[], Awaitable[Mapping[str, int]]]) -> bool:
+        if await self.generation() is not None:
+            return False
+        lock, token = self._k("rebuild"), uuid.uuid4().hex
+        if not await self.redis.set(lock, token, nx=True, px=int(REBUILD_LOCK_TTL_S * 1000)):
+            return False  # another process is rebuilding
+        try:
+            if await self.generation() is not None:
+                return False  # finished by another process just before we took the lock
+            items = list((await load_registry()).items())
+            reg = self._k("reg")
+            for lo in range(0, len(items), _REBUILD_CHUNK):
+                args: list[str | int] = [token]
+                for device_id, code in items[lo : lo + _REBUILD_CHUNK]:
+                    args += (device_id, int(code))
+                if not await self._rebuild_fill(keys=[reg, lock], args=args):
+                    return False  # lost again meanwhile: the next check starts over
+            # A version no process has cached (they hold small counters or an older rebuild's
+            # microseconds), so every fleet cache and ingest worker reloads.
+            version = time.time_ns() // 1000
+            finish_keys = [lock, self._k("regv"), self._k("gen")]
+            finish_args: list[str | int] = [token, version, uuid.uuid4().hex]
+            return bool(await self._rebuild_finish(keys=finish_keys, args=finish_args))
+        finally:
+            try:
+                await self._release_lock(keys=[lock], args=[token])
+            except Exception:  # the store went away again; the lock's TTL frees it
+                pass
 
     async def delete_devices(self, device_ids: list[str]) -> None:
         if not device_ids:

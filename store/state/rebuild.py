@@ -1,0 +1,42 @@
+"""Rebuilding a lost state store from the database.
+
+What the state store holds and where each part comes back from when it is lost (a Redis
+restarted empty: these machines keep nothing on disk):
+
+- the ingest registry (device id → kind code, tombstones for offboarded devices): from the
+  ``devices`` table, here, by the first ingest worker that sees the generation missing;
+- its version: moved to a value no process has seen, so every fleet cache reloads;
+- latest states and online statuses: from the next telemetry and status messages (ingest keeps
+  what it accepted but could not write yet, and writes it once the store answers);
+- leases (event runner, calibrator): taken again on their holders' next renewal;
+- the ack queue: acks lost with it are recovered by the event runner, which re-sends an
+  unacknowledged command with the same id (devices answer idempotently);
+- shared values (forecast tuning): each process keeps the tuning it has installed.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from store.database import Database
+from store.models import Device
+from store.state.base import StateStore
+from vpp.domain import KIND_CODE, KIND_OFFBOARDED, DeviceKind
+
+
+async def load_ingest_registry(db: Database) -> dict[str, int]:
+    """Every device ever registered: its kind code, or the tombstone once offboarded (ingest
+    counts an offboarded device's messages as ``offboarded``, not ``unknown_device``)."""
+    query = select(Device.id, Device.kind, Device.offboarded_ms)
+    async with db.session() as session:
+        rows = (await session.execute(query)).all()
+    return {
+        device_id: KIND_OFFBOARDED if offboarded is not None else KIND_CODE[DeviceKind(kind)]
+        for device_id, kind, offboarded in rows
+    }
+
+
+async def rebuild_if_lost(db: Database, state: StateStore) -> bool:
+    """Rebuild ``state`` from ``db`` if it was lost and nobody else is rebuilding it; True if
+    this call rebuilt it. Safe to call from every process at once (the store's lock)."""
+    return await state.rebuild(lambda: load_ingest_registry(db))
