@@ -54,6 +54,7 @@ from devices.telemetry import (
     validate_telemetry,
 )
 from store.history import IntervalHistory, write_intervals
+from store.state.rebuild import rebuild_if_lost
 from vpp import metrics
 from vpp.domain import RejectReason
 from vpp.fleet.records import STATE_DTYPE
@@ -131,6 +132,13 @@ class IngestWorker:
         self._last: dict[str, tuple[int, int]] = {}
         self._registry: dict[str, int] = {}
         self._registry_version: int | None = None
+        self._registry_generation: str | None = None
+        # True while the registry cannot be trusted to be complete: the state store is lost and
+        # not yet rebuilt, or does not answer. Unknown devices' messages then wait (``_held``)
+        # instead of being rejected, and the registry held in memory stays in use.
+        self._registry_pending = False
+        self._rebuild_task: asyncio.Task[bool] | None = None
+        self.registry_rebuilds = 0  # rebuilds of a lost state store done by this worker
         self._registry_checked = 0.0
         self._forced_refresh_at = 0.0
         self._held: list[tuple[str, str, bytes]] = []  # unknown device, waiting for a refresh
@@ -180,6 +188,11 @@ class IngestWorker:
         self._stopping = False
         self._wake = asyncio.Event()
         await self._refresh_registry(force=True)
+        if self._rebuild_task is not None:
+            # A lost store: wait (a while) for its registry, rather than hold every message.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._rebuild_task), 30.0)
+            await self._refresh_registry(force=True)
         client = self.services.mqtt_client(self.client_id)
         client.on_message = self._on_message
         await client.subscribe(self._filters, qos=1)
@@ -225,6 +238,8 @@ class IngestWorker:
                 await self._client.disconnect()
             except Exception:
                 log.exception("ingest: disconnect")
+        if self._rebuild_task is not None and not self._rebuild_task.done():
+            self._rebuild_task.cancel()  # the store's lock TTL frees the rebuild for another
         if self._task is not None:
             self._wake.set()
             try:
@@ -295,18 +310,52 @@ class IngestWorker:
         return n
 
     async def _refresh_registry(self, force: bool = False) -> bool:
-        """Reload the registry if its version moved; True if it was reloaded."""
+        """Reload the registry if its version or the store's generation moved; True if it was
+        reloaded. A lost store (no generation) is first rebuilt from the database, in the
+        background (one process does it, the others wait for its generation); until then the
+        registry held in memory stays in use and ``_registry_pending`` is set."""
         self._registry_checked = time.monotonic()
         state = self.services.state
         try:
+            generation = await state.generation()
+            if generation is None:
+                self._registry_pending = True
+                self._start_rebuild()
+                return False
             version = await state.registry_version()
-            if force or version != self._registry_version:
-                self._registry = await state.registry_all()
+            reload = force or self._registry_pending
+            if reload or version != self._registry_version:
+                registry = await state.registry_all()
+                if await state.generation() != generation:
+                    self._registry_pending = True
+                    return False  # lost again while we read it: keep the one we have
+                self._registry = registry
                 self._registry_version = version
+                self._registry_generation = generation
+                self._registry_pending = False
                 return True
+            self._registry_pending = False
         except Exception as exc:
+            self._registry_pending = True
             log.warning("ingest: registry refresh failed: %s", exc)
         return False
+
+    def _start_rebuild(self) -> None:
+        if self._rebuild_task is not None and not self._rebuild_task.done():
+            return
+        self._rebuild_task = asyncio.create_task(self._rebuild(), name="ingest-registry-rebuild")
+
+    async def _rebuild(self) -> bool:
+        try:
+            rebuilt = await rebuild_if_lost(self.services.db, self.services.state)
+        except Exception as exc:  # the database or the store is down too: the next check retries
+            log.warning("ingest: rebuild of the lost state store failed: %s", exc)
+            return False
+        if rebuilt:
+            self.registry_rebuilds += 1
+            log.warning("ingest: the state store was lost; registry rebuilt from the database")
+        self._registry_checked = 0.0  # adopt it at the next flush
+        return rebuilt
 
     def _reject(self, device_id: str, reason: RejectReason, field: str, message: str) -> None:
         self.rejected[reason.value] += 1
@@ -346,13 +395,16 @@ class IngestWorker:
             await self._refresh_registry()
             registry = self._registry
             resolved: list[tuple[str, str, bytes, int]] = []
+            waiting: list[tuple[str, str, bytes]] = []
             for device_id, leaf, payload in held:
                 kind = registry.get(device_id)
-                if kind is None:
-                    self._reject(device_id, RejectReason.unknown_device, "device_id", "unknown")
-                else:
+                if kind is not None:
                     resolved.append((device_id, leaf, payload, kind))
-            held.clear()
+                elif self._registry_pending:  # the registry is being rebuilt: keep waiting
+                    waiting.append((device_id, leaf, payload))
+                else:
+                    self._reject(device_id, RejectReason.unknown_device, "device_id", "unknown")
+            held[:] = waiting
             known = resolved + known
         telemetry: list[tuple[str, bytes, int]] = []
         for device_id, leaf, payload, kind in known:
