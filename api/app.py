@@ -55,8 +55,9 @@ Every `/v1` call needs `Authorization: Bearer <api key>`; a key has one tenant a
 (`admin`, `operator`, `fleet`, `hyperscaler`). 401 without a valid key (unknown, revoked or
 expired), 403 when the role may not make the call, 429 with `Retry-After` when the key is over its
 rate limit, 404 for another tenant's object exactly as for a missing one. Errors are JSON
-`{"detail": …}` naming the offending field. Units: kW for one device, MW for aggregates, RFC 3339
-UTC timestamps, ISO 8601 durations.
+`{"detail": …}` naming the offending field; a dependency that is down (database, state store,
+broker) answers 503 naming it, with `Retry-After`. Units: kW for one device, MW for aggregates,
+RFC 3339 UTC timestamps, ISO 8601 durations.
 """
 
 
@@ -215,6 +216,14 @@ _STANDARD = {
     "404": "no such object for this key (another tenant's looks the same as a missing one)",
     "422": "a parameter or body field is invalid; `detail` names it",
     "429": "the key is over its rate limit; `Retry-After` says in how many seconds to retry",
+    "503": "a dependency is down (`database`, `state_store` or `broker`: `detail` names it); "
+    "try again after `Retry-After` seconds",
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer"},
+    }
 }
 # Operations any role may call: they never answer 403.
 ANY_ROLE = {("get", "/v1/fleet"), ("get", "/v1/forecast")}
@@ -243,8 +252,11 @@ def document_errors(doc: dict[str, Any]) -> dict[str, Any]:
                 if op.get("parameters") or op.get("requestBody"):
                     wanted.append("422")
                 wanted.append("429")
+                wanted.append("503")
                 for code in wanted:
                     responses.setdefault(code, {"description": _STANDARD[code]})
+            if "503" in responses:
+                responses["503"].setdefault("headers", _RETRY_AFTER)
             for code, resp in responses.items():
                 if not str(code).startswith(("4", "5")):
                     continue

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from devices.outages import dependency_down
 from dispatch.services import Services
 from store.audit import Actor
 from store.keys import find_key, hash_key
@@ -65,6 +66,8 @@ class KnownKey:
 # the TTL. Expiry is checked on every request against the service clock, cached or not.
 _KEY_CACHE: dict[str, tuple[KnownKey | None, float]] = {}
 _KEY_CACHE_TTL_S = 10.0
+# While the database is down a key seen before keeps its last answer, asked again this often.
+_KEY_RETRY_S = 1.0
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -77,7 +80,15 @@ async def _known_key(services: Services, digest: str) -> KnownKey | None:
     cached = _KEY_CACHE.get(digest)
     if cached is not None and cached[1] > now:
         return cached[0]
-    row = await find_key(services.db, digest)
+    try:
+        row = await find_key(services.db, digest)
+    except Exception as exc:
+        # The database is down: a key it answered for before keeps that answer until it is
+        # back (a revocation made meanwhile counts from then); an unseen key gets the 503.
+        if cached is None or dependency_down(exc) != "database":
+            raise
+        _KEY_CACHE[digest] = (cached[0], now + _KEY_RETRY_S)
+        return cached[0]
     known = (
         KnownKey(
             Principal(

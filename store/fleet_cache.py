@@ -15,6 +15,7 @@ import pandas as pd
 from sqlalchemy import select
 
 from store.database import Database
+from store.outages import dependency_down
 from store.state import StateStore
 from vpp.clock import Clock
 from vpp.fleet.registry import (
@@ -153,9 +154,14 @@ class FleetCache:
                 await self._build()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            # Keep serving the previous snapshot; try again after another max_age_s.
-            log.exception("fleet snapshot rebuild failed; serving the previous snapshot")
+        except Exception as exc:
+            # Keep serving the previous snapshot; try again after another max_age_s. A server
+            # that is down is one line a try, not a traceback every two seconds.
+            down = dependency_down(exc)
+            if down is not None:
+                log.warning("fleet snapshot rebuild: %s down; serving the previous one", down)
+            else:
+                log.exception("fleet snapshot rebuild failed; serving the previous snapshot")
             self._built_at = self._monotonic()
 
     async def _build(self) -> FleetSnapshot:

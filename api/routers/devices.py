@@ -41,6 +41,7 @@ from devices.onboarding import (
     TenantScope,
     pydantic_field_errors,
 )
+from devices.outages import dependency_down
 from dispatch.services import Services
 from vpp import physics
 from vpp.domain import AuditAction, DeviceKind, Freshness, FreshnessCode, Role
@@ -434,9 +435,16 @@ async def get_device(
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
     row = await onboarding.get_device(services, device_id, _scope(principal))
-    (blob,) = await services.state.get_states([device_id])
     view = await current_view(services)
     i = view.snapshot.index.get(device_id)
+    try:
+        (blob,) = await services.state.get_states([device_id])
+    except Exception as exc:
+        # The state store is down: the last fleet snapshot's record of the device (its age
+        # shows in `received_at` and the freshness) rather than no answer at all.
+        if dependency_down(exc) != "state_store":
+            raise
+        blob = view.snapshot.state[i].tobytes() if i is not None else None
     online = bool(view.snapshot.online[i]) if i is not None else True
     settings = services.settings
     one = assemble(

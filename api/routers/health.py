@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 import vpp.metrics  # noqa: F401  (registers every metric before the first scrape)
 from api.deps import get_services
+from devices.outages import RETRY_AFTER_S
 from dispatch.services import Services
 
 router = APIRouter(tags=["service"])
@@ -27,7 +28,8 @@ async def healthz() -> dict[str, str]:
     responses={
         503: {
             "description": "a dependency is down; `checks` says which (database, broker, "
-            "state_store: ok or unreachable)"
+            "state_store: ok or unreachable) and `detail` names the ones down; `Retry-After` "
+            "in seconds"
         }
     },
 )
@@ -60,13 +62,18 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
 
     db, broker, state = await asyncio.gather(db_ok(), broker_ok(), state_ok())
     checks = {"database": db, "broker": broker, "state_store": state}
-    ok = all(checks.values())
+    if all(checks.values()):
+        return JSONResponse({"status": "ready", "checks": dict.fromkeys(checks, "ok")})
+    down = [name for name, up in checks.items() if not up]
     return JSONResponse(
-        status_code=200 if ok else 503,
+        status_code=503,
         content={
-            "status": "ready" if ok else "not ready",
+            "status": "not ready",
+            # The service's error shape too: `detail` names each dependency that is down.
+            "detail": "; ".join(f"{name}: unreachable" for name in down),
             "checks": {k: "ok" if v else "unreachable" for k, v in checks.items()},
         },
+        headers={"Retry-After": str(RETRY_AFTER_S)},
     )
 
 
