@@ -214,21 +214,37 @@ class ForecastService:
             return
         self._tuning_read_at[region] = time.monotonic()
         state = self.services.state
+        current = self._tuning.get(region)
+        have = int(current.info.get("learnt_ms", -1)) if current is not None else -1
         try:
             raw = await state.get_value(TUNING_KEY.format(region=region))
             if raw is None:
+                if current is not None and have >= 0:
+                    await self._republish_tuning(region, current)  # the store was lost
                 return
             shocks, quantiles, info = tuning_from_json(orjson.loads(raw))
         except Exception:  # a bad or unreachable record: keep what is installed
             log.warning("forecast tuning of %s unreadable; keeping the current one", region)
             return
-        current = self._tuning.get(region)
-        have = int(current.info.get("learnt_ms", -1)) if current is not None else -1
-        if int(info.get("learnt_ms", 0)) > have:
+        learnt = int(info.get("learnt_ms", 0))
+        if learnt > have:
             t = self._tuning.setdefault(region, _Tuning())
             t.shocks, t.quantiles, t.info = shocks, quantiles, info
             self._tuning_read_at[region] = time.monotonic()
             self.invalidate(region)
+        elif current is not None and have > learnt:
+            # An older tuning than ours: put back by a process that outlived a lost store
+            # with it. The newest one wins, whoever held it.
+            await self._republish_tuning(region, current)
+
+    async def _republish_tuning(self, region: str, tuning: _Tuning) -> None:
+        """Write this process's tuning back to the state store (a cache of what calibrators
+        learnt, lost with the store), so processes started since get it too."""
+        doc = tuning_to_json(tuning.shocks, tuning.quantiles, tuning.info)
+        try:
+            await self.services.state.set_value(TUNING_KEY.format(region=region), orjson.dumps(doc))
+        except Exception:  # unreachable: the next read tries again
+            log.warning("forecast tuning of %s could not be written back", region)
 
     async def tuning_info(self, region: str) -> dict[str, Any]:
         """The region's current tuning in a few numbers (for ``GET /v1/forecast``)."""

@@ -11,7 +11,8 @@ restarted empty: these machines keep nothing on disk):
 - leases (event runner, calibrator): taken again on their holders' next renewal;
 - the ack queue: acks lost with it are recovered by the event runner, which re-sends an
   unacknowledged command with the same id (devices answer idempotently);
-- shared values (forecast tuning): each process keeps the tuning it has installed.
+- shared values: the forecast tuning is written back by any process that still has it installed
+  (``ForecastService.load_tuning``), the newest one winning.
 """
 
 from __future__ import annotations
