@@ -11,6 +11,7 @@ whole batch back: provisioned logins are revoked and the registry entries remove
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -769,23 +770,37 @@ async def offboard(services: Edges, device_id: str, scope: TenantScope) -> None:
     registry entry becomes a tombstone (ingest counts its messages as ``offboarded``) and its
     latest state is forgotten. The row stays, marked offboarded, for settlement history."""
     now_ms = services.clock.now_ms()
-    async with services.db.session() as session, session.begin():
-        found = (
-            await session.execute(
-                update(Device)
-                .where(_scoped(device_id, scope))
-                .values(offboarded_ms=now_ms, updated_ms=now_ms, enrolled=False)
-                .returning(Device.id)
-            )
-        ).first()
-        if found is None:
-            raise DeviceNotFound(device_id)
-        try:
-            await services.credentials.revoke([device_id])
-        except CredentialError as exc:
-            raise BrokerFailure(
-                [FieldError("broker", f"could not revoke credentials, nothing changed: {exc}")]
-            ) from exc
-    await services.state.registry_put({device_id: KIND_OFFBOARDED})
-    await services.state.delete_devices([device_id])
+    kind_code: int | None = None  # set once the tombstone is written, to undo it on failure
+    try:
+        async with services.db.session() as session, session.begin():
+            found = (
+                await session.execute(
+                    update(Device)
+                    .where(_scoped(device_id, scope))
+                    .values(offboarded_ms=now_ms, updated_ms=now_ms, enrolled=False)
+                    .returning(Device.id, Device.kind)
+                )
+            ).first()
+            if found is None:
+                raise DeviceNotFound(device_id)
+            # The tombstone before the commit: with the state store down the call fails and
+            # nothing changes (a retry would otherwise find the row offboarded, and never
+            # write it).
+            await services.state.registry_put({device_id: KIND_OFFBOARDED})
+            kind_code = KIND_CODE[DeviceKind(found.kind)]
+            try:
+                await services.credentials.revoke([device_id])
+            except CredentialError as exc:
+                raise BrokerFailure(
+                    [FieldError("broker", f"could not revoke credentials, nothing changed: {exc}")]
+                ) from exc
+    except BaseException:
+        if kind_code is not None:  # not offboarded after all: the device's entry back
+            with contextlib.suppress(Exception):  # the first error is what the caller sees
+                await services.state.registry_put({device_id: kind_code})
+        raise
+    with contextlib.suppress(Exception):
+        # Its latest state is only a cache: left behind if the store fails now, it is ignored
+        # (the fleet snapshot no longer lists the device) and goes with the store's next loss.
+        await services.state.delete_devices([device_id])
     services.fleet.apply_changes([], [device_id])

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from redis.exceptions import ConnectionError
+from sqlalchemy import text
 
 from api import deps
 from devices.ingest import IngestWorker
@@ -133,6 +134,11 @@ async def test_redis_lost_and_replaced_by_an_empty_one(fresh_pg_url: str, servic
             refused = await st.client.post("/v1/devices", json=new, headers=_bearer(st.fleet_key))
             assert refused.status_code == 503, refused.text
             assert_answered(refused, "state_store")
+            # So does offboarding: ingest could not be told, so the device stays.
+            kept = st.sim.fleet.ids[1]
+            gone = await st.client.delete(f"/v1/devices/{kept}", headers=_bearer(st.fleet_key))
+            assert gone.status_code == 503, gone.text
+            assert_answered(gone, "state_store")
             # An ingest worker started now (a `vpp ingest` restarted during the outage) knows
             # no device yet: it must hold their messages, not reject them.
             late = IngestWorker(svc, flush_ms=50)
@@ -166,6 +172,8 @@ async def test_redis_lost_and_replaced_by_an_empty_one(fresh_pg_url: str, servic
                 }
                 made = await st.client.post("/v1/devices", json=new, headers=_bearer(st.fleet_key))
                 assert made.status_code == 201, made.text
+                still = await st.client.get(f"/v1/devices/{kept}", headers=_bearer(st.fleet_key))
+                assert still.status_code == 200, still.text
             finally:
                 await late.stop(drain_timeout_s=2)
 
@@ -194,6 +202,10 @@ async def test_postgres_stopped_then_started(services_factory, redis_url: str, m
                 k: r.text for k, r in before.items() if r.status_code >= 300
             }
             never_seen = _bearer(await _key(svc, "acme", "hyperscaler"))
+            async with svc.db.session() as s:
+                # The private server commits asynchronously (fast tests): make what was written
+                # so far survive the crash, as every commit does on a production server.
+                await s.execute(text("CHECKPOINT"))
             await asyncio.sleep(0.3)  # every cached key lookup has expired
 
             pg.stop(immediate=True)
