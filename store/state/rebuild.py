@@ -17,6 +17,10 @@ restarted empty: these machines keep nothing on disk):
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import io
+
 from sqlalchemy import select
 
 from store.database import Database
@@ -28,6 +32,10 @@ from vpp.domain import KIND_CODE, KIND_OFFBOARDED, DeviceKind
 async def load_ingest_registry(db: Database) -> dict[str, int]:
     """Every device ever registered: its kind code, or the tombstone once offboarded (ingest
     counts an offboarded device's messages as ``offboarded``, not ``unknown_device``)."""
+    if not db.is_sqlite:
+        copied = await _copy_registry(db)
+        if copied is not None:
+            return await asyncio.to_thread(_parse_copy, copied)
     query = select(Device.id, Device.kind, Device.offboarded_ms)
     async with db.session() as session:
         rows = (await session.execute(query)).all()
@@ -35,6 +43,34 @@ async def load_ingest_registry(db: Database) -> dict[str, int]:
         device_id: KIND_OFFBOARDED if offboarded is not None else KIND_CODE[DeviceKind(kind)]
         for device_id, kind, offboarded in rows
     }
+
+
+# The code computed by PostgreSQL, the rows streamed by COPY: no Python object per row on the
+# event loop (a million devices load in about a second instead of several).
+_CODE_SQL = (
+    f"SELECT id, CASE WHEN offboarded_ms IS NOT NULL THEN {KIND_OFFBOARDED} "
+    + " ".join(f"WHEN kind = '{k.value}' THEN {c}" for k, c in KIND_CODE.items())
+    + " END FROM devices"
+)
+
+
+async def _copy_registry(db: Database) -> bytes | None:
+    chunks: list[bytes] = []
+
+    async def sink(data: bytes) -> None:
+        chunks.append(data)
+
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = getattr(raw, "driver_connection", None)
+        if driver is None or not hasattr(driver, "copy_from_query"):
+            return None
+        await driver.copy_from_query(_CODE_SQL, output=sink, format="csv")
+    return b"".join(chunks)
+
+
+def _parse_copy(data: bytes) -> dict[str, int]:
+    return {row[0]: int(row[1]) for row in csv.reader(io.StringIO(data.decode()))}
 
 
 async def rebuild_if_lost(db: Database, state: StateStore) -> bool:
