@@ -23,6 +23,10 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from store.state.base import StateStore
 from vpp.fleet.records import STATE_DTYPE, PackedStates, PackedStatus, bucket_of, pack_records
@@ -113,7 +117,15 @@ class RedisStateStore(StateStore):
         self.url = url
         self.prefix = prefix
         self.n_buckets = n_buckets
-        self.redis = aioredis.from_url(url, decode_responses=False, health_check_interval=30)
+        # One retry on a connection error: after Redis restarts, every pooled connection is dead
+        # and its next command would fail once before the pool reconnects.
+        self.redis = aioredis.from_url(
+            url,
+            decode_responses=False,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._put_if_newer = self.redis.register_script(_PUT_IF_NEWER)
         self._rebuild_fill = self.redis.register_script(_REBUILD_FILL)
         self._rebuild_finish = self.redis.register_script(_REBUILD_FINISH)
