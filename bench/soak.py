@@ -316,7 +316,7 @@ async def call(
 
 
 async def call_retrying(
-    run: Run, client: Any, method: str, path: str, key: str, body: Any = None, tries: int = 4
+    run: Run, client: Any, method: str, path: str, key: str, body: Any = None, tries: int = 12
 ) -> Any:
     """``call``, again after a second while no replica answers or one answers 5xx, as an
     operator's script would (``body`` may be a function of nothing: made anew each try, so a
@@ -885,6 +885,11 @@ async def soak(profile: Profile) -> None:
             "VPP_TIME_SCALE": str(profile.scale),
             "VPP_TIME_ORIGIN": str(origin),
             "VPP_LOG_LEVEL": "warning",
+            # A reading whose ts is further than this from its arrival is filed under its
+            # arrival time. At ×60 one wall second of ingest lag is a service minute (the
+            # default): allow ten wall seconds, so readings are filed by their own ts and the
+            # slots compare with what the fleet published.
+            "VPP_MAX_CLOCK_SKEW_S": str(10.0 * profile.scale),
         }
         admin_key = await asyncio.to_thread(_spawn_keys, env, "soak-ops", "admin")
         buyer_key = await asyncio.to_thread(_spawn_keys, env, "soak-buyer", "hyperscaler")
@@ -1003,6 +1008,8 @@ async def soak(profile: Profile) -> None:
                     await asyncio.sleep(2.0)
                 for rep in replicas:
                     rep.rss_end_kib = rep.rss_kib()
+                    if rep.proc is not None and rep.proc.poll() is not None:
+                        run.notes.append(f"{rep.name} exited by itself ({rep.proc.returncode})")
                 stop.set()
                 await asyncio.gather(*background)
                 assert fleet.stdin is not None
