@@ -40,8 +40,8 @@ settlement interval belongs to the window it ends in):
 then delivery per request (the service's measured MW against the devices' true MW and the
 committed MW) and the RSS of each replica at the start and the end. A missed goal is a figure,
 not a failure: the exit status is non-zero only when the harness itself fails. The logs of the
-replicas and the fleet, and slots.csv (published and stored per slot), stay in the work
-directory it prints.
+replicas and the fleet, slots.csv (published and stored per slot) and conflicts.csv (the
+conflicting command pairs) stay in the work directory it prints.
 
     .venv/bin/python bench/soak.py            # 10 000 devices, 6 h at ×60, every fault twice
     .venv/bin/python bench/soak.py --small    # 1 000 devices, 1 h at ×60, every fault once
@@ -685,12 +685,13 @@ def db_truth(run: Run, start_ms: int, end_ms: int) -> tuple[dict[int, int], list
 
 
 def conflicts(
-    commands: list[tuple[Any, ...]],
+    commands: list[tuple[Any, ...]], pairs: list[tuple[Any, ...]] | None = None
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(device, service ms) for each device command that overlaps another live one of the same
     device with a different instruction (two commands holding the device in one interval), and
     for each that overlaps one with the same instruction under another command_id (a device
-    commanded twice: harmless to it, but a sign of two runners)."""
+    commanded twice: harmless to it, but a sign of two runners). The conflicting rows go to
+    ``pairs``, for a look."""
     out: list[tuple[str, int]] = []
     same: list[tuple[str, int]] = []
     by_device: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
@@ -707,6 +708,8 @@ def conflicts(
                     else same
                 )
                 what.append((dev, int(max(a[9], b[9]))))
+                if what is out and pairs is not None:
+                    pairs.append(a + b)
     return out, same
 
 
@@ -735,6 +738,7 @@ def report(
     stored: dict[int, int],
     commands: list[tuple[Any, ...]],
     settled: dict[str, dict[str, Any]],
+    work: Path,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -743,7 +747,15 @@ def report(
     times, accepted, rejected = counter_deltas(run)
     published = {int(k): v for k, v in truth["published"].items()}
     offline = {int(k): v for k, v in truth["offline"].items()}
-    clashes, doubled = conflicts(commands)
+    pairs: list[tuple[Any, ...]] = []
+    clashes, doubled = conflicts(commands, pairs)
+    cols = ("device_id", "event_id", "type", "setpoint_w", "offset_c", "limit_w",
+            "valid_from_ms", "valid_until_ms", "status", "created_ms")  # fmt: skip
+    (work / "conflicts.csv").write_text(
+        ",".join([f"a_{c}" for c in cols] + [f"b_{c}" for c in cols])
+        + "\n"
+        + "".join(",".join(str(v) for v in row) + "\n" for row in pairs)
+    )
     floods = sum(1 for f in run.faults if f[0] == "malformed-flood")
     flood_each = sum(truth.get("flooded", {}).values()) / max(floods, 1)
 
@@ -1083,7 +1095,7 @@ async def soak(profile: Profile) -> None:
             for t in range(t0, t_end, SLOT_MS)
         )
     )
-    report(run, windows, truth, stored, commands, settled)
+    report(run, windows, truth, stored, commands, settled, work)
     print(f"soak: {time.monotonic() - t_wall:.0f} s wall", flush=True)
 
 
