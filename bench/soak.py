@@ -807,6 +807,18 @@ def report(
                   fmt(totals["miss"]),
                   fmt(totals["zero"]))  # fmt: skip
     console.print(table)
+    # A slot is counted in the window it ends in, but a replica may hold it for longer (a write
+    # retried after a failure): name the short slots and the fault that came next.
+    short = []
+    for t in sorted(published):
+        if not windows[0].start_ms <= t < windows[-1].end_ms:
+            continue  # the fleet publishes from its start; the run's slots are compared
+        missing = published[t] - stored.get(t, 0)
+        if missing > max(0.005 * published[t], 1):
+            after = next((f"{n} {_iso(tf)[11:16]}" for n, tf, _d in run.faults if tf >= t), "-")
+            short.append(f"{_iso(t)[11:16]} −{missing:,} (next fault: {after})")
+    if short:
+        console.print("slots stored short of what was published: " + "; ".join(short[:16]))
     console.print(
         "published: the fleet's readings (by the 5-minute slot of their ts) sent while its "
         "broker connections were up; accepted, rejected: the replicas' /metrics counters over "
