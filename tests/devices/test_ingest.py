@@ -320,8 +320,10 @@ async def test_two_workers_split_the_load_and_keep_the_newest(rig: RigFactory) -
 
     async def all_in() -> bool:
         rows = await r1.states(devices)
-        return (
-            bool((rows["seq"] == n_seq).all()) and not r1.worker.pending and not r2.worker.pending
+        # Telemetry counts as accepted once its history row is committed: wait for that too.
+        workers = (r1.worker, r2.worker)
+        return bool((rows["seq"] == n_seq).all()) and not any(
+            w.pending or w.pending_history for w in workers
         )
 
     await eventually(all_in, 30)
@@ -461,7 +463,9 @@ async def test_redis_outage_keeps_accepted_state_until_it_is_back(rig: RigFactor
         await asyncio.sleep(0.5)  # a few failed writes and retries
         assert r.worker.store_failures > 0
         start()  # an empty Redis comes back
-        await eventually(lambda: _async_true(not r.worker.pending), 30)
+        await eventually(
+            lambda: _async_true(not (r.worker.pending or r.worker.pending_history)), 30
+        )
         rows = await r.states(devices)
         assert (rows["soc_pct"] == 6.0).all()
         assert r.worker.accepted["telemetry"] == 2 * len(devices)
