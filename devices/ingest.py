@@ -10,8 +10,8 @@ them to the state store in one call (a conditional write on Redis, so a reading 
 newer one, whichever worker wrote that), pushes acks to the ack queue, updates statuses, and
 adds the samples to the interval history.
 
-Durable acceptance. Every ``settings.history_writethrough_ms`` (1 s of wall time) the worker takes
-every open interval partial (sums and per-field counts per device and interval) and upserts it
+Durable acceptance. Every ``settings.history_writethrough_ms`` (250 ms of wall time) the worker
+takes every open interval partial (sums and per-field counts per device and interval) and upserts it
 to ``telemetry_intervals`` (:func:`store.history.write_intervals` merges it with what is there),
 in the background: the database never holds up the flush loop, and one write is in flight at a
 time. A telemetry reading counts as *accepted* (``accepted["telemetry"]``,
