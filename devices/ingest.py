@@ -12,7 +12,7 @@ adds the samples to the interval history.
 
 Durable acceptance. Every ``settings.history_writethrough_ms`` (250 ms of wall time) the worker
 takes every open interval partial (sums and per-field counts per device and interval) and upserts it
-to ``telemetry_intervals`` (:func:`store.history.write_intervals` merges it with what is there),
+to ``telemetry_intervals`` (:func:`store.history.write_partials` merges it with what is there),
 in the background: the database never holds up the flush loop, and one write is in flight at a
 time. A telemetry reading counts as *accepted* (``accepted["telemetry"]``,
 ``vpp_ingest_messages_total{topic_kind="telemetry"}``) only once the write holding it has
@@ -71,7 +71,7 @@ from devices.telemetry import (
     validate_status,
     validate_telemetry,
 )
-from store.history import IntervalHistory, Partials, write_intervals
+from store.history import IntervalHistory, Partials, write_partials
 from vpp import metrics
 from vpp.domain import RejectReason
 from vpp.fleet.records import STATE_DTYPE
@@ -544,7 +544,7 @@ class IngestWorker:
             return True
         self._history_writing = taken
         try:
-            n = await write_intervals(self.services.db, taken.rows())
+            n = await write_partials(self.services.db, taken)
         except Exception as exc:
             self.history_failures += 1
             metrics.HISTORY_WRITE_FAILURES.inc()

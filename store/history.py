@@ -40,6 +40,7 @@ FIELDS = ("power_w", "soc_pct", "indoor_c", "setpoint_c", "hvac_w", "outdoor_c")
 _N = len(FIELDS)
 
 Row = dict[str, Any]  # a telemetry_intervals row: device_id, interval_start_ms, samples, FIELDS
+Columns = dict[str, list[Any]]  # the same, one list per column
 
 
 @dataclass(frozen=True)
@@ -59,19 +60,40 @@ class Partials:
     def readings(self) -> int:
         return int(self.samples.sum())
 
+    def _means(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
+
     def rows(self) -> list[Row]:
         """``telemetry_intervals`` rows: the means of the fields present, NULL for the others."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
         rows: list[Row] = []
         for (device_id, start), n, mean_row in zip(
-            self.keys, self.samples.tolist(), means.tolist(), strict=True
+            self.keys, self.samples.tolist(), self._means().tolist(), strict=True
         ):
             row: Row = {"device_id": device_id, "interval_start_ms": start, "samples": n}
             for f, v in zip(FIELDS, mean_row, strict=True):
                 row[f] = None if v != v else v  # NaN → NULL
             rows.append(row)
         return rows
+
+    def columns(self) -> Columns:
+        """The same rows column by column (what the PostgreSQL upsert sends), without building a
+        dict per row: the write-through's hot path."""
+        cols: Columns = {
+            "device_id": [k[0] for k in self.keys],
+            "interval_start_ms": [k[1] for k in self.keys],
+            "samples": self.samples.tolist(),
+        }
+        means = self._means()
+        for j, f in enumerate(FIELDS):
+            col = means[:, j]
+            if np.isnan(col).all():
+                cols[f] = [None] * len(col)
+            elif np.isnan(col).any():
+                cols[f] = [None if v != v else v for v in col.tolist()]  # NaN → NULL
+            else:
+                cols[f] = col.tolist()
+        return cols
 
 
 class IntervalHistory:
@@ -259,6 +281,18 @@ async def write_intervals(db: Database, rows: list[Row], chunk: int = 2000) -> i
         await _write(session, rows, chunk)
         await session.commit()
     return len(rows)
+
+
+async def write_partials(db: Database, partials: Partials) -> int:
+    """Upsert :meth:`IntervalHistory.take_all`'s rows in one transaction; returns the count."""
+    if not len(partials):
+        return 0
+    if db.is_sqlite:
+        return await write_intervals(db, partials.rows())
+    async with db.session() as session:
+        await session.execute(_PG_UPSERT, partials.columns())
+        await session.commit()
+    return len(partials)
 
 
 # PostgreSQL: one statement whatever the row count, the columns sent as arrays (unnest). A

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from prometheus_client import REGISTRY
@@ -24,12 +25,14 @@ from devices.ingest import IngestWorker
 from devices.mqtt import MqttClient
 from devices.onboarding import BatterySpec, onboard
 from dispatch.services import Services
+from store.history import FIELDS, IntervalHistory, write_partials
 from store.keys import create_api_key
 from store.migrate import upgrade
 from store.models import TelemetryInterval
 from tests.helpers.devices import battery as battery_body
 from tests.helpers.servers import postgres_available, private_postgres
 from tests.helpers.settings import MQTT_URL, REDIS_URL, make_settings, unique
+from vpp.fleet.records import STATE_DTYPE
 from vpp.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -322,3 +325,38 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# --- the write-through merge ---------------------------------------------------------------------
+async def test_write_through_partials_add_up_to_the_interval_row(
+    db_url: str, services_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """Partials written one after the other, and partials given back after a failed write, end
+    as one row with every sample and the exact means (PostgreSQL and SQLite paths)."""
+    svc = await services_factory(make_settings(db_url))
+    history = IntervalHistory(300)
+    t0 = 1_784_061_000_000  # on a 5-minute boundary
+
+    def add(device_id: str, powers: list[float], socs: list[float]) -> None:
+        rec = np.zeros(len(powers), dtype=STATE_DTYPE)
+        for f in FIELDS:
+            rec[f] = np.nan
+        rec["ts_ms"] = rec["recv_ms"] = t0 + 1000 * np.arange(1, len(powers) + 1)
+        rec["power_w"], rec["soc_pct"] = powers, socs
+        history.add([device_id] * len(powers), rec)
+
+    add("b-1", [100.0, 200.0], [10.0, 20.0])
+    add("b-2", [5.0], [50.0])
+    assert await write_partials(svc.db, history.take_all()) == 2
+    add("b-1", [600.0], [30.0])
+    failed = history.take_all()  # a write that failed: given back, then more arrive
+    history.restore(failed)
+    add("b-1", [1100.0], [40.0])
+    assert await write_partials(svc.db, history.take_all()) == 1
+    assert len(history) == 0
+    rows = await stored(svc, ["b-1", "b-2"])
+    assert {k: r.samples for k, r in rows.items()} == {("b-1", t0): 4, ("b-2", t0): 1}
+    assert rows[("b-1", t0)].power_w == pytest.approx(500.0, rel=1e-12)
+    assert rows[("b-1", t0)].soc_pct == pytest.approx(25.0, rel=1e-12)
+    assert rows[("b-1", t0)].hvac_w is None
+    assert rows[("b-2", t0)].power_w == pytest.approx(5.0)
