@@ -10,10 +10,11 @@ them to the state store in one call (a conditional write on Redis, so a reading 
 newer one, whichever worker wrote that), pushes acks to the ack queue, updates statuses, and
 adds the samples to the interval history.
 
-Durable acceptance. Every ``settings.history_writethrough_ms`` (250 ms of wall time) the worker
-takes every open interval partial (sums and per-field counts per device and interval) and upserts it
-to ``telemetry_intervals`` (:func:`store.history.write_partials` merges it with what is there),
-in the background: the database never holds up the flush loop, and one write is in flight at a
+Durable acceptance. Every ``settings.history_writethrough_ms`` (250 ms of wall time), or at the
+first flush that finds no new message (a pause: nothing to gain by waiting), the worker takes
+every open interval partial (sums and per-field counts per device and interval) and upserts it to
+``telemetry_intervals`` (:func:`store.history.write_partials` merges it with what is there), in
+the background: the database never holds up the flush loop, and one write is in flight at a
 time. A telemetry reading counts as *accepted* (``accepted["telemetry"]``,
 ``vpp_ingest_messages_total{topic_kind="telemetry"}``) only once the write holding it has
 committed, so a crash at any moment loses no accepted reading: what it loses is at most the
@@ -166,6 +167,7 @@ class IngestWorker:
         self._history_writing: Partials | None = None  # taken out, its write in flight
         self._history_task: asyncio.Task[bool] | None = None
         self._history_next_at = 0.0  # monotonic time of the next write-through
+        self._history_retry_at = 0.0  # after a failed write: not before this
         self._history_backoff_s = 0.0
         self._client: MqttClient | None = None
         self._task: asyncio.Task[None] | None = None
@@ -332,7 +334,7 @@ class IngestWorker:
         if self.pending and mono >= self._retry_at:
             await self._store()
         if self.write_history:
-            self._maybe_write_history()
+            self._maybe_write_history(idle=n == 0)
         return n
 
     async def _refresh_registry(self, force: bool = False) -> bool:
@@ -523,12 +525,15 @@ class IngestWorker:
         self._m_accepted["telemetry"].inc(n)
 
     # --- history ---------------------------------------------------------------------------
-    def _maybe_write_history(self) -> None:
-        """Start the next write-through when it is due and none is in flight."""
+    def _maybe_write_history(self, idle: bool = False) -> None:
+        """Start the next write-through when it is due, or at once when the stream has paused
+        (``idle``: the flush took no message; nothing is gained by waiting), and none is in
+        flight."""
         if self._history_task is not None and not self._history_task.done():
             return
         mono = time.monotonic()
-        if not len(self.history) or mono < self._history_next_at:
+        due = mono >= self._history_next_at or idle
+        if not len(self.history) or not due or mono < self._history_retry_at:
             metrics.HISTORY_PENDING.set(self.pending_history)
             return
         self._history_next_at = mono + self.writethrough_s
@@ -553,7 +558,7 @@ class IngestWorker:
             self._history_backoff_s = min(
                 max(self._history_backoff_s * 2, 0.5), HISTORY_BACKOFF_MAX_S
             )
-            self._history_next_at = time.monotonic() + self._history_backoff_s
+            self._history_retry_at = time.monotonic() + self._history_backoff_s
             log.warning(
                 "ingest: history write failed (%s); %d readings in %d rows kept, retry in %.1f s",
                 exc,
