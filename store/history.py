@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import case, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from store.database import Database
@@ -250,28 +250,6 @@ class IntervalHistory:
         return taken.rows()
 
 
-def _upsert(dialect: str, rows: list[Row]) -> Any:
-    """INSERT … ON CONFLICT (device_id, interval_start_ms) DO UPDATE merging the two averages
-    weighted by their sample counts (PostgreSQL and SQLite share the syntax)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    table: Any = TelemetryInterval.__table__
-    stmt = insert(table).values(rows)
-    new = stmt.excluded
-    merged: dict[str, Any] = {"samples": table.c.samples + new.samples}
-    for f in FIELDS:
-        old_v, new_v = table.c[f], new[f]
-        merged[f] = case(
-            (old_v.is_(None), new_v),
-            (new_v.is_(None), old_v),
-            else_=(old_v * table.c.samples + new_v * new.samples) / (table.c.samples + new.samples),
-        )
-    return stmt.on_conflict_do_update(
-        index_elements=[table.c.device_id, table.c.interval_start_ms], set_=merged
-    )
-
-
 async def write_intervals(db: Database, rows: list[Row], chunk: int = 2000) -> int:
     """Upsert rows into ``telemetry_intervals`` in one transaction; returns the row count.
     The keys ``(device_id, interval_start_ms)`` of one call must be distinct."""
@@ -287,7 +265,7 @@ async def write_partials(db: Database, partials: Partials) -> int:
     """Upsert :meth:`IntervalHistory.take_all`'s rows in one transaction; returns the count."""
     if not len(partials):
         return 0
-    if db.is_sqlite:
+    if db.is_sqlite:  # executemany takes rows
         return await write_intervals(db, partials.rows())
     async with db.session() as session:
         await session.execute(_PG_UPSERT, partials.columns())
@@ -295,14 +273,16 @@ async def write_partials(db: Database, partials: Partials) -> int:
     return len(partials)
 
 
-# PostgreSQL: one statement whatever the row count, the columns sent as arrays (unnest). A
-# multi-VALUES insert built by SQLAlchemy costs about 1.5 s of CPU per 10 000 rows to compile and
-# bind, which the ingest's write-through cannot afford every second; this costs ~50 ms.
-_PG_TYPES = {"device_id": "varchar", "interval_start_ms": "bigint", "samples": "integer"}
-_PG_COLUMNS = [*_PG_TYPES, *FIELDS]
+# One merge, in SQL text for both databases. PostgreSQL gets one statement whatever the row
+# count, the columns sent as arrays (unnest); SQLite one prepared statement run for every row
+# (executemany). A multi-VALUES insert built by SQLAlchemy cost about 1.5 s of CPU per 10 000
+# rows to compile and bind, which a write-through every 250 ms cannot afford; these ~0.1 s.
+_TYPES = {"device_id": "varchar", "interval_start_ms": "bigint", "samples": "integer"}
+_COLUMNS = [*_TYPES, *FIELDS]
 
 
-def _pg_merge(f: str) -> str:
+def _merge(f: str) -> str:
+    """The stored average and the new one, weighted by their sample counts (NULL: absent)."""
     old, new = f"t.{f}", f"excluded.{f}"
     return (
         f"{f} = CASE WHEN {old} IS NULL THEN {new} WHEN {new} IS NULL THEN {old} "
@@ -310,20 +290,26 @@ def _pg_merge(f: str) -> str:
     )
 
 
+_ON_CONFLICT = (
+    " ON CONFLICT (device_id, interval_start_ms) DO UPDATE SET samples = t.samples + "
+    "excluded.samples, " + ", ".join(_merge(f) for f in FIELDS)
+)
+_INSERT = f"INSERT INTO {TelemetryInterval.__tablename__} AS t ({', '.join(_COLUMNS)}) "
 _PG_UPSERT = text(
-    f"INSERT INTO telemetry_intervals AS t ({', '.join(_PG_COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"CAST(:{c} AS {_PG_TYPES.get(c, 'float8')}[])" for c in _PG_COLUMNS)
-    + ") ON CONFLICT (device_id, interval_start_ms) DO UPDATE SET samples = t.samples + "
-    "excluded.samples, " + ", ".join(_pg_merge(f) for f in FIELDS)
+    _INSERT
+    + "SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{c} AS {_TYPES.get(c, 'float8')}[])" for c in _COLUMNS)
+    + ")"
+    + _ON_CONFLICT
+)
+_SQLITE_UPSERT = text(
+    _INSERT + "VALUES (" + ", ".join(f":{c}" for c in _COLUMNS) + ")" + _ON_CONFLICT
 )
 
 
 async def _write(session: AsyncSession, rows: list[Row], chunk: int) -> None:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        await session.execute(_PG_UPSERT, {c: [r[c] for r in rows] for c in _PG_COLUMNS})
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(_PG_UPSERT, {c: [r[c] for r in rows] for c in _COLUMNS})
         return
-    # SQLite allows 32 766 bound parameters a statement; 9 columns a row.
-    chunk = min(chunk, 3000) if dialect == "sqlite" else chunk
     for lo in range(0, len(rows), chunk):
-        await session.execute(_upsert(dialect, rows[lo : lo + chunk]))
+        await session.execute(_SQLITE_UPSERT, rows[lo : lo + chunk])
