@@ -8,8 +8,24 @@ Hot path. paho's network thread only appends ``(topic, payload)`` to a deque. Ev
 validates each message (:mod:`devices.telemetry`), keeps the newest record per device, writes
 them to the state store in one call (a conditional write on Redis, so a reading never replaces a
 newer one, whichever worker wrote that), pushes acks to the ack queue, updates statuses, and
-adds the samples to the interval history, which is upserted to the database when an interval
-closes (in the background: the database never holds up ingest).
+adds the samples to the interval history.
+
+Durable acceptance. Every ``settings.history_writethrough_ms`` (250 ms of wall time), or at the
+first flush that finds no new message (a pause: nothing to gain by waiting), the worker takes
+every open interval partial (sums and per-field counts per device and interval) and upserts it to
+``telemetry_intervals`` (:func:`store.history.write_partials` merges it with what is there), in
+the background: the database never holds up the flush loop, and one write is in flight at a
+time. A telemetry reading counts as *accepted* (``accepted["telemetry"]``,
+``vpp_ingest_messages_total{topic_kind="telemetry"}``) only once the write holding it has
+committed, so a crash at any moment loses no accepted reading: what it loses is at most the
+last write-through period of readings not yet counted. (Statuses and acks are accepted once in
+the state store: they are not history.)
+
+Database down. A failed write gives its partials back to the accumulator, where they merge
+exactly with the readings that arrive meanwhile (memory grows with devices x intervals, not with
+readings), and is retried with backoff (0.5 s doubling to 5 s). Past
+``settings.history_buffer_max_rows`` rows the oldest intervals are dropped, and their readings
+counted (``history_dropped``, ``vpp_ingest_history_dropped_total``).
 
 Ordering. Each worker remembers every device's last accepted ``(ts, seq)``; devices it has not
 seen yet are checked by the state store's conditional write, and the stored record then seeds
@@ -28,7 +44,10 @@ restart that may never come (scale-down); with a clean one, a dead worker's shar
 live ones at once. What the broker had queued for a worker that dies is lost: QoS-0 telemetry
 is superseded within one interval anyway, and a lost ack is recovered by the event runner,
 which re-sends an unacknowledged command with the same id after 30 s (devices answer
-idempotently).
+idempotently). For the same reason QoS-1 telemetry is not acknowledged late (PUBACK after the
+durable write): a message the broker re-sends only on reconnect of the same persistent session
+would wait for a member that may never come back, and with a clean session the broker forgets
+it anyway; what a worker had not yet written when it died was never counted as accepted.
 """
 
 from __future__ import annotations
@@ -53,7 +72,7 @@ from devices.telemetry import (
     validate_status,
     validate_telemetry,
 )
-from store.history import IntervalHistory, write_intervals
+from store.history import IntervalHistory, Partials, write_partials
 from store.state.rebuild import rebuild_if_lost
 from vpp import metrics
 from vpp.domain import RejectReason
@@ -69,7 +88,7 @@ REGISTRY_POLL_S = 1.0  # how soon a worker sees devices onboarded through anothe
 FORCED_REFRESH_MIN_S = 0.25  # at most this often when messages name devices we do not know
 MAX_HELD_UNKNOWN = 10_000  # messages of unknown devices waiting for that refresh
 MAX_PENDING_HISTORY = 2_000_000  # samples kept while the state store is down (then dropped)
-HISTORY_RETRY_MAX_ROWS = 5_000_000
+HISTORY_BACKOFF_MAX_S = 5.0  # longest wait between two tries of a failed history write
 
 
 def _is_newer(new_ts: int, new_seq: int, old_ts: int, old_seq: int) -> bool:
@@ -152,9 +171,12 @@ class IngestWorker:
         self._retry_at = 0.0
         self._backoff_s = 0.0
         self.history = IntervalHistory(s.history_interval_s)
-        self._history_rows: list[dict[str, Any]] = []
-        self._history_task: asyncio.Task[None] | None = None
-        self._history_retry_at = 0.0
+        self.writethrough_s = s.history_writethrough_ms / 1000.0
+        self._history_writing: Partials | None = None  # taken out, its write in flight
+        self._history_task: asyncio.Task[bool] | None = None
+        self._history_next_at = 0.0  # monotonic time of the next write-through
+        self._history_retry_at = 0.0  # after a failed write: not before this
+        self._history_backoff_s = 0.0
         self._client: MqttClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._connect_task: asyncio.Task[None] | None = None
@@ -166,6 +188,8 @@ class IngestWorker:
         self.received = 0  # messages taken off the MQTT client
         self.batches = 0
         self.store_failures = 0
+        self.history_failures = 0  # history writes that failed (and were retried)
+        self.history_dropped = 0  # valid readings that never reached the history
         self.last_rejections: deque[tuple[str, str, str, str]] = deque(maxlen=100)
         self._m_accepted = {
             k: metrics.INGEST_MESSAGES.labels(topic_kind=k) for k in ("telemetry", "status", "ack")
@@ -183,6 +207,12 @@ class IngestWorker:
         return (
             len(self._pend_states) + len(self._pend_acks) + len(self._pend_status) + len(self._held)
         )
+
+    @property
+    def pending_history(self) -> int:
+        """Readings in the state store, not yet committed to the interval history."""
+        writing = self._history_writing
+        return self.history.readings + (writing.readings if writing is not None else 0)
 
     async def start(self) -> None:
         self._stopping = False
@@ -262,11 +292,24 @@ class IngestWorker:
         if self.pending:
             log.error("ingest: %d accepted records could not be stored at stop", self.pending)
         if self.write_history:
-            self._history_rows.extend(self.history.take_closed(0, everything=True))
             if self._history_task is not None:
                 with contextlib.suppress(Exception):
                     await self._history_task
-            await self._write_history_rows()
+            # Everything still open, retried (the database may be coming back) until written
+            # or out of time.
+            deadline = time.monotonic() + drain_timeout_s
+            while len(self.history):
+                if await self._write_history(self.history.take_all()):
+                    continue
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            if len(self.history):
+                log.error(
+                    "ingest: %d readings could not be written to the history at stop",
+                    self.history.readings,
+                )
+            metrics.HISTORY_PENDING.set(self.pending_history)
         metrics.INGEST_CONNECTED.set(0)
 
     # --- receive (paho's thread) -----------------------------------------------------------
@@ -306,7 +349,7 @@ class IngestWorker:
         if self.pending and mono >= self._retry_at:
             await self._store()
         if self.write_history:
-            self._maybe_write_history(now)
+            self._maybe_write_history(idle=n == 0)
         return n
 
     async def _refresh_registry(self, force: bool = False) -> bool:
@@ -426,6 +469,7 @@ class IngestWorker:
         hist_ids = self._pend_hist_ids
         hist_recs = self._pend_hist_recs
         keep_history = self.write_history and len(hist_ids) < MAX_PENDING_HISTORY
+        not_kept = 0
         for device_id, payload, kind in items:
             try:
                 r = validate_telemetry(payload, kind, last.get(device_id), now_ms, limits)
@@ -442,6 +486,10 @@ class IngestWorker:
             if keep_history:
                 hist_ids.append(device_id)
                 hist_recs.append(rec)
+            elif self.write_history:
+                not_kept += 1
+        if not_kept:  # the state store has been down for a long time: state yes, history no
+            self._history_lost(not_kept, "the state store is down past its buffer")
 
     def _other(self, device_id: str, leaf: str, payload: bytes, kind: int, now_ms: int) -> None:
         if kind < 0:
@@ -508,8 +556,8 @@ class IngestWorker:
             )
             if len(stored) == STATE_DTYPE.itemsize:
                 self._last[device_id] = record_ts_seq(stored)
-        self.accepted["telemetry"] += n_ok
-        self._m_accepted["telemetry"].inc(n_ok)
+        if not self.write_history:
+            self._count_accepted(n_ok)  # no history to wait for
         ids, recs = self._pend_hist_ids, self._pend_hist_recs
         self._pend_states = {}
         self._pend_count = Counter()
@@ -522,31 +570,71 @@ class IngestWorker:
                 arr = arr[keep]
                 ids = [d for d in ids if d not in refused]
             self.history.add(ids, arr)
+            self._trim_history()
+
+    def _count_accepted(self, n: int) -> None:
+        self.accepted["telemetry"] += n
+        self._m_accepted["telemetry"].inc(n)
 
     # --- history ---------------------------------------------------------------------------
-    def _maybe_write_history(self, now_ms: int) -> None:
-        close = self.history.next_close_ms()
-        if close is not None and close <= now_ms:
-            self._history_rows.extend(self.history.take_closed(now_ms))
-        if (
-            self._history_rows
-            and (self._history_task is None or self._history_task.done())
-            and time.monotonic() >= self._history_retry_at
-        ):
-            self._history_task = asyncio.create_task(self._write_history_rows())
-
-    async def _write_history_rows(self) -> None:
-        rows, self._history_rows = self._history_rows, []
-        if not rows:
+    def _maybe_write_history(self, idle: bool = False) -> None:
+        """Start the next write-through when it is due, or at once when the stream has paused
+        (``idle``: the flush took no message; nothing is gained by waiting), and none is in
+        flight."""
+        if self._history_task is not None and not self._history_task.done():
             return
+        mono = time.monotonic()
+        due = mono >= self._history_next_at or idle
+        if not len(self.history) or not due or mono < self._history_retry_at:
+            metrics.HISTORY_PENDING.set(self.pending_history)
+            return
+        self._history_next_at = mono + self.writethrough_s
+        self._history_task = asyncio.create_task(
+            self._write_history(self.history.take_all()), name="ingest-history"
+        )
+        metrics.HISTORY_PENDING.set(self.pending_history)
+
+    async def _write_history(self, taken: Partials) -> bool:
+        """Upsert the partials; on success their readings count as accepted, on failure they
+        go back to the accumulator for the next try. True when written."""
+        if not len(taken):
+            return True
+        self._history_writing = taken
         try:
-            n = await write_intervals(self.services.db, rows)
-            metrics.HISTORY_ROWS.inc(n)
+            n = await write_partials(self.services.db, taken)
         except Exception as exc:
-            log.warning("ingest: history write failed (%s); %d rows kept", exc, len(rows))
-            self._history_retry_at = time.monotonic() + 5.0
-            # Keep them for the next try, newest last (bounded: drop the oldest past the cap).
-            self._history_rows = (rows + self._history_rows)[-HISTORY_RETRY_MAX_ROWS:]
+            self.history_failures += 1
+            metrics.HISTORY_WRITE_FAILURES.inc()
+            self.history.restore(taken)
+            self._trim_history()
+            self._history_backoff_s = min(
+                max(self._history_backoff_s * 2, 0.5), HISTORY_BACKOFF_MAX_S
+            )
+            self._history_retry_at = time.monotonic() + self._history_backoff_s
+            log.warning(
+                "ingest: history write failed (%s); %d readings in %d rows kept, retry in %.1f s",
+                exc,
+                self.history.readings,
+                len(self.history),
+                self._history_backoff_s,
+            )
+            return False
+        finally:
+            self._history_writing = None
+        self._history_backoff_s = 0.0
+        metrics.HISTORY_ROWS.inc(n)
+        self._count_accepted(taken.readings)
+        return True
+
+    def _trim_history(self) -> None:
+        rows, readings = self.history.drop_oldest(self.settings.history_buffer_max_rows)
+        if rows:
+            self._history_lost(readings, f"{rows} interval rows past history_buffer_max_rows")
+
+    def _history_lost(self, readings: int, why: str) -> None:
+        self.history_dropped += readings
+        metrics.HISTORY_DROPPED.inc(readings)
+        log.error("ingest: %d readings dropped from the interval history (%s)", readings, why)
 
 
 async def run_standalone(settings: Settings) -> None:

@@ -15,6 +15,18 @@ INGEST_BATCH_SECONDS = Histogram(
 )
 INGEST_CONNECTED = Gauge("vpp_ingest_connected", "1 while the ingest worker is connected")
 HISTORY_ROWS = Counter("vpp_history_rows_total", "Interval-history rows written")
+HISTORY_DROPPED = Counter(
+    "vpp_ingest_history_dropped_total",
+    "Valid readings dropped before reaching the interval history (the database down past "
+    "history_buffer_max_rows, oldest intervals first, or the state store down past its buffer)",
+)
+HISTORY_PENDING = Gauge(
+    "vpp_ingest_history_pending_readings",
+    "Readings held by ingest, not yet committed to the interval history",
+)
+HISTORY_WRITE_FAILURES = Counter(
+    "vpp_ingest_history_write_failures_total", "Interval-history writes that failed (retried)"
+)
 
 FLEET_DEVICES = Gauge("vpp_fleet_devices", "Registered devices", ["region", "kind"])
 FLEET_AVAILABLE_MW = Gauge("vpp_fleet_available_mw", "MW available now", ["region", "kind"])

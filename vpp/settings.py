@@ -56,6 +56,23 @@ class Settings(BaseSettings):
     max_payload_bytes: int = 4096
     history_interval_s: int = 300
     ingest_flush_ms: int = 100
+    # Durable acceptance: how often (wall time) ingest upserts every open interval partial, and
+    # how many interval rows it keeps while PostgreSQL is down (then the oldest are dropped).
+    # A short period costs little: rows written per second are the devices that reported in
+    # that second whatever the period (shorter than their reporting interval); what it sets
+    # is the time to durable (about half of it plus one write) and the size of each write.
+    history_writethrough_ms: int = Field(
+        250,
+        gt=0,
+        description="wall ms between two write-throughs of the open interval partials; a "
+        "reading counts as accepted once the write holding it has committed",
+    )
+    history_buffer_max_rows: int = Field(
+        2_000_000,
+        gt=0,
+        description="interval rows (device x interval) ingest holds while the database is "
+        "unreachable; past it the oldest intervals are dropped and counted",
+    )
 
     # Market rules.
     safety_margin_pct: float = 5.0

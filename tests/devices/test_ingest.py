@@ -320,8 +320,10 @@ async def test_two_workers_split_the_load_and_keep_the_newest(rig: RigFactory) -
 
     async def all_in() -> bool:
         rows = await r1.states(devices)
-        return (
-            bool((rows["seq"] == n_seq).all()) and not r1.worker.pending and not r2.worker.pending
+        # Telemetry counts as accepted once its history row is committed: wait for that too.
+        workers = (r1.worker, r2.worker)
+        return bool((rows["seq"] == n_seq).all()) and not any(
+            w.pending or w.pending_history for w in workers
         )
 
     await eventually(all_in, 30)
@@ -461,7 +463,9 @@ async def test_redis_outage_keeps_accepted_state_until_it_is_back(rig: RigFactor
         await asyncio.sleep(0.5)  # a few failed writes and retries
         assert r.worker.store_failures > 0
         start()  # an empty Redis comes back
-        await eventually(lambda: _async_true(not r.worker.pending), 30)
+        await eventually(
+            lambda: _async_true(not (r.worker.pending or r.worker.pending_history)), 30
+        )
         rows = await r.states(devices)
         assert (rows["soc_pct"] == 6.0).all()
         assert r.worker.accepted["telemetry"] == 2 * len(devices)
@@ -472,7 +476,9 @@ async def _async_true(flag: bool) -> bool:
 
 
 # --- history ------------------------------------------------------------------------------------
-async def test_interval_history_is_written_when_the_interval_closes(rig: RigFactory) -> None:
+async def test_interval_history_is_written_through_while_the_interval_is_open(
+    rig: RigFactory,
+) -> None:
     clock = ManualClock(T0 + 60_000)
     r = await rig(real=False, clock=clock, history_interval_s=300)
     await r.services.state.registry_put({"bat-1": BATTERY, "th-1": THERMOSTAT})
@@ -488,23 +494,21 @@ async def test_interval_history_is_written_when_the_interval_closes(rig: RigFact
     await r.worker.flush()
     clock.advance(245)
     await r.publish([(r.topic("bat-1"), battery(T0 + 310_000, soc=60.0))])  # next interval
-    await r.worker.flush()
-    clock.advance(30)  # past the end and the grace period
-    await r.worker.flush()
-    await eventually(lambda: _history_count(r.services, 2))
+    # Written through while the intervals are still open: the service clock stays short of the
+    # first one's end plus its grace period (T0 + 330 s), where the rows used to be written.
+    await eventually(lambda: _history_count(r.services, 3))
     async with r.services.db.session() as s:
         rows = {
             (x.device_id, x.interval_start_ms): x
             for x in (await s.execute(select(TelemetryInterval))).scalars()
         }
-    assert set(rows) == {("bat-1", T0), ("th-1", T0)}
+    assert set(rows) == {("bat-1", T0), ("th-1", T0), ("bat-1", T0 + 300_000)}
+    assert rows[("bat-1", T0 + 300_000)].samples == 1
     bat = rows[("bat-1", T0)]
     assert bat.samples == 2 and bat.soc_pct == 45.0 and bat.power_w == 2000.0
     assert bat.indoor_c is None
     therm = rows[("th-1", T0)]
     assert therm.samples == 2 and therm.hvac_w == 1000.0 and therm.outdoor_c == 30.0
-    await r.worker.stop()  # writes the open interval too
-    assert await _history_count(r.services, 3)
 
 
 async def _history_count(services: Services, n: int) -> bool:
