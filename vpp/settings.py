@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ["ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM"]
     )
 
+    # Replicas: the leader lease's TTL in wall seconds (None: a minute of service time, kept
+    # within 4–10 s). A dead leader is replaced within about 4/3 of it.
+    leader_lease_s: float | None = Field(None, gt=0)
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "info"
