@@ -31,8 +31,9 @@ a command checks leadership first (``LeadershipLost``), so two replicas never co
 
 Broker restarts: paho re-sends what was in flight when the connection broke; after every
 reconnect the runner re-publishes each command still waiting for its ack (same id and bytes)
-with a fresh ack wait, and the closed loop holds (no stale replacements, no enlisting) while the
-broker is away and until devices have had a stale horizon to report again.
+with a fresh ack wait, at once and again when devices have had a stale horizon to reconnect
+(neither counts as an attempt: the outage is not the device's). The closed loop holds (no stale
+replacements, no enlisting) while the broker is away and until devices have reported again.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class EventRunner:
         # the broker came back (the closed loop holds until devices have reported again).
         self._seen_connects = 0
         self._broker_back_wall = 0.0
+        self._resend_after_hold = False
         # Restores sent and not acknowledged yet: command id → (event id, row, its message and
         # valid_until; None and 0 for one resumed from the database).
         self.restore_unacked: dict[str, tuple[str, int, bytes | None, int]] = {}
@@ -312,6 +314,12 @@ class EventRunner:
         if connects != self._seen_connects and self.broker_up:
             self._seen_connects = connects
             self._broker_back_wall = time.monotonic()
+            self._resend_after_hold = True
+            await self.resend_unacked()
+        elif self._resend_after_hold and not self.holding():
+            # Once more when devices have had a stale horizon to come back: a device that
+            # reconnected after the service did missed the first re-send (no session kept).
+            self._resend_after_hold = False
             await self.resend_unacked()
         if not self.broker_up:
             # Nothing can be sent: keep what is stored, count no misses; settle what is due.

@@ -26,13 +26,11 @@ MW = 0.1  # 20 of 40 batteries at their 5 kW: the fleet has room for a reserve
 
 @pytest.mark.slow
 @pytest.mark.skipif(not mosquitto_available(), reason="needs mosquitto")
-async def test_two_replicas_one_leader_and_takeover_after_kill_9(fresh_pg_url, tmp_path) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+async def test_two_replicas_one_leader_and_takeover_after_kill_9(fresh_pg_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from store.models import Command, EventTimeline, SettlementLine
 
     with run_mosquitto() as broker:
-        async with cluster(
-            fresh_pg_url, broker, tmp_path, VPP_LEADER_LEASE_S=str(LEASE_S)
-        ) as c:
+        async with cluster(fresh_pg_url, broker, tmp_path, VPP_LEADER_LEASE_S=str(LEASE_S)) as c:
             a, b = c.serve(), c.serve()
 
             async def both_ready() -> bool:
@@ -74,9 +72,10 @@ async def test_two_replicas_one_leader_and_takeover_after_kill_9(fresh_pg_url, t
             takeover_s = time.monotonic() - killed_wall
 
             async def settled() -> bool:
-                return await c.event_status(ev) == "completed" and len(
-                    await c.rows(SettlementLine, ev)
-                ) >= 6
+                return (
+                    await c.event_status(ev) == "completed"
+                    and len(await c.rows(SettlementLine, ev)) >= 6
+                )
 
             await c.wait_service_ms(end)
             assert await wait_for(settled, 60, 0.3), c.tail()

@@ -72,6 +72,8 @@ class BatteryEmulator:
         self.batteries = {d: Battery(d) for d in device_ids}
         self.received: dict[str, list[dict[str, Any]]] = defaultdict(list)  # device → commands
         self.acks_sent: list[tuple[str, str]] = []  # (command id, status)
+        # While set, acks are not sent (as if lost on the way: the devices still act).
+        self.drop_acks = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,6 +104,8 @@ class BatteryEmulator:
             client.publish(f"{self.root}/devices/{d}/status", b"online", qos=1, retain=True)
 
     def _ack(self, device_id: str, command_id: str, status: str) -> None:
+        if self.drop_acks:
+            return
         body = {"command_id": command_id, "status": status, "ts": self.now_ms()}
         self.client.publish(
             f"{self.root}/devices/{device_id}/ack", json.dumps(body).encode(), qos=1
@@ -134,8 +138,11 @@ class BatteryEmulator:
             current = b.command
             if current is None or current["command_id"] != cid:
                 b.command = cmd  # a new command replaces the one before; a repeat changes nothing
+            repeat = cid in b.started
         self._ack(device_id, cid, "received")
-        if cmd["valid_from"] <= now:
+        if repeat:
+            self._ack(device_id, cid, "started")  # seen before: say again where it stands
+        elif cmd["valid_from"] <= now:
             self._start(b, cid)
 
     def _start(self, b: Battery, cid: str) -> None:

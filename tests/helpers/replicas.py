@@ -114,18 +114,33 @@ class Cluster:
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
 
+    async def capacity_request(self, port: int, mw: float, start_ms: int, end_ms: int) -> str:
+        """Quote and commit a capacity request as a hyperscaler; its id."""
+        from store.keys import create_api_key
+
+        key = await create_api_key(self.db, "hyper", "hyperscaler", 0)
+        auth = {"Authorization": f"Bearer {key}"}
+        r = await self.http[port].post("/v1/capacity-requests", headers=auth, json={
+            "region": REGION, "mw": mw, "start": to_rfc3339(start_ms), "end": to_rfc3339(end_ms)})  # fmt: skip  # noqa: E501
+        assert r.status_code == 201 and r.json()["status"] == "quoted", r.text
+        rid = str(r.json()["id"])
+        r = await self.http[port].post(f"/v1/capacity-requests/{rid}/commit", headers=auth)
+        assert r.status_code == 200 and r.json()["status"] == "committed", r.text
+        return rid
+
     async def wait_service_ms(self, at_ms: int, timeout_s: float = 120) -> None:
         assert await wait_for(lambda: self.clock.now_ms() >= at_ms, timeout_s, 0.05)
 
     async def rows(self, model: Any, event_id: str) -> list[Any]:
         async with self.db.session() as s:
-            return list((await s.execute(select(model).where(model.event_id == event_id))).scalars())
+            q = select(model).where(model.event_id == event_id)
+            return list((await s.execute(q)).scalars())
 
     async def event_status(self, event_id: str) -> str:
-        from store.models import GridEvent
+        from store.models import CapacityRequest, GridEvent
 
         async with self.db.session() as s:
-            ev = await s.get(GridEvent, event_id)
+            ev = await s.get(GridEvent, event_id) or await s.get(CapacityRequest, event_id)
             return str(ev.status) if ev is not None else "missing"
 
 
