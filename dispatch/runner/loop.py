@@ -363,12 +363,60 @@ class EventRunner:
 
     # --- resume after a restart ----------------------------------------------------------------
     async def resume(self) -> None:
-        """Rebuild running events from the database: commands, statuses, control group, reserve."""
+        """Rebuild running events from the database: commands, statuses, control group, reserve;
+        and finish the events that ended lately (restores still due, final settlement), in
+        case the runner before this one died between an event's end and its settlement."""
         for ev in await es.active_events(self.services):
             try:
                 await self._resume_event(ev)
             except Exception:
                 log.exception("resuming %s", ev.id)
+        now = self.clock.now_ms()
+        for ev in await es.ended_since(self.services, now - self.unfinished_ms()):
+            try:
+                await self._resume_ended(ev, now)
+            except Exception:
+                log.exception("finishing %s", ev.id)
+
+    def settle_delay_ms(self) -> int:
+        """After an event's end, how long until the history around it is written."""
+        return int(max(2 * self.settings.history_interval_s, 5 * self.clock.time_scale) * 1000)
+
+    def unfinished_ms(self) -> int:
+        """How long after its end an event may still have restores or settlement to do."""
+        return int((RELEASE_STAGGER_S + VALID_MARGIN_S) * 1000) + self.settle_delay_ms()
+
+    async def _resume_ended(self, ev: es.EventInfo, now_ms: int) -> None:
+        async with self.services.db.session() as s:
+            dispatched = (
+                await s.execute(
+                    select(func.count())
+                    .select_from(Command)
+                    .where(Command.event_id == ev.id, Command.type != CommandType.restore.value)
+                )
+            ).scalar_one()
+        if not dispatched or ev.id in self.running:
+            return
+        await self._resume_event(ev)
+        run = self.running.get(ev.id)
+        if run is None:
+            return
+        run.ending = ev.status
+        t = run.table
+        acting = (
+            np.isin(t.status, np.array([*LIVE, MISSED, STALE], np.int8))
+            & np.array([r is None for r in t.restore_id], dtype=bool)
+            & (t.valid_until_ms > now_ms)
+        )
+        rows = np.flatnonzero(acting)
+        # The same release times the ending runner chose: thermostats at their command's expiry
+        # (the stagger), the rest now.
+        th = t.kind[rows] == THERMOSTAT
+        t.release_at_ms[rows] = np.where(
+            th, np.maximum(t.valid_until_ms[rows] - int(VALID_MARGIN_S * 1000), now_ms), now_ms
+        )
+        self.settle_queue[run.id] = max(now_ms, run.info.end_ms + self.settle_delay_ms())
+        log.info("finishing %s (%s): %d devices to restore", ev.id, ev.status, rows.size)
 
     async def _resume_event(self, ev: es.EventInfo) -> None:
         async with self.services.db.session() as s:
@@ -1476,8 +1524,7 @@ class EventRunner:
         run.ending = reason
         await self.release_due(run, now)
         # Settle once the history intervals around the window's end have been written.
-        delay_ms = int(max(2 * self.settings.history_interval_s, 5 * self.clock.time_scale) * 1000)
-        self.settle_queue[run.id] = max(now, run.info.end_ms) + delay_ms
+        self.settle_queue[run.id] = max(now, run.info.end_ms) + self.settle_delay_ms()
         log.info("event %s ended (%s): %d devices to restore", run.id, reason, len(acting))
 
     async def release_due(self, run: Running, now_ms: int) -> None:
