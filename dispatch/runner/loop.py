@@ -183,7 +183,7 @@ class EventRunner:
         # The runner's MQTT connections seen so far (a change is a reconnect), and the wall time
         # the broker came back (the closed loop holds until devices have reported again).
         self._seen_connects = 0
-        self._broker_back_wall = 0.0
+        self._broker_back_wall = float("-inf")
         self._resend_after_hold = False
         # Restores sent and not acknowledged yet: command id → (event id, row, its message and
         # valid_until; None and 0 for one resumed from the database).
