@@ -46,18 +46,18 @@ async def test_two_replicas_one_leader_and_takeover_after_kill_9(fresh_pg_url, t
             ids = await c.onboard(N_BATTERIES)
             emu = c.emulator
             assert emu is not None
-            # Pre-event history for the baselines: 15 service minutes of telemetry.
+            # Pre-event history for the baselines: 10 service minutes of telemetry.
             t0 = c.clock.now_ms()
-            await c.wait_service_ms(t0 + 15 * 60_000)
+            await c.wait_service_ms(t0 + 10 * 60_000)
             start = (c.clock.now_ms() // 300_000 + 1) * 300_000
-            end = start + 30 * 60_000
+            end = start + 25 * 60_000
             # The API answers on both replicas: the event is posted to the follower.
             (leader,) = await c.leaders()
             follower = b if leader == a else a
             ev = await c.grid_event(follower, MW, start, end)
 
-            # Mid-event, one replica's commands are out: kill -9 the leader.
-            await c.wait_service_ms(start + 10 * 60_000)
+            # Mid-event and mid-slot, one replica's commands are out: kill -9 the leader.
+            await c.wait_service_ms(start + 12 * 60_000 + 30_000)
             before = {r.id: r for r in await c.rows(Command, ev)}
             delivering_before = emu.delivering_w()
             assert before and delivering_before > 0, c.tail()
@@ -74,7 +74,7 @@ async def test_two_replicas_one_leader_and_takeover_after_kill_9(fresh_pg_url, t
             async def settled() -> bool:
                 return (
                     await c.event_status(ev) == "completed"
-                    and len(await c.rows(SettlementLine, ev)) >= 6
+                    and len(await c.rows(SettlementLine, ev)) >= (end - start) // 300_000
                 )
 
             await c.wait_service_ms(end)
@@ -100,9 +100,17 @@ async def test_two_replicas_one_leader_and_takeover_after_kill_9(fresh_pg_url, t
             r.device_id, r.type, r.setpoint_w, r.valid_from_ms, r.valid_until_ms)  # fmt: skip
     # The closed loop carried on under the new leader.
     assert any(p > killed_ms + 60_000 for p in points)
-    # Every interval settled, and none at 0 while the devices delivered.
+    # Every interval settled, and none at 0 while the devices delivered. The interval the kill
+    # fell in is settled from the readings the survivor's ingest accepted: the share the killed
+    # replica's ingest held in memory for the open slot died with it (issue 11, item 1), so
+    # only that interval is held to "not zero"; every other one to the target.
     assert [ln.interval_start_ms for ln in lines] == list(range(start, end, 300_000))
-    assert all(ln.delivered_mw > 0.5 * MW for ln in lines), [ln.delivered_mw for ln in lines]
+    # (A slot is written a grace after it closes: one that closed just before the kill counts.)
+    hit = {k for k, ln in enumerate(lines)
+           if ln.interval_start_ms <= killed_ms < ln.interval_end_ms + 60_000}  # fmt: skip
+    delivered = [ln.delivered_mw for ln in lines]
+    assert all(delivered[k] > 0 for k in hit), delivered
+    assert all(d > 0.9 * MW for k, d in enumerate(delivered) if k not in hit), delivered
     # Every device commanded was sent a restore; nothing is delivering after the window.
     assert set(dispatched) <= emu.restored(ev)
     assert emu.delivering_w() == 0.0

@@ -210,6 +210,11 @@ class BatteryEmulator:
                 if any(c.get("event_id") == event_id and c["type"] == "restore" for c in cmds)
             }
 
+    def started_ids(self) -> set[str]:
+        """Command ids some battery has put into force."""
+        with self._lock:
+            return set().union(*(b.started for b in self.batteries.values()))
+
     def copies(self, command_id: str) -> int:
         """How many times a command id arrived (re-sends included)."""
         with self._lock:
