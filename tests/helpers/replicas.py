@@ -199,7 +199,7 @@ async def cluster(
         await store.close()
 
 
-def restart_broker(broker: MosquittoBroker, killed: subprocess.Popen[bytes] | None) -> Any:
+def kill_broker(broker: MosquittoBroker, killed: subprocess.Popen[bytes] | None) -> None:
     """``kill -9`` the private Mosquitto (by pid, or the process a previous restart made)."""
     if killed is None:
         os.kill(broker.pid, signal.SIGKILL)
