@@ -34,7 +34,9 @@ def serve(
     host: str = typer.Option(None, help="bind address (default VPP_API_HOST)"),
     port: int = typer.Option(None, help="port (default VPP_API_PORT)"),
 ) -> None:
-    """API, ingest, forecaster and event runner in one process.
+    """API, ingest, forecaster and event runner in one process. Run it N times on the same
+    database, state store and broker (only --port different) for N replicas: all serve the API
+    and ingest; one leads the event runner, housekeeping and calibration (GET /readyz: replica).
 
     Example: VPP_DATABASE_URL=postgresql+asyncpg://vpp@db/vpp vpp serve --host 0.0.0.0
     """
@@ -45,11 +47,14 @@ def serve(
 
     _logging()
     s = get_settings()
+    # The options reach the settings too, not only uvicorn: what the process reports about
+    # itself (and anything built from the port) must be what it serves on.
+    s = s.model_copy(update={"api_host": host or s.api_host, "api_port": port or s.api_port})
     upgrade(s.database_url)
     uvicorn.run(
         create_app(s, run_background=True),
-        host=host or s.api_host,
-        port=port or s.api_port,
+        host=s.api_host,
+        port=s.api_port,
         log_level=s.log_level,
     )
 

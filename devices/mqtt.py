@@ -102,6 +102,9 @@ class MqttClient(abc.ABC):
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self.on_message: OnMessage | None = None
+        # Successful connections so far: a change tells a user of the client that it reconnected
+        # (the event runner then re-sends what is still unacknowledged).
+        self.connects = 0
 
     @abc.abstractmethod
     async def connect(self, timeout_s: float = 10.0) -> None: ...
@@ -220,6 +223,7 @@ class MemoryClient(MqttClient):
     async def connect(self, timeout_s: float = 10.0) -> None:
         self.broker.attach(self)
         self._connected = True
+        self.connects += 1
         for f in self._filters:
             self.broker.subscribe(self, f)
 
@@ -371,6 +375,7 @@ class PahoClient(MqttClient):
     def _on_connect(self, client, userdata, flags, reason_code, properties):  # type: ignore[no-untyped-def]
         self._connect_rc = reason_code
         if not reason_code.is_failure:
+            self.connects += 1
             if self._filters:
                 self._subscribed_evt.clear()
                 client.subscribe([(f, q) for f, q in self._filters])

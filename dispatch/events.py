@@ -247,6 +247,29 @@ async def active_events(services: Edges) -> list[EventInfo]:
     return [from_request(r) for r in reqs] + [from_grid(g) for g in grids]
 
 
+async def ended_since(services: Edges, since_ms: int) -> list[EventInfo]:
+    """Events that ended (completed, aborted, cancelled) with a window ending at or after
+    ``since_ms``: a runner taking over finishes their restores and settlement."""
+    req_ended = (RequestStatus.completed.value, RequestStatus.cancelled.value)
+    grid_ended = (GridEventStatus.completed.value, GridEventStatus.aborted.value)
+    async with services.db.session() as s:
+        reqs = (
+            await s.execute(
+                select(CapacityRequest).where(
+                    CapacityRequest.status.in_(req_ended), CapacityRequest.end_ms >= since_ms
+                )
+            )
+        ).scalars()
+        grids = (
+            await s.execute(
+                select(GridEvent).where(
+                    GridEvent.status.in_(grid_ended), GridEvent.end_ms >= since_ms
+                )
+            )
+        ).scalars()
+        return [from_request(r) for r in reqs] + [from_grid(g) for g in grids]
+
+
 async def overlapping_commitments(
     services: Edges, region: str, start_ms: int, end_ms: int, exclude_id: str
 ) -> list[EventInfo]:

@@ -40,6 +40,7 @@ from dispatch.forecast_service import (
     ForecastService,
     tuning_to_json,
 )
+from dispatch.leadership import Leadership
 from vpp.domain import CommandStatus, CommandType, FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
@@ -85,9 +86,11 @@ class ForecastCalibrator:
         prior_days: float = 3.0,
         check_period_s: float = 900.0,
         n_scenarios: int | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.services = services
         self.forecast = forecast
+        self.leadership = leadership
         self.history_days = history_days
         self.min_days = min_days
         self.window_local_h = window_local_h
@@ -119,8 +122,7 @@ class ForecastCalibrator:
             try:
                 now = int(clock.now_ms())
                 day = now // m.DAY_MS
-                if day != self.last_day:
-                    await self._daily(now, day)
+                if day != self.last_day and await self._daily(now, day):
                     self.last_day = day
             except asyncio.CancelledError:
                 raise
@@ -128,20 +130,25 @@ class ForecastCalibrator:
                 log.exception("forecast calibration")
             await clock.sleep(self.check_period_s)
 
-    async def _daily(self, now_ms: int, day: int) -> None:
-        """One process per service day computes; the others adopt what it persisted."""
-        mine = True  # a store that cannot answer leaves each process to calibrate for itself
-        with contextlib.suppress(Exception):
-            mine = await self.services.state.acquire_lease(
-                f"forecast-calibrator:{day}", self.owner, 2 * 86_400.0
-            )
+    async def _daily(self, now_ms: int, day: int) -> bool:
+        """One process per service day computes (the leading replica, when there are
+        replicas); the others adopt what it persisted. True once this day is done here: a
+        follower keeps adopting on every check until the leader has computed."""
+        leads = self.leadership is None or self.leadership.is_leader
+        mine = leads  # a store that cannot answer leaves the leader to calibrate for itself
+        if leads:
+            with contextlib.suppress(Exception):
+                mine = await self.services.state.acquire_lease(
+                    f"forecast-calibrator:{day}", self.owner, 2 * 86_400.0
+                )
         if mine:
             await self.run_once(now_ms)
-            return
+            return True
         fs = self.forecast
         snap = await self.services.fleet.snapshot()
         for region in sorted(fs.known_regions(snap)):
             await fs.load_tuning(region, force=True)
+        return self.leadership is None
 
     # --- one calibration ----------------------------------------------------------------------
     async def run_once(self, now_ms: int | None = None) -> dict[str, Any]:

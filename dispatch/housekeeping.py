@@ -1,5 +1,7 @@
 """Quote housekeeping, a background component of ``vpp serve``: every ``period_s`` of service
-time it expires stale quotes and re-plans committed requests whose fleet changed."""
+time it expires stale quotes and re-plans committed requests whose fleet changed. With a
+``leadership`` (``vpp serve``), only the leading replica does: two replicas re-planning one request
+at once would store two plan versions."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 
+from dispatch.leadership import Leadership
 from dispatch.market import Market
 from dispatch.planner import Planner
 from vpp.clock import Clock
@@ -16,9 +19,16 @@ log = logging.getLogger(__name__)
 
 class MarketHousekeeper:
     def __init__(
-        self, market: Market, planner: Planner, clock: Clock, period_s: float = 60.0
+        self,
+        market: Market,
+        planner: Planner,
+        clock: Clock,
+        period_s: float = 60.0,
+        *,
+        leadership: Leadership | None = None,
     ) -> None:
         self.market = market
+        self.leadership = leadership
         self.planner = planner
         self.clock = clock
         self.period_s = period_s
@@ -33,7 +43,8 @@ class MarketHousekeeper:
     async def _run(self) -> None:
         while True:
             try:
-                await self.tick()
+                if self.leadership is None or self.leadership.is_leader:
+                    await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:  # keep going: the next tick may find the database back

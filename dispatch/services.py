@@ -3,6 +3,10 @@ built on them. The forecaster, the market and the planner exist in every process
 quotes and plans); the background components (ingest, event runner, quote housekeeping,
 forecast calibrator) run only where ``start_background`` is called (``vpp serve``).
 
+Replicas: every ``vpp serve`` on the same database, state store and broker serves the API and runs
+ingest; the singletons (the event runner, quote housekeeping, the calibrator) act only in the
+replica that holds the leader lease (``leadership``, see ``dispatch.leadership``).
+
 A component that fails to import or start fails the process: nothing disappears silently.
 """
 
@@ -18,6 +22,7 @@ from devices.ingest import IngestWorker
 from dispatch.forecast_calibrator import ForecastCalibrator
 from dispatch.forecast_service import ForecastService
 from dispatch.housekeeping import MarketHousekeeper
+from dispatch.leadership import Leadership
 from dispatch.market import Market
 from dispatch.planner import Planner
 from dispatch.runner.loop import EventRunner
@@ -37,6 +42,7 @@ class Services(Edges):
     market: Market = field(init=False)
     planner: Planner = field(init=False)
     # Background components, set by start_background.
+    leadership: Leadership | None = field(default=None, init=False)
     ingest: IngestWorker | None = field(default=None, init=False)
     runner: EventRunner | None = field(default=None, init=False)
     housekeeper: MarketHousekeeper | None = field(default=None, init=False)
@@ -48,21 +54,27 @@ class Services(Edges):
         self.market = Market(self, self.forecast)
         self.planner = Planner(self)
 
-    async def start_background(self, *, runner_owner: str | None = None) -> None:
-        """Ingest, the event runner, quote housekeeping and the forecast calibrator, in that
-        order; each is set here once it has started. If one fails to start, the ones already
-        running are stopped and the failure goes on up."""
+    async def start_background(self, *, replica_id: str | None = None) -> None:
+        """The leader lease, ingest, the event runner, quote housekeeping and the forecast
+        calibrator, in that order; each is set here once it has started. If one fails to start,
+        the ones already running are stopped and the failure goes on up. ``replica_id``: this
+        process's owner id for the lease (default ``host:pid:random``)."""
         try:
+            leadership = Leadership(self.state, self.settings, owner=replica_id)
+            await leadership.start()
+            self.leadership = leadership
             ingest = IngestWorker(self)
             await ingest.start()
             self.ingest = ingest
-            runner = EventRunner(self, owner=runner_owner)
+            runner = EventRunner(self, leadership=leadership)
             await runner.start()
             self.runner = runner
-            housekeeper = MarketHousekeeper(self.market, self.planner, self.clock)
+            housekeeper = MarketHousekeeper(
+                self.market, self.planner, self.clock, leadership=leadership
+            )
             await housekeeper.start()
             self.housekeeper = housekeeper
-            calibrator = ForecastCalibrator(self, self.forecast)
+            calibrator = ForecastCalibrator(self, self.forecast, leadership=leadership)
             await calibrator.start()
             self.calibrator = calibrator
         except BaseException:
@@ -70,12 +82,14 @@ class Services(Edges):
             raise
 
     async def stop_background(self) -> None:
-        """Stop the background components in the reverse order of their start."""
+        """Stop the background components in the reverse order of their start (the lease
+        last: handed back once the runner has stopped, so a follower takes over at once)."""
         components: tuple[Background | None, ...] = (
             self.calibrator,
             self.housekeeper,
             self.runner,
             self.ingest,
+            self.leadership,
         )
         for component in components:
             if component is None:
@@ -85,6 +99,7 @@ class Services(Edges):
             except Exception:
                 log.exception("stopping %s", type(component).__name__)
         self.ingest = self.runner = self.housekeeper = self.calibrator = None
+        self.leadership = None
 
     async def close(self) -> None:
         await self.stop_background()

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # them. 0 requests a second turns the limit off.
     rate_limit_per_s: float = Field(50.0, ge=0)
     rate_limit_burst: int = Field(200, ge=1)
+    # Replicas: the leader lease's TTL in wall seconds (None: a minute of service time, kept
+    # within 4–10 s). A dead leader is replaced within about 4/3 of it.
+    leader_lease_s: float | None = Field(None, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -32,6 +32,10 @@ async def healthz() -> dict[str, str]:
             "in seconds"
         }
     },
+    description="Also `replica`: this process's owner id, whether it leads the singleton jobs "
+    "(event runner, quote housekeeping, calibration) and who holds the leader lease now "
+    "(`leader_id`, null when nobody does). Present where the background jobs run "
+    "(`vpp serve`).",
 )
 async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     async def db_ok() -> bool:
@@ -62,19 +66,35 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
 
     db, broker, state = await asyncio.gather(db_ok(), broker_ok(), state_ok())
     checks = {"database": db, "broker": broker, "state_store": state}
-    if all(checks.values()):
-        return JSONResponse({"status": "ready", "checks": dict.fromkeys(checks, "ok")})
+    ok = all(checks.values())
+    content: dict[str, object] = {
+        "status": "ready" if ok else "not ready",
+        "checks": {k: "ok" if v else "unreachable" for k, v in checks.items()},
+    }
+    replica = await _replica(services)
+    if replica is not None:
+        content["replica"] = replica
+    if ok:
+        return JSONResponse(content)
+    # The service's error shape too: `detail` names each dependency that is down.
     down = [name for name, up in checks.items() if not up]
+    content["detail"] = "; ".join(f"{name}: unreachable" for name in down)
     return JSONResponse(
-        status_code=503,
-        content={
-            "status": "not ready",
-            # The service's error shape too: `detail` names each dependency that is down.
-            "detail": "; ".join(f"{name}: unreachable" for name in down),
-            "checks": {k: "ok" if v else "unreachable" for k, v in checks.items()},
-        },
-        headers={"Retry-After": str(RETRY_AFTER_S)},
+        status_code=503, content=content, headers={"Retry-After": str(RETRY_AFTER_S)}
     )
+
+
+async def _replica(services: Services) -> dict[str, object] | None:
+    """Who this process is among the replicas and who leads (None without background jobs)."""
+    leadership = services.leadership
+    if leadership is None:
+        return None
+    doc = leadership.describe()
+    try:
+        doc["leader_id"] = await asyncio.wait_for(leadership.holder(), 3)
+    except Exception:
+        doc["leader_id"] = None  # the state store is down: readiness says so
+    return doc
 
 
 async def _broker_accepts(mqtt_url: str) -> bool:

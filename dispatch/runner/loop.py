@@ -1,7 +1,9 @@
 """The event runner: turns committed capacity requests and grid events into device commands,
 closes the loop every minute, restores devices at the end, and survives a crash.
 
-One runner acts at a time (a leader lease in the state store). Every few service-seconds it:
+One runner acts at a time: the one in the replica that leads (``dispatch.leadership``, a lease in
+the state store). Followers do nothing, not even drain the shared ack queue. Every few
+service-seconds the leader:
 
 1. starts events whose window opened: plans them (optimiser + priority-list assignment, a
    randomised thermostat control group held back for settlement), stores the plan and every
@@ -21,15 +23,24 @@ restarted runner resumes from the database: it re-publishes exactly the stored c
 same fields) and never a second, different one for the same device and interval. Every command
 carries ``valid_until`` at the window's end (plus the thermostat's release stagger), so if the
 service dies for good nothing stays curtailed past its window.
+
+Takeover: whenever this process becomes leader (at start, or when another replica's lease
+lapsed), it first resumes every active event from the database, exactly as after a restart; when
+it stops being leader it forgets its events at once and every action that would store or publish
+a command checks leadership first (``LeadershipLost``), so two replicas never command at once.
+
+Broker restarts: paho re-sends what was in flight when the connection broke; after every
+reconnect the runner re-publishes each command still waiting for its ack (same id and bytes)
+with a fresh ack wait, at once and again when devices have had a stale horizon to reconnect
+(neither counts as an attempt: the outage is not the device's). The closed loop holds (no stale
+replacements, no enlisting) while the broker is away and until devices have reported again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
-import socket
 import time
 import zlib
 from typing import Any
@@ -41,6 +52,7 @@ from sqlalchemy import func, insert, select, update
 
 from devices.edges import Edges
 from dispatch import events as es
+from dispatch.leadership import Leadership
 from dispatch.runner.commands import (
     ACK_CODES,
     ACKED,
@@ -116,8 +128,10 @@ MIN_ACK_WAIT_WALL_S = 2.0
 MIN_SETTLE_WALL_S = 3.0
 PUBLISH_CHUNK = 500  # messages per publish_many call
 PUBLISH_CONCURRENCY = 2  # chunks in flight (keeps paho's queue short: its acks cost O(queue))
-LEASE_NAME = "event-runner"
-LEASE_TTL_S = 6.0
+
+
+class LeadershipLost(RuntimeError):
+    """This process stopped leading in the middle of an action: stand by, store nothing more."""
 
 
 def _control_group(
@@ -139,15 +153,22 @@ def _control_group(
 class EventRunner:
     """``EventRunner(services)``: ``await start()`` / ``await stop()``; ``wake()`` to act now."""
 
-    def __init__(self, services: Edges, *, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        services: Edges,
+        *,
+        owner: str | None = None,
+        leadership: Leadership | None = None,
+    ) -> None:
         self.services = services
         self.settings = services.settings
         self.clock = services.clock
         self.store = CommandStore(services)
-        self.owner = owner or os.environ.get(
-            "VPP_RUNNER_ID",
-            f"{socket.gethostname()}:{self.settings.api_port}:{self.settings.state_prefix}",
-        )
+        # The process's leadership (``vpp serve`` shares one among its singleton jobs); a runner
+        # made alone (tests) holds a lease of its own.
+        self._own_leadership = leadership is None
+        self.leadership = leadership or Leadership(services.state, self.settings, owner=owner)
+        self.owner = self.leadership.owner
         self.running: dict[str, Running] = {}
         self.by_cmd: dict[str, tuple[str, int]] = {}  # command id → (event id, row)
         self.by_restore: dict[str, tuple[str, int]] = {}
@@ -157,8 +178,16 @@ class EventRunner:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
-        self._leader = False
-        self._resumed = False
+        self._leader = False  # acting as leader: resumed, events in memory
+        self.takeovers = 0  # times this runner resumed as the new leader
+        # The runner's MQTT connections seen so far (a change is a reconnect), and the wall time
+        # the broker came back (the closed loop holds until devices have reported again).
+        self._seen_connects = 0
+        self._broker_back_wall = float("-inf")
+        self._resend_after_hold = False
+        # Restores sent and not acknowledged yet: command id → (event id, row, its message and
+        # valid_until; None and 0 for one resumed from the database).
+        self.restore_unacked: dict[str, tuple[str, int, bytes | None, int]] = {}
         self.params = DispatchParams(reserve_pct=self.settings.replacement_reserve_pct)
         self.ticks = 0
         self.last_error: str | None = None
@@ -168,7 +197,11 @@ class EventRunner:
         cid = f"{self.settings.mqtt_client_id_prefix}-runner-{secrets.token_hex(4)}"
         self.client = self.services.mqtt_client(cid)
         await self.client.connect()
+        self._seen_connects = self.client.connects
         self._stopping = False
+        self.leadership.on_change.append(self._leadership_changed)
+        if self._own_leadership:
+            await self.leadership.start()
         self._task = asyncio.create_task(self._loop(), name="event-runner")
         self.services.on_event_change.append(self.wake)
 
@@ -184,6 +217,10 @@ class EventRunner:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
+        if self._leadership_changed in self.leadership.on_change:
+            self.leadership.on_change.remove(self._leadership_changed)
+        if self._own_leadership:
+            await self.leadership.stop()
         if self.client is not None:
             try:
                 await self.client.disconnect()
@@ -193,6 +230,43 @@ class EventRunner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _leadership_changed(self, leader: bool) -> None:
+        self._wake.set()  # take over (or stand by) now, not on the next tick
+
+    def _must_lead(self) -> None:
+        """Before storing or publishing a command: only the leader may."""
+        if not self.leadership.is_leader:
+            raise LeadershipLost(self.owner)
+
+    def stand_by(self) -> None:
+        """Forget every event: the leader (another replica, or this one again later) resumes
+        them from the database."""
+        if self._leader:
+            log.warning("event runner %s lost the lead; standing by", self.owner)
+        self._leader = False
+        self.running.clear()
+        self.by_cmd.clear()
+        self.by_restore.clear()
+        self.restore_unacked.clear()
+        self.settle_queue.clear()
+        self._provisional.clear()
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader and self.leadership.is_leader
+
+    @property
+    def broker_up(self) -> bool:
+        return self.client is not None and bool(self.client.connected)
+
+    def holding(self) -> bool:
+        """The closed loop holds while the broker is away and until devices have had a stale
+        horizon (wall) to report again after it came back."""
+        if not self.broker_up:
+            return True
+        stale_wall = self.clock.wall_seconds(self.event_stale_ms() / 1000.0)
+        return time.monotonic() - self._broker_back_wall < stale_wall
 
     def lead_ms(self) -> int:
         """How early an event is planned and its commands published (devices hold them until
@@ -211,6 +285,8 @@ class EventRunner:
                 self.last_error = None
             except asyncio.CancelledError:
                 raise
+            except LeadershipLost:
+                self.stand_by()
             except Exception as exc:  # keep running: the next tick retries from stored state
                 self.last_error = repr(exc)
                 log.exception("event runner tick failed")
@@ -222,22 +298,33 @@ class EventRunner:
 
     async def tick(self) -> None:
         self.ticks += 1
-        leader = await self.services.state.acquire_lease(LEASE_NAME, self.owner, LEASE_TTL_S)
-        if not leader:
-            if self._leader:
-                log.warning("event runner lost the lease; standing by")
-                self.running.clear()
-                self.by_cmd.clear()
-                self.by_restore.clear()
-                self._resumed = False
-            self._leader = False
+        if not self.leadership.is_leader:
+            if self._leader or self.running:
+                self.stand_by()
             return
-        self._leader = True
-        if not self._resumed:
+        if not self._leader:
+            # Becoming leader, at start or by taking over: everything from the database.
+            self.stand_by()
             await self.resume()
-            self._resumed = True
+            self._leader = True
+            self.takeovers += 1
         now = self.clock.now_ms()
         await self.drain_acks()
+        connects = self.client.connects
+        if connects != self._seen_connects and self.broker_up:
+            self._seen_connects = connects
+            self._broker_back_wall = time.monotonic()
+            self._resend_after_hold = True
+            await self.resend_unacked()
+        elif self._resend_after_hold and not self.holding():
+            # Once more when devices have had a stale horizon to come back: a device that
+            # reconnected after the service did missed the first re-send (no session kept).
+            self._resend_after_hold = False
+            await self.resend_unacked()
+        if not self.broker_up:
+            # Nothing can be sent: keep what is stored, count no misses; settle what is due.
+            await self.settle_due()
+            return
         for ev in await es.due_events(self.services, now + self.lead_ms()):
             if ev.id not in self.running:
                 try:
@@ -261,7 +348,10 @@ class EventRunner:
                     await self.retries(run)
                     period_wall = self.clock.wall_seconds(self.settings.control_period_s)
                     if time.monotonic() - run.last_control_wall >= max(period_wall, 0.5):
-                        await self.control(run)
+                        if self.holding():
+                            run.last_control_wall = time.monotonic()
+                        else:
+                            await self.control(run)
                     self.provisional_settlement(run, now)
             else:
                 await self.release_due(run, now)
@@ -273,12 +363,60 @@ class EventRunner:
 
     # --- resume after a restart ----------------------------------------------------------------
     async def resume(self) -> None:
-        """Rebuild running events from the database: commands, statuses, control group, reserve."""
+        """Rebuild running events from the database: commands, statuses, control group, reserve;
+        and finish the events that ended lately (restores still due, final settlement), in
+        case the runner before this one died between an event's end and its settlement."""
         for ev in await es.active_events(self.services):
             try:
                 await self._resume_event(ev)
             except Exception:
                 log.exception("resuming %s", ev.id)
+        now = self.clock.now_ms()
+        for ev in await es.ended_since(self.services, now - self.unfinished_ms()):
+            try:
+                await self._resume_ended(ev, now)
+            except Exception:
+                log.exception("finishing %s", ev.id)
+
+    def settle_delay_ms(self) -> int:
+        """After an event's end, how long until the history around it is written."""
+        return int(max(2 * self.settings.history_interval_s, 5 * self.clock.time_scale) * 1000)
+
+    def unfinished_ms(self) -> int:
+        """How long after its end an event may still have restores or settlement to do."""
+        return int((RELEASE_STAGGER_S + VALID_MARGIN_S) * 1000) + self.settle_delay_ms()
+
+    async def _resume_ended(self, ev: es.EventInfo, now_ms: int) -> None:
+        async with self.services.db.session() as s:
+            dispatched = (
+                await s.execute(
+                    select(func.count())
+                    .select_from(Command)
+                    .where(Command.event_id == ev.id, Command.type != CommandType.restore.value)
+                )
+            ).scalar_one()
+        if not dispatched or ev.id in self.running:
+            return
+        await self._resume_event(ev)
+        run = self.running.get(ev.id)
+        if run is None:
+            return
+        run.ending = ev.status
+        t = run.table
+        acting = (
+            np.isin(t.status, np.array([*LIVE, MISSED, STALE], np.int8))
+            & np.array([r is None for r in t.restore_id], dtype=bool)
+            & (t.valid_until_ms > now_ms)
+        )
+        rows = np.flatnonzero(acting)
+        # The same release times the ending runner chose: thermostats at their command's expiry
+        # (the stagger), the rest now.
+        th = t.kind[rows] == THERMOSTAT
+        t.release_at_ms[rows] = np.where(
+            th, np.maximum(t.valid_until_ms[rows] - int(VALID_MARGIN_S * 1000), now_ms), now_ms
+        )
+        self.settle_queue[run.id] = max(now_ms, run.info.end_ms + self.settle_delay_ms())
+        log.info("finishing %s (%s): %d devices to restore", ev.id, ev.status, rows.size)
 
     async def _resume_event(self, ev: es.EventInfo) -> None:
         async with self.services.db.session() as s:
@@ -326,6 +464,8 @@ class EventRunner:
             if rc is not None:
                 table.restore_id[i] = rc.id
                 self.by_restore[rc.id] = (ev.id, i)
+                if rc.status in (CommandStatus.pending.value, CommandStatus.sent.value):
+                    self.restore_unacked[rc.id] = (ev.id, i, None, 0)
         if body.get("reserve"):
             run.reserve = Assignment.from_json(orjson.dumps(body["reserve"]))
             run.reserve_ids = list(body.get("reserve_ids", []))
@@ -388,6 +528,7 @@ class EventRunner:
         for c in run.table.restore_id:
             if c is not None:
                 self.by_restore.pop(c, None)
+                self.restore_unacked.pop(c, None)
 
     # --- starting an event ---------------------------------------------------------------------
     def busy_devices(
@@ -730,6 +871,7 @@ class EventRunner:
         # Preempted devices leave their (lower-priority) events first.
         preempted = self._preempt(set(batch.device_ids), ev)
         records = self.store.records(ev.id, batch, now)
+        self._must_lead()
         async with self.services.db.engine.begin() as conn:
             version = (
                 await conn.execute(
@@ -839,6 +981,7 @@ class EventRunner:
 
         async def one(lo: int) -> None:
             async with sem:
+                self._must_lead()
                 await self.client.publish_many(messages[lo : lo + PUBLISH_CHUNK])
 
         await asyncio.gather(*(one(lo) for lo in range(0, len(messages), PUBLISH_CHUNK)))
@@ -875,6 +1018,46 @@ class EventRunner:
                 [COMMAND_STATUS_BY_CODE[int(s)].value for s in t.status[rows[~first]]],
                 attempts_inc=True,
             )
+
+    async def resend_unacked(self) -> None:
+        """After a broker reconnect: publish again every command still waiting for its ack,
+        same id and bytes, with a fresh ack wait (the outage counts as no attempt); restores
+        whose short validity ran out meanwhile are replaced by new ones."""
+        now = self.clock.now_ms()
+        n = 0
+        for run in list(self.running.values()):
+            t = run.table
+            rows = np.flatnonzero((t.status == SENT) & (t.valid_until_ms > now))
+            if rows.size:
+                topic = self.services.topic
+                await self.publish(
+                    [(topic(t.device_id[i], "cmd"), t.payload[i], 1, False) for i in rows.tolist()]
+                )
+                t.sent_wall[rows] = time.monotonic()
+                n += rows.size
+            again: list[tuple[str, bytes, int, bool]] = []
+            lapsed: list[int] = []
+            for cid, (ev_id, row, body, until) in list(self.restore_unacked.items()):
+                if ev_id != run.id or t.restore_id[row] != cid:
+                    continue
+                if body is not None and until > now:
+                    again.append((self.services.topic(t.device_id[row], "cmd"), body, 1, False))
+                else:
+                    lapsed.append(row)
+            if again:
+                await self.publish(again)
+                n += len(again)
+            if lapsed:
+                for row in lapsed:
+                    cid = t.restore_id[row]
+                    self.restore_unacked.pop(cid, None)
+                    self.by_restore.pop(cid, None)
+                    t.restore_id[row] = None
+                await self.send_restores(run, np.asarray(lapsed, dtype=np.int64))
+                n += len(lapsed)
+        if n:
+            log.warning("broker back: %d unacknowledged commands sent again", n)
+        metrics.COMMANDS_SENT.labels("resend").inc(n)
 
     def ack_wait_wall_s(self) -> float:
         return max(
@@ -915,6 +1098,7 @@ class EventRunner:
 
     async def process_acks(self, raw: list[bytes]) -> None:
         updates: dict[str, tuple[str, int]] = {}
+        orphans: dict[str, tuple[str, int]] = {}
         failures: dict[str, list[int]] = {}
         for item in raw:
             try:
@@ -930,6 +1114,11 @@ class EventRunner:
                 r = self.by_restore.get(cid)
                 if r is not None:
                     updates[cid] = (status, ts)
+                    self.restore_unacked.pop(cid, None)
+                else:
+                    # Not in memory (an event this runner does not hold, or one ended and
+                    # forgotten): the ack still counts, by its command id in the database.
+                    orphans[cid] = (str(status), ts)
                 continue
             ev_id, row = hit
             run = self.running.get(ev_id)
@@ -951,6 +1140,8 @@ class EventRunner:
             await self.store.mark(
                 ids, [updates[i][0] for i in ids], ack_ms=[updates[i][1] for i in ids]
             )
+        if orphans:
+            await self.store.record_acks(orphans)
         for ev_id, rows in failures.items():
             run = self.running.get(ev_id)
             if run is not None and run.ending is None:
@@ -1076,6 +1267,7 @@ class EventRunner:
         is counted at until its telemetry shows it acting; the plan's kW if not given)."""
         now = self.clock.now_ms()
         records = self.store.records(run.id, batch, now)
+        self._must_lead()
         async with self.services.db.engine.begin() as conn:
             await self.store.insert(conn, records)
         start = len(run.table)
@@ -1316,14 +1508,19 @@ class EventRunner:
             expected_kw=np.zeros(n),
         )
         records = self.store.records(run.id, b, now)
+        self._must_lead()
         async with self.services.db.engine.begin() as conn:
             await self.store.insert(conn, records)
         for k, i in enumerate(rows.tolist()):
             t.restore_id[i] = b.ids[k]
             self.by_restore[b.ids[k]] = (run.id, i)
+        bodies = payloads(run.id, b)
+        until = b.valid_until_ms.tolist()
+        for k, i in enumerate(rows.tolist()):
+            self.restore_unacked[b.ids[k]] = (run.id, i, bodies[k], int(until[k]))
         msgs = [
             (self.services.topic(d, "cmd"), p, 1, False)
-            for d, p in zip(b.device_ids, payloads(run.id, b), strict=True)
+            for d, p in zip(b.device_ids, bodies, strict=True)
         ]
         await self.publish(msgs)
         await self.store.mark(
@@ -1364,8 +1561,7 @@ class EventRunner:
         run.ending = reason
         await self.release_due(run, now)
         # Settle once the history intervals around the window's end have been written.
-        delay_ms = int(max(2 * self.settings.history_interval_s, 5 * self.clock.time_scale) * 1000)
-        self.settle_queue[run.id] = max(now, run.info.end_ms) + delay_ms
+        self.settle_queue[run.id] = max(now, run.info.end_ms) + self.settle_delay_ms()
         log.info("event %s ended (%s): %d devices to restore", run.id, reason, len(acting))
 
     async def release_due(self, run: Running, now_ms: int) -> None:

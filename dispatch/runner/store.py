@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import insert, update
+from sqlalchemy import bindparam, insert, update
 
 from devices.edges import Edges
 from dispatch.runner.commands import CommandBatch, _nan_none
@@ -141,8 +141,6 @@ class CommandStore:
                     values["attempts"] = t.c.attempts + 1
                 if reason is not None:
                     values["reason"] = reason
-                from sqlalchemy import bindparam
-
                 stmt = (
                     update(t)
                     .where(t.c.id == bindparam("b_id"))
@@ -157,3 +155,41 @@ class CommandStore:
                     for k, (i, s) in enumerate(zip(ids, statuses, strict=True))
                 ]
                 await conn.execute(stmt, rows)
+
+    async def record_acks(self, acks: dict[str, tuple[str, int]]) -> int:
+        """Acks of commands the runner does not hold in memory, by command id: each moves its
+        row forward only (received → started → completed; a failure only from a live status),
+        so a late or repeated ack never undoes a later state. Returns the rows changed."""
+        changed = 0
+        by_status: dict[str, list[dict[str, Any]]] = {}
+        for cid, (status, ts) in acks.items():
+            if status in _ACK_FROM:
+                by_status.setdefault(status, []).append({"b_id": cid, "b_ack": int(ts)})
+        t: Any = Command.__table__
+        async with self.services.db.engine.begin() as conn:
+            for status, rows in by_status.items():
+                stmt = (
+                    update(t)
+                    .where(t.c.id == bindparam("b_id"), t.c.status.in_(_ACK_FROM[status]))
+                    .values(status=status, ack_ms=bindparam("b_ack"))
+                )
+                res = await conn.execute(stmt, rows)
+                changed += max(int(res.rowcount or 0), 0)
+        return changed
+
+
+_LIVE_NAMES = [CommandStatus.pending.value, CommandStatus.sent.value]
+# For each ack status, the row statuses it may follow.
+_ACK_FROM: dict[str, list[str]] = {
+    CommandStatus.received.value: _LIVE_NAMES,
+    CommandStatus.started.value: [*_LIVE_NAMES, CommandStatus.received.value],
+    CommandStatus.completed.value: [
+        *_LIVE_NAMES,
+        CommandStatus.received.value,
+        CommandStatus.started.value,
+    ],
+    **{
+        s.value: [*_LIVE_NAMES, CommandStatus.received.value, CommandStatus.started.value]
+        for s in (CommandStatus.opted_out, CommandStatus.rejected, CommandStatus.expired)
+    },
+}

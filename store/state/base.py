@@ -106,7 +106,15 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
-        """Take or renew a named lease (the event-runner leader); True if ``owner`` holds it."""
+        """Take or renew a named lease (the replicas' leader); True if ``owner`` holds it."""
+
+    @abc.abstractmethod
+    async def lease_holder(self, name: str) -> str | None:
+        """The owner holding the named lease now, or None."""
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, owner: str) -> bool:
+        """Give the lease up if ``owner`` holds it (a clean shutdown: no wait for its TTL)."""
 
     @abc.abstractmethod
     async def ping(self) -> bool: ...

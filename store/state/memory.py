@@ -120,6 +120,19 @@ class MemoryStateStore(StateStore):
             return True
         return False
 
+    async def lease_holder(self, name: str) -> str | None:
+        holder = self._leases.get(name)
+        if holder is None or holder[1] < time.monotonic():
+            return None
+        return holder[0]
+
+    async def release_lease(self, name: str, owner: str) -> bool:
+        holder = self._leases.get(name)
+        if holder is not None and holder[0] == owner:
+            del self._leases[name]
+            return True
+        return False
+
     async def ping(self) -> bool:
         return True
 

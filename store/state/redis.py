@@ -6,9 +6,11 @@ Layout (prefix ``vpp``):
   70 bytes a device instead of several hundred for a key per device).
 - ``vpp:on:{bucket}``: hash device_id → ``"1:ts"`` / ``"0:ts"`` online status.
 - ``vpp:reg``: hash device_id → kind code (onboarded, enrolled devices), ``vpp:regv`` its version.
-- ``vpp:acks``: list of raw acks from ingest to the event runner.
+- ``vpp:acks``: list of raw acks from ingest to the event runner (drained by the leader only).
 - ``vpp:gen``: the generation token written by the last build (missing: the store was lost),
   ``vpp:rebuild``: the rebuild lock (its holder's token, with a TTL).
+- ``vpp:lease:{name}``: a lease's owner id, with the lease's TTL (``vpp:lease:leader``: the replica
+  that leads the runner, housekeeping and calibration).
 """
 
 from __future__ import annotations
@@ -74,6 +76,19 @@ for i = 0, #meta / 4 - 1 do
 end
 return refused
 """
+# Take the lease if free, renew it if ours (KEYS[1] the lease, ARGV[1] the owner, ARGV[2] ms).
+_ACQUIRE_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # Records per script call: bounds how long one call holds Redis (about 2 µs a record).
 _SCRIPT_CHUNK = 5000
 
@@ -130,6 +145,8 @@ class RedisStateStore(StateStore):
         self._rebuild_fill = self.redis.register_script(_REBUILD_FILL)
         self._rebuild_finish = self.redis.register_script(_REBUILD_FINISH)
         self._release_lock = self.redis.register_script(_RELEASE_LOCK)
+        self._acquire_lease = self.redis.register_script(_ACQUIRE_LEASE)
+        self._release_lease = self.redis.register_script(_RELEASE_LEASE)
 
     def _k(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -326,15 +343,18 @@ class RedisStateStore(StateStore):
         return v.encode() if isinstance(v, str) else v
 
     async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
-        key = self._k("lease", name)
-        px = int(ttl_s * 1000)
-        if await self.redis.set(key, owner, nx=True, px=px):
-            return True
-        holder = await self.redis.get(key)
-        if holder is not None and _text(holder) == owner:
-            await self.redis.pexpire(key, px)
-            return True
-        return False
+        # One script: a renewal never extends a lease another owner took in between.
+        held = await self._acquire_lease(
+            keys=[self._k("lease", name)], args=[owner, int(ttl_s * 1000)]
+        )
+        return bool(held)
+
+    async def lease_holder(self, name: str) -> str | None:
+        holder = await self.redis.get(self._k("lease", name))
+        return None if holder is None else _text(holder)
+
+    async def release_lease(self, name: str, owner: str) -> bool:
+        return bool(await self._release_lease(keys=[self._k("lease", name)], args=[owner]))
 
     async def ping(self) -> bool:
         try:

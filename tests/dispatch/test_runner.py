@@ -185,6 +185,7 @@ async def test_unacknowledged_commands_are_retried_then_replaced(
     clock = ManualClock(1_784_061_000_000)
     svc = await services_factory(settings, clock=clock)
     runner = EventRunner(svc)
+    assert await runner.leadership.renew()  # this runner leads: it may publish
     sent: list[list[bytes]] = []
 
     class FakeClient:
