@@ -302,7 +302,6 @@ class Run:
 
 _ACCEPTED = re.compile(r'^vpp_ingest_messages_total\{topic_kind="telemetry"\}\s+([0-9.e+]+)', re.M)
 _REJECTED = re.compile(r'^vpp_ingest_rejected_total\{reason="([^"]+)"\}\s+([0-9.e+]+)', re.M)
-_LEADER = re.compile(r"^vpp_\w*leader\w*(?:\{[^}]*\})?\s+([0-9.e+]+)", re.M)
 
 
 def now_ms(run: Run) -> int:
@@ -438,9 +437,8 @@ def _ms(text: str) -> int:
 
 
 async def find_leader(run: Run, client: Any) -> Replica:
-    """The replica that leads the runner, as the service tells it: a ``leader`` field in
-    /readyz (top level or in ``checks``/``roles``), or a ``vpp_…leader…`` gauge at 1 in
-    /metrics. Without either, replica 1 (what leads when nothing says)."""
+    """The replica that leads the runner, as /readyz names it (``replica.leader``); replica 1
+    when no live replica says it leads (none does while the lease is being taken over)."""
     import httpx
 
     for rep in run.replicas:
@@ -449,26 +447,12 @@ async def find_leader(run: Run, client: Any) -> Replica:
         try:
             body = (await client.get(rep.url + "/readyz")).json()
         except (httpx.HTTPError, ValueError):
-            body = {}
-        for holder in (body, body.get("checks") or {}, body.get("roles") or {}):
-            if not isinstance(holder, dict):
-                continue
-            v = holder.get("leader", holder.get("runner"))
-            if v is True or v in ("leader", "self", "yes"):
-                run.leader_method = "/readyz field"
-                return rep
-            if holder.get("role") == "leader":
-                run.leader_method = "/readyz role"
-                return rep
-        try:
-            text = (await client.get(rep.url + "/metrics")).text
-        except httpx.HTTPError:
             continue
-        m = _LEADER.search(text)
-        if m and float(m.group(1)) >= 1:
-            run.leader_method = "/metrics leader gauge"
+        replica = body.get("replica") if isinstance(body, dict) else None
+        if isinstance(replica, dict) and replica.get("leader") is True:
+            run.leader_method = "/readyz replica.leader"
             return rep
-    run.leader_method = "assumed: nothing says"
+    run.leader_method = "assumed: no replica said it leads"
     return run.replicas[0]
 
 
