@@ -31,7 +31,9 @@ settlement interval belongs to the window it ends in):
 - readings lost (goal 0): published by the fleet − refused by the service (its
   ``vpp_ingest_rejected_total`` counters) − samples in telemetry_intervals;
 - 5xx answers (goal 0) of a poller reading six endpoints every second on every live replica,
-  as admin and as the buyer, and of the harness's own quotes, commits and grid events;
+  as admin and as the buyer, and of the harness's own quotes, commits and grid events; a 503
+  that names the dependency that is down and carries ``Retry-After`` (the answer issue 11 allows
+  while one is down) is counted apart, as "503 named";
 - conflicting commands (goal 0): devices holding two live commands with different
   instructions for one interval (commands table); and, as a sign of two runners, devices
   commanded twice with the same instruction;
@@ -331,9 +333,26 @@ async def call(
             continue
         if record:
             run.answers.append((now_ms(run), rep.name, f"{method} {path.split('?')[0]}",
-                                resp.status_code))  # fmt: skip
+                                answer_status(resp)))  # fmt: skip
         return resp
     return None
+
+
+OUTAGE_503 = 1503  # recorded for a 503 that names its dependency and says when to retry
+
+
+def answer_status(resp: Any) -> int:
+    """The answer's status; a ``503`` with ``Retry-After`` and a JSON ``detail`` naming one of
+    the service's dependencies (what issue 11 allows while one is down) as ``OUTAGE_503``, so
+    that only the other 5xx count against the goal."""
+    if resp.status_code != 503 or "retry-after" not in resp.headers:
+        return int(resp.status_code)
+    try:
+        detail = str(resp.json().get("detail", ""))
+    except ValueError:
+        return 503
+    named = any(dep in detail for dep in ("database", "state_store", "state store", "broker"))
+    return OUTAGE_503 if named else 503
 
 
 async def call_retrying(
@@ -389,7 +408,7 @@ async def poller(run: Run, stop: asyncio.Event) -> None:
                         run.refused += 1
                         continue
                     run.answers.append((now_ms(run), rep.name, "GET " + path.split("?")[0],
-                                        resp.status_code))  # fmt: skip
+                                        answer_status(resp)))  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
@@ -758,7 +777,7 @@ def report(
 
     table = Table(title="Soak: figures per fault window (goal 0 in the starred columns)")
     columns = ("window", "fault", "published", "accepted", "rejected", "stored", "lost*", "5xx*",
-               "conflicts*", "doubled", "settle miss*", "settled 0*")  # fmt: skip
+               "503 named", "conflicts*", "doubled", "settle miss*", "settled 0*")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col in ("window", "fault") else "right")
     totals: dict[str, float] = defaultdict(float)
@@ -773,21 +792,24 @@ def report(
         # are not the fleet's readings.)
         refused = sum(rej.values()) - (flood_each if "flood" in w.name else 0)
         lost = max(pub - max(refused, 0.0) - sto, 0.0)
-        five = sum(1 for t, _r, _p, s in run.answers if w.holds(t) and s >= 500)
+        five = sum(1 for t, _r, _p, s in run.answers if w.holds(t) and 500 <= s < 600)
+        named = sum(1 for t, _r, _p, s in run.answers if w.holds(t) and s == OUTAGE_503)
         clash = len({d for d, t in clashes if w.holds(t)})
         twice = len({d for d, t in doubled if w.holds(t)})
         miss = sum(1 for t, m, _z in iv_flags if w.holds(t + SLOT_MS - 1) and m)
         zero = sum(1 for t, _m, z in iv_flags if w.holds(t + SLOT_MS - 1) and z)
         rej_txt = ", ".join(f"{r} {v:,.0f}" for r, v in sorted(rej.items()) if v >= 0.5) or "0"
         table.add_row(w.name, w.detail, fmt(pub), fmt(acc), rej_txt, fmt(sto), fmt(lost),
-                      fmt(five), fmt(clash), fmt(twice), fmt(miss), fmt(zero))  # fmt: skip
-        for k, v in (("pub", pub), ("sto", sto), ("lost", lost), ("five", five),
+                      fmt(five), fmt(named), fmt(clash), fmt(twice), fmt(miss),
+                      fmt(zero))  # fmt: skip
+        for k, v in (("pub", pub), ("sto", sto), ("lost", lost), ("five", five), ("named", named),
                      ("miss", miss), ("zero", zero)):  # fmt: skip
             totals[k] += v
     acc_total = at(times, accepted, windows[-1].end_ms) - at(times, accepted, windows[0].start_ms)
     table.add_row("whole run", "", fmt(totals["pub"]), fmt(acc_total), "",
                   fmt(sum(stored.values())), fmt(totals["lost"]), fmt(totals["five"]),
-                  fmt(len({d for d, _t in clashes})), fmt(len({d for d, _t in doubled})),
+                  fmt(totals["named"]), fmt(len({d for d, _t in clashes})),
+                  fmt(len({d for d, _t in doubled})),
                   fmt(totals["miss"]),
                   fmt(totals["zero"]))  # fmt: skip
     console.print(table)
@@ -824,7 +846,7 @@ def report(
     by_path: dict[str, int] = defaultdict(int)
     for _t, _r, path, s in run.answers:
         by_status[s] += 1
-        if s >= 500:
+        if 500 <= s < 600:
             by_path[path] += 1
     statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(by_status.items()))
     console.print(
@@ -835,7 +857,7 @@ def report(
     for w in windows:
         per: dict[str, int] = defaultdict(int)
         for t, _r, path, s in run.answers:
-            if w.holds(t) and s >= 500:
+            if w.holds(t) and 500 <= s < 600:
                 per[path] += 1
         if per:
             console.print(f"  5xx in {w.name}: {dict(sorted(per.items()))}")
