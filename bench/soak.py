@@ -219,6 +219,7 @@ class Replica:
     proc: subprocess.Popen[bytes] | None = None
     incarnation: int = 0
     rss_start_kib: int | None = None
+    rss_warm_kib: int | None = None  # at the first fault, before any restart
     rss_end_kib: int | None = None
     first_pid: int | None = None
     last_pid: int | None = None
@@ -886,13 +887,17 @@ def report(
     console.print(acc_table)
 
     mem = Table(title="Memory per replica (RSS of vpp serve)")
-    for col in ("replica", "restarts", "RSS at start MiB", "RSS at end MiB", "growth MiB"):
+    for col in ("replica", "restarts", "RSS at start MiB", "at first fault MiB",
+                "RSS at end MiB", "growth MiB", "growth after warm-up MiB"):  # fmt: skip
         mem.add_column(col, justify="left" if col == "replica" else "right")
     for rep in run.replicas:
-        first, last = rep.rss_start_kib, rep.rss_end_kib
+        first, warm, last = rep.rss_start_kib, rep.rss_warm_kib, rep.rss_end_kib
+        # A replica restarted by a fault is a new process: its growth is not the run's.
+        whole = (last - first) / 1024 if first and last and not rep.restarts else None
+        after = (last - warm) / 1024 if warm and last and not rep.restarts else None
         mem.add_row(rep.name, str(rep.restarts), fmt(first / 1024 if first else None, 1),
-                    fmt(last / 1024 if last else None, 1),
-                    fmt((last - first) / 1024 if first and last else None, 1))  # fmt: skip
+                    fmt(warm / 1024 if warm else None, 1), fmt(last / 1024 if last else None, 1),
+                    fmt(whole, 1), fmt(after, 1))  # fmt: skip
     console.print(mem)
     console.print(
         f"leader detection: {run.leader_method}; fleet at the end: "
@@ -1060,6 +1065,11 @@ async def soak(profile: Profile) -> None:
                         start = max(t, recovered + 2 * SLOT_MS)
                         await until(start // SLOT_MS * SLOT_MS + SLOT_MS // 2)
                         tf = now_ms(run)
+                        if not run.faults:
+                            # Warmed up (imports, first plans and quotes): growth from here on
+                            # is what a long run would accumulate.
+                            for rep in run.replicas:
+                                rep.rss_warm_kib = rep.rss_kib()
                         print(f"soak: {_iso(tf)} {what}", flush=True)
                         detail = await inject(run, servers, fleet, client, what, round_no)
                         run.faults.append((what, tf, detail))
