@@ -39,6 +39,7 @@ replacements, no enlisting) while the broker is away and until devices have repo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -1092,7 +1093,14 @@ class EventRunner:
             if not raw:
                 return n
             n += len(raw)
-            await self.process_acks(raw)
+            try:
+                await self.process_acks(raw)
+            except Exception:
+                # Popped is not recorded: put them back for the next tick (a database outage;
+                # recording an ack is forward-only, so one processed twice changes nothing).
+                with contextlib.suppress(Exception):
+                    await self.services.state.push_acks(raw)
+                raise
             if len(raw) < 20_000:
                 return n
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, insert, or_, update
 
 from devices.edges import Edges
 from dispatch.runner.commands import CommandBatch, _nan_none
@@ -170,7 +170,11 @@ class CommandStore:
             for status, rows in by_status.items():
                 stmt = (
                     update(t)
-                    .where(t.c.id == bindparam("b_id"), t.c.status.in_(_ACK_FROM[status]))
+                    # An OR of equalities, not IN: an expanding IN cannot run as executemany.
+                    .where(
+                        t.c.id == bindparam("b_id"),
+                        or_(*(t.c.status == s for s in _ACK_FROM[status])),
+                    )
                     .values(status=status, ack_ms=bindparam("b_ack"))
                 )
                 res = await conn.execute(stmt, rows)

@@ -155,12 +155,15 @@ async def test_acks_of_commands_not_in_memory_are_recorded_forward_only(
 ) -> None:  # type: ignore[no-untyped-def]
     clock = ManualClock(NOW)
     svc = await services_factory(make_settings(sqlite_url), clock=clock)
-    ids = await _event_with_commands(svc, "completed", NOW - 3_600_000 * 2, [BATTERY, BATTERY])
+    ids = await _event_with_commands(svc, "completed", NOW - 3_600_000 * 2, [BATTERY] * 4)
     await EventRunner(svc).store.mark(ids, CommandStatus.sent.value)
     runner = EventRunner(svc)  # holds nothing in memory
+    # Several acks of one status are written as one statement over many rows.
     acks = [
         {"command_id": ids[0], "status": "started", "ts": NOW},
         {"command_id": ids[1], "status": "received", "ts": NOW},
+        {"command_id": ids[2], "status": "started", "ts": NOW},
+        {"command_id": ids[3], "status": "received", "ts": NOW},
     ]
     await svc.state.push_acks([orjson.dumps(a) for a in acks])
     await runner.drain_acks()
@@ -172,6 +175,7 @@ async def test_acks_of_commands_not_in_memory_are_recorded_forward_only(
         rows = {c.id: c for c in (await s.execute(select(Command))).scalars()}
     assert rows[ids[0]].status == "started" and rows[ids[0]].ack_ms == NOW
     assert rows[ids[1]].status == "received"
+    assert rows[ids[2]].status == "started" and rows[ids[3]].status == "received"
 
 
 async def test_a_runner_that_stops_leading_publishes_nothing(sqlite_url, services_factory) -> None:  # type: ignore[no-untyped-def]
@@ -196,3 +200,31 @@ async def test_a_runner_that_stops_leading_publishes_nothing(sqlite_url, service
     await svc.state.push_acks([b'{"command_id": "c-0000", "status": "started", "ts": 1}'])
     await runner.tick()
     assert len(await svc.state.pop_acks()) == 1
+
+
+async def test_acks_popped_while_the_database_is_down_are_kept_for_the_next_tick(
+    sqlite_url, services_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """The runner pops acks from the shared queue; if writing them fails (the database went
+    away), they go back on the queue instead of being lost with the failed tick."""
+    clock = ManualClock(NOW)
+    svc = await services_factory(make_settings(sqlite_url), clock=clock)
+    ids = await _event_with_commands(svc, "completed", NOW - 3_600_000 * 2, [BATTERY] * 2)
+    runner = EventRunner(svc)
+    await runner.store.mark(ids, CommandStatus.sent.value)
+    await svc.state.push_acks(
+        [orjson.dumps({"command_id": i, "status": "started", "ts": NOW}) for i in ids]
+    )
+    record = runner.store.record_acks
+
+    async def database_down(acks: dict[str, tuple[str, int]]) -> int:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    runner.store.record_acks = database_down  # type: ignore[method-assign]
+    with pytest.raises(ConnectionRefusedError):
+        await runner.drain_acks()
+    runner.store.record_acks = record  # type: ignore[method-assign]
+    assert await runner.drain_acks() == 2
+    async with svc.db.session() as s:
+        rows = {c.id: c for c in (await s.execute(select(Command))).scalars()}
+    assert all(rows[i].status == "started" for i in ids)
