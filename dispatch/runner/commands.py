@@ -39,6 +39,9 @@ RELEASED = COMMAND_STATUS_CODE[CommandStatus.released]
 RESTORED = COMMAND_STATUS_CODE[CommandStatus.restored]
 STATUS_CODE: dict[str, int] = {s.value: c for s, c in COMMAND_STATUS_CODE.items()}
 LIVE = np.array([PENDING, SENT, RECEIVED, STARTED], dtype=np.int8)  # the device should act
+# Given up on (no ack, or no telemetry) though the device may still be acting on it.
+UNSURE = np.array([MISSED, STALE], dtype=np.int8)
+MAY_ACT = np.concatenate([LIVE, UNSURE])
 ACKED = np.array([RECEIVED, STARTED, COMPLETED], dtype=np.int8)
 FAILED = np.array([OPTED_OUT, REJECTED, EXPIRED, MISSED, STALE, PREEMPTED], dtype=np.int8)
 # What an ack's status makes of a command: progress, or a failure to replace.

@@ -61,6 +61,7 @@ from dispatch.runner.commands import (
     FAILED,
     KIND_OF_COMMAND,
     LIVE,
+    MAY_ACT,
     MISSED,
     OPTED_OUT,
     PENDING,
@@ -72,6 +73,7 @@ from dispatch.runner.commands import (
     STALE,
     STARTED,
     STATUS_CODE,
+    UNSURE,
     CommandBatch,
     new_command_id,
     payloads,
@@ -405,7 +407,7 @@ class EventRunner:
         run.ending = ev.status
         t = run.table
         acting = (
-            np.isin(t.status, np.array([*LIVE, MISSED, STALE], np.int8))
+            np.isin(t.status, MAY_ACT)
             & np.array([r is None for r in t.restore_id], dtype=bool)
             & (t.valid_until_ms > now_ms)
         )
@@ -535,17 +537,31 @@ class EventRunner:
     def busy_devices(
         self, exclude_event: str | None = None, below_priority: int | None = None
     ) -> set[str]:
-        """Devices held by other running events (live commands or control groups). With
-        ``below_priority``, devices of lower-priority events are left out (they may be taken)."""
+        """Devices held by other running events: live commands, control groups, and commands
+        the device may still be acting on although the runner gave up on them (no ack: missed;
+        no telemetry: stale) until they expire, and, once an event has ended, its thermostats
+        still waiting for their staggered release. Another event commanding such a device would
+        give it a second, different command for the same interval (and the first event's
+        restore would cancel the second's). With ``below_priority``, devices of lower-priority
+        running events are left out (they may be taken)."""
         busy: set[str] = set()
+        now = self.clock.now_ms()
         for run in self.running.values():
-            if run.id == exclude_event or run.ending is not None:
+            if run.id == exclude_event:
                 continue
-            if below_priority is not None and run.info.priority < below_priority:
+            t = run.table
+            ended = run.ending is not None
+            if not ended and below_priority is not None and run.info.priority < below_priority:
                 continue
-            live = np.isin(run.table.status, LIVE)
-            busy.update(run.table.device_id[live].tolist())
-            busy.update(run.control_ids)
+            unrestored = np.fromiter((r is None for r in t.restore_id), bool, len(t))
+            unsure = np.isin(t.status, UNSURE) & (t.valid_until_ms > now) & unrestored
+            if ended:
+                held = np.isin(t.status, LIVE) & (t.valid_until_ms > now) & unrestored
+                held |= unsure | (t.release_at_ms > 0)
+            else:
+                held = np.isin(t.status, LIVE) | unsure
+                busy.update(run.control_ids)
+            busy.update(t.device_id[held].tolist())
         return busy
 
     async def usage_for(
@@ -813,12 +829,24 @@ class EventRunner:
         from dispatch.assign import assign
         from dispatch.optimiser import optimise
 
-        plan = await asyncio.to_thread(
-            optimise, fleet, usage, demands, horizon, self.params, exclude=exclude
-        )
-        asg = await asyncio.to_thread(
-            assign, fleet, usage, plan, demands, horizon, self.params, exclude
-        )
+        async def plan_with(excluded: npt.NDArray[np.bool_]) -> tuple[Any, Assignment]:
+            p = await asyncio.to_thread(
+                optimise, fleet, usage, demands, horizon, self.params, exclude=excluded
+            )
+            a = await asyncio.to_thread(
+                assign, fleet, usage, p, demands, horizon, self.params, excluded
+            )
+            return p, a
+
+        preemptable = self.preemptable_devices(ev)
+        if preemptable:
+            # First without taking anything: a commitment loses devices only if the free ones
+            # cannot cover the event.
+            plan, asg = await plan_with(exclude | fleet.mask_of(preemptable))
+            if (plan.shortfall_mw[0] > 1e-6).any():
+                plan, asg = await plan_with(exclude)
+        else:
+            plan, asg = await plan_with(exclude)
         mine = self.free_first(
             fleet, asg, np.flatnonzero((asg.demand_index == 0) & ~asg.is_reserve), ev
         )
@@ -1541,7 +1569,7 @@ class EventRunner:
         thermostats each at its own random time in the release stagger (their command's
         expiry), so the homes do not all restart together; on an abort everyone at once."""
         t = run.table
-        acting = np.flatnonzero(np.isin(t.status, np.array([*LIVE, MISSED, STALE], np.int8)))
+        acting = np.flatnonzero(np.isin(t.status, MAY_ACT))
         # Never-sent commands are void: mark them so a restart does not send them.
         never = acting[t.status[acting] == PENDING]
         if never.size:

@@ -228,3 +228,50 @@ async def test_acks_popped_while_the_database_is_down_are_kept_for_the_next_tick
     async with svc.db.session() as s:
         rows = {c.id: c for c in (await s.execute(select(Command))).scalars()}
     assert all(rows[i].status == "started" for i in ids)
+
+
+def _running(event_id: str, statuses: list[int], valid_until: list[int], ending: str | None = None):  # type: ignore[no-untyped-def]
+    from dispatch import events as es
+    from dispatch.runner.table import DeviceTable, Running
+    from dispatch.types import Horizon
+
+    n = len(statuses)
+    table = DeviceTable(
+        cmd_id=np.array([f"c-{event_id}-{i}" for i in range(n)], object),
+        device_id=np.array([f"d-{i}" for i in range(n)], object),
+        kind=np.full(n, BATTERY, np.int8),
+        status=np.array(statuses, np.int8),
+        valid_until_ms=np.array(valid_until, np.int64),
+        restore_id=np.array([None] * n, object),
+        release_at_ms=np.zeros(n, np.int64),
+    )
+    info = es.EventInfo(id=event_id, kind="request", tenant_id="t", region="ERCOT-NORTH", mw=1.0,
+                        start_ms=NOW - 600_000, end_ms=NOW + 3_000_000, priority=50,
+                        preempt=False, direction="load_reduction", status="active")  # fmt: skip
+    return Running(info=info, horizon=Horizon(NOW - 600_000, 300, 12), target_mw=np.ones(12),
+                   table=table, control_ids=[], control_baseline_w=np.zeros(0),
+                   ending=ending)  # fmt: skip
+
+
+async def test_a_device_the_runner_gave_up_on_stays_busy_until_its_command_expires(
+    sqlite_url, services_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """No ack (missed) or no telemetry (stale) does not mean the device is not acting: another
+    event may not command it while that command is valid, nor, after an event ended, while a
+    thermostat waits for its staggered release."""
+    from dispatch.runner.commands import COMPLETED, MISSED, STALE, STARTED
+
+    svc = await services_factory(make_settings(sqlite_url), clock=ManualClock(NOW))
+    runner = EventRunner(svc)
+    later, past = NOW + 600_000, NOW - 1
+    run = _running(
+        "cr-a", [STARTED, MISSED, STALE, MISSED, COMPLETED], [later, later, later, past, later]
+    )
+    runner.running[run.id] = run
+    assert runner.busy_devices(exclude_event="ge-b") == {"d-0", "d-1", "d-2"}
+    run.table.restore_id[1] = "c-restore"  # a restore went out: the device is free
+    assert runner.busy_devices(exclude_event="ge-b") == {"d-0", "d-2"}
+    # Ended: live rows still valid and rows waiting for their release stay busy.
+    run.ending = "completed"
+    run.table.release_at_ms[4] = NOW + 60_000
+    assert runner.busy_devices(exclude_event="ge-b") == {"d-0", "d-2", "d-4"}
