@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import Any
 
 import typer
 
@@ -43,20 +44,34 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from cli.startup import StartWhenDatabaseUp
     from store.migrate import upgrade
+    from store.outages import DATABASE, dependency_down
 
     _logging()
     s = get_settings()
     # The options reach the settings too, not only uvicorn: what the process reports about
     # itself (and anything built from the port) must be what it serves on.
     s = s.model_copy(update={"api_host": host or s.api_host, "api_port": port or s.api_port})
-    upgrade(s.database_url)
-    uvicorn.run(
-        create_app(s, run_background=True),
-        host=s.api_host,
-        port=s.api_port,
-        log_level=s.log_level,
-    )
+    app: Any
+    waiting: StartWhenDatabaseUp | None = None
+    try:
+        upgrade(s.database_url)
+        app = create_app(s, run_background=True)
+    except Exception as exc:
+        if dependency_down(exc) != DATABASE:
+            raise
+        # Up anyway: /healthz 200, /readyz 503 naming the database; the migrations and the
+        # service once it answers (cli/startup.py).
+        logging.getLogger("cli.serve").warning(
+            "vpp serve: database unreachable at start; serving /healthz and a 503 /readyz, "
+            "migrating and starting once it is reachable"
+        )
+        waiting = StartWhenDatabaseUp(s.database_url, lambda: create_app(s, run_background=True))
+        app = waiting
+    uvicorn.run(app, host=s.api_host, port=s.api_port, log_level=s.log_level)
+    if waiting is not None and waiting.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -35,12 +35,14 @@ import pandas as pd
 from sqlalchemy import select
 
 from devices.edges import Edges
+from devices.outages import dependency_down
 from dispatch.forecast_service import (
     TUNING_KEY,
     ForecastService,
     tuning_to_json,
 )
 from dispatch.leadership import Leadership
+from dispatch.outage_log import OutageLog
 from vpp.domain import CommandStatus, CommandType, FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
@@ -103,6 +105,7 @@ class ForecastCalibrator:
         self.last_report: dict[str, Any] = {}
         self.last_day: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self.outages = OutageLog(log, "forecast calibration")
 
     # --- component ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,10 +127,12 @@ class ForecastCalibrator:
                 day = now // m.DAY_MS
                 if day != self.last_day and await self._daily(now, day):
                     self.last_day = day
+                self.outages.recovered()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database may be back on the next check
-                log.exception("forecast calibration")
+            except Exception as exc:  # the database may be back on the next check
+                if not self.outages.failed(exc):  # an outage is one line, a bug its traceback
+                    log.exception("forecast calibration")
             await clock.sleep(self.check_period_s)
 
     async def _daily(self, now_ms: int, day: int) -> bool:
@@ -162,6 +167,8 @@ class ForecastCalibrator:
             try:
                 report[region] = await self.calibrate_region(fs, snap, created, region, now)
             except Exception as exc:  # one region's trouble must not stop the others
+                if dependency_down(exc):
+                    raise  # the whole day again on the next check, not a day of errors
                 log.exception("forecast calibration of %s", region)
                 report[region] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
         self.last_report = report

@@ -11,6 +11,7 @@ import logging
 
 from dispatch.leadership import Leadership
 from dispatch.market import Market
+from dispatch.outage_log import OutageLog
 from dispatch.planner import Planner
 from vpp.clock import Clock
 
@@ -33,6 +34,7 @@ class MarketHousekeeper:
         self.clock = clock
         self.period_s = period_s
         self._task: asyncio.Task[None] | None = None
+        self.outages = OutageLog(log, "market housekeeping")
 
     async def tick(self) -> tuple[int, list[str]]:
         now = int(self.clock.now_ms())
@@ -45,10 +47,12 @@ class MarketHousekeeper:
             try:
                 if self.leadership is None or self.leadership.is_leader:
                     await self.tick()
+                    self.outages.recovered()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # keep going: the next tick may find the database back
-                log.exception("market housekeeping")
+            except Exception as exc:  # keep going: the next tick may find the database back
+                if not self.outages.failed(exc):  # an outage is one line, a bug its traceback
+                    log.exception("market housekeeping")
             await self.clock.sleep(self.period_s)
 
     async def start(self) -> None:

@@ -27,6 +27,8 @@ import socket
 import time
 from collections.abc import Callable
 
+from dispatch.outage_log import OutageLog
+from store.outages import STATE_STORE
 from store.state import StateStore
 from vpp.settings import Settings
 
@@ -73,6 +75,7 @@ class Leadership:
         self.changes = 0  # times this process became leader
         self.on_change: list[Callable[[bool], None]] = []
         self._task: asyncio.Task[None] | None = None
+        self.outages = OutageLog(log, "leader lease")
 
     @property
     def is_leader(self) -> bool:
@@ -89,9 +92,15 @@ class Leadership:
             held = await asyncio.wait_for(
                 self.state.acquire_lease(self.name, self.owner, self.ttl_s), self.ttl_s / 2
             )
-        except Exception as exc:  # the store is down: leadership lapses by its deadline
-            log.warning("leader lease: state store unreachable (%s)", exc)
+        except TimeoutError as exc:  # the store does not answer: as good as down
+            self.outages.failed(exc, STATE_STORE)
             held = False
+        except Exception as exc:  # the store is down: leadership lapses by its deadline
+            if not self.outages.failed(exc):
+                log.exception("leader lease")
+            held = False
+        else:
+            self.outages.recovered()
         if held:
             self._trusted_until = sent + self.ttl_s * TRUST_SHARE
         else:

@@ -7,7 +7,11 @@ Replicas: every ``vpp serve`` on the same database, state store and broker serve
 ingest; the singletons (the event runner, quote housekeeping, the calibrator) act only in the
 replica that holds the leader lease (``leadership``, see ``dispatch.leadership``).
 
-A component that fails to import or start fails the process: nothing disappears silently.
+A component that fails to import or start fails the process: nothing disappears silently. A
+dependency down at start is no such failure: the lease, ingest and the runner start without it
+and keep trying (the runner and ingest connect to the broker in the background; the loops log the
+outage once, ``dispatch.outage_log``), so ``vpp serve`` comes up and ``/readyz`` names what is
+missing.
 """
 
 from __future__ import annotations

@@ -52,8 +52,10 @@ import orjson
 from sqlalchemy import func, insert, select, update
 
 from devices.edges import Edges
+from devices.outages import dependency_down
 from dispatch import events as es
 from dispatch.leadership import Leadership
+from dispatch.outage_log import OutageLog
 from dispatch.runner.commands import (
     ACK_CODES,
     ACKED,
@@ -130,6 +132,7 @@ ACT_LAG_MS = 30_000
 MIN_ACK_WAIT_WALL_S = 2.0
 MIN_SETTLE_WALL_S = 3.0
 PUBLISH_CHUNK = 500  # messages per publish_many call
+CONNECT_TIMEOUT_S = 3.0  # one broker connect attempt (a start with the broker down waits this)
 PUBLISH_CONCURRENCY = 2  # chunks in flight (keeps paho's queue short: its acks cost O(queue))
 
 
@@ -179,7 +182,9 @@ class EventRunner:
         self._provisional: dict[str, int] = {}  # event id → intervals settled provisionally
         self.client: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._connect_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self.outages = OutageLog(log, "event runner")
         self._stopping = False
         self._leader = False  # acting as leader: resumed, events in memory
         self.takeovers = 0  # times this runner resumed as the new leader
@@ -199,18 +204,45 @@ class EventRunner:
     async def start(self) -> None:
         cid = f"{self.settings.mqtt_client_id_prefix}-runner-{secrets.token_hex(4)}"
         self.client = self.services.mqtt_client(cid)
-        await self.client.connect()
-        self._seen_connects = self.client.connects
         self._stopping = False
+        try:
+            await self.client.connect(timeout_s=CONNECT_TIMEOUT_S)
+        except (ConnectionError, OSError) as exc:
+            # `vpp serve` comes up while the broker is down: the runner holds (broker_up is
+            # False) and keeps connecting in the background until it is back.
+            log.warning("event runner: broker not reachable yet (%s); retrying", exc)
+            self._connect_task = asyncio.create_task(self._connect_until_up(), name="runner-mqtt")
+        self._seen_connects = self.client.connects
         self.leadership.on_change.append(self._leadership_changed)
         if self._own_leadership:
             await self.leadership.start()
         self._task = asyncio.create_task(self._loop(), name="event-runner")
         self.services.on_event_change.append(self.wake)
 
+    async def _connect_until_up(self) -> None:
+        """Connect attempts with a backoff (1 s doubling to 30 s), one log line per attempt at
+        most; once connected paho itself reconnects after any later loss."""
+        delay = 1.0
+        while not self._stopping and self.client is not None:
+            await asyncio.sleep(delay)
+            try:
+                await self.client.connect(timeout_s=CONNECT_TIMEOUT_S)
+            except (ConnectionError, OSError) as exc:
+                log.info("event runner: broker still not reachable (%s)", exc)
+                delay = min(delay * 2, 30.0)
+                continue
+            log.warning("event runner: connected to the broker")
+            self._wake.set()
+            return
+
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        connecting, self._connect_task = self._connect_task, None
+        if connecting is not None:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
         if self.wake in self.services.on_event_change:
             self.services.on_event_change.remove(self.wake)
         if self._task is not None:
@@ -286,13 +318,16 @@ class EventRunner:
             try:
                 await self.tick()
                 self.last_error = None
+                if self.is_leader:  # a follower's tick touches nothing: it proves nothing back
+                    self.outages.recovered()
             except asyncio.CancelledError:
                 raise
             except LeadershipLost:
                 self.stand_by()
             except Exception as exc:  # keep running: the next tick retries from stored state
                 self.last_error = repr(exc)
-                log.exception("event runner tick failed")
+                if not self.outages.failed(exc):  # a lost dependency is one line per outage
+                    log.exception("event runner tick failed")
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.tick_wall_s)
@@ -332,7 +367,9 @@ class EventRunner:
             if ev.id not in self.running:
                 try:
                     await self.start_event(ev)
-                except Exception:
+                except Exception as exc:
+                    if dependency_down(exc):
+                        raise  # the tick ends: one outage line, the next tick retries
                     log.exception("starting %s", ev.id)
         if self.running:
             current = await es.statuses(self.services, list(self.running))
@@ -372,13 +409,17 @@ class EventRunner:
         for ev in await es.active_events(self.services):
             try:
                 await self._resume_event(ev)
-            except Exception:
+            except Exception as exc:
+                if dependency_down(exc):
+                    raise  # not leader yet: the next tick resumes everything again
                 log.exception("resuming %s", ev.id)
         now = self.clock.now_ms()
         for ev in await es.ended_since(self.services, now - self.unfinished_ms()):
             try:
                 await self._resume_ended(ev, now)
-            except Exception:
+            except Exception as exc:
+                if dependency_down(exc):
+                    raise
                 log.exception("finishing %s", ev.id)
 
     def settle_delay_ms(self) -> int:
@@ -1632,7 +1673,11 @@ class EventRunner:
                 await settle_event(
                     self.services, ev_id, until_ms=self.clock.now_ms() - self.settle_grace_ms()
                 )
-            except Exception:
+            except Exception as exc:
+                if dependency_down(exc):
+                    # Settled once the dependency is back, not dropped from the queue.
+                    self.settle_queue[ev_id] = at
+                    raise
                 log.exception("settling %s", ev_id)
 
     # --- introspection (tests, dashboard) --------------------------------------------------------

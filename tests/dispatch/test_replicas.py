@@ -7,7 +7,8 @@ exact physics: a battery gives its setpoint while its command is valid). Checked
 would: both replicas serve the API and name the same single leader; the event is commanded
 once per device, as one replica would command it; after the kill the other replica leads within
 two lease periods, carries the event on from the stored plan and commands (no device sees a
-second, different command), settles every interval and restores every device."""
+second, different command), settles every interval to the target, the one the kill fell in
+too (durable acceptance), and restores every device."""
 
 from __future__ import annotations
 
@@ -103,17 +104,22 @@ async def test_two_replicas_one_leader_and_takeover_after_kill_9(fresh_pg_url, t
             r.device_id, r.type, r.setpoint_w, r.valid_from_ms, r.valid_until_ms)  # fmt: skip
     # The closed loop carried on under the new leader.
     assert any(p > killed_ms + 60_000 for p in points)
-    # Every interval settled, and none at 0 while the devices delivered. The interval the kill
-    # fell in is settled from the readings the survivor's ingest accepted: the share the killed
-    # replica's ingest held in memory for the open slot died with it (issue 11, item 1), so
-    # only that interval is held to "not zero"; every other one to the target.
+    # Every interval settled, and each to the target, the one the kill fell in too. Ingest
+    # writes its interval partials through to PostgreSQL every 250 ms (durable acceptance), so
+    # the kill loses at most the killed replica's readings of its last 250 ms that were never
+    # written: here under one reading in fifteen of half the batteries in that slot (a battery
+    # reports every 20 service s = 0.33 wall s; a slot is 5 wall s). A battery's delivery is
+    # the mean of its readings in the slot, so losing a few leaves it whole: the kill interval
+    # measured 0.100 MW, as every other, in each of seven runs. Before durable acceptance the
+    # killed replica's share of the open slot died with it and this interval was only "> 0".
     assert [ln.interval_start_ms for ln in lines] == list(range(start, end, 300_000))
     # (A slot is written a grace after it closes: one that closed just before the kill counts.)
     hit = {k for k, ln in enumerate(lines)
            if ln.interval_start_ms <= killed_ms < ln.interval_end_ms + 60_000}  # fmt: skip
     delivered = [ln.delivered_mw for ln in lines]
-    assert all(delivered[k] > 0 for k in hit), delivered
-    assert all(d > 0.9 * MW for k, d in enumerate(delivered) if k not in hit), delivered
+    print(f"delivered MW per interval {[round(d, 4) for d in delivered]}, kill in {sorted(hit)}")
+    assert hit, (killed_ms, [ln.interval_start_ms for ln in lines])
+    assert all(d > 0.9 * MW for d in delivered), delivered
     # Every device commanded was sent a restore; nothing is delivering after the window.
     assert set(dispatched) <= emu.restored(ev)
     assert emu.delivering_w() == 0.0
