@@ -10,6 +10,11 @@ INGEST_MESSAGES = Counter(
 INGEST_REJECTED = Counter(
     "vpp_ingest_rejected_total", "MQTT messages dropped by ingest, by reason", ["reason"]
 )
+INGEST_REORDERED = Counter(
+    "vpp_ingest_reordered_total",
+    "Telemetry readings older than the stored state (another worker stored a newer one first), "
+    "taken into the interval history but not the state",
+)
 INGEST_BATCH_SECONDS = Histogram(
     "vpp_ingest_batch_seconds", "Time to validate and store one ingest batch"
 )
