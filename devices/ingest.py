@@ -84,7 +84,7 @@ from devices.telemetry import (
     validate_status,
     validate_telemetry,
 )
-from store.history import IntervalHistory, Partials, write_partials
+from store.history import IntervalHistory, Partials, is_transient_conflict, write_partials
 from store.state.rebuild import rebuild_if_lost
 from vpp import metrics
 from vpp.domain import RejectReason
@@ -655,9 +655,14 @@ class IngestWorker:
             metrics.HISTORY_WRITE_FAILURES.inc()
             self.history.restore(taken)
             self._trim_history()
-            self._history_backoff_s = min(
-                max(self._history_backoff_s * 2, 0.5), HISTORY_BACKOFF_MAX_S
-            )
+            if is_transient_conflict(exc):
+                # Writers kept meeting (write_partials already ran it again): the database is
+                # fine, so try again at the next flush rather than seconds later.
+                self._history_backoff_s = 0.0
+            else:
+                self._history_backoff_s = min(
+                    max(self._history_backoff_s * 2, 0.5), HISTORY_BACKOFF_MAX_S
+                )
             self._history_retry_at = time.monotonic() + self._history_backoff_s
             log.warning(
                 "ingest: history write failed (%s); %d readings in %d rows kept, retry in %.1f s",

@@ -29,6 +29,10 @@ HISTORY_PENDING = Gauge(
     "vpp_ingest_history_pending_readings",
     "Readings held by ingest, not yet committed to the interval history",
 )
+HISTORY_WRITE_CONFLICTS = Counter(
+    "vpp_ingest_history_write_conflicts_total",
+    "Interval-history transactions run again at once after a deadlock or serialization failure",
+)
 HISTORY_WRITE_FAILURES = Counter(
     "vpp_ingest_history_write_failures_total", "Interval-history writes that failed (retried)"
 )
