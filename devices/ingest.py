@@ -27,10 +27,21 @@ readings), and is retried with backoff (0.5 s doubling to 5 s). Past
 ``settings.history_buffer_max_rows`` rows the oldest intervals are dropped, and their readings
 counted (``history_dropped``, ``vpp_ingest_history_dropped_total``).
 
-Ordering. Each worker remembers every device's last accepted ``(ts, seq)``; devices it has not
-seen yet are checked by the state store's conditional write, and the stored record then seeds
-the worker's memory, so a restarted worker (or one that shares devices with another) still
-drops older messages.
+Ordering. Each worker remembers every device's last accepted ``(ts, seq)`` and drops what is
+not newer (a redelivery, a replay). The state store's conditional write then orders the workers
+against each other: the shared subscription splits one device's messages between them, so worker
+2 may store seq 2 a moment before worker 1 stores seq 1. A reading refused by the store is
+*reordered* when it is older than the stored one by at most ``settings.ingest_reorder_window_ms``
+(wall ms, times ``time_scale``, measured in the devices' ``ts``; default 2 s, ten flush periods):
+it goes into the interval history and counts as accepted (``vpp_ingest_reordered_total``), but
+not into the latest state, which already holds the newer reading. A reading older than that, or
+an exact duplicate of the stored ``(ts, seq)``, is rejected as ``out_of_order``. The worker's
+memory keeps its own last reading either way and the store decides what is older than the
+newest: taking the other worker's newer reading as its own last would refuse the readings still
+queued behind a reordered one, and a restarted worker (empty memory) still drops a replay.
+Known limit: within the window, a replay of a reading that the *other* worker accepted (other
+than the stored latest one) is not recognised: the store keeps one reading per device, not every
+seq; a device's replays at the same worker are.
 
 Faults. Nothing a device sends can stop the worker: every message is checked inside a
 try/except and every drop is counted by reason (``vpp_ingest_rejected_total``). When the broker
@@ -68,11 +79,12 @@ from devices.telemetry import (
     Limits,
     Rejected,
     record_ts_seq,
+    reorder_verdicts,
     validate_ack,
     validate_status,
     validate_telemetry,
 )
-from store.history import IntervalHistory, Partials, write_partials
+from store.history import IntervalHistory, Partials, is_transient_conflict, write_partials
 from store.state.rebuild import rebuild_if_lost
 from vpp import metrics
 from vpp.domain import RejectReason
@@ -171,6 +183,10 @@ class IngestWorker:
         self._retry_at = 0.0
         self._backoff_s = 0.0
         self.history = IntervalHistory(s.history_interval_s)
+        # The reorder window is set in wall time (how far apart two workers' flushes of one
+        # device's messages can be) and compared with the devices' timestamps, in service time.
+        self.reorder_window_ms = int(s.ingest_reorder_window_ms * s.time_scale)
+        self.reordered = 0  # readings older than the stored state, taken into the history only
         self.writethrough_s = s.history_writethrough_ms / 1000.0
         self._history_writing: Partials | None = None  # taken out, its write in flight
         self._history_task: asyncio.Task[bool] | None = None
@@ -543,33 +559,65 @@ class IngestWorker:
         self._retry_at = 0.0
 
     def _after_store(self, refused: dict[str, bytes]) -> None:
-        count = self._pend_count
-        n_ok = sum(count.values())
-        for device_id, stored in refused.items():
-            # Older than what another worker (or this one before a restart) already stored.
-            n = count.get(device_id, 0)
-            n_ok -= n
-            self.rejected[RejectReason.out_of_order.value] += n
-            self._m_rejected[RejectReason.out_of_order].inc(n)
-            self.last_rejections.append(
-                (device_id, "out_of_order", "ts", "older than the stored state")
-            )
-            if len(stored) == STATE_DTYPE.itemsize:
-                self._last[device_id] = record_ts_seq(stored)
-        if not self.write_history:
-            self._count_accepted(n_ok)  # no history to wait for
         ids, recs = self._pend_hist_ids, self._pend_hist_recs
+        pend, count = self._pend_states, self._pend_count
         self._pend_states = {}
         self._pend_count = Counter()
         self._pend_hist_ids = []
         self._pend_hist_recs = []
-        if self.write_history and ids:
+        if not refused:  # the common case: every record stored
+            if not self.write_history:
+                self._count_accepted(sum(count.values()))  # no history to wait for
+            elif ids:
+                self.history.add(ids, np.frombuffer(b"".join(recs), dtype=STATE_DTYPE))
+                self._trim_history()
+            return
+        if self.write_history:
+            # Every reading of the batch, one row each.
+            rows_ids, weights = ids, None
             arr = np.frombuffer(b"".join(recs), dtype=STATE_DTYPE)
-            if refused:
-                keep = np.fromiter((d not in refused for d in ids), dtype=bool, count=len(ids))
-                arr = arr[keep]
-                ids = [d for d in ids if d not in refused]
-            self.history.add(ids, arr)
+        else:
+            # No history: the newest record of each device stands for all its readings.
+            rows_ids = list(pend)
+            weights = np.fromiter((count[d] for d in rows_ids), dtype=np.int64)
+            arr = np.frombuffer(b"".join(pend.values()), dtype=STATE_DTYPE)
+        n = len(rows_ids)
+        hit = np.flatnonzero(np.fromiter((d in refused for d in rows_ids), dtype=bool, count=n))
+        stored = {d: record_ts_seq(r) for d, r in refused.items() if len(r) == STATE_DTYPE.itemsize}
+        hit_ids = [rows_ids[i] for i in hit.tolist()]
+        s_ts = np.fromiter((stored.get(d, (0, -1))[0] for d in hit_ids), np.int64, len(hit_ids))
+        s_seq = np.fromiter((stored.get(d, (0, -1))[1] for d in hit_ids), np.int64, len(hit_ids))
+        late, dup = reorder_verdicts(
+            arr["ts_ms"][hit], arr["seq"][hit], s_ts, s_seq, self.reorder_window_ms
+        )
+        keep = np.ones(n, dtype=bool)
+        keep[hit[~late]] = False
+        w = weights[hit] if weights is not None else np.ones(len(hit), dtype=np.int64)
+        n_late = int(w[late].sum())
+        n_stale = int(w[~late].sum())
+        if n_late:
+            self.reordered += n_late
+            metrics.INGEST_REORDERED.inc(n_late)
+        if n_stale:
+            self.rejected[RejectReason.out_of_order.value] += n_stale
+            self._m_rejected[RejectReason.out_of_order].inc(n_stale)
+        # The worker's own memory of these devices stays its last reading: a reordered one was
+        # in order in its own stream, and the stale ones are refused by the store again if
+        # replayed (the store, not this worker, knows the newest).
+        for d, is_late, is_dup in zip(hit_ids, late.tolist(), dup.tolist(), strict=True):
+            if not is_late:
+                why = (
+                    "a duplicate of the stored reading" if is_dup else "older than the stored state"
+                )
+                self.last_rejections.append((d, "out_of_order", "ts", why))
+        if weights is not None:  # no history: accepted once in (or superseded in) the state store
+            self._count_accepted(int(weights.sum()) - n_stale)
+            return
+        if not keep.all():
+            arr = arr[keep]
+            rows_ids = [d for d, k in zip(rows_ids, keep.tolist(), strict=True) if k]
+        if rows_ids:
+            self.history.add(rows_ids, arr)
             self._trim_history()
 
     def _count_accepted(self, n: int) -> None:
@@ -607,9 +655,14 @@ class IngestWorker:
             metrics.HISTORY_WRITE_FAILURES.inc()
             self.history.restore(taken)
             self._trim_history()
-            self._history_backoff_s = min(
-                max(self._history_backoff_s * 2, 0.5), HISTORY_BACKOFF_MAX_S
-            )
+            if is_transient_conflict(exc):
+                # Writers kept meeting (write_partials already ran it again): the database is
+                # fine, so try again at the next flush rather than seconds later.
+                self._history_backoff_s = 0.0
+            else:
+                self._history_backoff_s = min(
+                    max(self._history_backoff_s * 2, 0.5), HISTORY_BACKOFF_MAX_S
+                )
             self._history_retry_at = time.monotonic() + self._history_backoff_s
             log.warning(
                 "ingest: history write failed (%s); %d readings in %d rows kept, retry in %.1f s",

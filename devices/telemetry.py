@@ -12,7 +12,9 @@ several times slower here.
 Ordering: a message is accepted only if it is newer than the last accepted one of its device.
 When both carry ``seq``, ``seq`` must grow (and ``ts`` must not go back); otherwise ``ts`` must
 grow. An equal ``seq``/``ts`` is a duplicate (a QoS-1 redelivery) and is dropped as
-``out_of_order`` too, so interval history never counts a sample twice.
+``out_of_order`` too, so interval history never counts a sample twice. Between two ingest
+workers the state store has the last word (:func:`reorder_verdicts`: a reading another worker
+overtook by at most the reorder window still counts in the history).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 
 from vpp.domain import KIND_OFFBOARDED, AckStatus, RejectReason
@@ -267,6 +270,24 @@ def validate_telemetry(
             seq,
         )  # fmt: skip
     raise AssertionError("unreachable")  # kinds were checked on entry
+
+
+def reorder_verdicts(
+    ts: np.ndarray, seq: np.ndarray, stored_ts: np.ndarray, stored_seq: np.ndarray, window_ms: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Readings the state store refused against its stored ``(ts, seq)`` (row-aligned arrays,
+    seq -1 when absent): ``(late, duplicate)`` masks.
+
+    *late*: older than the stored reading by the ordering rule above, and by at most
+    ``window_ms`` of device time: a reading another worker overtook, taken into the interval
+    history. Everything else is rejected as ``out_of_order``; *duplicate* marks the exact
+    duplicates of the stored reading among those (same ``seq`` and ``ts``, or same ``ts``
+    without seq)."""
+    both = (seq >= 0) & (stored_seq >= 0)
+    duplicate = np.where(both, (seq == stored_seq) & (ts == stored_ts), ts == stored_ts)
+    older = np.where(both, (seq < stored_seq) & (ts <= stored_ts), ts < stored_ts)
+    late = older & (stored_ts - ts <= window_ms)
+    return late, duplicate
 
 
 def record_ts_seq(record: bytes) -> tuple[int, int]:

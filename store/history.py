@@ -24,16 +24,20 @@ clock is flagged as skewed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from store.database import Database
 from store.models import TelemetryInterval
+from vpp import metrics
 from vpp.fleet.records import STATE_DTYPE
 
 FIELDS = ("power_w", "soc_pct", "indoor_c", "setpoint_c", "hvac_w", "outdoor_c")
@@ -250,26 +254,68 @@ class IntervalHistory:
         return taken.rows()
 
 
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
+# whole and can simply run again. With one canonical row order a deadlock should not happen
+# between two writers; the retry covers what that order cannot (another writer of the table with
+# its own order). Prompt: a write-through's ordinary backoff is seconds, minutes of service time.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+CONFLICT_RETRIES = 5
+
+
+def is_transient_conflict(exc: BaseException) -> bool:
+    """A deadlock or serialization failure: nothing wrong with the rows, try again."""
+    for e in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if e is not None and (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)) in (
+            _RETRY_SQLSTATES
+        ):
+            return True
+    return False
+
+
+async def _with_conflict_retry(run: Callable[[], Awaitable[None]]) -> None:
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            await run()
+            return
+        except DBAPIError as exc:
+            if attempt == CONFLICT_RETRIES or not is_transient_conflict(exc):
+                raise
+            metrics.HISTORY_WRITE_CONFLICTS.inc()
+            # A few ms, jittered so the two writers do not meet again in step.
+            await asyncio.sleep(random.uniform(0.002, 0.02) * (attempt + 1))
+
+
 async def write_intervals(db: Database, rows: list[Row], chunk: int = 2000) -> int:
-    """Upsert rows into ``telemetry_intervals`` in one transaction; returns the row count.
-    The keys ``(device_id, interval_start_ms)`` of one call must be distinct."""
+    """Upsert rows into ``telemetry_intervals`` in one transaction, run again at once after a
+    deadlock; returns the row count. The keys ``(device_id, interval_start_ms)`` of one call must
+    be distinct."""
     if not rows:
         return 0
-    async with db.session() as session:
-        await _write(session, rows, chunk)
-        await session.commit()
+
+    async def run() -> None:
+        async with db.session() as session:
+            await _write(session, rows, chunk)
+            await session.commit()
+
+    await _with_conflict_retry(run)
     return len(rows)
 
 
 async def write_partials(db: Database, partials: Partials) -> int:
-    """Upsert :meth:`IntervalHistory.take_all`'s rows in one transaction; returns the count."""
+    """Upsert :meth:`IntervalHistory.take_all`'s rows in one transaction (run again at once
+    after a deadlock); returns the count."""
     if not len(partials):
         return 0
     if db.is_sqlite:  # executemany takes rows
         return await write_intervals(db, partials.rows())
-    async with db.session() as session:
-        await session.execute(_PG_UPSERT, partials.columns())
-        await session.commit()
+    columns = partials.columns()
+
+    async def run() -> None:
+        async with db.session() as session:
+            await session.execute(_PG_UPSERT, columns)
+            await session.commit()
+
+    await _with_conflict_retry(run)
     return len(partials)
 
 
@@ -299,7 +345,12 @@ _PG_UPSERT = text(
     _INSERT
     + "SELECT * FROM unnest("
     + ", ".join(f"CAST(:{c} AS {_TYPES.get(c, 'float8')}[])" for c in _COLUMNS)
+    + ") AS r("
+    + ", ".join(_COLUMNS)
     + ")"
+    # One canonical order: two writers upserting overlapping rows then lock them in the same
+    # order, and wait for each other instead of deadlocking.
+    + " ORDER BY device_id, interval_start_ms"
     + _ON_CONFLICT
 )
 _SQLITE_UPSERT = text(

@@ -10,6 +10,11 @@ INGEST_MESSAGES = Counter(
 INGEST_REJECTED = Counter(
     "vpp_ingest_rejected_total", "MQTT messages dropped by ingest, by reason", ["reason"]
 )
+INGEST_REORDERED = Counter(
+    "vpp_ingest_reordered_total",
+    "Telemetry readings older than the stored state (another worker stored a newer one first), "
+    "taken into the interval history but not the state",
+)
 INGEST_BATCH_SECONDS = Histogram(
     "vpp_ingest_batch_seconds", "Time to validate and store one ingest batch"
 )
@@ -23,6 +28,10 @@ HISTORY_DROPPED = Counter(
 HISTORY_PENDING = Gauge(
     "vpp_ingest_history_pending_readings",
     "Readings held by ingest, not yet committed to the interval history",
+)
+HISTORY_WRITE_CONFLICTS = Counter(
+    "vpp_ingest_history_write_conflicts_total",
+    "Interval-history transactions run again at once after a deadlock or serialization failure",
 )
 HISTORY_WRITE_FAILURES = Counter(
     "vpp_ingest_history_write_failures_total", "Interval-history writes that failed (retried)"

@@ -61,6 +61,18 @@ class Settings(BaseSettings):
     # A short period costs little: rows written per second are the devices that reported in
     # that second whatever the period (shorter than their reporting interval); what it sets
     # is the time to durable (about half of it plus one write) and the size of each write.
+    # Two ingest workers share one device's messages (the shared subscription splits messages,
+    # not devices), so one may store a newer reading a moment before the other stores an older
+    # one. A reading older than the stored state by at most this much (wall ms, times
+    # time_scale against the devices' ts) still goes into the interval history; older ones,
+    # and an exact duplicate of the stored reading, are rejected as out_of_order.
+    ingest_reorder_window_ms: int = Field(
+        2000,
+        ge=0,
+        description="wall ms: a reading older than the stored latest one of its device by at "
+        "most this (times time_scale, in device ts) is counted into the history (another "
+        "worker stored the newer one first); 0: no reordering accepted",
+    )
     history_writethrough_ms: int = Field(
         250,
         gt=0,
