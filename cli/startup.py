@@ -34,8 +34,8 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api.errors import error_body
+from devices.outage_log import OutageLog
 from devices.outages import RETRY_AFTER_S
-from dispatch.outage_log import OutageLog
 from store.migrate import upgrade
 from store.outages import DATABASE
 from vpp.errors import Unavailable

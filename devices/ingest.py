@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from devices.edges import Edges
+from devices.outage_log import OutageLog
 from devices.telemetry import (
     Limits,
     Rejected,
@@ -207,6 +208,8 @@ class IngestWorker:
         self.history_failures = 0  # history writes that failed (and were retried)
         self.history_dropped = 0  # valid readings that never reached the history
         self.last_rejections: deque[tuple[str, str, str, str]] = deque(maxlen=100)
+        # A lost state store is one line per outage here, not one per registry poll.
+        self.outages = OutageLog(log, "ingest")
         self._m_accepted = {
             k: metrics.INGEST_MESSAGES.labels(topic_kind=k) for k in ("telemetry", "status", "ack")
         }
@@ -392,11 +395,14 @@ class IngestWorker:
                 self._registry_version = version
                 self._registry_generation = generation
                 self._registry_pending = False
+                self.outages.recovered()
                 return True
             self._registry_pending = False
+            self.outages.recovered()
         except Exception as exc:
             self._registry_pending = True
-            log.warning("ingest: registry refresh failed: %s", exc)
+            if not self.outages.failed(exc):
+                log.warning("ingest: registry refresh failed: %s", exc)
         return False
 
     def _start_rebuild(self) -> None:

@@ -35,6 +35,7 @@ import pandas as pd
 from sqlalchemy import select
 
 from devices.edges import Edges
+from devices.outage_log import OutageLog
 from devices.outages import dependency_down
 from dispatch.forecast_service import (
     TUNING_KEY,
@@ -42,7 +43,6 @@ from dispatch.forecast_service import (
     tuning_to_json,
 )
 from dispatch.leadership import Leadership
-from dispatch.outage_log import OutageLog
 from vpp.domain import CommandStatus, CommandType, FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m

@@ -9,9 +9,9 @@ import asyncio
 import contextlib
 import logging
 
+from devices.outage_log import OutageLog
 from dispatch.leadership import Leadership
 from dispatch.market import Market
-from dispatch.outage_log import OutageLog
 from dispatch.planner import Planner
 from vpp.clock import Clock
 

@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from dispatch.outage_log import OutageLog
+from devices.outage_log import OutageLog
 from store.outages import STATE_STORE
 from store.state import StateStore
 from vpp.settings import Settings

@@ -10,7 +10,7 @@ replica that holds the leader lease (``leadership``, see ``dispatch.leadership``
 A component that fails to import or start fails the process: nothing disappears silently. A
 dependency down at start is no such failure: the lease, ingest and the runner start without it
 and keep trying (the runner and ingest connect to the broker in the background; the loops log the
-outage once, ``dispatch.outage_log``), so ``vpp serve`` comes up and ``/readyz`` names what is
+outage once, ``devices.outage_log``), so ``vpp serve`` comes up and ``/readyz`` names what is
 missing.
 """
 

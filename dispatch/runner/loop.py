@@ -52,10 +52,10 @@ import orjson
 from sqlalchemy import func, insert, select, update
 
 from devices.edges import Edges
+from devices.outage_log import OutageLog
 from devices.outages import dependency_down
 from dispatch import events as es
 from dispatch.leadership import Leadership
-from dispatch.outage_log import OutageLog
 from dispatch.runner.commands import (
     ACK_CODES,
     ACKED,

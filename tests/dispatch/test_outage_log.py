@@ -9,7 +9,7 @@ import logging
 import pytest
 import redis.exceptions as redis_errors
 
-from dispatch.outage_log import OutageLog
+from devices.outage_log import OutageLog
 from dispatch.runner.loop import EventRunner
 from tests.helpers.eventkit import wait_for
 from tests.helpers.servers import private_redis
