@@ -84,7 +84,9 @@ async def test_readings_overtaken_by_the_other_worker_still_land_in_the_history(
     await onboard_batteries(services, devices)
     first, second = await ready_worker(services), await ready_worker(services)
     now = services.clock.now_ms()
-    base = now - 120_000
+    # Within the clock-skew allowance (60 s) of the service clock, so each reading is filed
+    # by its own ts (a skewed one would be filed by when it arrived).
+    base = now - 45_000
     ts_of = {s: base + s * 1000 for s in range(1, 41)}
     sent: Sent = defaultdict(list)
 
