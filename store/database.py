@@ -67,3 +67,20 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def copy_csv(db: Database, sql: str) -> bytes | None:
+    """The rows of ``sql`` as CSV through PostgreSQL's COPY (asyncpg): no Python object per row
+    or value on the event loop. None if the driver cannot (SQLite)."""
+    chunks: list[bytes] = []
+
+    async def sink(data: bytes) -> None:
+        chunks.append(data)
+
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = getattr(raw, "driver_connection", None)
+        if driver is None or not hasattr(driver, "copy_from_query"):
+            return None
+        await driver.copy_from_query(sql, output=sink, format="csv")
+    return b"".join(chunks)

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import select
 
-from store.database import Database
+from store.database import Database, copy_csv
 from store.outages import dependency_down
 from store.state import StateStore
 from vpp.clock import Clock
@@ -239,18 +239,7 @@ async def _copy_registry_csv(db: Any) -> bytes | None:
     sql = (
         f"SELECT {', '.join(REGISTRY_COLUMNS)} FROM devices WHERE offboarded_ms IS NULL ORDER BY id"
     )
-    chunks: list[bytes] = []
-
-    async def sink(data: bytes) -> None:
-        chunks.append(data)
-
-    async with db.engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver = getattr(raw, "driver_connection", None)
-        if driver is None or not hasattr(driver, "copy_from_query"):
-            return None
-        await driver.copy_from_query(sql, output=sink, format="csv")
-    return b"".join(chunks)
+    return await copy_csv(db, sql)
 
 
 def _registry_from_csv(data: bytes) -> Registry:

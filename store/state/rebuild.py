@@ -23,7 +23,7 @@ import io
 
 from sqlalchemy import select
 
-from store.database import Database
+from store.database import Database, copy_csv
 from store.models import Device
 from store.state.base import StateStore
 from vpp.domain import KIND_CODE, KIND_OFFBOARDED, DeviceKind
@@ -55,18 +55,7 @@ _CODE_SQL = (
 
 
 async def _copy_registry(db: Database) -> bytes | None:
-    chunks: list[bytes] = []
-
-    async def sink(data: bytes) -> None:
-        chunks.append(data)
-
-    async with db.engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver = getattr(raw, "driver_connection", None)
-        if driver is None or not hasattr(driver, "copy_from_query"):
-            return None
-        await driver.copy_from_query(_CODE_SQL, output=sink, format="csv")
-    return b"".join(chunks)
+    return await copy_csv(db, _CODE_SQL)
 
 
 def _parse_copy(data: bytes) -> dict[str, int]:
