@@ -86,6 +86,59 @@ def ingest() -> None:
     asyncio.run(run_standalone(get_settings()))
 
 
+@app.command("broker-agent")
+def broker_agent(
+    password_file: str = typer.Option(
+        "/mosquitto/data/passwd", help="the broker's password_file (written atomically)"
+    ),
+    base_file: str = typer.Option(
+        "/mosquitto/data/passwd.base",
+        help="logins copied first into the file: the service's and gateways' (deploy's init)",
+    ),
+    broker_pid_file: str = typer.Option(
+        "/mosquitto/data/mosquitto.pid", help="the broker's pid_file (re-read on every reload)"
+    ),
+    broker_pid: int = typer.Option(None, help="the broker's pid, instead of --broker-pid-file"),
+    broker_host: str = typer.Option("127.0.0.1", help="where the canary login connects"),
+    broker_port: int = typer.Option(1883, help="the broker's plain MQTT port"),
+    tier: str = typer.Option(None, help="tier name in broker_tier (default VPP_BROKER_TIER)"),
+) -> None:
+    """Beside one Mosquitto: keep its password file equal to the device logins in PostgreSQL
+    (VPP_BROKER_CREDENTIALS=password_file), reloading it with SIGHUP in batches and proving
+    each reload with a canary login. Runs until stopped; outages are retried.
+
+    Example: VPP_DATABASE_URL=postgresql+asyncpg://vpp@db/vpp vpp broker-agent --broker-pid 1
+    """
+    from pathlib import Path
+
+    from devices.broker_agent import AgentConfig, BrokerAgent
+
+    _logging()
+    s = get_settings()
+    config = AgentConfig(
+        database_url=s.database_url,
+        password_file=Path(password_file),
+        tier=tier or s.broker_tier,
+        base_file=Path(base_file),
+        broker_pid=broker_pid,
+        broker_pid_file=Path(broker_pid_file) if broker_pid is None else None,
+        broker_host=broker_host,
+        broker_port=broker_port,
+    )
+
+    async def go() -> None:
+        agent = BrokerAgent(config)
+        try:
+            await agent.run()
+        finally:
+            await agent.close()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
 def parse_expiry(text: str, now_ms: int) -> int:
     """``--expires-in``: a span from now (``30d``, ``12h``, ``PT90M``) or an RFC 3339 time (UTC
     if it has no offset) → epoch ms on the service clock."""

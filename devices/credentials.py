@@ -1,6 +1,25 @@
 """Per-device MQTT credentials on the broker: made at onboarding, revoked at offboarding.
 
-Against Mosquitto the service drives the dynamic-security plugin over MQTT: it publishes command
+Two mechanisms against Mosquitto 2.0 (``VPP_BROKER_CREDENTIALS``):
+
+``password_file`` (:class:`PasswordFileCredentialManager`, for fleets past a few thousand
+devices): the service writes each device's salted hash into PostgreSQL (``broker_logins``); the
+broker agent beside each Mosquitto (devices/broker_agent.py, ``vpp broker-agent``) writes them into
+the broker's password file, reloads it with SIGHUP and records the generation it applied
+(``broker_tier``) once its canary login with that generation's password is accepted. What each
+device may touch is one static ACL file of ``%u`` patterns (deploy/mosquitto/acl). On reload
+Mosquitto re-checks every connected client against the new file and disconnects the ones whose
+login is gone: that is how offboarding drops a live session. A device's wildcard subscription is
+granted (Mosquitto 2.0.11 does not check subscriptions against an acl_file) but every delivery
+is checked against the READ patterns, so it delivers nothing but the device's own ``cmd``.
+
+Device hashes are ``$6$`` (one salted SHA-512), not ``$7$`` (PBKDF2): device passwords are 192
+random bits, which no guessing can reach whatever the hash, so iterations buy nothing; and
+every reload re-checks each connected client's password, where PBKDF2's ~100 µs a login would
+stall a broker holding 100 000 sessions for 10 s against ~0.1 s for ``$6$``.
+
+``dynsec`` (:class:`DynsecCredentialManager`, small fleets, no agent): against Mosquitto the
+service drives the dynamic-security plugin over MQTT: it publishes command
 batches on ``$CONTROL/dynamic-security/v1`` and reads the answers on
 ``$CONTROL/dynamic-security/v1/response``, so broker and service may live on different hosts,
 and ``deleteClient`` disconnects a live session at once.
@@ -24,11 +43,15 @@ onboarding is limited by the broker, not by this module.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import itertools
 import logging
+import os
 import secrets
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,6 +59,9 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from sqlalchemy import text
+
+from store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -470,17 +496,169 @@ def _batches(commands: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return batches
 
 
+# --- Password file ---------------------------------------------------------------------------
+# Mosquitto 2.0.11 decodes a $6$ salt only when it is exactly 12 bytes (security_default.c).
+SALT_BYTES = 12
+# pg_advisory_xact_lock key of broker_logins writers: "vppbrkr" in ASCII.
+LOGIN_WRITE_LOCK = 0x767070_62726B72
+DEFAULT_TIER = "default"
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """Mosquitto's ``$6$`` password-file hash: ``$6$<b64 salt>$<b64 sha512(password || salt)>``."""
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    digest = hashlib.sha512(password.encode() + salt).digest()
+    return f"$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def password_hashes(passwords: list[str]) -> list[str]:
+    """``password_hash`` of each, with one read of the system's random source for every salt."""
+    salts = os.urandom(SALT_BYTES * len(passwords))
+    b64, sha512 = base64.b64encode, hashlib.sha512
+    out: list[str] = []
+    for i, pw in enumerate(passwords):
+        salt = salts[i * SALT_BYTES : (i + 1) * SALT_BYTES]
+        out.append(f"$6${b64(salt).decode()}${b64(sha512(pw.encode() + salt).digest()).decode()}")
+    return out
+
+
+def validate_password_file_username(device_id: str) -> str:
+    """A Mosquitto password-file username: a device id, and no ':' (the file's separator, which
+    2.0.11 splits on with strtok) nor blanks at its ends (trimmed)."""
+    validate_device_id(device_id)
+    if ":" in device_id or "\n" in device_id or device_id.strip() != device_id:
+        raise ValueError(
+            f"device_id: {device_id!r} cannot be a Mosquitto password-file username "
+            "(no ':', newline, or leading/trailing blanks)"
+        )
+    return device_id
+
+
+class PasswordFileCredentialManager:
+    """Device logins in PostgreSQL (``broker_logins``), made live by the broker agent.
+
+    ``provision`` and ``revoke`` write all their rows in one statement under one new generation
+    (a short transaction of their own, whatever the caller's), then wait until the tier's agent
+    has recorded that generation as applied: the credentials work (or no longer work, and the
+    live session is gone) at the broker when they return. Several service processes may write
+    at once: the advisory lock makes generations commit in order.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        tier: str = DEFAULT_TIER,
+        *,
+        apply_timeout_s: float = 60.0,
+        poll_s: float = 0.03,
+    ) -> None:
+        if db.is_sqlite:
+            raise ValueError("broker_credentials: password_file needs a PostgreSQL VPP_DATABASE_URL")
+        self.db = db
+        self.tier = tier
+        self.apply_timeout_s = apply_timeout_s
+        self.poll_s = poll_s
+
+    async def provision(self, device_ids: list[str]) -> dict[str, str]:
+        passwords = {validate_password_file_username(d): new_password() for d in device_ids}
+        if not passwords:
+            return {}
+        ids = list(passwords)
+        await self._wait_applied(await self._write(ids, password_hashes(list(passwords.values()))))
+        return passwords
+
+    async def revoke(self, device_ids: list[str]) -> None:
+        ids = list(dict.fromkeys(validate_device_id(d) for d in device_ids))
+        if ids:
+            await self._wait_applied(await self._write(ids, [None] * len(ids)))
+
+    async def ping(self) -> bool:
+        """True when the database answers and the tier's agent has applied a generation."""
+        try:
+            return (await self.applied_generation()) is not None
+        except Exception as exc:  # any database failure means "not ready"
+            log.debug("broker tier ping failed: %s", exc)
+            return False
+
+    async def close(self) -> None:
+        return None  # the Database is the process's and closed with it
+
+    async def applied_generation(self) -> int | None:
+        async with self.db.engine.connect() as conn:
+            value = (
+                await conn.execute(
+                    text("SELECT applied_generation FROM broker_tier WHERE name = :tier"),
+                    {"tier": self.tier},
+                )
+            ).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    async def _write(self, ids: list[str], hashes: list[str | None]) -> int:
+        """Upsert the rows under a new generation; the generation."""
+        try:
+            async with self.db.engine.begin() as conn:
+                # Held to the commit: the next writer's generation is taken after ours commits.
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOGIN_WRITE_LOCK}
+                )
+                generation = int(
+                    (
+                        await conn.execute(
+                            text("SELECT coalesce(max(generation), 0) + 1 FROM broker_logins")
+                        )
+                    ).scalar_one()
+                )
+                await conn.execute(
+                    text(
+                        "INSERT INTO broker_logins (device_id, password_hash, generation) "
+                        "SELECT u.id, u.hash, :generation FROM unnest("
+                        "CAST(:ids AS varchar[]), CAST(:hashes AS varchar[])) AS u(id, hash) "
+                        "ON CONFLICT (device_id) DO UPDATE SET "
+                        "password_hash = EXCLUDED.password_hash, generation = EXCLUDED.generation"
+                    ),
+                    {"generation": generation, "ids": ids, "hashes": hashes},
+                )
+        except Exception as exc:
+            raise CredentialError(f"broker_logins: could not write {len(ids)} logins: {exc}") from exc
+        return generation
+
+    async def _wait_applied(self, generation: int) -> None:
+        deadline = time.monotonic() + self.apply_timeout_s
+        applied: int | None = None
+        while True:
+            try:
+                applied = await self.applied_generation()
+            except Exception as exc:
+                log.debug("broker_tier read failed: %s", exc)
+            if applied is not None and applied >= generation:
+                return
+            if time.monotonic() >= deadline:
+                raise CredentialError(
+                    f"broker tier {self.tier!r} has not applied generation {generation} within "
+                    f"{self.apply_timeout_s:.0f} s (applied: {applied}); is `vpp broker-agent` "
+                    "running beside the broker?"
+                )
+            await asyncio.sleep(self.poll_s)
+
+
 # --- Auto ------------------------------------------------------------------------------------
 class AutoCredentialManager:
-    """``broker_credentials = "auto"``: dynsec if the broker answers a dynsec request, else none.
+    """``broker_credentials = "auto"``: password_file if a broker agent has ever recorded the
+    tier in the database, else dynsec if the broker answers a dynsec request, else none.
 
     Decided on first use. A broker that cannot be reached at all is an error (credentials made
     then might never work); a broker that is reachable but gives no dynsec answer within
     ``probe_timeout_s`` means "no dynsec", and stays decided.
     """
 
-    def __init__(self, dynsec: DynsecCredentialManager, probe_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        dynsec: DynsecCredentialManager,
+        probe_timeout_s: float = 2.0,
+        password_file: PasswordFileCredentialManager | None = None,
+    ) -> None:
         self._dynsec = dynsec
+        self._password_file = password_file
         self._probe_timeout_s = probe_timeout_s
         self._chosen: CredentialManager | None = None
         self._lock = asyncio.Lock()
@@ -492,6 +670,11 @@ class AutoCredentialManager:
     async def _choose(self) -> CredentialManager:
         async with self._lock:
             if self._chosen is not None:
+                return self._chosen
+            if self._password_file is not None and await self._password_file.ping():
+                log.info("broker credentials: password_file, tier %r", self._password_file.tier)
+                await self._dynsec.close()
+                self._chosen = self._password_file
                 return self._chosen
             try:
                 # A broker we cannot reach or log in to: raise BrokerUnreachable, decide later.
@@ -534,19 +717,34 @@ class AutoCredentialManager:
             await self._dynsec.close()
 
 
-def make_credential_manager(settings: Any) -> CredentialManager:
-    """The manager ``settings.broker_credentials`` asks for ("dynsec", "none" or "auto").
+CREDENTIAL_MODES = ("password_file", "dynsec", "none", "auto")
 
-    The admin login is the one in ``settings.mqtt_url`` (``mqtt://user:pass@host:port``,
-    ``mqtts://`` for TLS): the service's own MQTT user, which holds the ``vpp-service`` role.
+
+def make_credential_manager(settings: Any, db: Database | None = None) -> CredentialManager:
+    """The manager ``settings.broker_credentials`` asks for (one of ``CREDENTIAL_MODES``).
+
+    password_file writes through ``db`` (the process's PostgreSQL). For dynsec the admin login is
+    the one in ``settings.mqtt_url`` (``mqtt://user:pass@host:port``, ``mqtts://`` for TLS): the
+    service's own MQTT user, which holds the ``vpp-service`` role. auto: see
+    :class:`AutoCredentialManager`.
     """
     from devices.mqtt import parse_mqtt_url, tls_context  # the one URL parser of the project
 
     mode = str(getattr(settings, "broker_credentials", "auto")).lower()
-    if mode not in ("dynsec", "none", "auto"):
-        raise ValueError(f"broker_credentials: {mode!r} is not one of dynsec, none, auto")
+    if mode not in CREDENTIAL_MODES:
+        raise ValueError(
+            f"broker_credentials: {mode!r} is not one of {', '.join(CREDENTIAL_MODES)}"
+        )
     if mode == "none":
         return NullCredentialManager()
+    tier = str(getattr(settings, "broker_tier", DEFAULT_TIER))
+    apply_timeout_s = float(getattr(settings, "broker_apply_timeout_s", 60.0))
+    if mode == "password_file":
+        if db is None or db.is_sqlite:
+            raise ValueError(
+                "broker_credentials: password_file needs a PostgreSQL VPP_DATABASE_URL"
+            )
+        return PasswordFileCredentialManager(db, tier, apply_timeout_s=apply_timeout_s)
     cfg = parse_mqtt_url(settings.mqtt_url, getattr(settings, "mqtt_ca_file", None))
     if cfg.is_memory or not cfg.username:
         if mode == "dynsec":
@@ -565,4 +763,11 @@ def make_credential_manager(settings: Any) -> CredentialManager:
         client_id=f"{getattr(settings, 'mqtt_client_id_prefix', 'vpp-svc')}-dynsec-"
         f"{secrets.token_hex(4)}",
     )
-    return dynsec if mode == "dynsec" else AutoCredentialManager(dynsec)
+    if mode == "dynsec":
+        return dynsec
+    password_file = (
+        PasswordFileCredentialManager(db, tier, apply_timeout_s=apply_timeout_s)
+        if db is not None and not db.is_sqlite
+        else None
+    )
+    return AutoCredentialManager(dynsec, password_file=password_file)

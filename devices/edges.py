@@ -54,12 +54,13 @@ class Edges:
                 shared.origin_ms,
             )
             clock = shared if same else Clock(settings.time_scale, settings.time_origin)
+        db = Database(settings.database_url)
         return cls(
             settings=settings,
             clock=clock,
-            db=Database(settings.database_url),
+            db=db,
             state=make_state_store(settings.redis_url, prefix=settings.state_prefix),
-            credentials=make_credential_manager(settings),
+            credentials=make_credential_manager(settings, db),
             broker=broker,
         )
 

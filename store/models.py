@@ -257,3 +257,27 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(40), index=True)  # vpp.domain.AuditAction
     target_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class BrokerLogin(Base):
+    """One device's login at the broker tier (``VPP_BROKER_CREDENTIALS=password_file``): the
+    salted hash only, never the password. ``password_hash`` NULL is a revoked login (a tombstone,
+    so an agent that reads only what changed since its last generation sees the revocation).
+    ``generation`` rises with every write; rows of one write share it, and writes commit in
+    generation order (devices/credentials.py holds an advisory lock from the number to the
+    commit), so ``generation > applied`` never skips a row that committed late."""
+
+    __tablename__ = "broker_logins"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    generation: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class BrokerTier(Base):
+    """A broker tier (one broker and its agent, devices/broker_agent.py): the generation of
+    ``broker_logins`` its password file holds, recorded once a login made in it was accepted."""
+
+    __tablename__ = "broker_tier"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    applied_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    applied_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -44,8 +44,28 @@ class Settings(BaseSettings):
     share_group: str = "vpp-ingest"
     # Credentials of the service's own MQTT clients (ingest, event runner, credential admin).
     mqtt_client_id_prefix: str = "vpp-svc"
-    # Broker-side credential management: "dynsec" (Mosquitto dynamic-security plugin) or "none".
-    broker_credentials: str = "auto"
+    # Broker-side credential management (devices/credentials.py, deploy/README.md "Broker
+    # credentials").
+    broker_credentials: str = Field(
+        "auto",
+        description="password_file (logins in PostgreSQL, made live by `vpp broker-agent` beside "
+        "each Mosquitto; for large fleets), dynsec (Mosquitto's dynamic-security plugin over "
+        "MQTT; a few thousand devices), none, or auto (password_file if an agent has recorded "
+        "the tier in the database, else dynsec if the broker answers it, else none)",
+    )
+    broker_tier: str = Field(
+        "default",
+        min_length=1,
+        max_length=64,
+        description="password_file: the broker tier (one broker and its agent) whose applied "
+        "generation onboarding waits for",
+    )
+    broker_apply_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="password_file: how long onboarding and offboarding wait for the broker "
+        "agent to apply a change before failing with a broker error",
+    )
 
     # Telemetry and freshness (domain brief): fresh within 2 expected intervals, stale after 3,
     # offline after 15 minutes or a Last Will.

@@ -11,6 +11,12 @@ touched.
 with openssl in the temp dir (:func:`make_test_ca`) and opens the deploy config's TLS listener
 on a second free port (``broker.tls_port``, ``broker.ca_file``, ``broker.tls_url(...)``).
 
+``run_mosquitto(mechanism="password_file")`` runs the deploy's other mechanism instead: the base
+password file and the ACL file made by ``deploy/mosquitto/init-passwd.sh``, no plugin. Device
+logins then come from PostgreSQL through the broker agent: :func:`run_broker_agent` runs
+``devices.broker_agent.BrokerAgent`` for that broker in a thread of its own (its own event loop),
+so sync and async tests alike can use it.
+
 Use it as a context manager, or ask for the ``mosquitto_broker`` fixture (tests/conftest.py;
 module scope: one broker per test module, about a second to start)::
 
@@ -46,6 +52,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_CONF = REPO_ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
 INIT_SCRIPT = REPO_ROOT / "deploy" / "mosquitto" / "init-dynsec.sh"
+INIT_PASSWD_SCRIPT = REPO_ROOT / "deploy" / "mosquitto" / "init-passwd.sh"
+MECHANISMS = ("dynsec", "password_file")
 
 _PLUGIN_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
@@ -54,7 +62,15 @@ _PLUGIN_CANDIDATES = (
     "/usr/local/lib/mosquitto_dynamic_security.so",
 )
 # Options the helper sets itself: paths into the temp dir, and the privilege drop.
-_OVERRIDDEN = {"plugin", "plugin_opt_config_file", "persistence_location", "log_dest", "pid_file"}
+_OVERRIDDEN = {
+    "plugin",
+    "plugin_opt_config_file",
+    "password_file",
+    "acl_file",
+    "persistence_location",
+    "log_dest",
+    "pid_file",
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,19 @@ class MosquittoBroker:
     # the broker's certificate (what a client verifies the broker against).
     tls_port: int | None = None
     ca_file: Path | None = None
+    mechanism: str = "dynsec"  # or "password_file" (see run_mosquitto)
+
+    @property
+    def password_file(self) -> Path:
+        return self.workdir / "passwd"
+
+    @property
+    def base_password_file(self) -> Path:
+        return self.workdir / "passwd.base"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "mosquitto.pid"
 
     def tls_url(self, username: str, password: str) -> str:
         """``mqtts://user:pass@127.0.0.1:tls_port`` (VPP_MQTT_URL for the TLS listener)."""
@@ -114,6 +143,10 @@ def mosquitto_available() -> bool:
         and shutil.which("mosquitto_ctrl") is not None
         and dynsec_plugin_path() is not None
     )
+
+
+def password_file_available() -> bool:
+    return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
 
 
 def free_port() -> int:
@@ -185,13 +218,14 @@ def _tls_listener(port: int, tls: TlsFiles) -> list[str]:
 def render_config(
     workdir: Path,
     port: int,
-    plugin: str,
+    plugin: str | None,
     extra_config: str = "",
     tls_port: int | None = None,
     tls: TlsFiles | None = None,
 ) -> str:
     """The deploy config's global part with the paths moved into ``workdir``, one local listener
-    and, with ``tls_port`` and ``tls``, the deploy's TLS listener on that port."""
+    and, with ``tls_port`` and ``tls``, the deploy's TLS listener on that port. ``plugin``: the
+    dynsec plugin; None: the password and ACL files in ``workdir`` (init-passwd.sh's)."""
     kept: list[str] = []
     for line in DEPLOY_CONF.read_text().splitlines():
         key = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
@@ -203,8 +237,12 @@ def render_config(
     kept += [
         "",
         "# --- test overrides (tests/helpers/mosquitto.py) ---",
-        f"plugin {plugin}",
-        f"plugin_opt_config_file {workdir / 'dynamic-security.json'}",
+        *(
+            [f"plugin {plugin}", f"plugin_opt_config_file {workdir / 'dynamic-security.json'}"]
+            if plugin is not None
+            else [f"password_file {workdir / 'passwd'}", f"acl_file {workdir / 'acl'}"]
+        ),
+        f"pid_file {workdir / 'mosquitto.pid'}",
         f"persistence_location {workdir}/",
         f"log_dest file {workdir / 'mosquitto.log'}",
         "log_type information",
@@ -251,12 +289,18 @@ def run_mosquitto(
     extra_config: str = "",
     startup_timeout_s: float = 10.0,
     tls: bool = False,
+    mechanism: str = "dynsec",
 ) -> Iterator[MosquittoBroker]:
-    """Start a private Mosquitto (project config + dynsec); stop it and remove its files after.
-    ``tls``: also the deploy's TLS listener on a second free port, with a CA made for the test."""
-    plugin = dynsec_plugin_path()
-    if plugin is None or not mosquitto_available():
+    """Start a private Mosquitto (project config + dynsec, or ``mechanism="password_file"``:
+    the password and ACL files); stop it and remove its files after. ``tls``: also the deploy's
+    TLS listener on a second free port, with a CA made for the test."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism: {mechanism!r} is not one of {MECHANISMS}")
+    plugin = dynsec_plugin_path() if mechanism == "dynsec" else None
+    if mechanism == "dynsec" and (plugin is None or not mosquitto_available()):
         raise RuntimeError("mosquitto, mosquitto_ctrl and the dynamic-security plugin are needed")
+    if mechanism == "password_file" and not password_file_available():
+        raise RuntimeError("mosquitto and mosquitto_passwd are needed")
     workdir = Path(tempfile.mkdtemp(prefix="vpp-mosquitto-"))
     creds = {
         "admin": ("admin", secrets.token_urlsafe(16)),
@@ -275,14 +319,18 @@ def run_mosquitto(
             "VPP_GATEWAY_USER": creds["gateway"][0],
             "VPP_GATEWAY_PASSWORD": creds["gateway"][1],
             "VPP_TOPIC_ROOT": topic_root,
-            "MOSQUITTO_DYNSEC_PLUGIN": plugin,
+            "MOSQUITTO_DYNSEC_PLUGIN": plugin or "",
             "INIT_PORT": str(free_port()),
         }
+        if mechanism == "password_file":
+            env["DATA_DIR"] = str(workdir)
+            creds["admin"] = creds["service"]  # no dynsec admin here
+        script = INIT_SCRIPT if mechanism == "dynsec" else INIT_PASSWD_SCRIPT
         init = subprocess.run(
-            ["sh", str(INIT_SCRIPT)], env=env, capture_output=True, timeout=60, check=False
+            ["sh", str(script)], env=env, capture_output=True, timeout=60, check=False
         )
         if init.returncode != 0:
-            raise RuntimeError(f"init-dynsec.sh failed: {init.stderr.decode(errors='replace')}")
+            raise RuntimeError(f"{script.name} failed: {init.stderr.decode(errors='replace')}")
         tls_files = make_test_ca(workdir / "certs") if tls else None
         tls_port: int | None = None
 
@@ -320,11 +368,111 @@ def run_mosquitto(
             pid=proc.pid,
             tls_port=tls_port,
             ca_file=tls_files.ca_file if tls_files is not None else None,
+            mechanism=mechanism,
         )
     finally:
         if proc is not None:
             _stop(proc)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- the broker agent ------------------------------------------------------------------------
+@dataclass
+class AgentThread:
+    """A BrokerAgent running on its own event loop in a thread (see run_broker_agent)."""
+
+    agent: Any  # devices.broker_agent.BrokerAgent
+    loop: Any  # asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    def wait_reloads(self, count: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.agent.stats.reloads < count:
+            assert time.monotonic() < deadline, f"agent errors: {self.agent.stats.errors[-3:]}"
+            time.sleep(0.02)
+
+
+@contextmanager
+def run_broker_agent(
+    broker: MosquittoBroker, database_url: str, tier: str = "default", poll_s: float = 0.02
+) -> Iterator[AgentThread]:
+    """Run the broker agent for ``broker`` (started with mechanism="password_file") against
+    ``database_url`` (migrated) until the block ends; it has made its first reload on entry."""
+    import asyncio
+
+    from devices.broker_agent import AgentConfig, BrokerAgent
+
+    assert broker.mechanism == "password_file", "the agent serves a password_file broker"
+    config = AgentConfig(
+        database_url=database_url,
+        password_file=broker.password_file,
+        tier=tier,
+        base_file=broker.base_password_file,
+        broker_pid_file=broker.pid_file,
+        broker_host=broker.host,
+        broker_port=broker.port,
+        poll_s=poll_s,
+        reload_timeout_s=30.0,
+    )
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        agent = BrokerAgent(config)
+        holder["agent"] = agent
+        started.set()
+        try:
+            loop.run_until_complete(agent.run())
+        finally:
+            loop.run_until_complete(agent.close())
+            loop.close()
+
+    thread = threading.Thread(target=main, name="broker-agent", daemon=True)
+    thread.start()
+    assert started.wait(10)
+    handle = AgentThread(holder["agent"], loop, thread)
+    try:
+        handle.wait_reloads(1)
+        yield handle
+    finally:
+        loop.call_soon_threadsafe(handle.agent.stop)
+        thread.join(30)
+
+
+def restart_mosquitto(broker: MosquittoBroker, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+    """Start Mosquitto again with the broker's config and port (after it was stopped); the caller
+    stops the returned process."""
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(broker.workdir / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if not _wait_listening(broker.host, broker.port, proc, timeout_s):
+        _stop(proc)
+        raise RuntimeError(f"mosquitto did not restart:\n{broker.log()}")
+    return proc
+
+
+def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM a broker by pid and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
 
 
 # --- a test client ---------------------------------------------------------------------------
