@@ -84,8 +84,11 @@ def parse_login_lines(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-async def try_login(host: str, port: int, username: str, password: str, timeout_s: float) -> bool:
-    """One MQTT 3.1.1 CONNECT; True if the CONNACK accepts it (then DISCONNECT)."""
+async def try_login(
+    host: str, port: int, username: str, password: str, timeout_s: float
+) -> int | None:
+    """One MQTT 3.1.1 CONNECT: the CONNACK's return code (0 accepted, then DISCONNECT), or None
+    when the broker does not answer."""
 
     def field_(b: bytes) -> bytes:
         return struct.pack("!H", len(b)) + b
@@ -109,24 +112,30 @@ async def try_login(host: str, port: int, username: str, password: str, timeout_
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     except (OSError, TimeoutError):
-        return False
+        return None
     try:
         writer.write(b"\x10" + length + body)
         await writer.drain()
         connack = await asyncio.wait_for(reader.readexactly(4), timeout_s)
-        ok = connack[0] == 0x20 and connack[3] == 0
-        if ok:
+        if connack[0] != 0x20:
+            return None
+        if connack[3] == 0:
             writer.write(b"\xe0\x00")
             await writer.drain()
-        return ok
+        return connack[3]
     except (OSError, TimeoutError, asyncio.IncompleteReadError):
-        return False
+        return None
     finally:
         writer.close()
         try:
             await writer.wait_closed()
         except OSError:
             pass
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class BrokerAgent:
@@ -140,6 +149,7 @@ class BrokerAgent:
         self.stats = AgentStats()
         self._stop = asyncio.Event()
         self._down: str | None = None  # the failure logged last: log a failure once
+        self._written_stat: tuple[int, int, int] | None = None
 
     # -- pieces --
     async def load_all(self) -> None:
@@ -154,7 +164,9 @@ class BrokerAgent:
                 chunks.append(data)
 
             async with driver.transaction(isolation="repeatable_read", readonly=True):
-                top = await driver.fetchval("SELECT coalesce(max(generation), 0) FROM broker_logins")
+                top = await driver.fetchval(
+                    "SELECT coalesce(max(generation), 0) FROM broker_logins"
+                )
                 # COPY's text format with ':' as the delimiter writes password-file lines.
                 await driver.copy_from_query(
                     "SELECT device_id, password_hash FROM broker_logins "
@@ -210,7 +222,16 @@ class BrokerAgent:
             f.write(b"".join(self.logins.values()))
         os.chmod(tmp, 0o644)  # the broker may run as another user of the pod
         os.replace(tmp, path)
+        self._written_stat = _identity(path)
         self.stats.last_write_s = time.perf_counter() - started
+
+    def _file_is_ours(self) -> bool:
+        """The password file is the one this agent wrote last (not lost with a volume, nor
+        re-seeded with the base logins only by the init step)."""
+        try:
+            return _identity(self.config.password_file) == self._written_stat
+        except FileNotFoundError:
+            return False
 
     def broker_pid(self) -> int | None:
         if self.config.broker_pid is not None:
@@ -223,26 +244,33 @@ class BrokerAgent:
         return None
 
     async def reload_broker(self, canary_password: str) -> bool:
-        """SIGHUP the broker and wait until the canary's new password is accepted."""
+        """SIGHUP the broker and wait until the canary's new password is accepted.
+
+        Signalled only once the broker has answered a CONNECT: Mosquitto 2.0.11 writes its pid
+        file before it installs its signal handlers (and loads the password file in between), so
+        a SIGHUP to a broker still starting would kill it. A broker that restarts reads the new
+        file by itself; a new pid is signalled again in case it read the old one.
+        """
         deadline = time.monotonic() + self.config.reload_timeout_s
-        signalled = False
+        signalled: int | None = None
         while time.monotonic() < deadline and not self._stop.is_set():
-            if not signalled:
-                pid = self.broker_pid()
-                if pid is not None:
-                    try:
-                        os.kill(pid, signal.SIGHUP)
-                        signalled = True
-                    except ProcessLookupError:
-                        pass  # restarting: a new broker reads the new file at start anyway
-            if await try_login(
+            code = await try_login(
                 self.config.broker_host,
                 self.config.broker_port,
                 self.config.canary_username,
                 canary_password,
                 timeout_s=max(1.0, deadline - time.monotonic()),
-            ):
+            )
+            if code == 0:
                 return True
+            pid = self.broker_pid()
+            if code is not None and pid is not None and pid != signalled:
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                    signalled = pid
+                except ProcessLookupError:
+                    pass  # gone: its successor reads the new file at start
+                continue
             await asyncio.sleep(0.02)
         return False
 
@@ -255,7 +283,11 @@ class BrokerAgent:
                     "applied_generation = EXCLUDED.applied_generation, "
                     "applied_at_ms = EXCLUDED.applied_at_ms"
                 ),
-                {"name": self.config.tier, "generation": generation, "now": int(time.time() * 1000)},
+                {
+                    "name": self.config.tier,
+                    "generation": generation,
+                    "now": int(time.time() * 1000),
+                },
             )
 
     async def step(self) -> bool:
@@ -265,7 +297,7 @@ class BrokerAgent:
         else:
             await self.read_changes()
         assert self.applied is not None
-        if self.written == self.applied and self.config.password_file.exists():
+        if self.written == self.applied and self._file_is_ours():
             return False
         canary_password = new_password()
         started = time.perf_counter()

@@ -52,6 +52,7 @@ import secrets
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -553,7 +554,9 @@ class PasswordFileCredentialManager:
         poll_s: float = 0.03,
     ) -> None:
         if db.is_sqlite:
-            raise ValueError("broker_credentials: password_file needs a PostgreSQL VPP_DATABASE_URL")
+            raise ValueError(
+                "broker_credentials: password_file needs a PostgreSQL VPP_DATABASE_URL"
+            )
         self.db = db
         self.tier = tier
         self.apply_timeout_s = apply_timeout_s
@@ -593,7 +596,7 @@ class PasswordFileCredentialManager:
             ).scalar_one_or_none()
         return None if value is None else int(value)
 
-    async def _write(self, ids: list[str], hashes: list[str | None]) -> int:
+    async def _write(self, ids: list[str], hashes: Sequence[str | None]) -> int:
         """Upsert the rows under a new generation; the generation."""
         try:
             async with self.db.engine.begin() as conn:
@@ -616,10 +619,12 @@ class PasswordFileCredentialManager:
                         "ON CONFLICT (device_id) DO UPDATE SET "
                         "password_hash = EXCLUDED.password_hash, generation = EXCLUDED.generation"
                     ),
-                    {"generation": generation, "ids": ids, "hashes": hashes},
+                    {"generation": generation, "ids": ids, "hashes": list(hashes)},
                 )
         except Exception as exc:
-            raise CredentialError(f"broker_logins: could not write {len(ids)} logins: {exc}") from exc
+            raise CredentialError(
+                f"broker_logins: could not write {len(ids)} logins: {exc}"
+            ) from exc
         return generation
 
     async def _wait_applied(self, generation: int) -> None:
