@@ -329,3 +329,44 @@ def test_hand_figures_used_above() -> None:
     assert pytest.approx(10.2492) == 0.8 * 13_500 * 0.949 / 1000
     assert pytest.approx(2.5623) == 0.2 * 13_500 * 0.949 / 1000
     assert np.isclose(4 * math.log(12 / 10.3), 0.611049, atol=1e-6)
+
+
+async def test_password_file_credentials_work_until_offboarding_revokes_them(
+    fresh_pg_url: str, api_factory: Any
+) -> None:
+    """The same promise with VPP_BROKER_CREDENTIALS=password_file: the login the API returns
+    works at the broker when the API answers (the agent has applied it), and offboarding drops
+    the live session before it answers."""
+    from tests.helpers.mosquitto import password_file_available, run_broker_agent, run_mosquitto
+
+    if not password_file_available():
+        pytest.skip("mosquitto and mosquitto_passwd are not installed")
+    with (
+        run_mosquitto(mechanism="password_file") as broker,
+        run_broker_agent(broker, fresh_pg_url),
+    ):
+        settings = make_settings(
+            fresh_pg_url,
+            mqtt_url=broker.service_url,
+            broker_credentials="password_file",
+            topic_root=broker.topic_root,
+        )
+        client, make_key = await api_factory(settings, ManualClock(NOW))
+        headers = await make_key("acme", "fleet")
+        did = uid("bat")
+        r = await client.post("/v1/devices", json=battery(did), headers=headers)
+        assert r.status_code == 201, r.text
+        creds = r.json()["mqtt"]
+        device = Client(broker, creds["username"], creds["password"])
+        try:
+            assert not device.connect().is_failure
+            assert not device.subscribe(creds["topics"]["cmd"]).is_failure
+            assert (await client.delete(f"/v1/devices/{did}", headers=headers)).status_code == 204
+            assert device.disconnected.wait(WAIT_S), "offboarded device still connected"
+        finally:
+            device.stop()
+        again = Client(broker, creds["username"], creds["password"])
+        try:
+            assert again.connect().is_failure
+        finally:
+            again.stop()
