@@ -152,8 +152,9 @@ class BrokerAgent:
         self._written_stat: tuple[int, int, int] | None = None
 
     # -- pieces --
-    async def load_all(self) -> None:
-        """Every live login and the generation they make up, in one snapshot."""
+    async def _fetch(self, since: int) -> tuple[int, bytes]:
+        """The rows with a generation above ``since`` as ``device_id:hash`` lines (``\\N`` for a
+        revoked one), by COPY, and the highest generation, in one snapshot."""
         async with self.db.engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
@@ -167,44 +168,44 @@ class BrokerAgent:
                 top = await driver.fetchval(
                     "SELECT coalesce(max(generation), 0) FROM broker_logins"
                 )
-                # COPY's text format with ':' as the delimiter writes password-file lines.
-                await driver.copy_from_query(
-                    "SELECT device_id, password_hash FROM broker_logins "
-                    "WHERE password_hash IS NOT NULL",
-                    output=sink,
-                    format="text",
-                    delimiter=":",
-                )
-        self.logins = parse_login_lines(b"".join(chunks))
-        self.applied = int(top)
+                if int(top) > since:
+                    # COPY's text format with ':' as the delimiter writes password-file lines.
+                    live = " AND password_hash IS NOT NULL" if since == 0 else ""  # first load
+                    await driver.copy_from_query(
+                        "SELECT device_id, password_hash FROM broker_logins "
+                        f"WHERE generation > $1{live}",
+                        since,
+                        output=sink,
+                        format="text",
+                        delimiter=":",
+                    )
+        return int(top), b"".join(chunks)
+
+    async def load_all(self) -> None:
+        """Every live login and the generation they make up, in one snapshot."""
+        top, data = await self._fetch(0)
+        self.logins = parse_login_lines(data)
+        self.applied = top
         self.stats.logins = len(self.logins)
         log.info("broker agent: %d logins loaded, generation %d", len(self.logins), self.applied)
 
     async def read_changes(self) -> int:
         """Apply the rows written since ``applied``; the number of rows."""
         assert self.applied is not None
-        async with self.db.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    text(
-                        "SELECT device_id, password_hash, generation FROM broker_logins "
-                        "WHERE generation > :applied"
-                    ),
-                    {"applied": self.applied},
-                )
-            ).all()
-        if not rows:
+        top, data = await self._fetch(self.applied)
+        if top <= self.applied:
             return 0
         logins = self.logins
-        for device_id, password_hash, _generation in rows:
-            key = device_id.encode()
-            if password_hash is None:
-                logins.pop(key, None)
+        lines = data.splitlines(keepends=True)
+        for line in lines:
+            user, _, rest = line.partition(b":")
+            if rest.startswith(b"\\N"):
+                logins.pop(user, None)
             else:
-                logins[key] = b"%s:%s\n" % (key, password_hash.encode())
-        self.applied = max(int(r[2]) for r in rows)
+                logins[user] = line
+        self.applied = top
         self.stats.logins = len(logins)
-        return len(rows)
+        return len(lines)
 
     def write_file(self, canary_password: str) -> None:
         """The whole password file, atomically: base lines, the canary, every device."""

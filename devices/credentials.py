@@ -567,13 +567,15 @@ class PasswordFileCredentialManager:
         if not passwords:
             return {}
         ids = list(passwords)
-        await self._wait_applied(await self._write(ids, password_hashes(list(passwords.values()))))
+        await self.wait_applied(
+            await self.write_logins(ids, password_hashes(list(passwords.values())))
+        )
         return passwords
 
     async def revoke(self, device_ids: list[str]) -> None:
         ids = list(dict.fromkeys(validate_device_id(d) for d in device_ids))
         if ids:
-            await self._wait_applied(await self._write(ids, [None] * len(ids)))
+            await self.wait_applied(await self.write_logins(ids, [None] * len(ids)))
 
     async def ping(self) -> bool:
         """True when the database answers and the tier's agent has applied a generation."""
@@ -596,8 +598,9 @@ class PasswordFileCredentialManager:
             ).scalar_one_or_none()
         return None if value is None else int(value)
 
-    async def _write(self, ids: list[str], hashes: Sequence[str | None]) -> int:
-        """Upsert the rows under a new generation; the generation."""
+    async def write_logins(self, ids: list[str], hashes: Sequence[str | None]) -> int:
+        """Upsert the rows (a None hash revokes) under a new generation; the generation. Does
+        not wait for the broker (``wait_applied``). ``ids`` must be distinct."""
         try:
             async with self.db.engine.begin() as conn:
                 # Held to the commit: the next writer's generation is taken after ours commits.
@@ -627,7 +630,9 @@ class PasswordFileCredentialManager:
             ) from exc
         return generation
 
-    async def _wait_applied(self, generation: int) -> None:
+    async def wait_applied(self, generation: int) -> None:
+        """Return once the tier's agent has applied ``generation``; CredentialError after
+        ``apply_timeout_s``."""
         deadline = time.monotonic() + self.apply_timeout_s
         applied: int | None = None
         while True:

@@ -608,8 +608,8 @@ async def test_agent_folds_every_pending_write_into_one_reload(
             a, b, c = new_ids(3)
             # Three writes as three onboardings would make them (not waiting for the agent).
             hashes = {d: ("pw-" + d) for d in (a, b, c)}
-            gens = [await writer._write([d], [password_hash(hashes[d])]) for d in (a, b)]
-            gens.append(await writer._write([a], [None]))  # and a revocation
+            gens = [await writer.write_logins([d], [password_hash(hashes[d])]) for d in (a, b)]
+            gens.append(await writer.write_logins([a], [None]))  # and a revocation
             assert gens == sorted(gens) and len(set(gens)) == 3
             reloads = agent.stats.reloads
             assert await agent.step()
