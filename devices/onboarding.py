@@ -563,7 +563,12 @@ async def onboard(
                 await _insert_rows(session, rows, services.db.is_sqlite)
                 # Credentials and registry before the commit: a failure leaves no rows behind.
                 provisioned = True
-                passwords = await services.credentials.provision(ids)
+                try:
+                    passwords = await services.credentials.provision(ids)
+                except ValueError as exc:
+                    # An id the broker's mechanism cannot take (a password file: no ':'); the
+                    # manager checks every id before it writes anything.
+                    raise InvalidDevice([FieldError("id", str(exc))]) from exc
                 registered = True
                 await services.state.registry_put(registry)
         except IntegrityError as exc:

@@ -370,3 +370,8 @@ async def test_password_file_credentials_work_until_offboarding_revokes_them(
             assert again.connect().is_failure
         finally:
             again.stop()
+        # An id the API allows but a password file cannot hold: refused by name, nothing stored.
+        r = await client.post("/v1/devices", json=battery("bat:1"), headers=headers)
+        assert r.status_code == 422, r.text
+        assert "device_id" in r.text and "':'" in r.text
+        assert (await client.get("/v1/devices/bat:1", headers=headers)).status_code == 404
