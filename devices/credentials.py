@@ -538,11 +538,19 @@ def validate_password_file_username(device_id: str) -> str:
 class PasswordFileCredentialManager:
     """Device logins in PostgreSQL (``broker_logins``), made live by the broker agent.
 
-    ``provision`` and ``revoke`` write all their rows in one statement under one new generation
-    (a short transaction of their own, whatever the caller's), then wait until the tier's agent
-    has recorded that generation as applied: the credentials work (or no longer work, and the
-    live session is gone) at the broker when they return. Several service processes may write
-    at once: the advisory lock makes generations commit in order.
+    ``provision`` writes all its rows in one statement under one new generation (a short
+    transaction of its own, whatever the caller's), then waits until the tier's agent has
+    recorded that generation as applied: the credentials work at the broker when it returns.
+    Several service processes may write at once: the advisory lock makes generations commit in
+    order.
+
+    ``revoke`` writes tombstones the same way. With a ``kicker`` (the service's login on the
+    broker's dynamic-security plugin, loaded beside the password file as a small deny list) it
+    does not wait for the reload of the whole file: it adds each device to dynsec as a disabled
+    client, which disconnects its live session and refuses its logins at once (dynsec is asked
+    first and defers on the devices it does not hold), and removes that entry once the agent
+    has applied the tombstone. Without one, or when the broker does not answer it, revoke waits
+    for the agent.
     """
 
     def __init__(
@@ -552,6 +560,7 @@ class PasswordFileCredentialManager:
         *,
         apply_timeout_s: float = 60.0,
         poll_s: float = 0.03,
+        kicker: DynsecCredentialManager | None = None,
     ) -> None:
         if db.is_sqlite:
             raise ValueError(
@@ -561,21 +570,76 @@ class PasswordFileCredentialManager:
         self.tier = tier
         self.apply_timeout_s = apply_timeout_s
         self.poll_s = poll_s
+        self.kicker = kicker
+        self._kicker_down_until = 0.0  # monotonic: after a failure, don't ask for a minute
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    def _kicker_up(self) -> bool:
+        return self.kicker is not None and time.monotonic() >= self._kicker_down_until
 
     async def provision(self, device_ids: list[str]) -> dict[str, str]:
         passwords = {validate_password_file_username(d): new_password() for d in device_ids}
         if not passwords:
             return {}
         ids = list(passwords)
-        await self.wait_applied(
-            await self.write_logins(ids, password_hashes(list(passwords.values())))
-        )
+        hashes = password_hashes(list(passwords.values()))
+        generation, were_revoked = await self._write(ids, hashes)
+        await self.wait_applied(generation)
+        if were_revoked and self._kicker_up():
+            # A device revoked before (an undone onboarding, say) may still be on the deny list.
+            await self._undeny(were_revoked)
         return passwords
 
     async def revoke(self, device_ids: list[str]) -> None:
         ids = list(dict.fromkeys(validate_device_id(d) for d in device_ids))
-        if ids:
-            await self.wait_applied(await self.write_logins(ids, [None] * len(ids)))
+        if not ids:
+            return
+        generation = await self.write_logins(ids, [None] * len(ids))
+        if self._kicker_up() and await self._deny(ids):
+            task = asyncio.create_task(self._undeny_when_applied(ids, generation))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+            return
+        await self.wait_applied(generation)
+
+    async def _deny(self, ids: list[str]) -> bool:
+        """Disable each device in dynsec (kicks it; its logins fail): True once done."""
+        assert self.kicker is not None
+        commands: list[dict[str, Any]] = []
+        for d in ids:
+            commands.append({"command": "createClient", "username": d, "password": new_password()})
+            commands.append({"command": "disableClient", "username": d})
+        try:
+            responses = await self.kicker._execute(commands)
+            errors = [
+                f"{c['command']} {c['username']}: {r['error']}"
+                for c, r in zip(commands, responses, strict=True)
+                if r.get("error") and not _is_already_exists(r["error"])
+            ]
+            if errors:
+                raise CredentialError("; ".join(errors[:5]))
+            # dynsec kicks on the broker's next loop turn: one more round trip.
+            await self.kicker._execute([{"command": "getDefaultACLAccess"}])
+        except CredentialError as exc:
+            log.warning("broker deny list unavailable (%s); revoke waits for the agent", exc)
+            self._kicker_down_until = time.monotonic() + 60.0
+            return False
+        return True
+
+    async def _undeny(self, ids: list[str]) -> None:
+        assert self.kicker is not None
+        try:
+            await self.kicker._execute([{"command": "deleteClient", "username": d} for d in ids])
+        except CredentialError as exc:
+            log.warning("could not clear %d devices from the broker deny list: %s", len(ids), exc)
+
+    async def _undeny_when_applied(self, ids: list[str], generation: int) -> None:
+        try:
+            await self.wait_applied(generation)
+        except CredentialError as exc:
+            log.warning("deny list kept for %d devices: %s", len(ids), exc)
+            return
+        await self._undeny(ids)
 
     async def ping(self) -> bool:
         """True when the database answers and the tier's agent has applied a generation."""
@@ -586,7 +650,11 @@ class PasswordFileCredentialManager:
             return False
 
     async def close(self) -> None:
-        return None  # the Database is the process's and closed with it
+        # The Database is the process's and closed with it; the deny-list cleanups finish first.
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=self.apply_timeout_s)
+        if self.kicker is not None:
+            await self.kicker.close()
 
     async def applied_generation(self) -> int | None:
         async with self.db.engine.connect() as conn:
@@ -601,6 +669,10 @@ class PasswordFileCredentialManager:
     async def write_logins(self, ids: list[str], hashes: Sequence[str | None]) -> int:
         """Upsert the rows (a None hash revokes) under a new generation; the generation. Does
         not wait for the broker (``wait_applied``). ``ids`` must be distinct."""
+        return (await self._write(ids, hashes))[0]
+
+    async def _write(self, ids: list[str], hashes: Sequence[str | None]) -> tuple[int, list[str]]:
+        """write_logins, and which of ``ids`` were revoked (a tombstone) before."""
         try:
             async with self.db.engine.begin() as conn:
                 # Held to the commit: the next writer's generation is taken after ours commits.
@@ -614,6 +686,18 @@ class PasswordFileCredentialManager:
                         )
                     ).scalar_one()
                 )
+                were_revoked = [
+                    d
+                    for (d,) in (
+                        await conn.execute(
+                            text(
+                                "SELECT device_id FROM broker_logins WHERE device_id = "
+                                "ANY(CAST(:ids AS varchar[])) AND password_hash IS NULL"
+                            ),
+                            {"ids": ids},
+                        )
+                    ).all()
+                ]
                 await conn.execute(
                     text(
                         "INSERT INTO broker_logins (device_id, password_hash, generation) "
@@ -628,7 +712,7 @@ class PasswordFileCredentialManager:
             raise CredentialError(
                 f"broker_logins: could not write {len(ids)} logins: {exc}"
             ) from exc
-        return generation
+        return generation, were_revoked
 
     async def wait_applied(self, generation: int) -> None:
         """Return once the tier's agent has applied ``generation``; CredentialError after
@@ -754,7 +838,9 @@ def make_credential_manager(settings: Any, db: Database | None = None) -> Creden
             raise ValueError(
                 "broker_credentials: password_file needs a PostgreSQL VPP_DATABASE_URL"
             )
-        return PasswordFileCredentialManager(db, tier, apply_timeout_s=apply_timeout_s)
+        return PasswordFileCredentialManager(
+            db, tier, apply_timeout_s=apply_timeout_s, kicker=_kicker(settings)
+        )
     cfg = parse_mqtt_url(settings.mqtt_url, getattr(settings, "mqtt_ca_file", None))
     if cfg.is_memory or not cfg.username:
         if mode == "dynsec":
@@ -776,8 +862,32 @@ def make_credential_manager(settings: Any, db: Database | None = None) -> Creden
     if mode == "dynsec":
         return dynsec
     password_file = (
-        PasswordFileCredentialManager(db, tier, apply_timeout_s=apply_timeout_s)
+        PasswordFileCredentialManager(
+            db, tier, apply_timeout_s=apply_timeout_s, kicker=_kicker(settings)
+        )
         if db is not None and not db.is_sqlite
         else None
     )
     return AutoCredentialManager(dynsec, password_file=password_file)
+
+
+def _kicker(settings: Any) -> DynsecCredentialManager | None:
+    """The service's login on the broker's dynsec plugin (the password_file deny list), from
+    ``settings.mqtt_url``; None for the in-process broker or a URL without a login."""
+    from devices.mqtt import parse_mqtt_url, tls_context
+
+    cfg = parse_mqtt_url(settings.mqtt_url, getattr(settings, "mqtt_ca_file", None))
+    if cfg.is_memory or not cfg.username:
+        return None
+    return DynsecCredentialManager(
+        cfg.host,
+        cfg.port,
+        cfg.username,
+        cfg.password or "",
+        tls=cfg.tls,
+        tls_context=tls_context(cfg.ca_file) if cfg.tls else None,
+        topic_root=getattr(settings, "topic_root", "vpp/v1"),
+        client_id=f"{getattr(settings, 'mqtt_client_id_prefix', 'vpp-svc')}-deny-"
+        f"{secrets.token_hex(4)}",
+        timeout_s=5.0,
+    )

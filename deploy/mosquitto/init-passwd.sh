@@ -45,5 +45,14 @@ sed -e "s#vpp/v1/#$ROOT/#g" \
     -e "s#^user vpp-gateway\$#user $GATEWAY_USER#" \
     "$ACL_TEMPLATE" >"$DATA_DIR/acl.tmp"
 mv "$DATA_DIR/acl.tmp" "$DATA_DIR/acl"
+# The dynsec plugin's file: the deny list of devices being revoked, empty to begin with (no
+# admin: the service administers it through the ACL file's $CONTROL grant).
+DYNSEC_FILE="${DYNSEC_FILE:-$DATA_DIR/dynamic-security.json}"
+if [ ! -s "$DYNSEC_FILE" ]; then
+    cat >"$DYNSEC_FILE" <<'JSON'
+{"defaultACLAccess": {"publishClientSend": false, "publishClientReceive": true,
+ "subscribe": false, "unsubscribe": true}, "clients": [], "groups": [], "roles": []}
+JSON
+fi
 chmod 0644 "$DATA_DIR/passwd" "$DATA_DIR/passwd.base" "$DATA_DIR/acl"
 echo "init-passwd: base logins and ACL in $DATA_DIR"

@@ -139,11 +139,20 @@ async def manager(tier: Tier) -> AsyncIterator[Any]:
         )
     else:
         assert tier.database_url is not None
-        m = PasswordFileCredentialManager(Database(tier.database_url), apply_timeout_s=30)
+        m = PasswordFileCredentialManager(
+            Database(tier.database_url), apply_timeout_s=30, kicker=deny_list(tier.broker)
+        )
     yield m
     await m.close()
     if isinstance(m, PasswordFileCredentialManager):
         await m.db.dispose()
+
+
+def deny_list(broker: MosquittoBroker) -> DynsecCredentialManager:
+    """The service's login on the broker's dynsec plugin: password_file's deny list."""
+    return DynsecCredentialManager(
+        broker.host, broker.port, broker.service_username, broker.service_password, timeout_s=10
+    )
 
 
 @pytest.fixture
@@ -620,3 +629,28 @@ async def test_agent_folds_every_pending_write_into_one_reload(
         finally:
             await agent.close()
             await db.dispose()
+
+
+async def test_revoked_then_provisioned_again_logs_in_and_the_deny_list_empties(
+    tier: Tier, manager: CredentialManager, clients: list[Client]
+) -> None:
+    """password_file: revoke puts the device on dynsec's deny list (so it is out before the
+    reload); once the agent has applied the revocation the entry goes, and an onboarding of the
+    same id (an undone one retried) gets a login that works."""
+    import asyncio
+
+    if tier.mechanism != "password_file":
+        pytest.skip("the password_file deny list")
+    assert isinstance(manager, PasswordFileCredentialManager) and manager.kicker is not None
+    (a,) = new_ids(1)
+    first = await manager.provision([a])
+    device = connected(clients, tier.broker, a, first[a])
+    await manager.revoke([a])
+    assert device.disconnected.wait(WAIT_S), "revoked device still connected"
+    assert Client(tier.broker, a, first[a]).connect().is_failure
+    await asyncio.wait_for(asyncio.gather(*manager._cleanups), 30)
+    listed = await manager.kicker._execute([{"command": "listClients"}])
+    assert a not in listed[0]["data"]["clients"]
+    assert Client(tier.broker, a, first[a]).connect().is_failure  # the file is without it now
+    second = await manager.provision([a])
+    connected(clients, tier.broker, a, second[a])

@@ -146,7 +146,8 @@ def mosquitto_available() -> bool:
 
 
 def password_file_available() -> bool:
-    return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
+    """password_file brokers: mosquitto_passwd too, and the dynsec plugin (the deny list)."""
+    return mosquitto_available() and shutil.which("mosquitto_passwd") is not None
 
 
 def free_port() -> int:
@@ -218,14 +219,16 @@ def _tls_listener(port: int, tls: TlsFiles) -> list[str]:
 def render_config(
     workdir: Path,
     port: int,
-    plugin: str | None,
+    plugin: str,
     extra_config: str = "",
     tls_port: int | None = None,
     tls: TlsFiles | None = None,
+    password_file: bool = False,
 ) -> str:
     """The deploy config's global part with the paths moved into ``workdir``, one local listener
     and, with ``tls_port`` and ``tls``, the deploy's TLS listener on that port. ``plugin``: the
-    dynsec plugin; None: the password and ACL files in ``workdir`` (init-passwd.sh's)."""
+    dynsec plugin; ``password_file``: also the password and ACL files in ``workdir``
+    (init-passwd.sh's), with dynsec as the deny list."""
     kept: list[str] = []
     for line in DEPLOY_CONF.read_text().splitlines():
         key = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
@@ -237,10 +240,12 @@ def render_config(
     kept += [
         "",
         "# --- test overrides (tests/helpers/mosquitto.py) ---",
+        f"plugin {plugin}",
+        f"plugin_opt_config_file {workdir / 'dynamic-security.json'}",
         *(
-            [f"plugin {plugin}", f"plugin_opt_config_file {workdir / 'dynamic-security.json'}"]
-            if plugin is not None
-            else [f"password_file {workdir / 'passwd'}", f"acl_file {workdir / 'acl'}"]
+            [f"password_file {workdir / 'passwd'}", f"acl_file {workdir / 'acl'}"]
+            if password_file
+            else []
         ),
         f"pid_file {workdir / 'mosquitto.pid'}",
         f"persistence_location {workdir}/",
@@ -296,11 +301,11 @@ def run_mosquitto(
     TLS listener on a second free port, with a CA made for the test."""
     if mechanism not in MECHANISMS:
         raise ValueError(f"mechanism: {mechanism!r} is not one of {MECHANISMS}")
-    plugin = dynsec_plugin_path() if mechanism == "dynsec" else None
-    if mechanism == "dynsec" and (plugin is None or not mosquitto_available()):
+    plugin = dynsec_plugin_path()
+    if plugin is None or not mosquitto_available():
         raise RuntimeError("mosquitto, mosquitto_ctrl and the dynamic-security plugin are needed")
     if mechanism == "password_file" and not password_file_available():
-        raise RuntimeError("mosquitto and mosquitto_passwd are needed")
+        raise RuntimeError("mosquitto_passwd is needed")
     workdir = Path(tempfile.mkdtemp(prefix="vpp-mosquitto-"))
     creds = {
         "admin": ("admin", secrets.token_urlsafe(16)),
@@ -319,7 +324,7 @@ def run_mosquitto(
             "VPP_GATEWAY_USER": creds["gateway"][0],
             "VPP_GATEWAY_PASSWORD": creds["gateway"][1],
             "VPP_TOPIC_ROOT": topic_root,
-            "MOSQUITTO_DYNSEC_PLUGIN": plugin or "",
+            "MOSQUITTO_DYNSEC_PLUGIN": plugin,
             "INIT_PORT": str(free_port()),
         }
         if mechanism == "password_file":
@@ -339,7 +344,17 @@ def run_mosquitto(
             port = free_port()
             tls_port = free_port() if tls_files is not None else None
             conf = workdir / "mosquitto.conf"
-            conf.write_text(render_config(workdir, port, plugin, extra_config, tls_port, tls_files))
+            conf.write_text(
+                render_config(
+                    workdir,
+                    port,
+                    plugin,
+                    extra_config,
+                    tls_port,
+                    tls_files,
+                    password_file=mechanism == "password_file",
+                )
+            )
             proc = subprocess.Popen(
                 ["mosquitto", "-c", str(conf)],
                 stdout=subprocess.DEVNULL,
