@@ -9,9 +9,12 @@ the broker's password file, reloads it with SIGHUP and records the generation it
 (``broker_tier``) once its canary login with that generation's password is accepted. What each
 device may touch is one static ACL file of ``%u`` patterns (deploy/mosquitto/acl). On reload
 Mosquitto re-checks every connected client against the new file and disconnects the ones whose
-login is gone: that is how offboarding drops a live session. A device's wildcard subscription is
-granted (Mosquitto 2.0.11 does not check subscriptions against an acl_file) but every delivery
-is checked against the READ patterns, so it delivers nothing but the device's own ``cmd``.
+login is gone. Revocation does not wait for that reload: the broker also loads the
+dynamic-security plugin, holding only the devices being revoked as disabled clients (kicked and
+refused at once; the plugin defers on everyone else), each removed once the agent has applied its
+tombstone. A device's wildcard subscription is granted (Mosquitto 2.0.11 does not check
+subscriptions against an acl_file) but every delivery is checked against the READ patterns, so
+it delivers nothing but the device's own ``cmd``.
 
 Device hashes are ``$6$`` (one salted SHA-512), not ``$7$`` (PBKDF2): device passwords are 192
 random bits, which no guessing can reach whatever the hash, so iterations buy nothing; and
