@@ -654,3 +654,31 @@ async def test_revoked_then_provisioned_again_logs_in_and_the_deny_list_empties(
     assert Client(tier.broker, a, first[a]).connect().is_failure  # the file is without it now
     second = await manager.provision([a])
     connected(clients, tier.broker, a, second[a])
+
+
+async def test_agent_outlives_a_database_it_cannot_reach(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Down at start: the agent logs it once, keeps retrying, and writes nothing."""
+    import asyncio
+    import logging
+
+    from devices.broker_agent import AgentConfig, BrokerAgent
+
+    agent = BrokerAgent(
+        AgentConfig(
+            database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none",
+            password_file=tmp_path / "passwd",
+            broker_port=free_port(),
+        )
+    )
+    caplog.set_level(logging.ERROR, logger="devices.broker_agent")
+    task = asyncio.create_task(agent.run())
+    await asyncio.sleep(2.5)  # two retries at least
+    assert not task.done()
+    agent.stop()
+    await asyncio.wait_for(task, 5)
+    await agent.close()
+    assert len(agent.stats.errors) >= 2
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 1
+    assert not (tmp_path / "passwd").exists()
