@@ -409,7 +409,11 @@ class AgentThread:
 
 @contextmanager
 def run_broker_agent(
-    broker: MosquittoBroker, database_url: str, tier: str = "default", poll_s: float = 0.02
+    broker: MosquittoBroker,
+    database_url: str,
+    tier: str = "default",
+    poll_s: float = 0.02,
+    reload_timeout_s: float = 30.0,
 ) -> Iterator[AgentThread]:
     """Run the broker agent for ``broker`` (started with mechanism="password_file") against
     ``database_url`` (migrated) until the block ends; it has made its first reload on entry."""
@@ -427,7 +431,7 @@ def run_broker_agent(
         broker_host=broker.host,
         broker_port=broker.port,
         poll_s=poll_s,
-        reload_timeout_s=30.0,
+        reload_timeout_s=reload_timeout_s,
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()
