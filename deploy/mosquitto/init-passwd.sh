@@ -55,4 +55,10 @@ if [ ! -s "$DYNSEC_FILE" ]; then
 JSON
 fi
 chmod 0644 "$DATA_DIR/passwd" "$DATA_DIR/passwd.base" "$DATA_DIR/acl"
+# Run as root (compose): hand the files to the broker's user, which the broker (saving dynsec)
+# and the agent (uid 1883, replacing passwd) run as. BROKER_UID: 1883 in eclipse-mosquitto.
+if [ "$(id -u)" = "0" ]; then
+    chown "${BROKER_UID:-1883}:${BROKER_UID:-1883}" "$DATA_DIR" "$DATA_DIR/passwd" \
+        "$DATA_DIR/passwd.base" "$DATA_DIR/acl" "$DYNSEC_FILE"
+fi
 echo "init-passwd: base logins and ACL in $DATA_DIR"
