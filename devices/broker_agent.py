@@ -150,6 +150,8 @@ class BrokerAgent:
         self._stop = asyncio.Event()
         self._down: str | None = None  # the failure logged last: log a failure once
         self._written_stat: tuple[int, int, int] | None = None
+        self._pending: str | None = None  # the canary password of a reload not yet confirmed
+        self._pending_started = 0.0
 
     # -- pieces --
     async def _fetch(self, since: int) -> tuple[int, bytes]:
@@ -292,26 +294,37 @@ class BrokerAgent:
             )
 
     async def step(self) -> bool:
-        """One turn of the loop; True if it reloaded the broker."""
-        if self.applied is None:
-            await self.load_all()
-        else:
-            await self.read_changes()
+        """One turn of the loop; True if it reloaded the broker.
+
+        A reload that outlasts ``reload_timeout_s`` stays pending: the next turn waits for the
+        same canary (and signals again only if the broker refuses it), rather than writing a new
+        file, which would restart a slow reload forever.
+        """
+        if self._pending is None:
+            if self.applied is None:
+                await self.load_all()
+            else:
+                await self.read_changes()
+            assert self.applied is not None
+            if self.written == self.applied and self._file_is_ours():
+                return False
+            self._pending = new_password()
+            self._pending_started = time.perf_counter()
+            self.write_file(self._pending)
+        elif not self._file_is_ours():
+            self.write_file(self._pending)
         assert self.applied is not None
-        if self.written == self.applied and self._file_is_ours():
-            return False
-        canary_password = new_password()
-        started = time.perf_counter()
-        self.write_file(canary_password)
-        if not await self.reload_broker(canary_password):
+        if not await self.reload_broker(self._pending):
             raise RuntimeError(
-                f"broker at {self.config.broker_host}:{self.config.broker_port} did not accept the "
-                f"canary login within {self.config.reload_timeout_s:.0f} s of a reload"
+                f"broker at {self.config.broker_host}:{self.config.broker_port} has not accepted "
+                f"the canary login within {self.config.reload_timeout_s:.0f} s of a reload "
+                "(still waiting)"
             )
         await self.record_applied(self.applied)
         self.written = self.applied
+        self._pending = None
         self.stats.reloads += 1
-        self.stats.last_reload_s = time.perf_counter() - started
+        self.stats.last_reload_s = time.perf_counter() - self._pending_started
         log.info(
             "broker agent: generation %d live, %d logins, file %.2f s, reload %.2f s",
             self.applied,

@@ -682,3 +682,35 @@ async def test_agent_outlives_a_database_it_cannot_reach(
     assert len(agent.stats.errors) >= 2
     assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 1
     assert not (tmp_path / "passwd").exists()
+
+
+async def test_a_slow_reload_stays_pending_instead_of_starting_over(module_pg_url: str) -> None:
+    """A reload longer than the agent's patience is waited for with the same canary and file:
+    writing a new file each time would restart a slow reload forever."""
+    from devices.broker_agent import AgentConfig, BrokerAgent, _identity
+
+    if not password_file_available():
+        pytest.skip("mosquitto, mosquitto_passwd and the dynsec plugin are needed")
+    with run_mosquitto(ROOT, mechanism="password_file") as broker:
+        agent = BrokerAgent(
+            AgentConfig(
+                database_url=module_pg_url,
+                password_file=broker.password_file,
+                tier="slow-tier",
+                base_file=broker.base_password_file,
+                broker_pid_file=broker.pid_file,
+                broker_host=broker.host,
+                broker_port=broker.port,
+                reload_timeout_s=0.0,  # gives up at once: as if the reload took too long
+            )
+        )
+        try:
+            with pytest.raises(RuntimeError, match="still waiting"):
+                await agent.step()
+            written = _identity(broker.password_file)
+            agent.config.reload_timeout_s = 30.0
+            assert await agent.step()
+            assert _identity(broker.password_file) == written  # the same file, not a new one
+            assert agent.stats.reloads == 1
+        finally:
+            await agent.close()
