@@ -143,8 +143,9 @@ class _DeviceSpecBase(BaseModel):
 
     id: str | None = Field(
         None,
-        description="Device id, also its MQTT username: 1–64 characters of `[A-Za-z0-9._:-]`. "
-        "Generated (`d-<hex>`) when absent.",
+        description="Device id, also its MQTT username: 1–64 characters of `[A-Za-z0-9._:-]` "
+        "(without `:` when the broker keeps logins in a password file, "
+        "VPP_BROKER_CREDENTIALS=password_file). Generated (`d-<hex>`) when absent.",
         examples=["bat-000123"],
     )
     site_id: str = Field(
