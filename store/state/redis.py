@@ -232,13 +232,21 @@ class RedisStateStore(StateStore):
         return out
 
     async def all_states_packed(self) -> list[PackedStates]:
-        """One chunk a bucket, ids as raw bytes (no decoding of a million ids)."""
-        return [pack_records(list(h), list(h.values())) for h in await self._all_hash_chunks("st")]
+        """One chunk a bucket, its ids as one blob (``PackedIds``): joined in C, no decoding
+        of a million ids, and the reader compares a chunk with its cached one in one memcmp."""
+        out: list[PackedStates] = []
+        for h in await self._all_hash_chunks("st"):
+            ids, recs = _id_blob(h), b"".join(h.values())
+            if ids is None or len(recs) != STATE_DTYPE.itemsize * len(h):
+                out.append(pack_records(list(h), list(h.values())))  # leaves bad records out
+            else:
+                out.append((ids, recs))
+        return out
 
     async def all_status_packed(self) -> list[PackedStatus]:
         # Values are "1:ts" / "0:ts": the first byte is the flag.
         return [
-            (list(h), np.array(list(h.values()), dtype="S1") == b"1")
+            (_id_blob(h) or list(h), np.array(list(h.values()), dtype="S1") == b"1")
             for h in await self._all_hash_chunks("on")
         ]
 
@@ -389,6 +397,13 @@ def _fill_chunks(registry: Mapping[str, int]) -> list[tuple[bytes, bytes, bytes]
         codes = bytes(int(code) + 1 for _, code in items[lo : lo + _REBUILD_CHUNK])
         out.append((b"".join(enc), struct.pack(f"<{len(enc)}H", *map(len, enc)), codes))
     return out
+
+
+def _id_blob(h: Mapping[bytes, bytes]) -> bytes | None:
+    """The keys of ``h``, each followed by b"\\n"; None if one holds a newline itself (never a
+    device id onboarded through the API)."""
+    blob = b"\n".join(h) + b"\n"
+    return blob if blob.count(b"\n") == len(h) else None
 
 
 def _text(value: bytes | str) -> str:

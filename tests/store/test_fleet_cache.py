@@ -24,10 +24,11 @@ from vpp.fleet.registry import (
     assemble,
     assemble_packed,
     build_registry,
+    compact_registry,
     registry_with_changes,
     snapshot_with_changes,
 )
-from vpp.fleet.snapshot import FleetSnapshot, compute_freshness
+from vpp.fleet.snapshot import FleetSnapshot, compute_freshness, summarise
 
 NOW = 1_784_061_000_000
 INTERVAL_S = 300.0
@@ -58,6 +59,9 @@ def reference_snapshot(
 def as_reference(snap: FleetSnapshot) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i, did in enumerate(snap.device_ids):
+        if snap.removed is not None and snap.removed[i]:
+            assert did not in snap.index or snap.device_ids[snap.index[did]] is not did
+            continue
         d = {
             "id": did,
             "tenant_id": snap.tenant_ids[i],
@@ -208,11 +212,15 @@ def test_changes_give_the_same_snapshot_as_a_rebuild() -> None:
     patched = [(*rows[5][:6], not rows[5][6], *rows[5][7:])]
     patched.append((rows[6][0], rows[6][1], "NEW-REGION", *rows[6][3:]))
     removed = [rows[0][0], rows[100][0], "never-registered"]
-    reg2, source = registry_with_changes(registry, new_rows + patched, removed)
-    snap2 = snapshot_with_changes(snap, reg2, source)
+    reg2 = registry_with_changes(registry, new_rows + patched, removed)
+    snap2 = snapshot_with_changes(snap, reg2)
     # Idempotent: applying the same change again changes nothing.
-    reg3, source3 = registry_with_changes(reg2, new_rows + patched, removed)
-    snap3 = snapshot_with_changes(snap2, reg3, source3)
+    reg3 = registry_with_changes(reg2, new_rows + patched, removed)
+    snap3 = snapshot_with_changes(snap2, reg3)
+    # Compacting the tombstones away gives the same devices, and so does a fresh assembly.
+    reg4, source4 = compact_registry(reg3)
+    assert source4 is not None and reg4.removed is None and len(reg4) == len(reg3) - 2
+    snap4 = snapshot_with_changes(snap3, reg4, source4)
 
     final = {r[0]: r for r in rows}
     final.update({r[0]: r for r in new_rows + patched})
@@ -222,6 +230,10 @@ def test_changes_give_the_same_snapshot_as_a_rebuild() -> None:
     expected = normalise(reference_snapshot(list(final.values()), states_now, statuses))
     assert as_reference(snap2) == expected
     assert as_reference(snap3) == expected
+    assert as_reference(snap4) == expected
+    st, stat = packed_chunks(states, statuses, 9)
+    assert as_reference(assemble_packed(reg3, st, stat, NOW, INTERVAL_S, OFFLINE_S)) == expected
+    assert as_reference(assemble_packed(reg4, st, stat, NOW, INTERVAL_S, OFFLINE_S)) == expected
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -389,3 +401,91 @@ async def test_a_change_made_during_a_rebuild_is_not_lost() -> None:
     snap = await build
     assert "late" in snap.index and len(snap) == 6
     assert snap.state.dtype == STATE_DTYPE
+
+
+async def test_offboarding_leaves_every_view_at_once_and_the_next_build_compacts() -> None:
+    cache, store, _ = await make_cache(6)
+    before = await cache.snapshot()
+    assert sum(r["registered"] for r in summarise(before, np.zeros(len(before)))) == 6
+    await store.registry_put({"b3": -1})
+    cache.apply_changes([], ["b3"])
+    snap = await cache.snapshot()
+    row = before.index.get("b3")  # the shared index forgets it too: offboarding is at once
+    assert row is None and "b3" not in snap.index
+    gone = int(np.flatnonzero(snap.device_ids == "b3")[0])  # still a row, a tombstone
+    assert snap.n_devices == 5 and len(snap) == 6
+    assert not snap.mask()[gone] and not snap.mask(region="ERCOT-NORTH")[gone]
+    assert not snap.dispatchable()[gone] and snap.freshness[gone] == FreshnessCode.offline
+    assert not snap.mask_of(["b3", "b4"])[gone] and snap.mask_of(["b4"]).sum() == 1
+    rows = summarise(snap, np.ones(len(snap)))
+    assert [(r["region"], r["registered"], r["available_mw"]) for r in rows] == [
+        ("ERCOT-NORTH", 5, 0.005)
+    ]
+    assert "b3" not in snap.take(snap.mask()).index and len(snap.take(snap.mask())) == 5
+    # The next build compacts the tombstone away (no database reload).
+    cache.rows[:] = [r for r in cache.rows if r[0] != "b3"]
+    snap = await cache.snapshot(force=True)
+    assert len(snap) == 5 and snap.removed is None and "b3" not in snap.index
+    assert cache.registry_loads == 1 and "compact_s" in cache.last_build_s
+    assert soc(snap, "b5") == 50.0
+
+
+async def test_a_device_onboarded_again_after_offboarding_gets_its_new_state() -> None:
+    cache, store, _ = await make_cache(4)
+    await cache.snapshot()
+    cache.apply_changes([], ["b1"])  # tombstoned, not compacted yet
+    cache.apply_changes([battery_row("b1")])  # back, in a new row
+    await store.put_states({"b1": state_at(NOW - 100, 77.0)})
+    cache.invalidate()
+    snap = await cache.snapshot()
+    assert soc(snap, "b1") == 77.0 and snap.enrolled[snap.index["b1"]]
+    assert snap.n_devices == 4
+
+
+def test_cached_positions_follow_a_device_offboarded_and_onboarded_again() -> None:
+    rows = [battery_row(f"b{i}") for i in range(4)]
+    states = {r[0]: state_at(NOW - 1000, 10.0 * i) for i, r in enumerate(rows)}
+    registry = build_registry(rows)
+    st, stat = packed_chunks(states, {}, 4)
+    assemble_packed(registry, st, stat, NOW, INTERVAL_S, OFFLINE_S)  # caches positions
+    back = registry_with_changes(registry_with_changes(registry, [], ["b1"]), [battery_row("b1")])
+    snap = assemble_packed(back, st, stat, NOW, INTERVAL_S, OFFLINE_S)
+    assert snap.index["b1"] == 4 and soc(snap, "b1") == 10.0
+    assert snap.removed is not None and snap.removed.tolist() == [False, True, False, False, False]
+    assert not snap.online[1] and snap.freshness[1] == FreshnessCode.offline
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_hash_join_of_many_ids_matches_the_dict_lookup(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpp.fleet import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "_HASH_JOIN_MIN", 0)  # every cold lookup hashes
+    rows, states, statuses = random_fleet(500, seed)
+    expected = normalise(reference_snapshot(rows, states, statuses))
+    # Ids the registry does not hold, and ids that share a prefix with one it holds.
+    states = {**states, "stranger": state_at(NOW, 1.0), f"{rows[0][0]}x": state_at(NOW, 2.0)}
+    registry = build_registry(rows)
+    st, stat = packed_chunks(states, statuses, seed)
+    blobs = [(b"".join(d + b"\n" for d in ids), recs) for ids, recs in st]
+    blob_stat = [(b"".join(d + b"\n" for d in ids), flags) for ids, flags in stat]
+    for _ in range(2):  # cold, then from cached positions
+        snap = assemble_packed(registry, blobs, blob_stat, NOW, INTERVAL_S, OFFLINE_S)
+        assert as_reference(snap) == expected
+    assert registry._hashed is not None and registry._hashed.ok
+    # A tombstone keeps its hash but is no longer found (cold: a registry with no positions).
+    gone = registry_with_changes(build_registry(rows), [], [rows[3][0]])
+    snap = assemble_packed(gone, blobs, blob_stat, NOW, INTERVAL_S, OFFLINE_S)
+    assert snap.state["recv_ms"][3] == 0 and snap.freshness[3] == FreshnessCode.offline
+    assert rows[3][0] not in snap.index and not snap.online[3]
+
+
+def test_id_hashes_tell_apart_ids_that_differ_anywhere() -> None:
+    from vpp.fleet.registry import id_hashes
+
+    ids = [b"a", b"b", b"ab", b"ba", b"a" * 64, b"a" * 63 + b"b", b"dev:1", b"dev:10", b"dev.1"]
+    first, second = id_hashes(b"".join(d + b"\n" for d in ids))
+    assert len(set(first.tolist())) == len(ids) and len(set(second.tolist())) == len(ids)
+    again, _ = id_hashes(b"x\n" + b"".join(d + b"\n" for d in ids))  # same id, other offset
+    assert again[1:].tolist() == first.tolist()

@@ -69,11 +69,23 @@ def unpack_states(blobs: Iterable[bytes | None], count: int | None = None) -> np
 
 
 # Packed answers for whole-fleet reads: chunks of (device ids, 64-byte records back to back) and
-# (device ids, online flags). Ids are str or UTF-8 bytes. The chunks come back in the same order
-# from one read to the next while the devices stay the same, so a reader can cache where each
-# chunk's devices go and look up only chunks that changed.
-PackedStates: TypeAlias = tuple[Sequence[Any], bytes]
-PackedStatus: TypeAlias = tuple[Sequence[Any], npt.NDArray[np.bool_]]
+# (device ids, online flags). Ids are a sequence of str or UTF-8 bytes, or one bytes blob of
+# UTF-8 ids each followed by b"\n" (device ids never hold one: no Python object per device
+# until the ids are looked up). The chunks come back in the same order from one read to the
+# next while the devices stay the same, so a reader can cache where each chunk's devices go and
+# look up only chunks that changed.
+PackedIds: TypeAlias = Sequence[Any] | bytes
+PackedStates: TypeAlias = tuple[PackedIds, bytes]
+PackedStatus: TypeAlias = tuple[PackedIds, npt.NDArray[np.bool_]]
+
+
+def packed_ids(ids: PackedIds) -> list[Any]:
+    """The ids of a packed chunk as a list (str or bytes items as given; a blob as str)."""
+    if isinstance(ids, bytes):
+        return ids.decode().split("\n")[:-1] if ids else []
+    return list(ids)
+
+
 PACKED_CHUNK = 4096
 
 

@@ -4,6 +4,7 @@ store's packed records. Pure: the store hands the rows and records in (``store.f
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,15 @@ import numpy.typing as npt
 import pandas as pd
 
 from vpp.domain import KIND_CODE, DeviceKind, FreshnessCode
-from vpp.fleet.records import STATE_DTYPE, PackedStates, PackedStatus, empty_state, pack_records
+from vpp.fleet.records import (
+    STATE_DTYPE,
+    PackedIds,
+    PackedStates,
+    PackedStatus,
+    empty_state,
+    pack_records,
+    packed_ids,
+)
 from vpp.fleet.snapshot import FleetSnapshot, compute_freshness
 
 REGISTRY_COLUMNS = (
@@ -83,45 +92,134 @@ class Registry:
     vendors: list[str]
     feeders: list[str]
     index: dict[str, int]
+    # Offboarded rows kept in place until :func:`compact_registry` (None: none): a tombstone is
+    # O(1) where compacting a million rows is not.
+    removed: npt.NDArray[np.bool_] | None = None
     # State-store order → registry rows, per chunk of the store's answer: the store returns its
     # devices in the same order from one read to the next, and looking a million ids up by hash
     # costs about a second (random memory access), so only chunks whose ids changed are looked
     # up again. Keyed by (what, chunk number): (the chunk's ids, their rows).
-    _positions: dict[tuple[str, int], tuple[list[Any], npt.NDArray[np.intp]]] = field(
+    _positions: dict[tuple[str, int], tuple[PackedIds, npt.NDArray[np.intp]]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # The ids hashed for a cold lookup of many ids at once (built on first use, kept while the
+    # rows keep their ids): see :func:`id_hashes`.
+    _hashed: _HashedIds | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.columns["device_ids"])
 
-    def positions(self, what: str, chunks: Sequence[Sequence[Any]]) -> npt.NDArray[np.intp]:
-        """The registry row of every id in ``chunks`` (ids as str or UTF-8 bytes; -1 if not
+    def positions(self, what: str, chunks: Sequence[PackedIds]) -> npt.NDArray[np.intp]:
+        """The registry row of every id in ``chunks`` (ids as in ``PackedIds``; -1 if not
         registered), concatenated in chunk order."""
         out: list[npt.NDArray[np.intp] | None] = []
         todo: list[int] = []
         for i, ids in enumerate(chunks):
             cached = self._positions.get((what, i))
-            if cached is not None and cached[0] == ids:
+            if cached is not None and cached[0] == ids:  # a blob compares as one memcmp
                 out.append(cached[1])
             else:
                 out.append(None)
                 todo.append(i)
         if todo:  # one lookup pass over every chunk that changed
-            names = [d.decode() if isinstance(d, bytes) else d for i in todo for d in chunks[i]]
-            get = self.index.get
-            found = np.fromiter((get(d, -1) for d in names), dtype=np.intp, count=len(names))
+            found: npt.NDArray[np.intp] | None = None
+            n_todo = sum(_count(chunks[i]) for i in todo)
+            if n_todo >= _HASH_JOIN_MIN and all(isinstance(chunks[i], bytes) for i in todo):
+                hashed = self._hashed_ids()
+                if hashed is not None:
+                    found = hashed.lookup(b"".join(chunks[i] for i in todo))  # type: ignore[misc]
+                    if self.removed is not None:  # tombstones keep their ids' hashes
+                        found[(found >= 0) & self.removed[np.maximum(found, 0)]] = -1
+            if found is None:
+                names = [d for i in todo for d in packed_ids(chunks[i])]
+                names = [d.decode() if isinstance(d, bytes) else d for d in names]
+                # map() over the dict's own get: no Python frame per id.
+                found = np.fromiter(
+                    map(self.index.get, names, itertools.repeat(-1)),
+                    dtype=np.intp,
+                    count=len(names),
+                )
             lo = 0
             for i in todo:
-                out[i] = found[lo : lo + len(chunks[i])]
-                lo += len(chunks[i])
+                size = _count(chunks[i])
+                out[i] = found[lo : lo + size]
+                lo += size
         # Replace (not update) so chunks that disappeared are forgotten.
         done = [p for p in out if p is not None]
         fresh = {
-            (what, i): (list(ids), pos)
+            (what, i): (ids if isinstance(ids, bytes) else list(ids), pos)
             for i, (ids, pos) in enumerate(zip(chunks, done, strict=True))
         }
         self._positions = {**{k: v for k, v in self._positions.items() if k[0] != what}, **fresh}
         return np.concatenate(done) if done else np.zeros(0, np.intp)
+
+    def _hashed_ids(self) -> _HashedIds | None:
+        if self._hashed is None:
+            ids = self.columns["device_ids"].tolist()
+            blob = ("\n".join(ids) + "\n").encode() if ids else b""
+            self._hashed = _HashedIds.build(blob, len(ids))
+        return self._hashed if self._hashed.ok else None
+
+
+# A cold lookup of more ids than this goes through the hashed ids instead of the dict.
+_HASH_JOIN_MIN = 20_000
+_BASES = (0x100000001B3, 0x9E3779B97F4A7C15)
+
+
+def _powers(base: int, n: int) -> npt.NDArray[np.uint64]:
+    """base**i mod 2**64 for i < n (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        steps = np.full(n, base, dtype=np.uint64)
+        steps[0] = 1
+        return np.cumprod(steps, dtype=np.uint64)
+
+
+def id_hashes(blob: bytes) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Two 64-bit polynomial hashes of every id in ``blob`` (ids each followed by b"\\n", the
+    newline hashed too so no id is a prefix of another), vectorised over the bytes: each byte
+    times base**(its position in its id), summed over each id by ``np.add.reduceat``."""
+    b = np.frombuffer(blob, dtype=np.uint8)
+    if not len(b):
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    ends = np.flatnonzero(b == 10) + 1
+    starts = np.concatenate([np.zeros(1, np.intp), ends[:-1]])
+    lengths = ends - starts
+    at = np.arange(len(b), dtype=np.intp) - np.repeat(starts, lengths)  # position in its id
+    values = b.astype(np.uint64)
+    out = []
+    with np.errstate(over="ignore"):
+        for base in _BASES:
+            terms = values * _powers(base, int(lengths.max()))[at]
+            out.append(np.add.reduceat(terms, starts, dtype=np.uint64))
+    return out[0], out[1]
+
+
+@dataclass
+class _HashedIds:
+    """The registry's ids by two 64-bit hashes: a million ids looked up as one vectorised hash
+    join (pandas' uint64 table) instead of a million dict probes into scattered str objects.
+    A hit must match both hashes; ``ok`` is False if two registered ids share the first."""
+
+    by_first: pd.Index
+    second: npt.NDArray[np.uint64]
+    ok: bool
+
+    @classmethod
+    def build(cls, blob: bytes, n: int) -> _HashedIds:
+        first, second = id_hashes(blob) if n else (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        by_first = pd.Index(first)
+        return cls(by_first, second, len(first) == n and by_first.is_unique)
+
+    def lookup(self, blob: bytes) -> npt.NDArray[np.intp]:
+        first, second = id_hashes(blob)
+        found = self.by_first.get_indexer(pd.Index(first)).astype(np.intp)
+        hit = found >= 0
+        found[hit & (self.second[np.maximum(found, 0)] != second)] = -1
+        return found
+
+
+def _count(ids: PackedIds) -> int:
+    return ids.count(b"\n") if isinstance(ids, bytes) else len(ids)
 
 
 def build_registry_columns(data: Mapping[str, Sequence[Any] | np.ndarray]) -> Registry:
@@ -155,12 +253,20 @@ def build_registry(rows: Sequence[Sequence[Any]]) -> Registry:
 
 def registry_with_changes(
     registry: Registry, rows: Sequence[Sequence[Any]], removed_ids: Sequence[str] = ()
-) -> tuple[Registry, npt.NDArray[np.intp]]:
+) -> Registry:
     """``registry`` with ``rows`` upserted (a known id has its columns replaced in place, a new
-    one is appended) and ``removed_ids`` dropped. Idempotent. Returns the new registry and, for
-    each of its rows, the row it came from in ``registry`` (-1: new)."""
-    removed = {d for d in removed_ids if d in registry.index}
-    change = build_registry([r for r in rows if _row_id(r) not in set(removed_ids)])
+    one is appended) and ``removed_ids`` tombstoned. Idempotent. No row moves: the rows of
+    ``registry`` keep their places and new rows follow them (:func:`compact_registry` drops the
+    tombstones later, off the request path)."""
+    gone = set(removed_ids)
+    kept = [r for r in rows if _row_id(r) not in gone]
+    out = _upsert(registry, kept) if kept else registry
+    dead = [d for d in gone if d in out.index]
+    return _tombstone(out, dead) if dead else out
+
+
+def _upsert(registry: Registry, rows: Sequence[Sequence[Any]]) -> Registry:
+    change = build_registry(rows)
     old = registry.columns
     n_old = len(registry)
     at = np.fromiter(
@@ -184,36 +290,75 @@ def registry_with_changes(
     for name, values in change.columns.items():
         columns.setdefault(name, values)
     out: dict[str, np.ndarray] = {}
-    keep = np.ones(n_old, dtype=bool)
-    if removed:
-        keep[[registry.index[d] for d in removed]] = False
     for name, column in old.items():
         merged = column
         if known.any() and name != "device_ids":  # a known id keeps its row and its id
             merged = column.copy()
             merged[at[known]] = columns[name][known]
-        if removed:
-            merged = merged[keep]
         out[name] = np.concatenate([merged, columns[name][new]]) if new.any() else merged
-    source = np.concatenate([np.flatnonzero(keep), np.full(int(new.sum()), -1, dtype=np.intp)])
     appended = change.columns["device_ids"][new].tolist()
-    if removed:
-        index = dict(zip(out["device_ids"].tolist(), range(len(source)), strict=True))
-    elif appended:
-        index = dict(registry.index)  # snapshots handed out keep the old one: never mutated
+    removed = registry.removed
+    if appended:
+        index = dict(registry.index)  # snapshots handed out keep the old one
         index.update(zip(appended, range(n_old, n_old + len(appended)), strict=True))
+        if removed is not None:
+            removed = np.concatenate([removed, np.zeros(len(appended), dtype=bool)])
     else:
         index = registry.index
-    result = Registry(out, tables["regions"], tables["vendors"], tables["feeders"], index)
-    # Positions found so far move with their rows; chunks with ids unknown before are looked
-    # up again (those ids may be among the new rows).
-    moved = np.full(n_old + 1, -1, dtype=np.intp)  # old row → new row; moved[-1]: unknown
-    moved[:n_old][keep] = np.arange(int(keep.sum()))
+    result = Registry(out, tables["regions"], tables["vendors"], tables["feeders"], index, removed)
+    # Positions found so far stay valid (no row moved). Chunks with ids unknown before are
+    # looked up again (those ids may be among the new rows), and so are chunks that point at a
+    # tombstone when rows are appended (the id may be back, onboarded again, in a new row).
+    if not appended:
+        result._hashed = registry._hashed  # the same ids in the same rows
+    dead = registry.removed if appended and registry.removed is not None else None
     result._positions = {
-        k: (ids, moved[pos] if removed else pos)
+        k: (ids, pos)
         for k, (ids, pos) in registry._positions.items()
-        if pos.size == 0 or pos.min() >= 0
+        if pos.size == 0 or (pos.min() >= 0 and (dead is None or not dead[pos].any()))
     }
+    return result
+
+
+def _tombstone(registry: Registry, device_ids: Sequence[str]) -> Registry:
+    """Offboarding without moving a row: O(removed) plus copies of the few small columns a
+    tombstone changes (a few MB at a million devices), never the state records, the object
+    columns or the id index.
+
+    The id index is shared with the snapshots already handed out and the ids leave it in place:
+    an offboarded device stops being found through them at once, which is what offboarding
+    promises, while their arrays stay as they were."""
+    rows = np.fromiter((registry.index.pop(d) for d in device_ids), dtype=np.intp)
+    columns = dict(registry.columns)
+    region_codes = columns["region_codes"].copy()
+    region_codes[rows] = -1  # in no region: region filters and region tables never count it
+    enrolled = columns["enrolled"].copy()
+    enrolled[rows] = False
+    columns["region_codes"], columns["enrolled"] = region_codes, enrolled
+    n = len(registry)
+    removed = np.zeros(n, dtype=bool) if registry.removed is None else registry.removed.copy()
+    removed[rows] = True
+    result = Registry(
+        columns, registry.regions, registry.vendors, registry.feeders, registry.index, removed
+    )
+    result._positions = registry._positions  # rows did not move; a removed row is masked
+    result._hashed = registry._hashed  # the same ids in the same rows (removed ones masked)
+    return result
+
+
+def compact_registry(registry: Registry) -> tuple[Registry, npt.NDArray[np.intp] | None]:
+    """``registry`` without its tombstones, and for each row the row it came from (None: there
+    was nothing to compact). O(devices): the cache runs it in a worker thread at a build."""
+    if registry.removed is None or not registry.removed.any():
+        return registry, None
+    keep = ~registry.removed
+    source = np.flatnonzero(keep)
+    out = {name: column[keep] for name, column in registry.columns.items()}
+    index = dict(zip(out["device_ids"].tolist(), range(len(source)), strict=True))
+    result = Registry(out, registry.regions, registry.vendors, registry.feeders, index)
+    moved = np.full(len(registry) + 1, -1, dtype=np.intp)  # old row → new row; moved[-1]: -1
+    moved[source] = np.arange(len(source))
+    result._positions = {k: (ids, moved[pos]) for k, (ids, pos) in registry._positions.items()}
     return result, source
 
 
@@ -256,18 +401,22 @@ def _make_snapshot(
         online=online,
         freshness=freshness,
         index=registry.index,
+        removed=registry.removed,
     )
 
 
 def snapshot_with_changes(
-    snap: FleetSnapshot, registry: Registry, source: npt.NDArray[np.intp]
+    snap: FleetSnapshot, registry: Registry, source: npt.NDArray[np.intp] | None = None
 ) -> FleetSnapshot:
-    """``snap`` re-aligned to ``registry`` (from :func:`registry_with_changes`): rows keep their
-    state; new devices have none yet (never heard from, online until a status says otherwise)."""
+    """``snap`` re-aligned to ``registry``: rows keep their state; new devices have none yet
+    (never heard from, online until a status says otherwise); removed ones are offline.
+
+    ``source`` None (from :func:`registry_with_changes`): the rows of ``snap`` kept their places
+    and new rows follow, so the state records are shared or extended, never scattered. Else
+    (from :func:`compact_registry`) the row of ``snap`` each row came from (-1: new)."""
     n_old = len(snap)
-    if len(source) >= n_old and np.array_equal(source[:n_old], np.arange(n_old)):
-        # Rows kept in place (PATCH, onboarding): share or extend the arrays, no scatter.
-        extra = len(source) - n_old
+    if source is None:
+        extra = len(registry) - n_old
         if extra == 0:
             state, online, freshness = snap.state, snap.online, snap.freshness
         else:
@@ -275,6 +424,10 @@ def snapshot_with_changes(
             online = np.concatenate([snap.online, np.ones(extra, dtype=bool)])
             never = np.full(extra, FreshnessCode.never, dtype=np.int8)
             freshness = np.concatenate([snap.freshness, never])
+        removed = registry.removed
+        if removed is not None and removed is not snap.removed:  # new tombstones
+            online = online & ~removed
+            freshness = np.where(removed, np.int8(FreshnessCode.offline), freshness)
         return _make_snapshot(registry, state, online, freshness, snap.now_ms)
     carried = source >= 0
     state = np.repeat(_EMPTY_RECORD[np.newaxis], len(source))
@@ -311,7 +464,11 @@ def assemble_packed(
         flags = np.concatenate([np.asarray(f, dtype=bool) for _, f in statuses])
         ok = pos >= 0
         online[pos[ok]] = flags[ok]
+    if registry.removed is not None:
+        online &= ~registry.removed  # offboarded, not yet compacted away
     freshness = compute_freshness(state["recv_ms"], online, now_ms, interval_s, offline_after_s)
+    if registry.removed is not None:
+        freshness[registry.removed] = FreshnessCode.offline
     return _make_snapshot(registry, state, online, freshness, now_ms)
 
 

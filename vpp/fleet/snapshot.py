@@ -52,9 +52,26 @@ class FleetSnapshot:
     online: npt.NDArray[np.bool_]  # status topic says online (or fresh telemetry and no status)
     freshness: npt.NDArray[np.int8]  # FreshnessCode
     index: dict[str, int] = field(default_factory=dict)
+    # Offboarded rows not yet compacted away (None: none). Offboarding marks a row here instead
+    # of compacting a million-row snapshot; the cache compacts at its next build. A removed row
+    # is inert for every reader: not in ``index``, region code -1, not enrolled, offline, and
+    # left out of ``mask()`` and ``summarise``.
+    removed: npt.NDArray[np.bool_] | None = None
 
     def __len__(self) -> int:
+        """Rows, removed ones included: every array of the snapshot has this length."""
         return len(self.device_ids)
+
+    @property
+    def n_devices(self) -> int:
+        """Registered devices (rows less removed ones)."""
+        return len(self) - (int(self.removed.sum()) if self.removed is not None else 0)
+
+    def live(self) -> npt.NDArray[np.bool_]:
+        """Rows of registered devices (not removed)."""
+        if self.removed is None:
+            return np.ones(len(self), dtype=bool)
+        return ~self.removed
 
     def region_code(self, region: str) -> int:
         try:
@@ -63,7 +80,7 @@ class FleetSnapshot:
             return -1
 
     def mask(self, region: str | None = None, kind: str | None = None) -> npt.NDArray[np.bool_]:
-        m = np.ones(len(self), dtype=bool)
+        m = self.live()
         if region is not None:
             m &= self.region_codes == self.region_code(region)
         if kind is not None:
@@ -78,7 +95,10 @@ class FleetSnapshot:
             if isinstance(value, np.ndarray)
         }
         sub = replace(self, **arrays, index={})
-        sub.index = {d: i for i, d in enumerate(sub.device_ids)}
+        if sub.removed is None:
+            sub.index = {d: i for i, d in enumerate(sub.device_ids)}
+        else:
+            sub.index = {d: i for i, d in enumerate(sub.device_ids) if not sub.removed[i]}
         return sub
 
     def mask_of(self, device_ids: Iterable[str]) -> npt.NDArray[np.bool_]:
@@ -93,6 +113,7 @@ class FleetSnapshot:
 
     def dispatchable(self) -> npt.NDArray[np.bool_]:
         """Enrolled, online and fresh: the devices new dispatch may use (stale counts 0)."""
+        # A removed row is neither enrolled nor online, so it never counts here.
         return self.enrolled & self.online & (self.freshness == FreshnessCode.fresh)
 
 
@@ -118,20 +139,33 @@ def summarise(snap: FleetSnapshot, kw: F64) -> list[dict[str, Any]]:
     """Per region and kind: registered, online, fresh, and MW available now, from ``kw`` (one
     figure per device, as ``vpp.flexibility.available_kw`` gives it)."""
     n_kinds = 3
-    key = snap.region_codes.astype(np.int64) * n_kinds + snap.kind_codes
+    kw = np.asarray(kw)
+    region_codes, kind_codes = snap.region_codes, snap.kind_codes
+    enrolled_rows, online_rows, freshness = snap.enrolled, snap.online, snap.freshness
+    lat, lon = snap.lat, snap.lon
+    if snap.removed is not None and snap.removed.any():  # removed rows are not registered
+        live = ~snap.removed
+        region_codes, kind_codes, kw = region_codes[live], kind_codes[live], kw[live]
+        enrolled_rows, online_rows, freshness = (
+            enrolled_rows[live],
+            online_rows[live],
+            freshness[live],
+        )
+        lat, lon = lat[live], lon[live]
+    key = region_codes.astype(np.int64) * n_kinds + kind_codes
     size = max(len(snap.regions), 1) * n_kinds
     registered = np.bincount(key, minlength=size)
-    enrolled = np.bincount(key, weights=snap.enrolled, minlength=size)
+    enrolled = np.bincount(key, weights=enrolled_rows, minlength=size)
     online = np.bincount(
-        key, weights=snap.online & (snap.freshness <= FreshnessCode.stale), minlength=size
+        key, weights=online_rows & (freshness <= FreshnessCode.stale), minlength=size
     )
-    fresh = np.bincount(key, weights=snap.freshness == FreshnessCode.fresh, minlength=size)
+    fresh = np.bincount(key, weights=freshness == FreshnessCode.fresh, minlength=size)
     mw = np.bincount(key, weights=kw, minlength=size) / 1000.0
     # Where the devices are (for the dashboard's map): mean of the coordinates given, if any.
-    located = ~(np.isnan(snap.lat) | np.isnan(snap.lon))
+    located = ~(np.isnan(lat) | np.isnan(lon))
     n_located = np.bincount(key, weights=located, minlength=size)
-    lat_sum = np.bincount(key, weights=np.where(located, snap.lat, 0.0), minlength=size)
-    lon_sum = np.bincount(key, weights=np.where(located, snap.lon, 0.0), minlength=size)
+    lat_sum = np.bincount(key, weights=np.where(located, lat, 0.0), minlength=size)
+    lon_sum = np.bincount(key, weights=np.where(located, lon, 0.0), minlength=size)
     from vpp.domain import KIND_BY_CODE
 
     rows = []
