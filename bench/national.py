@@ -106,10 +106,11 @@ class Profile:
     live: int
     scale: float
     duration_min: int  # the request's and the grid event's window, service minutes
+    lead_wall_s: float  # the window opens this long after the quote is asked, wall seconds
 
 
-FULL = Profile(registered=1_000_000, live=100_000, scale=10.0, duration_min=15)
-SMALL = Profile(registered=50_000, live=5_000, scale=20.0, duration_min=15)
+FULL = Profile(registered=1_000_000, live=100_000, scale=10.0, duration_min=15, lead_wall_s=150)
+SMALL = Profile(registered=50_000, live=5_000, scale=20.0, duration_min=15, lead_wall_s=60)
 
 
 # =============================================================================================
@@ -639,9 +640,9 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
 
                 # --- quote + commit ------------------------------------------------------
                 avail = float(tot.get("available_mw", 0.0))
-                # The window opens a minute of wall time on (quote, commit and the grid event
-                # fit in it at a million devices), on a settlement interval.
-                lead_ms = max(5 * 60_000, int(60.0 * scale * 1000))
+                # The window opens lead_wall_s on (quote, commit and the grid event must fit in
+                # it), on a settlement interval.
+                lead_ms = max(5 * 60_000, int(profile.lead_wall_s * scale * 1000))
                 start = -(-(clock.now_ms() + lead_ms) // SLOT_MS) * SLOT_MS
                 end = start + profile.duration_min * 60_000
                 # Ask for all the fleet holds now: the quote offers what the P90 allows (a partial
@@ -861,6 +862,7 @@ def main() -> None:
         live=a.live or p.live,
         scale=a.scale or p.scale,
         duration_min=p.duration_min,
+        lead_wall_s=p.lead_wall_s,
     )
     if not 0 < p.live <= p.registered:
         raise SystemExit("--live: must be between 1 and --registered")
