@@ -826,8 +826,8 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
         f"{time.monotonic() - t_run:.0f} s wall",
         flush=True,
     )
-    for line in stages.lines:
-        print(f"  {line}")
+    for stage_line in stages.lines:
+        print(f"  {stage_line}")
     bench_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     mem = [(p.name, p.peak_kib) for p in procs] + ([(fleet.name, fleet.peak_kib)] if fleet else [])
     mem.append(("bench itself", bench_kib))

@@ -306,7 +306,7 @@ class RedisStateStore(StateStore):
                 # Each chunk renews the lock: a million devices on a loaded machine take longer
                 # than one TTL to fill, and a lock lost mid-fill started the rebuild over, for
                 # ever (the registry never finished, ingest held every message).
-                args = [token, ids, lens, codes, ttl_ms]
+                args: list[bytes | str | int] = [token, ids, lens, codes, ttl_ms]
                 if not await self._rebuild_fill(keys=[reg, lock], args=args):
                     return False  # lost again meanwhile: the next check starts over
             # A version no process has cached (they hold small counters or an older rebuild's
