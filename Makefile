@@ -42,6 +42,7 @@ bench: $(STAMP) services
 	$(PY) bench/dispatch.py --small
 	$(PY) bench/fanout.py --small
 	$(PY) bench/soak.py --small
+	$(PY) bench/national.py --small
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache vpp.db*

@@ -97,10 +97,12 @@ _SCRIPT_CHUNK = 5000
 # more is written (no generation over a half-filled registry).
 # Fill: KEYS reg, lock; ARGV token, the ids back to back, per id a little-endian uint16 of its
 # length, per id one byte of its kind code + 1 (blobs, as in _PUT_IF_NEWER: a million entries
-# cost redis-py seconds as separate arguments). HSETNX: an entry written since the loss
-# (onboarding, offboarding) is newer than the database read and is kept.
+# cost redis-py seconds as separate arguments), the lock's TTL in ms (each call renews it).
+# HSETNX: an entry written since the loss (onboarding, offboarding) is newer than the database
+# read and is kept.
 _REBUILD_FILL = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 local ids, lens, codes = ARGV[2], ARGV[3], ARGV[4]
 local pos = 1
 for i = 1, #codes do
@@ -300,7 +302,8 @@ class RedisStateStore(StateStore):
         if await self.generation() is not None:
             return False
         lock, token = self._k("rebuild"), uuid.uuid4().hex
-        if not await self.redis.set(lock, token, nx=True, px=int(REBUILD_LOCK_TTL_S * 1000)):
+        ttl_ms = int(REBUILD_LOCK_TTL_S * 1000)
+        if not await self.redis.set(lock, token, nx=True, px=ttl_ms):
             return False  # another process is rebuilding
         try:
             if await self.generation() is not None:
@@ -308,7 +311,11 @@ class RedisStateStore(StateStore):
             chunks = await asyncio.to_thread(_fill_chunks, await load_registry())
             reg = self._k("reg")
             for ids, lens, codes in chunks:
-                if not await self._rebuild_fill(keys=[reg, lock], args=[token, ids, lens, codes]):
+                # Each chunk renews the lock: a million devices on a loaded machine take longer
+                # than one TTL to fill, and a lock lost mid-fill started the rebuild over, for
+                # ever (the registry never finished, ingest held every message).
+                args: list[bytes | str | int] = [token, ids, lens, codes, ttl_ms]
+                if not await self._rebuild_fill(keys=[reg, lock], args=args):
                     return False  # lost again meanwhile: the next check starts over
             # A version no process has cached (they hold small counters or an older rebuild's
             # microseconds), so every fleet cache and ingest worker reloads.

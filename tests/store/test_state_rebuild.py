@@ -111,3 +111,35 @@ async def test_a_store_lost_again_during_the_rebuild_stays_lost(
     assert await state.generation() is None  # no generation over a half-built registry
     assert await rebuild_if_lost(services.db, state) is True
     assert await state.registry_all() == EXPECTED
+
+
+async def test_a_rebuild_that_outlasts_the_lock_ttl_still_finishes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A million devices on a loaded machine take longer than one lock TTL to fill: each fill
+    call renews the lock, so the rebuild finishes instead of starting over for ever."""
+    import uuid
+
+    from store.state import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "REBUILD_LOCK_TTL_S", 0.4)
+    monkeypatch.setattr(redis_store, "_REBUILD_CHUNK", 10)
+    state = make_state_store(REDIS_URL, prefix=f"test-rebuild-ttl-{uuid.uuid4().hex[:8]}")
+    assert isinstance(state, redis_store.RedisStateStore)
+    registry = {f"dev-{i}": KIND_CODE[DeviceKind.battery] for i in range(100)}
+    fill = state._rebuild_fill
+
+    async def slow_fill(**kw):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.1)  # ten calls: a second, over twice the TTL
+        return await fill(**kw)
+
+    state._rebuild_fill = slow_fill  # type: ignore[method-assign]
+
+    async def load() -> Mapping[str, int]:
+        return registry
+
+    try:
+        assert await state.rebuild(load) is True
+        assert await state.generation() is not None
+        assert await state.registry_all() == registry
+    finally:
+        await state.flush_prefix()
+        await state.close()
