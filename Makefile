@@ -41,6 +41,7 @@ bench: $(STAMP) services
 	$(PY) bench/forecast_eval.py --small
 	$(PY) bench/dispatch.py --small
 	$(PY) bench/fanout.py --small
+	$(PY) bench/history.py --small
 	$(PY) bench/soak.py --small
 	$(PY) bench/national.py --small
 

@@ -1,7 +1,9 @@
-"""Quote housekeeping, a background component of ``vpp serve``: every ``period_s`` of service
-time it expires stale quotes and re-plans committed requests whose fleet changed. With a
-``leadership`` (``vpp serve``), only the leading replica does: two replicas re-planning one request
-at once would store two plan versions."""
+"""Housekeeping, background components of ``vpp serve`` run by the leading replica only.
+
+:class:`MarketHousekeeper`: every ``period_s`` of service time it expires stale quotes and
+re-plans committed requests whose fleet changed (two replicas re-planning one request at once
+would store two plan versions). :class:`HistoryHousekeeper`: the interval history's partitions
+and retention."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import asyncio
 import contextlib
 import logging
 
+from devices.edges import Edges
 from devices.outage_log import OutageLog
 from dispatch.leadership import Leadership
 from dispatch.market import Market
 from dispatch.planner import Planner
+from store.history_partitions import MaintenanceReport, maintain
 from vpp.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,54 @@ class MarketHousekeeper:
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="market-housekeeper")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class HistoryHousekeeper:
+    """History maintenance, a background component of ``vpp serve``: at start and then every
+    ``settings.history_maintenance_s`` of service time, the leading replica creates the history
+    partitions ahead, moves what the DEFAULT partition caught and drops the days past
+    ``settings.history_retention_days`` (``store.history_partitions.maintain``). Leader only:
+    two replicas creating the same partition at once would both try, one failing."""
+
+    def __init__(self, services: Edges, *, leadership: Leadership | None = None) -> None:
+        self.services = services
+        self.leadership = leadership
+        self.period_s = services.settings.history_maintenance_s
+        self._task: asyncio.Task[None] | None = None
+        self.outages = OutageLog(log, "history maintenance")
+        self.last: MaintenanceReport | None = None
+
+    async def tick(self) -> MaintenanceReport:
+        s = self.services
+        self.last = await maintain(s.db, int(s.clock.now_ms()), s.settings.history_retention_days)
+        return self.last
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self.leadership is None or self.leadership.is_leader:
+                    await self.tick()
+                    self.outages.recovered()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep going: the next run may find the database back
+                if not self.outages.failed(exc):
+                    log.exception("history maintenance")
+            # Until it has led once, a follower looks again soon: a new leader must not wait a
+            # whole period before making today's partition.
+            led = self.last is not None
+            await self.services.clock.sleep(self.period_s if led else min(self.period_s, 60.0))
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="history-housekeeper")
 
     async def stop(self) -> None:
         task, self._task = self._task, None

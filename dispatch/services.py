@@ -25,7 +25,7 @@ from devices.edges import Edges
 from devices.ingest import IngestWorker
 from dispatch.forecast_calibrator import ForecastCalibrator
 from dispatch.forecast_service import ForecastService
-from dispatch.housekeeping import MarketHousekeeper
+from dispatch.housekeeping import HistoryHousekeeper, MarketHousekeeper
 from dispatch.leadership import Leadership
 from dispatch.market import Market
 from dispatch.planner import Planner
@@ -50,6 +50,7 @@ class Services(Edges):
     ingest: IngestWorker | None = field(default=None, init=False)
     runner: EventRunner | None = field(default=None, init=False)
     housekeeper: MarketHousekeeper | None = field(default=None, init=False)
+    history_keeper: HistoryHousekeeper | None = field(default=None, init=False)
     calibrator: ForecastCalibrator | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -59,10 +60,10 @@ class Services(Edges):
         self.planner = Planner(self)
 
     async def start_background(self, *, replica_id: str | None = None) -> None:
-        """The leader lease, ingest, the event runner, quote housekeeping and the forecast
-        calibrator, in that order; each is set here once it has started. If one fails to start,
-        the ones already running are stopped and the failure goes on up. ``replica_id``: this
-        process's owner id for the lease (default ``host:pid:random``)."""
+        """The leader lease, ingest, the event runner, quote housekeeping, history maintenance
+        and the forecast calibrator, in that order; each is set here once it has started. If
+        one fails to start, the ones already running are stopped and the failure goes on up.
+        ``replica_id``: this process's owner id for the lease (default ``host:pid:random``)."""
         try:
             leadership = Leadership(self.state, self.settings, owner=replica_id)
             await leadership.start()
@@ -78,6 +79,9 @@ class Services(Edges):
             )
             await housekeeper.start()
             self.housekeeper = housekeeper
+            history_keeper = HistoryHousekeeper(self, leadership=leadership)
+            await history_keeper.start()
+            self.history_keeper = history_keeper
             calibrator = ForecastCalibrator(self, self.forecast, leadership=leadership)
             await calibrator.start()
             self.calibrator = calibrator
@@ -90,6 +94,7 @@ class Services(Edges):
         last: handed back once the runner has stopped, so a follower takes over at once)."""
         components: tuple[Background | None, ...] = (
             self.calibrator,
+            self.history_keeper,
             self.housekeeper,
             self.runner,
             self.ingest,
@@ -103,6 +108,7 @@ class Services(Edges):
             except Exception:
                 log.exception("stopping %s", type(component).__name__)
         self.ingest = self.runner = self.housekeeper = self.calibrator = None
+        self.history_keeper = None
         self.leadership = None
 
     async def close(self) -> None:

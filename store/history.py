@@ -9,14 +9,16 @@ and upserts it; when that write fails it gives the partials back (:meth:`Interva
 exact: sums and counts add) and, past its bound, drops the oldest intervals first
 (:meth:`IntervalHistory.drop_oldest`), counting the readings dropped.
 
-:func:`write_intervals` stores rows in ``telemetry_intervals`` with an upsert that merges sample
-counts and averages, so the write-through partials of one interval, two ingest workers that both
-saw samples of the same device and interval (the shared subscription splits messages, not
-devices), and samples that arrive late all add up instead of failing or overwriting. The merge
-weighs each average by the row's ``samples``: exact for every field a device of its kind always
-sends (``power_w``, ``soc_pct``; ``indoor_c``, ``setpoint_c``, ``hvac_w``), an approximation for
-an optional field sent in some readings only (``outdoor_c``), whose own count the table does not
-keep.
+:func:`write_intervals` and :func:`write_partials` store rows in ``telemetry_intervals`` (on
+PostgreSQL partitioned by day, see :mod:`store.history_partitions`) with a merge of sample counts
+and averages; on PostgreSQL the rows travel by COPY into a staging table and one ordered ``INSERT …
+SELECT … ON CONFLICT`` merges them, so the write-through partials of one interval, two ingest
+workers that both saw samples of the same device and interval (the shared subscription splits
+messages, not devices), and samples that arrive late all add up instead of failing or overwriting.
+The merge weighs each average by the row's ``samples``: exact for every field a device of its kind
+always sends (``power_w``, ``soc_pct``; ``indoor_c``, ``setpoint_c``, ``hvac_w``), an approximation
+for an optional field sent in some readings only (``outdoor_c``), whose own count the table does
+not keep.
 
 A sample's interval is chosen by the device's ``ts``, or by the receive time when the device's
 clock is flagged as skewed.
@@ -26,14 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import numpy as np
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from store.database import Database
 from store.models import TelemetryInterval
@@ -277,7 +279,7 @@ async def _with_conflict_retry(run: Callable[[], Awaitable[None]]) -> None:
         try:
             await run()
             return
-        except DBAPIError as exc:
+        except Exception as exc:  # SQLAlchemy's DBAPIError, or asyncpg's own from the COPY path
             if attempt == CONFLICT_RETRIES or not is_transient_conflict(exc):
                 raise
             metrics.HISTORY_WRITE_CONFLICTS.inc()
@@ -291,10 +293,16 @@ async def write_intervals(db: Database, rows: list[Row], chunk: int = 2000) -> i
     be distinct."""
     if not rows:
         return 0
+    if not db.is_sqlite:
+        await _with_conflict_retry(
+            lambda: _pg_copy_merge(db, [tuple(r[c] for c in _COLUMNS) for r in rows])
+        )
+        return len(rows)
 
     async def run() -> None:
         async with db.session() as session:
-            await _write(session, rows, chunk)
+            for lo in range(0, len(rows), chunk):
+                await session.execute(_SQLITE_UPSERT, rows[lo : lo + chunk])
             await session.commit()
 
     await _with_conflict_retry(run)
@@ -308,23 +316,93 @@ async def write_partials(db: Database, partials: Partials) -> int:
         return 0
     if db.is_sqlite:  # executemany takes rows
         return await write_intervals(db, partials.rows())
-    columns = partials.columns()
-
-    async def run() -> None:
-        async with db.session() as session:
-            await session.execute(_PG_UPSERT, columns)
-            await session.commit()
-
-    await _with_conflict_retry(run)
+    records = list(zip(*partials.columns().values(), strict=True))
+    await _with_conflict_retry(lambda: _pg_copy_merge(db, records))
     return len(partials)
 
 
-# One merge, in SQL text for both databases. PostgreSQL gets one statement whatever the row
-# count, the columns sent as arrays (unnest); SQLite one prepared statement run for every row
-# (executemany). A multi-VALUES insert built by SQLAlchemy cost about 1.5 s of CPU per 10 000
-# rows to compile and bind, which a write-through every 250 ms cannot afford; these ~0.1 s.
-_TYPES = {"device_id": "varchar", "interval_start_ms": "bigint", "samples": "integer"}
-_COLUMNS = [*_TYPES, *FIELDS]
+class _CopyFirst:
+    """When to try the rows straight into the table by COPY first: always, until a try meets a
+    stored row; then the next 1, 2, 4 … 64 writes go straight to the staging merge, so a fleet
+    whose devices report several times an interval pays for a failed COPY at most once in 65
+    writes, and one that reports once an interval (the common case) nearly never."""
+
+    MAX_SKIP = 64
+
+    def __init__(self) -> None:
+        self.skip = 0
+        self.next_skip = 1
+
+    def should_try(self) -> bool:
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def met_stored_row(self) -> None:
+        self.skip = self.next_skip
+        self.next_skip = min(self.next_skip * 2, self.MAX_SKIP)
+
+    def all_new(self) -> None:
+        self.next_skip = 1
+
+
+_COPY_FIRST: weakref.WeakKeyDictionary[Database, _CopyFirst] = weakref.WeakKeyDictionary()
+
+
+async def _pg_copy_merge(db: Database, records: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL: the rows land in one committed transaction (every reading of them accepted)
+    or in none.
+
+    The rows go by binary COPY straight into the partitioned table when none of them is stored
+    yet, in a transaction of their own: the first stored row met (a unique violation) rolls it
+    back whole. Then, or when :class:`_CopyFirst` says the rows are likely stored, they go by
+    COPY into this connection's staging table and one ordered ``INSERT … SELECT … ON CONFLICT``
+    merges them. The merge costs ~1.7× the COPY per row (speculative insertion, row by row),
+    hence the first try. Both sort by key: two writers lock overlapping rows in the same order."""
+    records.sort(key=_key)
+    policy = _COPY_FIRST.setdefault(db, _CopyFirst())
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        pg = raw.driver_connection
+        assert pg is not None
+        if policy.should_try():
+            try:
+                async with pg.transaction():
+                    await pg.copy_records_to_table(
+                        TelemetryInterval.__tablename__, records=records, columns=_COLUMNS
+                    )
+                policy.all_new()
+                return
+            except asyncpg.UniqueViolationError:  # rolled back whole: nothing of it stays
+                policy.met_stored_row()
+        created = pg not in _STAGED
+        async with pg.transaction():
+            if created:
+                await pg.execute(_PG_STAGE_DDL)
+            await pg.copy_records_to_table(_STAGE, records=records, columns=_COLUMNS)
+            await pg.execute(_PG_MERGE)
+        if created:  # only once committed: a rolled-back CREATE leaves no table behind
+            _STAGED.add(pg)
+
+
+def _key(record: tuple[Any, ...]) -> tuple[str, int]:
+    return record[0], record[1]
+
+
+# One merge, in SQL text for both databases. PostgreSQL: the batch goes by binary COPY (asyncpg's
+# copy_records_to_table, no statement to bind per row) into a temporary staging table of the
+# connection, then one INSERT … SELECT merges it into the partitioned table: a COPY cannot merge,
+# and the staging table is cheap (temporary: no WAL, no index; emptied at each commit). SQLite:
+# one prepared statement run for every row (executemany).
+_COLUMNS = ["device_id", "interval_start_ms", "samples", *FIELDS]
+_STAGE = "telemetry_intervals_stage"
+_PG_STAGE_DDL = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} "
+    f"(LIKE {TelemetryInterval.__tablename__} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+# asyncpg connections that have made their staging table (it lives as long as the connection).
+_STAGED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _merge(f: str) -> str:
@@ -341,14 +419,10 @@ _ON_CONFLICT = (
     "excluded.samples, " + ", ".join(_merge(f) for f in FIELDS)
 )
 _INSERT = f"INSERT INTO {TelemetryInterval.__tablename__} AS t ({', '.join(_COLUMNS)}) "
-_PG_UPSERT = text(
+_PG_MERGE = (
     _INSERT
-    + "SELECT * FROM unnest("
-    + ", ".join(f"CAST(:{c} AS {_TYPES.get(c, 'float8')}[])" for c in _COLUMNS)
-    + ") AS r("
-    + ", ".join(_COLUMNS)
-    + ")"
-    # One canonical order: two writers upserting overlapping rows then lock them in the same
+    + f"SELECT {', '.join(_COLUMNS)} FROM {_STAGE}"
+    # One canonical order: two writers merging overlapping rows then lock them in the same
     # order, and wait for each other instead of deadlocking.
     + " ORDER BY device_id, interval_start_ms"
     + _ON_CONFLICT
@@ -356,11 +430,3 @@ _PG_UPSERT = text(
 _SQLITE_UPSERT = text(
     _INSERT + "VALUES (" + ", ".join(f":{c}" for c in _COLUMNS) + ")" + _ON_CONFLICT
 )
-
-
-async def _write(session: AsyncSession, rows: list[Row], chunk: int) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        await session.execute(_PG_UPSERT, {c: [r[c] for r in rows] for c in _COLUMNS})
-        return
-    for lo in range(0, len(rows), chunk):
-        await session.execute(_SQLITE_UPSERT, rows[lo : lo + chunk])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     Boolean,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -86,7 +88,14 @@ class Device(Base):
 
 class TelemetryInterval(Base):
     """Per-device averages over a fixed interval (5 min by default): the history that baselines
-    (10-in-10), availability rates and forecast calibration are computed from."""
+    (10-in-10), availability rates and forecast calibration are computed from.
+
+    On PostgreSQL the table is partitioned by ``interval_start_ms``, one partition per UTC day
+    (``telemetry_intervals_pYYYYMMDD``) and a DEFAULT partition that catches a day nobody created
+    yet, so a write never fails for want of a partition: ``store.history_partitions`` creates
+    the days ahead, moves what the DEFAULT partition caught into its day and drops the days past
+    retention. A query prunes to the days its ``interval_start_ms`` range names. SQLite keeps
+    one plain table."""
 
     __tablename__ = "telemetry_intervals"
     device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -99,7 +108,22 @@ class TelemetryInterval(Base):
     hvac_w: Mapped[float | None] = mapped_column(Float, nullable=True)
     outdoor_c: Mapped[float | None] = mapped_column(Float, nullable=True)
 
-    __table_args__ = (Index("ix_telemetry_intervals_start", "interval_start_ms"),)
+    __table_args__ = (
+        Index("ix_telemetry_intervals_start", "interval_start_ms"),
+        {"postgresql_partition_by": "RANGE (interval_start_ms)"},
+    )
+
+
+# A partitioned table without partitions refuses every row: whoever builds the schema from the
+# models (create_all in tests) gets the DEFAULT partition with it, as the migration makes it.
+event.listen(
+    TelemetryInterval.__table__,
+    "after_create",
+    DDL(
+        "CREATE TABLE IF NOT EXISTS telemetry_intervals_default "
+        "PARTITION OF telemetry_intervals DEFAULT"
+    ).execute_if(dialect="postgresql"),
+)
 
 
 class CapacityRequest(Base):

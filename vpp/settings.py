@@ -12,6 +12,10 @@ from functools import lru_cache
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The least history retention accepted: the 10-in-10 baseline's 20-day look-back, the day a
+# settlement may wait after its event, and a day's margin.
+HISTORY_MIN_RETENTION_DAYS = 22
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VPP_", env_file=".env", extra="ignore")
@@ -104,6 +108,23 @@ class Settings(BaseSettings):
         gt=0,
         description="interval rows (device x interval) ingest holds while the database is "
         "unreachable; past it the oldest intervals are dropped and counted",
+    )
+
+    # Interval history on PostgreSQL: daily partitions, the whole days older than this dropped
+    # by the leader's history maintenance (SQLite: rows deleted). At least the settlement's
+    # 10-in-10 look-back (20 days before an event, dispatch.settlement_service) plus the day or
+    # so a settlement may wait, plus a day's margin.
+    history_retention_days: int = Field(
+        35,
+        ge=HISTORY_MIN_RETENTION_DAYS,
+        description="days of interval history kept; whole days older are dropped (minimum "
+        f"{HISTORY_MIN_RETENTION_DAYS}: the settlement's 10-in-10 baseline looks back 20 days)",
+    )
+    history_maintenance_s: float = Field(
+        3600.0,
+        gt=0,
+        description="service seconds between two runs of the history maintenance (partitions "
+        "ahead, retention), on the leader only",
     )
 
     # Market rules.

@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from store.database import Database, sync_url
+from store.history_partitions import include_name, is_partition_name
 from store.migrate import alembic_config, upgrade
 from store.models import (
     ApiKey,
@@ -37,7 +38,9 @@ def schema_diff(url: str) -> list[Any]:
     engine = create_engine(sync_url(url))
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            ctx = MigrationContext.configure(
+                conn, opts={"compare_type": True, "include_name": include_name}
+            )
             return list(compare_metadata(ctx, Base.metadata))
     finally:
         engine.dispose()
@@ -46,7 +49,8 @@ def schema_diff(url: str) -> list[Any]:
 def tables(url: str) -> set[str]:
     engine = create_engine(sync_url(url))
     try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+        names = set(inspect(engine).get_table_names()) - {"alembic_version"}
+        return {n for n in names if not is_partition_name(n)}  # the history's days: not models
     finally:
         engine.dispose()
 
