@@ -696,8 +696,8 @@ class PublishConnection(asyncio.Protocol):
             self._transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, hence no check).
+        self._transport = transport  # type: ignore[assignment]
         self._buf.clear()
         self._last_read = self._last_write = time.monotonic()
 
