@@ -211,8 +211,8 @@ async def main(n: int, connections: int, peer_n: int) -> None:
             # What start_event does after planning: the first chunk stored (with the plan),
             # then the rest stored while the stored part goes out.
             head, rest = batch.take(0, STORE_CHUNK), batch.take(STORE_CHUNK, n)
-            async with svc.db.engine.begin() as conn:
-                await runner.store.insert(conn, runner.store.records("cr-bench", head, now))
+            async with svc.db.engine.begin() as aconn:
+                await runner.store.insert(aconn, runner.store.records("cr-bench", head, now))
             info = es.EventInfo("cr-bench", es.KIND_REQUEST, "t", "ERCOT-NORTH", n * 3.5 / 1000,
                                 now, end, 50, False, Direction.load_reduction.value,
                                 RequestStatus.active.value)  # fmt: skip

@@ -6,9 +6,11 @@ the state store). Followers do nothing, not even drain the shared ack queue. Eve
 service-seconds the leader:
 
 1. starts events whose window opened: plans them (optimiser + priority-list assignment, a
-   randomised thermostat control group held back for settlement), stores the plan and every
-   command (status ``pending``) in one transaction, then publishes them (QoS 1) and marks them
-   ``sent``;
+   randomised thermostat control group held back for settlement), stores the plan and the
+   commands (status ``pending``; a big event's in chunks of ``STORE_CHUNK``: the first with the
+   plan in one transaction, each next one while the one before is being published), publishes
+   each chunk once it is committed (QoS 1, over ``VPP_MQTT_PUBLISH_CONNECTIONS`` connections) and
+   marks it ``sent`` in bulk while the next goes out;
 2. drains acknowledgements; a command unacknowledged after ``command_ack_timeout_s`` is published
    again with the same id; after two misses, or on ``opted_out`` / ``rejected`` / ``expired``, or
    when the device goes stale, the device is replaced (reserve first, then free devices);
@@ -20,7 +22,9 @@ service-seconds the leader:
 
 Crash safety: commands are stored before they are published and are idempotent by id, so a
 restarted runner resumes from the database: it re-publishes exactly the stored commands (same id,
-same fields) and never a second, different one for the same device and interval. Every command
+same fields) and never a second, different one for the same device and interval. A crash in the
+middle of a big fan-out leaves fewer commands stored than planned: the rest were never sent, and
+the resumed closed loop enlists devices for the shortfall. Every command
 carries ``valid_until`` at the window's end (plus the thermostat's release stagger), so if the
 service dies for good nothing stays curtailed past its window.
 
