@@ -929,7 +929,12 @@ class PublisherPool(MqttClient):
     ) -> None:
         tb = topic.encode()
         m = self._member(tb)
-        job = _Job(asyncio.get_running_loop().create_future(), 1) if qos else None
+        job = None
+        if qos:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            # Nobody awaits it: a failure at disconnect is retrieved here, not logged as lost.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            job = _Job(fut, 1)
         m.enqueue(tb, payload, qos, retain, job)
         m.pump()
 
