@@ -19,6 +19,7 @@ from devices.mqtt import (
     OutMessage,
     default_broker,
     make_client,
+    make_publisher,
     parse_mqtt_url,
 )
 from store.database import Database
@@ -81,6 +82,18 @@ class Edges:
             will=will,
             broker=self.broker,
             clean_start=clean_start,
+            ca_file=self.settings.mqtt_ca_file,
+        )
+
+    def mqtt_publisher(self, client_id: str) -> MqttClient:
+        """The event runner's fan-out publisher: ``VPP_MQTT_PUBLISH_CONNECTIONS`` connections
+        with ``VPP_MQTT_PUBLISH_INFLIGHT`` each (one in-process client for ``memory://``)."""
+        return make_publisher(
+            self.settings.mqtt_url,
+            client_id,
+            connections=self.settings.mqtt_publish_connections,
+            max_inflight=self.settings.mqtt_publish_inflight,
+            broker=self.broker,
             ca_file=self.settings.mqtt_ca_file,
         )
 

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     share_group: str = "vpp-ingest"
     # Credentials of the service's own MQTT clients (ingest, event runner, credential admin).
     mqtt_client_id_prefix: str = "vpp-svc"
+    # The event runner's fan-out: commands spread over this many broker connections by device,
+    # each with up to this many QoS-1 messages awaiting PUBACK (Mosquitto's
+    # max_inflight_messages in deploy/mosquitto; the broker's CONNACK Receive Maximum caps it).
+    mqtt_publish_connections: int = Field(
+        4, ge=1, le=64, description="broker connections the event runner publishes commands on"
+    )
+    mqtt_publish_inflight: int = Field(
+        100, ge=1, le=65535, description="QoS-1 messages in flight per publishing connection"
+    )
     # Broker-side credential management (devices/credentials.py, deploy/README.md "Broker
     # credentials").
     broker_credentials: str = Field(

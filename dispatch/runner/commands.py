@@ -81,6 +81,12 @@ class CommandBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, lo: int, hi: int) -> CommandBatch:
+        """Commands ``lo`` to ``hi`` (a chunk of a big fan-out)."""
+        return CommandBatch(
+            **{k: v[lo:hi] for k, v in self.__dict__.items()}  # lists and arrays slice alike
+        )
+
 
 def payloads(event_id: str, b: CommandBatch) -> list[bytes]:
     """The contract's command JSON for each command of a batch."""

@@ -6,9 +6,11 @@ the state store). Followers do nothing, not even drain the shared ack queue. Eve
 service-seconds the leader:
 
 1. starts events whose window opened: plans them (optimiser + priority-list assignment, a
-   randomised thermostat control group held back for settlement), stores the plan and every
-   command (status ``pending``) in one transaction, then publishes them (QoS 1) and marks them
-   ``sent``;
+   randomised thermostat control group held back for settlement), stores the plan and the
+   commands (status ``pending``; a big event's in chunks of ``STORE_CHUNK``: the first with the
+   plan in one transaction, each next one while the one before is being published), publishes
+   each chunk once it is committed (QoS 1, over ``VPP_MQTT_PUBLISH_CONNECTIONS`` connections) and
+   marks it ``sent`` in bulk while the next goes out;
 2. drains acknowledgements; a command unacknowledged after ``command_ack_timeout_s`` is published
    again with the same id; after two misses, or on ``opted_out`` / ``rejected`` / ``expired``, or
    when the device goes stale, the device is replaced (reserve first, then free devices);
@@ -20,7 +22,9 @@ service-seconds the leader:
 
 Crash safety: commands are stored before they are published and are idempotent by id, so a
 restarted runner resumes from the database: it re-publishes exactly the stored commands (same id,
-same fields) and never a second, different one for the same device and interval. Every command
+same fields) and never a second, different one for the same device and interval. A crash in the
+middle of a big fan-out leaves fewer commands stored than planned: the rest were never sent, and
+the resumed closed loop enlists devices for the shortfall. Every command
 carries ``valid_until`` at the window's end (plus the thermostat's release stagger), so if the
 service dies for good nothing stays curtailed past its window.
 
@@ -131,9 +135,15 @@ ACT_LAG_MS = 30_000
 # Floors in wall seconds: a sped-up service clock must not outrun the broker and ingest.
 MIN_ACK_WAIT_WALL_S = 2.0
 MIN_SETTLE_WALL_S = 3.0
-PUBLISH_CHUNK = 500  # messages per publish_many call
+# Messages per publish_many call, two calls queued at once: leadership is checked between
+# chunks, and the publisher's connections never run dry between two of them.
+PUBLISH_CHUNK = 5000
 CONNECT_TIMEOUT_S = 3.0  # one broker connect attempt (a start with the broker down waits this)
-PUBLISH_CONCURRENCY = 2  # chunks in flight (keeps paho's queue short: its acks cost O(queue))
+PUBLISH_CONCURRENCY = 2
+# An event's commands are stored in chunks of this many rows: the first with the plan in one
+# transaction, each next one while the one before it is being published (a command is published
+# only once its row is committed).
+STORE_CHUNK = 20_000
 
 
 class LeadershipLost(RuntimeError):
@@ -199,11 +209,12 @@ class EventRunner:
         self.params = DispatchParams(reserve_pct=self.settings.replacement_reserve_pct)
         self.ticks = 0
         self.last_error: str | None = None
+        self.fan_out_stats: dict[str, float] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         cid = f"{self.settings.mqtt_client_id_prefix}-runner-{secrets.token_hex(4)}"
-        self.client = self.services.mqtt_client(cid)
+        self.client = self.services.mqtt_publisher(cid)
         self._stopping = False
         try:
             await self.client.connect(timeout_s=CONNECT_TIMEOUT_S)
@@ -515,6 +526,12 @@ class EventRunner:
             run.reserve_ids = list(body.get("reserve_ids", []))
         self._register(run)
         log.info("resumed %s: %d commands", ev.id, len(table))
+        planned = int(body.get("commands_planned", len(table)))
+        if len(table) < planned:
+            # The crash came while a big fan-out was being stored: what was never stored was
+            # never sent; the closed loop enlists for the shortfall.
+            log.warning("resumed %s: %d of %d planned commands were stored", ev.id, len(table),
+                        planned)  # fmt: skip
 
     def _table_from_rows(self, event_id: str, rows: list[Command]) -> DeviceTable:
         kind = np.array([KIND_OF_COMMAND[r.type] for r in rows], dtype=np.int8)
@@ -937,10 +954,14 @@ class EventRunner:
             "reserve": orjson.loads(reserve.to_json()) if reserve is not None else None,
             "reserve_ids": reserve_ids,
             "replaced": 0,
+            # Stored in chunks: a runner resumed after a crash halfway may find fewer.
+            "commands_planned": len(batch),
         }
         # Preempted devices leave their (lower-priority) events first.
         preempted = self._preempt(set(batch.device_ids), ev)
-        records = self.store.records(ev.id, batch, now)
+        # A big event: the first chunk is stored with the plan, the rest while it goes out.
+        head, rest = batch.take(0, STORE_CHUNK), batch.take(STORE_CHUNK, len(batch))
+        records = self.store.records(ev.id, head, now)
         self._must_lead()
         async with self.services.db.engine.begin() as conn:
             version = (
@@ -983,7 +1004,7 @@ class EventRunner:
             info=es.EventInfo(**{**ev.__dict__, "status": active}),
             horizon=horizon,
             target_mw=target,
-            table=self._table(ev.id, batch),
+            table=self._table(ev.id, head),
             control_ids=ctrl_ids,
             control_baseline_w=ctrl_base,
             control_kind=fleet.kind_codes[ctrl].astype(np.int8),
@@ -991,8 +1012,8 @@ class EventRunner:
             reserve_ids=reserve_ids,
             last_control_wall=time.monotonic(),
         )
-        if len(early_kw) == len(run.table):
-            run.table.settle_kw = early_kw.astype(float)
+        if len(early_kw) == len(batch):
+            run.table.settle_kw = early_kw[: len(head)].astype(float)
         self._register(run)
         metrics.EVENT_TARGET_MW.labels(ev.id).set(float(target.max(initial=0.0)))
         log.info(
@@ -1002,8 +1023,103 @@ class EventRunner:
             len(reserve_ids),
             len(ctrl_ids),
         )
-        await self.publish_due(run, self.clock.now_ms())
+        early = early_kw[len(head) :] if len(early_kw) == len(batch) else None
+        await self.fan_out(run, rest, now, early)
         return run
+
+    async def fan_out(
+        self, run: Running, rest: CommandBatch, now_ms: int, settle_kw: F64 | None
+    ) -> None:
+        """Publish the rows stored so far while the next chunk of ``rest`` is stored, and mark
+        each chunk sent while the next one goes out: storing, publishing and marking overlap,
+        and a command is published only after its row is committed. The table in memory holds
+        stored rows only, so a failure halfway leaves nothing unstored for a later tick to send:
+        the closed loop makes up what the unstored rest would have delivered."""
+        loop = asyncio.get_running_loop()
+        # Wall seconds per stage (they overlap) and how long publishing waited for the
+        # database: where a big fan-out's time goes (bench/fanout.py prints it).
+        stats = self.fan_out_stats = dict.fromkeys(
+            ("store_s", "publish_s", "mark_s", "wait_store_s", "wait_mark_s"), 0.0
+        )
+
+        async def store(lo: int) -> DeviceTable:
+            t0 = time.perf_counter()
+            chunk = rest.take(lo, lo + STORE_CHUNK)
+            records = self.store.records(run.id, chunk, now_ms)
+            self._must_lead()
+            async with self.services.db.engine.begin() as conn:
+                await self.store.insert(conn, records)
+            table = self._table(run.id, chunk)
+            if settle_kw is not None:
+                table.settle_kw = settle_kw[lo : lo + len(chunk)].astype(float)
+            stats["store_s"] += time.perf_counter() - t0
+            return table
+
+        async def mark(ids: list[str], sent_ms: int) -> None:
+            t0 = time.perf_counter()
+            await self.store.mark(ids, CommandStatus.sent.value, sent_ms=sent_ms, attempts_inc=True)
+            stats["mark_s"] += time.perf_counter() - t0
+
+        offsets = list(range(0, len(rest), STORE_CHUNK))
+        storing: asyncio.Task[DeviceTable] | None = (
+            loop.create_task(store(offsets.pop(0))) if offsets else None
+        )
+        marking: asyncio.Task[None] | None = None
+        # Stored chunks join the run's table once at the end (one copy, not one per chunk);
+        # acks are applied only after this returns, so nothing looks for their rows before.
+        stored: list[DeviceTable] = []
+        table = run.table
+        try:
+            while True:
+                due = table.valid_from_ms <= self.clock.now_ms() + self.lead_ms()
+                rows = np.flatnonzero(due & (table.status == PENDING))
+                t0 = time.perf_counter()
+                pend = await self._publish_rows(table, rows)
+                t1 = time.perf_counter()
+                stats["publish_s"] += t1 - t0
+                if marking is not None:
+                    await marking
+                t2 = time.perf_counter()
+                stats["wait_mark_s"] += t2 - t1
+                if pend:
+                    marking = loop.create_task(mark(pend, self.clock.now_ms()))
+                if storing is None:
+                    break
+                table = await storing
+                stored.append(table)
+                stats["wait_store_s"] += time.perf_counter() - t2
+                storing = loop.create_task(store(offsets.pop(0))) if offsets else None
+            t0 = time.perf_counter()
+            if marking is not None:
+                await marking
+            stats["wait_mark_s"] += time.perf_counter() - t0
+        finally:
+            for task in (storing, marking):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            if stored:
+                start = len(run.table)
+                run.table.extend(stored)
+                self._register(run, start)
+
+    async def _publish_rows(self, t: DeviceTable, rows: I64) -> list[str]:
+        """Publish pending rows of ``t`` and record them sent in memory; returns their command
+        ids (for the caller to mark sent in the database)."""
+        if rows.size == 0:
+            return []
+        topic = self.services.topic
+        await self.publish(
+            [(topic(t.device_id[i], "cmd"), t.payload[i], 1, False) for i in rows.tolist()]
+        )
+        t.status[rows] = SENT
+        t.attempts[rows] += 1
+        t.sent_ms[rows] = self.clock.now_ms()
+        t.sent_wall[rows] = time.monotonic()
+        metrics.COMMANDS_SENT.labels("dispatch").inc(len(rows))
+        ids: list[str] = t.cmd_id[rows].tolist()
+        return ids
 
     def preemptable_devices(self, by: es.EventInfo) -> set[str]:
         """Devices that lower-priority running events hold and ``by`` may take (none unless it

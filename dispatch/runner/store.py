@@ -108,15 +108,19 @@ class CommandStore:
         async with self.services.db.engine.begin() as conn:
             if self.pg:
                 raw: Any = (await conn.get_raw_connection()).driver_connection
-                sets = ["status = v.s"]
-                args: list[Any] = [ids, statuses]
-                cols = "unnest($1::text[], $2::text[]"
+                # One status for all (a fan-out's "sent"): a parameter, not an array a row.
+                one = isinstance(status, str) and ack_ms is None
+                sets = ["status = $2" if one else "status = v.s"]
+                args: list[Any] = [ids, status if one else statuses]
+                cols = "unnest($1::text[]" if one else "unnest($1::text[], $2::text[]"
                 if ack_ms is not None:
                     cols += ", $3::bigint[]"
                     args.append(ack_ms)
                     sets.append("ack_ms = v.a")
                 cols += ")"
-                names = "v(id, s" + (", a" if ack_ms is not None else "") + ")"
+                names = (
+                    "v(id" + ("" if one else ", s") + (", a" if ack_ms is not None else "") + ")"
+                )
                 if sent_ms is not None:
                     args.append(sent_ms)
                     sets.append(f"sent_ms = ${len(args)}")

@@ -45,10 +45,15 @@ class DeviceTable:
         return len(self.cmd_id)
 
     def append(self, other: DeviceTable) -> None:
+        self.extend([other])
+
+    def extend(self, others: list[DeviceTable]) -> None:
+        """Append the rows of several tables (one copy of each column for all of them)."""
         for name, value in self.__dict__.items():
             if isinstance(value, np.ndarray):
-                setattr(self, name, np.concatenate([value, getattr(other, name)]))
-        self.payload.extend(other.payload)
+                setattr(self, name, np.concatenate([value, *(getattr(o, name) for o in others)]))
+        for o in others:
+            self.payload.extend(o.payload)
 
 
 @dataclass
