@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sqlalchemy import delete, insert, select, update
 
 from devices.edges import Edges
@@ -32,13 +33,13 @@ from dispatch.settlement import (
     resample,
     settle,
 )
+from store.history import HistoryColumns, read_history
 from store.models import (
     CapacityRequest,
     Command,
     EventTimeline,
     Plan,
     SettlementLine,
-    TelemetryInterval,
 )
 from vpp.domain import CommandStatus, CommandType
 
@@ -66,35 +67,32 @@ async def _runner_body(services: Edges, event_id: str) -> dict[str, Any]:
     return out
 
 
-async def _history(
-    services: Edges, device_ids: list[str], lo_ms: int, hi_ms: int
-) -> dict[str, list[tuple[int, float | None, float | None]]]:
-    """device → [(slot start, power_w, hvac_w)] in [lo, hi)."""
-    out: dict[str, list[tuple[int, float | None, float | None]]] = defaultdict(list)
-    async with services.db.session() as s:
-        for k in range(0, len(device_ids), 10_000):
-            chunk = device_ids[k : k + 10_000]
-            rows = (
-                await s.execute(
-                    select(
-                        TelemetryInterval.device_id,
-                        TelemetryInterval.interval_start_ms,
-                        TelemetryInterval.power_w,
-                        TelemetryInterval.hvac_w,
-                    ).where(
-                        TelemetryInterval.device_id.in_(chunk),
-                        TelemetryInterval.interval_start_ms >= lo_ms,
-                        TelemetryInterval.interval_start_ms < hi_ms,
-                    )
-                )
-            ).all()
-            for dev, start, p, h in rows:
-                out[dev].append((int(start), p, h))
-    return out
+async def _history(services: Edges, device_ids: list[str], lo_ms: int, hi_ms: int) -> _History:
+    """The interval rows of ``device_ids`` in [lo, hi), as columns keyed by position."""
+    ids = list(dict.fromkeys(device_ids))  # one row per device: the index must be unique
+    return _History(ids, await read_history(services.db, ids, lo_ms, hi_ms))
+
+
+class _History:
+    """Interval rows read for a list of devices, looked up by any sub-list of them."""
+
+    def __init__(self, ids: list[str], cols: HistoryColumns) -> None:
+        self.ids = ids
+        self.cols = cols
+        self._index = pd.Index(ids)
+
+    def rows_of(self, ids: list[str]) -> np.ndarray:
+        """For each history row, its position in ``ids`` (-1: a device not in ``ids``)."""
+        where = np.full(len(self.ids), -1, dtype=np.int64)
+        if ids:
+            at = self._index.get_indexer(pd.Index(ids))
+            found = at >= 0
+            where[at[found]] = np.flatnonzero(found)
+        return where[self.cols.row] if len(self.cols) else np.zeros(0, dtype=np.int64)
 
 
 def _matrix(
-    hist: dict[str, list[tuple[int, float | None, float | None]]],
+    hist: _History,
     ids: list[str],
     column: int,
     slot_ms: int,
@@ -105,12 +103,13 @@ def _matrix(
     n_slots = max(0, int(-(-(hi_ms - lo_ms) // slot_ms)))
     starts = lo_ms + np.arange(n_slots, dtype=np.int64) * slot_ms
     m = np.full((len(ids), n_slots), np.nan)
-    for r, dev in enumerate(ids):
-        for start, *vals in hist.get(dev, ()):
-            k = (start - lo_ms) // slot_ms
-            v = vals[column]
-            if 0 <= k < n_slots and v is not None:
-                m[r, k] = v
+    if not len(hist.cols) or not ids:
+        return m, starts
+    rows = hist.rows_of(ids)
+    values = hist.cols.power_w if column == 0 else hist.cols.hvac_w
+    k = (hist.cols.start_ms - lo_ms) // slot_ms
+    ok = (rows >= 0) & (k >= 0) & (k < n_slots) & ~np.isnan(values)
+    m[rows[ok], k[ok]] = values[ok]
     return m, starts
 
 
@@ -180,8 +179,8 @@ async def compute_settlement(
         with np.errstate(all="ignore"):
             pre = starts < ev.start_ms
             post = starts >= ev.end_ms
-            before = _nanmean_rows(m[:, pre])
-            after = _nanmean_rows(m[:, post])
+            before = _nanmean_last(m[:, pre])
+            after = _nanmean_last(m[:, post])
         return resample(m, starts, grid), before, after
 
     def active(ids: list[str]) -> np.ndarray:
@@ -221,66 +220,78 @@ async def compute_settlement(
     return ev, settle(inputs)
 
 
-def _nanmean_rows(m: np.ndarray) -> np.ndarray:
-    have = ~np.isnan(m)
-    cnt = have.sum(axis=1)
-    tot = np.where(have, m, 0.0).sum(axis=1)
-    return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
-
-
 async def _ten_in_ten(
     services: Edges, ids: list[str], grid: SettlementGrid, slot_ms: int
 ) -> TenInTen | None:
     """CAISO 10-in-10 inputs: the same intervals on the most recent prior days with history on
-    which the device had no event, and the same-day adjustment window on each."""
+    which the device had no event, and the same-day adjustment window on each.
+
+    Reads only each day's window (the adjustment hours through the event's end), and works on a
+    (devices, days, slots of the window) cube: no loop over devices."""
     adj_lo = int(ADJUST_FROM_H * 3_600_000)
     adj_hi = int(ADJUST_TO_H * 3_600_000)
-    lo = grid.start_ms - TEN_IN_TEN_LOOKBACK_DAYS * DAY_MS - adj_lo
-    hist = await _history(services, ids, lo, grid.end_ms)
+    n_days = TEN_IN_TEN_LOOKBACK_DAYS
+    # Day b's window starts at grid.start - b days - adj_lo (b = 0: the event day).
+    first = grid.start_ms - n_days * DAY_MS - adj_lo
+    width = adj_lo + (grid.end_ms - grid.start_ms)
+    cols = await read_history(
+        services.db, ids, first, grid.end_ms, daily_from_ms=first, daily_width_ms=width
+    )
+    event_back = np.zeros((len(ids), n_days + 1), dtype=bool)
     async with services.db.session() as s:
-        event_days: dict[str, set[int]] = defaultdict(set)
+        position = {d: i for i, d in enumerate(ids)}
         for k in range(0, len(ids), 10_000):
             for dev, vf in (
                 await s.execute(
                     select(Command.device_id, Command.valid_from_ms).where(
                         Command.device_id.in_(ids[k : k + 10_000]),
                         Command.type != CommandType.restore.value,
-                        Command.valid_from_ms >= lo,
+                        Command.valid_from_ms >= first,
                         Command.valid_from_ms < grid.start_ms - DAY_MS // 2,
                     )
                 )
             ).all():
-                event_days[dev].add(round((grid.start_ms - vf) / DAY_MS))
-    n_days = TEN_IN_TEN_LOOKBACK_DAYS
+                back = round((grid.start_ms - vf) / DAY_MS)
+                if 0 <= back <= n_days:
+                    event_back[position[dev], back] = True
+    n_slots = max(1, int(-(-width // slot_ms)))
+    cube = np.full((len(ids), n_days + 1, n_slots), np.nan)
+    if len(cols):
+        offset = cols.start_ms - first
+        day_back = n_days - offset // DAY_MS
+        j = (offset % DAY_MS) // slot_ms
+        ok = (day_back >= 0) & (day_back <= n_days) & (j < n_slots) & ~np.isnan(cols.hvac_w)
+        cube[cols.row[ok], day_back[ok], j[ok]] = cols.hvac_w[ok]
+    slot_offsets = np.arange(n_slots, dtype=np.int64) * slot_ms  # from the window's start
+    adjust = (slot_offsets >= 0) & (slot_offsets < adj_lo - adj_hi)
+    with np.errstate(all="ignore"):
+        adjust_mean = _nanmean_last(cube[:, :, adjust])  # (devices, days + 1)
+    today = adjust_mean[:, 0]
+    per_back = np.full((len(ids), n_days + 1, grid.n), np.nan)
+    for b in range(1, n_days + 1):
+        window_start = grid.start_ms - b * DAY_MS - adj_lo
+        day_g = SettlementGrid(
+            grid.start_ms - b * DAY_MS, grid.end_ms - b * DAY_MS, grid.interval_s
+        )
+        per_back[:, b] = resample(cube[:, b], window_start + slot_offsets, day_g)
+    eligible = ~event_back & ~np.all(np.isnan(per_back), axis=2)
+    eligible[:, 0] = False
+    column = np.cumsum(eligible, axis=1) - 1  # the most recent eligible day is column 0
+    take = eligible & (column < 10)
+    rows, backs = np.nonzero(take)
     days = np.full((len(ids), n_days, grid.n), np.nan)
     adj_days = np.full((len(ids), n_days), np.nan)
-    today = np.full(len(ids), np.nan)
-    for r, dev in enumerate(ids):
-        rows = hist.get(dev, [])
-        if not rows:
-            continue
-        st = np.array([x[0] for x in rows], dtype=np.int64)
-        hv = np.array([np.nan if x[2] is None else x[2] for x in rows], dtype=float)
-        win = (st >= grid.start_ms - adj_lo) & (st < grid.start_ms - adj_hi)
-        if win.any():
-            today[r] = float(np.nanmean(hv[win])) if np.isfinite(hv[win]).any() else np.nan
-        col = 0
-        for back in range(1, n_days + 1):
-            if back in event_days.get(dev, ()):
-                continue
-            shift = back * DAY_MS
-            day_g = SettlementGrid(grid.start_ms - shift, grid.end_ms - shift, grid.interval_s)
-            vals = resample(hv[None, :], st, day_g)[0]
-            if np.all(np.isnan(vals)):
-                continue
-            days[r, col] = vals
-            w = (st >= day_g.start_ms - adj_lo) & (st < day_g.start_ms - adj_hi)
-            if w.any() and np.isfinite(hv[w]).any():
-                adj_days[r, col] = float(np.nanmean(hv[w]))
-            col += 1
-            if col >= 10:
-                break
+    days[rows, column[rows, backs]] = per_back[rows, backs]
+    adj_days[rows, column[rows, backs]] = adjust_mean[rows, backs]
     return TenInTen(days_w=days, adjust_days_w=adj_days, adjust_today_w=today)
+
+
+def _nanmean_last(m: np.ndarray) -> np.ndarray:
+    """Mean over the last axis, ignoring NaN; NaN where nothing is there."""
+    have = ~np.isnan(m)
+    cnt = have.sum(axis=-1)
+    tot = np.where(have, m, 0.0).sum(axis=-1)
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
 
 
 async def settle_event(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
@@ -69,9 +70,10 @@ class Database:
         await self.engine.dispose()
 
 
-async def copy_csv(db: Database, sql: str) -> bytes | None:
-    """The rows of ``sql`` as CSV through PostgreSQL's COPY (asyncpg): no Python object per row
-    or value on the event loop. None if the driver cannot (SQLite)."""
+async def copy_csv(db: Database, sql: str, *args: Any) -> bytes | None:
+    """The rows of ``sql`` (``$1``… bound to ``args``) as CSV through PostgreSQL's COPY
+    (asyncpg): no Python object per row or value on the event loop. None if the driver cannot
+    (SQLite)."""
     chunks: list[bytes] = []
 
     async def sink(data: bytes) -> None:
@@ -82,5 +84,5 @@ async def copy_csv(db: Database, sql: str) -> bytes | None:
         driver = getattr(raw, "driver_connection", None)
         if driver is None or not hasattr(driver, "copy_from_query"):
             return None
-        await driver.copy_from_query(sql, output=sink, format="csv")
+        await driver.copy_from_query(sql, *args, output=sink, format="csv")
     return b"".join(chunks)
