@@ -222,7 +222,8 @@ def solve_mathopt(
 
 def planned_by_demand(lp: LP, v: F64) -> F64:
     x = lp.split(v)[2]
-    return np.bincount(lp.pair_d[lp.x_pair], weights=x, minlength=lp.n_demands) * lp.dt_h
+    mw = np.bincount(lp.pair_d[lp.x_pair], weights=x, minlength=lp.n_demands)
+    return np.asarray(mw * lp.dt_h, dtype=np.float64)
 
 
 _LP = parameters_pb2.LPAlgorithmProto
