@@ -259,10 +259,12 @@ def compare(
     dcl = build_clusters(fleet, usage, h, peer_params, demands, granularity="device")
     dlp = build_lp(dcl, demands, h, peer_params)
     build_s = (time.perf_counter() - t1, time.process_time() - c1)
-    results = [
-        solve_mathopt(*PEERS[p], dlp, build_s, pdlp_limit_s if p == "pdlp" else peer_limit_s)
-        for p in peers
-    ]
+    results = []
+    for p in peers:
+        r = solve_mathopt(*PEERS[p], dlp, build_s, pdlp_limit_s if p == "pdlp" else peer_limit_s)
+        # Progress on stderr: a full-size run takes many minutes before its summary.
+        print(f"  [{n:,} devices] {r.name}: {r.status}, {r.seconds:.1f} s", file=sys.stderr)
+        results.append(r)
     glop_mb = None
     if check_glop:
         # GLOP through the linear_solver model builder, the peer this bench used before: it
@@ -448,12 +450,19 @@ def main() -> None:
         action="store_true",
         help="skip GLOP through the model builder (the agreement check with GLOP via MathOpt)",
     )
+    ap.add_argument(
+        "--sizes",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        default=None,
+        help="fleet sizes of part 1, comma-separated (default 1000,10000; 300,1000 with --small)",
+    )
+    ap.add_argument("--no-million", action="store_true", help="skip part 2 (1 000 000 devices)")
     args = ap.parse_args()
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
         ap.error(f"--peers: unknown {unknown}; choose from {sorted(PEERS)}")
-    sizes = (300, 1_000) if args.small else (1_000, 10_000)
+    sizes = args.sizes or ((300, 1_000) if args.small else (1_000, 10_000))
     pdlp_limit_s = (
         args.pdlp_limit_s if args.pdlp_limit_s is not None else (3.0 if args.small else 600.0)
     )
@@ -462,7 +471,8 @@ def main() -> None:
         # spend minutes solving the same model twice).
         check = not args.no_glop_check and i == 0
         compare(n, args.seed, args.peer_limit_s, pdlp_limit_s, peers, check)
-    million(20_000 if args.small else 1_000_000, args.seed)
+    if not args.no_million:
+        million(20_000 if args.small else 1_000_000, args.seed)
 
 
 if __name__ == "__main__":
