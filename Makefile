@@ -42,6 +42,8 @@ bench: $(STAMP) services
 	$(PY) bench/dispatch.py --small
 	$(PY) bench/fanout.py --small
 	$(PY) bench/history.py --small
+	$(PY) bench/broker_credentials.py --small
+	$(PY) bench/fleet_snapshot.py --small
 	$(PY) bench/soak.py --small
 	$(PY) bench/national.py --small
 
