@@ -46,6 +46,7 @@ bench: $(STAMP) services
 	$(PY) bench/fleet_snapshot.py --small
 	$(PY) bench/soak.py --small
 	$(PY) bench/national.py --small
+	$(PY) bench/registry_catchup.py --small
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache vpp.db*

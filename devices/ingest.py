@@ -86,6 +86,7 @@ from devices.telemetry import (
     validate_telemetry,
 )
 from store.history import IntervalHistory, Partials, is_transient_conflict, write_partials
+from store.state.base import RegistryCursor
 from store.state.rebuild import rebuild_if_lost
 from vpp import metrics
 from vpp.domain import RejectReason
@@ -99,6 +100,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_POLL_S = 1.0  # how soon a worker sees devices onboarded through another process
 FORCED_REFRESH_MIN_S = 0.25  # at most this often when messages name devices we do not know
+REGISTRY_RETRY_MAX_S = 30.0  # a failing registry read is retried after 1 s, 2 s, ... up to this
 MAX_HELD_UNKNOWN = 10_000  # messages of unknown devices waiting for that refresh
 MAX_PENDING_HISTORY = 2_000_000  # samples kept while the state store is down (then dropped)
 HISTORY_BACKOFF_MAX_S = 5.0  # longest wait between two tries of a failed history write
@@ -165,6 +167,13 @@ class IngestWorker:
         self._registry: dict[str, int] = {}
         self._registry_version: int | None = None
         self._registry_generation: str | None = None
+        # Where in the store's registry change log ``_registry`` is: a moved version is caught
+        # up with the changes after it, not a reload of the whole registry.
+        self._registry_cursor: RegistryCursor | None = None
+        self.registry_full_loads = 0  # whole-registry reads (start, lost store, log trimmed)
+        self.registry_change_reads = 0  # catch-ups through the change log
+        self._registry_retry_at = 0.0  # after a failed refresh: not before this
+        self._registry_backoff_s = 0.0
         # True while the registry cannot be trusted to be complete: the state store is lost and
         # not yet rebuilt, or does not answer. Unknown devices' messages then wait (``_held``)
         # instead of being rejected, and the registry held in memory stays in use.
@@ -372,11 +381,18 @@ class IngestWorker:
         return n
 
     async def _refresh_registry(self, force: bool = False) -> bool:
-        """Reload the registry if its version or the store's generation moved; True if it was
-        reloaded. A lost store (no generation) is first rebuilt from the database, in the
-        background (one process does it, the others wait for its generation); until then the
-        registry held in memory stays in use and ``_registry_pending`` is set."""
-        self._registry_checked = time.monotonic()
+        """Bring the registry up to date if its version or the store's generation moved; True
+        if it changed. Catches up through the store's change log; reads the registry whole
+        only when forced (start), after a lost store (another generation) or when the log no
+        longer reaches back to our cursor. A lost store (no generation) is first rebuilt from
+        the database, in the background (one process does it, the others wait for its
+        generation); until then the registry held in memory stays in use and
+        ``_registry_pending`` is set. A failed refresh is retried after a doubling pause, not
+        at every poll: a store too busy to answer is not sent the same reads again."""
+        mono = time.monotonic()
+        self._registry_checked = mono
+        if not force and mono < self._registry_retry_at:
+            return False
         state = self.services.state
         try:
             generation = await state.generation()
@@ -385,25 +401,58 @@ class IngestWorker:
                 self._start_rebuild()
                 return False
             version = await state.registry_version()
-            reload = force or self._registry_pending
-            if reload or version != self._registry_version:
-                registry = await state.registry_all()
-                if await state.generation() != generation:
-                    self._registry_pending = True
-                    return False  # lost again while we read it: keep the one we have
-                self._registry = registry
-                self._registry_version = version
-                self._registry_generation = generation
-                self._registry_pending = False
-                self.outages.recovered()
-                return True
-            self._registry_pending = False
-            self.outages.recovered()
+            cursor = self._registry_cursor
+            full = force or cursor is None or generation != self._registry_generation
+            if not full and version == self._registry_version:
+                self._refreshed()
+                return False
+            if not full:
+                assert cursor is not None
+                caught_up = await state.registry_changes(cursor)
+                if caught_up is not None:
+                    if await state.generation() != generation:
+                        self._registry_pending = True
+                        return False  # lost meanwhile: the next refresh reloads
+                    registry = self._registry
+                    for device_id, code in caught_up.changes.items():
+                        if code is None:
+                            registry.pop(device_id, None)
+                        else:
+                            registry[device_id] = code
+                    self._registry_cursor = caught_up.cursor
+                    self._registry_version = caught_up.cursor.version
+                    self.registry_change_reads += 1
+                    self._refreshed()
+                    return True
+            # Whole: the cursor first, so what is written during the chunked read is caught
+            # up with at the next refresh (applied again where the read saw it already).
+            new_cursor = await state.registry_cursor()
+            registry = await state.registry_all()
+            if await state.generation() != generation:
+                self._registry_pending = True
+                return False  # lost again while we read it: keep the one we have
+            self._registry = registry
+            self._registry_cursor = new_cursor
+            self._registry_version = new_cursor.version
+            self._registry_generation = generation
+            self.registry_full_loads += 1
+            self._refreshed()
+            return True
         except Exception as exc:
             self._registry_pending = True
+            self._registry_backoff_s = min(
+                max(self._registry_backoff_s * 2, REGISTRY_POLL_S), REGISTRY_RETRY_MAX_S
+            )
+            self._registry_retry_at = time.monotonic() + self._registry_backoff_s
             if not self.outages.failed(exc):
                 log.warning("ingest: registry refresh failed: %s", exc)
         return False
+
+    def _refreshed(self) -> None:
+        self._registry_pending = False
+        self._registry_backoff_s = 0.0
+        self._registry_retry_at = 0.0
+        self.outages.recovered()
 
     def _start_rebuild(self) -> None:
         if self._rebuild_task is not None and not self._rebuild_task.done():
@@ -420,6 +469,7 @@ class IngestWorker:
             self.registry_rebuilds += 1
             log.warning("ingest: the state store was lost; registry rebuilt from the database")
         self._registry_checked = 0.0  # adopt it at the next flush
+        self._registry_retry_at = 0.0
         return rebuilt
 
     def _reject(self, device_id: str, reason: RejectReason, field: str, message: str) -> None:

@@ -11,10 +11,30 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from vpp.fleet.records import PACKED_CHUNK, PackedStates, PackedStatus, pack_records
+
+
+@dataclass(frozen=True)
+class RegistryCursor:
+    """A point in the registry's change log: ``position`` (opaque to callers; a stream id in
+    Redis) and the registry version the registry had there."""
+
+    position: str
+    version: int
+
+
+@dataclass(frozen=True)
+class RegistryChanges:
+    """The registry's changes after a cursor, in order folded into one mapping: device id →
+    kind code, or None for a device removed. Applying them to a registry that already holds
+    some of them is harmless (each is the latest value of its device)."""
+
+    changes: dict[str, int | None]
+    cursor: RegistryCursor
 
 
 class StateStore(abc.ABC):
@@ -64,10 +84,23 @@ class StateStore(abc.ABC):
     async def registry_remove(self, device_ids: list[str]) -> None: ...
 
     @abc.abstractmethod
-    async def registry_all(self) -> dict[str, int]: ...
+    async def registry_all(self) -> dict[str, int]:
+        """The whole registry. Read in chunks (other clients are served in between), so not
+        one instant's registry: take ``registry_cursor()`` before it and apply
+        ``registry_changes()`` after that cursor to have every write made meanwhile."""
 
     @abc.abstractmethod
     async def registry_version(self) -> int: ...
+
+    @abc.abstractmethod
+    async def registry_cursor(self) -> RegistryCursor:
+        """The change log's end now, with the registry version at that point."""
+
+    @abc.abstractmethod
+    async def registry_changes(self, cursor: RegistryCursor) -> RegistryChanges | None:
+        """The registry's changes after ``cursor`` and the cursor after them; None when they
+        cannot all be told (the log was trimmed past the cursor, lost, or the registry was
+        written without it, as by ``rebuild``): then the caller reloads it whole."""
 
     # --- loss and rebuild ---
     @abc.abstractmethod

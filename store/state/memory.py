@@ -8,11 +8,14 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 
-from store.state.base import StateStore
+from store.state.base import RegistryChanges, RegistryCursor, StateStore
+
+REGISTRY_LOG_MAX = 10_000  # registry writes kept in the change log (as in the Redis store)
 
 
 class MemoryStateStore(StateStore):
     def __init__(self) -> None:
+        self.registry_log_max = REGISTRY_LOG_MAX
         self._clear()
         # Built with the process and never lost while it runs; ``flush_prefix`` forgets it, so
         # tests can lose this store the way a Redis is lost.
@@ -25,6 +28,10 @@ class MemoryStateStore(StateStore):
         self._status: dict[str, tuple[bool, int]] = {}
         self._registry: dict[str, int] = {}
         self._registry_version = 0
+        # The change log: (sequence number, the write's changes, None for a removal).
+        self._registry_log: deque[tuple[int, dict[str, int | None]]] = deque()
+        self._registry_log_seq = 0
+        self._registry_log_dropped = 0  # the highest sequence number trimmed off the log
         self._acks: deque[bytes] = deque()
         self._values: dict[str, tuple[bytes, float | None]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
@@ -45,13 +52,47 @@ class MemoryStateStore(StateStore):
         return dict(self._status)
 
     async def registry_put(self, devices: Mapping[str, int]) -> None:
+        if not devices:
+            return
         self._registry.update(devices)
         self._registry_version += 1
+        self._log_change(dict(devices))
 
     async def registry_remove(self, device_ids: list[str]) -> None:
+        if not device_ids:
+            return
         for d in device_ids:
             self._registry.pop(d, None)
         self._registry_version += 1
+        self._log_change(dict.fromkeys(device_ids))
+
+    def _log_change(self, changes: dict[str, int | None]) -> None:
+        self._registry_log_seq += 1
+        self._registry_log.append((self._registry_log_seq, changes))
+        while len(self._registry_log) > self.registry_log_max:
+            self._registry_log_dropped = self._registry_log.popleft()[0]
+
+    async def registry_cursor(self) -> RegistryCursor:
+        return RegistryCursor(str(self._registry_log_seq), self._registry_version)
+
+    async def registry_changes(self, cursor: RegistryCursor) -> RegistryChanges | None:
+        try:
+            after = int(cursor.position)
+        except ValueError:
+            return None
+        if after < self._registry_log_dropped or after > self._registry_log_seq:
+            return None  # trimmed past it, or a cursor of a store since lost
+        changes: dict[str, int | None] = {}
+        writes = 0
+        for seq, change in self._registry_log:
+            if seq > after:
+                changes.update(change)
+                writes += 1
+        if cursor.version + writes != self._registry_version:
+            return None  # written without the log (a rebuild)
+        return RegistryChanges(
+            changes, RegistryCursor(str(self._registry_log_seq), self._registry_version)
+        )
 
     async def registry_all(self) -> dict[str, int]:
         return dict(self._registry)

@@ -6,6 +6,10 @@ Layout (prefix ``vpp``):
   70 bytes a device instead of several hundred for a key per device).
 - ``vpp:on:{bucket}``: hash device_id → ``"1:ts"`` / ``"0:ts"`` online status.
 - ``vpp:reg``: hash device_id → kind code (onboarded, enrolled devices), ``vpp:regv`` its version.
+- ``vpp:reg:log``: stream of the registry's writes (``registry_changes``), one entry per chunk of
+  up to 10 000 devices: field ``p`` (put) or ``r`` (removed) the ids joined by ``\n`` (field
+  ``l``, their lengths as little-endian uint16, when an id holds a newline), ``c`` the put's kind
+  codes as int8, ``e`` on the last chunk of a write (writes there == the version's steps).
 - ``vpp:acks``: list of raw acks from ingest to the event runner (drained by the leader only).
 - ``vpp:gen``: the generation token written by the last build (missing: the store was lost),
   ``vpp:rebuild``: the rebuild lock (its holder's token, with a TTL).
@@ -22,6 +26,7 @@ import uuid
 import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -30,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from store.state.base import StateStore
+from store.state.base import RegistryChanges, RegistryCursor, StateStore
 from vpp.fleet.records import STATE_DTYPE, PackedStates, PackedStatus, bucket_of, pack_records
 
 N_BUCKETS = 4096
@@ -124,6 +129,37 @@ _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# The registry's change log: the cursor (the log's end, with the version there) and the entries
+# after a cursor, each read atomically with the version. XINFO gives the highest id trimmed off
+# (``max-deleted-entry-id``, Redis 7): a cursor below it has missed entries.
+# KEYS log, regv; ARGV (changes only) the cursor's stream id, entries at most.
+_REGISTRY_CURSOR = """
+local v = redis.call('GET', KEYS[2]) or '0'
+if redis.call('EXISTS', KEYS[1]) == 0 then return {v, '0-0'} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then return {v, info[i + 1]} end
+end
+return {v, '0-0'}
+"""
+_REGISTRY_CHANGES = """
+local v = redis.call('GET', KEYS[2]) or '0'
+if redis.call('EXISTS', KEYS[1]) == 0 then return {v} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local maxdel, last = '0-0', '0-0'
+for i = 1, #info, 2 do
+  if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+  if info[i] == 'last-generated-id' then last = info[i + 1] end
+end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+return {v, maxdel, last, entries}
+"""
+REGISTRY_CHUNK = 10_000  # devices per HSET/HDEL and per change-log entry
+REGISTRY_LOG_MAX = 10_000  # change-log entries kept (a worker further behind reloads it whole)
+REGISTRY_LOG_AGE_MS = 600_000  # and none older than this: bounds the log's memory after imports
+_REGISTRY_SCAN_COUNT = 20_000  # registry entries per HSCAN of a full reload (~10 ms of Redis)
+_REGISTRY_LOG_READ = 20  # change-log entries per read (at most 200 000 devices)
+
 # Longer than a registry load of a million devices; a holder that dies frees it after this.
 REBUILD_LOCK_TTL_S = 30.0
 _REBUILD_CHUNK = 5000  # registry entries per fill call
@@ -149,6 +185,9 @@ class RedisStateStore(StateStore):
         self._release_lock = self.redis.register_script(_RELEASE_LOCK)
         self._acquire_lease = self.redis.register_script(_ACQUIRE_LEASE)
         self._release_lease = self.redis.register_script(_RELEASE_LEASE)
+        self._registry_cursor = self.redis.register_script(_REGISTRY_CURSOR)
+        self._registry_changes = self.redis.register_script(_REGISTRY_CHANGES)
+        self.registry_log_max = REGISTRY_LOG_MAX
 
     def _k(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -271,10 +310,19 @@ class RedisStateStore(StateStore):
     async def registry_put(self, devices: Mapping[str, int]) -> None:
         if not devices:
             return
-        pipe = self.redis.pipeline(transaction=True)
         items = list(devices.items())
-        for lo in range(0, len(items), 10_000):
-            pipe.hset(self._k("reg"), mapping=dict(items[lo : lo + 10_000]))  # type: ignore[arg-type]
+        pipe = self.redis.pipeline(transaction=True)  # registry, log and version move together
+        for lo in range(0, len(items), REGISTRY_CHUNK):
+            chunk = dict(items[lo : lo + REGISTRY_CHUNK])
+            pipe.hset(self._k("reg"), mapping=chunk)  # type: ignore[arg-type]
+            try:
+                codes = struct.pack(f"<{len(chunk)}b", *chunk.values())
+            except struct.error as exc:
+                raise ValueError(f"registry_put: kind codes must fit in int8 ({exc})") from exc
+            fields = _log_ids(b"p", list(chunk))
+            fields[b"c"] = codes
+            self._log_xadd(pipe, fields, last=lo + REGISTRY_CHUNK >= len(items))
+        self._log_trim(pipe)
         pipe.incr(self._k("regv"))
         await pipe.execute()
 
@@ -282,13 +330,73 @@ class RedisStateStore(StateStore):
         if not device_ids:
             return
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self._k("reg"), *device_ids)
+        for lo in range(0, len(device_ids), REGISTRY_CHUNK):
+            chunk = device_ids[lo : lo + REGISTRY_CHUNK]
+            pipe.hdel(self._k("reg"), *chunk)
+            last = lo + REGISTRY_CHUNK >= len(device_ids)
+            self._log_xadd(pipe, _log_ids(b"r", chunk), last=last)
+        self._log_trim(pipe)
         pipe.incr(self._k("regv"))
         await pipe.execute()
 
+    def _log_xadd(self, pipe: Any, fields: dict[bytes, bytes], last: bool) -> None:
+        if last:
+            fields[b"e"] = b"1"
+        # Exact trimming: a bound, not a memory optimisation, and tests trim to a few entries.
+        pipe.xadd(self._k("reg", "log"), fields, maxlen=self.registry_log_max, approximate=False)
+
+    def _log_trim(self, pipe: Any) -> None:
+        # Entries of a bulk import are ~120 kB each: an age bound too, so ten thousand of them
+        # never sit in Redis. A worker idle longer than that reloads the registry whole.
+        oldest = int(time.time() * 1000) - REGISTRY_LOG_AGE_MS
+        pipe.xtrim(self._k("reg", "log"), minid=f"{max(oldest, 0)}-0", approximate=True)
+
     async def registry_all(self) -> dict[str, int]:
-        raw = await self.redis.hgetall(self._k("reg"))
-        return {_text(k): int(v) for k, v in raw.items()}
+        # HSCAN in chunks, not one HGETALL: a million entries in one reply held Redis for
+        # seconds (every other client waited) and outlasted the socket timeout, whose retry
+        # started it over.
+        out: dict[str, int] = {}
+        key, cursor = self._k("reg"), 0
+        while True:
+            cursor, chunk = await self.redis.hscan(key, cursor, count=_REGISTRY_SCAN_COUNT)
+            assert isinstance(chunk, dict)  # field → value (no_values not asked for)
+            out.update({_text(k): int(v) for k, v in chunk.items()})
+            if not cursor:
+                return out
+
+    async def registry_cursor(self) -> RegistryCursor:
+        keys = [self._k("reg", "log"), self._k("regv")]
+        version, position = await self._registry_cursor(keys=keys, args=[])
+        return RegistryCursor(_text(position), int(version))
+
+    async def registry_changes(self, cursor: RegistryCursor) -> RegistryChanges | None:
+        try:
+            after = _stream_id(cursor.position)
+        except ValueError:
+            return None
+        keys = [self._k("reg", "log"), self._k("regv")]
+        changes: dict[str, int | None] = {}
+        position, writes = cursor.position, 0
+        while True:
+            reply = await self._registry_changes(keys=keys, args=[position, _REGISTRY_LOG_READ])
+            version = int(reply[0])
+            if len(reply) == 1:  # no log (lost, or never written): fine only if nothing moved
+                ok = not changes and version == cursor.version
+                return RegistryChanges({}, cursor) if ok else None
+            max_deleted, last_id, entries = _stream_id(reply[1]), _stream_id(reply[2]), reply[3]
+            if after < max_deleted or after > last_id:
+                return None  # trimmed past the cursor, or a cursor of a store since lost
+            for entry_id, flat in entries:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                _fold_entry(fields, changes)
+                writes += b"e" in fields
+                position = _text(entry_id)
+            after = _stream_id(position)
+            if len(entries) < _REGISTRY_LOG_READ:
+                break
+        if cursor.version + writes != version:
+            return None  # the registry was written without the log (a rebuild, an old writer)
+        return RegistryChanges(changes, RegistryCursor(position, version))
 
     async def registry_version(self) -> int:
         v = await self.redis.get(self._k("regv"))
@@ -404,6 +512,40 @@ def _fill_chunks(registry: Mapping[str, int]) -> list[tuple[bytes, bytes, bytes]
         codes = bytes(int(code) + 1 for _, code in items[lo : lo + _REBUILD_CHUNK])
         out.append((b"".join(enc), struct.pack(f"<{len(enc)}H", *map(len, enc)), codes))
     return out
+
+
+def _log_ids(field: bytes, ids: list[str]) -> dict[bytes, bytes]:
+    """A change-log entry's ids: joined by newlines, plus their lengths if one holds one."""
+    enc = [d.encode() for d in ids]
+    if any(b"\n" in e for e in enc):
+        return {field: b"".join(enc), b"l": struct.pack(f"<{len(enc)}H", *map(len, enc))}
+    return {field: b"\n".join(enc)}
+
+
+def _split_ids(blob: bytes, lens: bytes | None) -> list[str]:
+    if lens is None:
+        return blob.decode().split("\n")
+    out, pos = [], 0
+    for n in struct.unpack(f"<{len(lens) // 2}H", lens):
+        out.append(blob[pos : pos + n].decode())
+        pos += n
+    return out
+
+
+def _fold_entry(fields: Mapping[bytes, bytes], changes: dict[str, int | None]) -> None:
+    """Apply one change-log entry to ``changes`` (later entries overwrite earlier ones)."""
+    lens = fields.get(b"l")
+    if b"p" in fields:
+        ids = _split_ids(fields[b"p"], lens)
+        codes = struct.unpack(f"<{len(ids)}b", fields[b"c"])
+        changes.update(zip(ids, codes, strict=True))
+    elif b"r" in fields:
+        changes.update(dict.fromkeys(_split_ids(fields[b"r"], lens)))
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _id_blob(h: Mapping[bytes, bytes]) -> bytes | None:
