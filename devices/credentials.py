@@ -825,7 +825,7 @@ def make_credential_manager(settings: Any, db: Database | None = None) -> Creden
     service's own MQTT user, which holds the ``vpp-service`` role. auto: see
     :class:`AutoCredentialManager`.
     """
-    from devices.mqtt import parse_mqtt_url, tls_context  # the one URL parser of the project
+    from devices.mqtt import parse_mqtt_url  # the one URL parser of the project
 
     mode = str(getattr(settings, "broker_credentials", "auto")).lower()
     if mode not in CREDENTIAL_MODES:
@@ -851,17 +851,7 @@ def make_credential_manager(settings: Any, db: Database | None = None) -> Creden
                 "broker_credentials: dynsec needs VPP_MQTT_URL mqtt(s)://user:pass@host:port"
             )
         return NullCredentialManager()
-    dynsec = DynsecCredentialManager(
-        cfg.host,
-        cfg.port,
-        cfg.username,
-        cfg.password or "",
-        tls=cfg.tls,
-        tls_context=tls_context(cfg.ca_file) if cfg.tls else None,
-        topic_root=getattr(settings, "topic_root", "vpp/v1"),
-        client_id=f"{getattr(settings, 'mqtt_client_id_prefix', 'vpp-svc')}-dynsec-"
-        f"{secrets.token_hex(4)}",
-    )
+    dynsec = _dynsec_login(settings, cfg, "dynsec")
     if mode == "dynsec":
         return dynsec
     password_file = (
@@ -877,11 +867,18 @@ def make_credential_manager(settings: Any, db: Database | None = None) -> Creden
 def _kicker(settings: Any) -> DynsecCredentialManager | None:
     """The service's login on the broker's dynsec plugin (the password_file deny list), from
     ``settings.mqtt_url``; None for the in-process broker or a URL without a login."""
-    from devices.mqtt import parse_mqtt_url, tls_context
+    from devices.mqtt import parse_mqtt_url
 
     cfg = parse_mqtt_url(settings.mqtt_url, getattr(settings, "mqtt_ca_file", None))
     if cfg.is_memory or not cfg.username:
         return None
+    return _dynsec_login(settings, cfg, "deny", timeout_s=5.0)
+
+
+def _dynsec_login(settings: Any, cfg: Any, purpose: str, **options: Any) -> DynsecCredentialManager:
+    """A dynsec client on the service's own MQTT login (``cfg``: the parsed ``mqtt_url``)."""
+    from devices.mqtt import tls_context
+
     return DynsecCredentialManager(
         cfg.host,
         cfg.port,
@@ -890,7 +887,7 @@ def _kicker(settings: Any) -> DynsecCredentialManager | None:
         tls=cfg.tls,
         tls_context=tls_context(cfg.ca_file) if cfg.tls else None,
         topic_root=getattr(settings, "topic_root", "vpp/v1"),
-        client_id=f"{getattr(settings, 'mqtt_client_id_prefix', 'vpp-svc')}-deny-"
+        client_id=f"{getattr(settings, 'mqtt_client_id_prefix', 'vpp-svc')}-{purpose}-"
         f"{secrets.token_hex(4)}",
-        timeout_s=5.0,
+        **options,
     )

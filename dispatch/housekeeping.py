@@ -22,7 +22,30 @@ from vpp.clock import Clock
 log = logging.getLogger(__name__)
 
 
-class MarketHousekeeper:
+class _Periodic:
+    """A component whose ``_run`` loop is one task: started once, cancelled on stop."""
+
+    task_name = "periodic"
+    _task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self.task_name)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class MarketHousekeeper(_Periodic):
+    task_name = "market-housekeeper"
+
     def __init__(
         self,
         market: Market,
@@ -37,7 +60,7 @@ class MarketHousekeeper:
         self.planner = planner
         self.clock = clock
         self.period_s = period_s
-        self._task: asyncio.Task[None] | None = None
+        self._task = None
         self.outages = OutageLog(log, "market housekeeping")
 
     async def tick(self) -> tuple[int, list[str]]:
@@ -59,30 +82,21 @@ class MarketHousekeeper:
                     log.exception("market housekeeping")
             await self.clock.sleep(self.period_s)
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="market-housekeeper")
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-class HistoryHousekeeper:
+class HistoryHousekeeper(_Periodic):
     """History maintenance, a background component of ``vpp serve``: at start and then every
     ``settings.history_maintenance_s`` of service time, the leading replica creates the history
     partitions ahead, moves what the DEFAULT partition caught and drops the days past
     ``settings.history_retention_days`` (``store.history_partitions.maintain``). Leader only:
     two replicas creating the same partition at once would both try, one failing."""
 
+    task_name = "history-housekeeper"
+
     def __init__(self, services: Edges, *, leadership: Leadership | None = None) -> None:
         self.services = services
         self.leadership = leadership
         self.period_s = services.settings.history_maintenance_s
-        self._task: asyncio.Task[None] | None = None
+        self._task = None
         self.outages = OutageLog(log, "history maintenance")
         self.last: MaintenanceReport | None = None
 
@@ -106,14 +120,3 @@ class HistoryHousekeeper:
             # whole period before making today's partition.
             led = self.last is not None
             await self.services.clock.sleep(self.period_s if led else min(self.period_s, 60.0))
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="history-housekeeper")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
