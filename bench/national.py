@@ -313,6 +313,15 @@ def vmhwm_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Proc:
     name: str
@@ -336,6 +345,9 @@ class Proc:
         if self.proc is not None and self.proc.poll() is None:
             self.peak_kib = vmhwm_kib(self.proc.pid) or self.peak_kib
 
+    def cpu_s(self) -> float | None:
+        return None if self.proc is None else cpu_seconds(self.proc.pid)
+
     def stop(self) -> None:
         self.sample()
         if self.proc is None or self.proc.poll() is not None:
@@ -350,13 +362,40 @@ class Proc:
 
 @dataclass
 class Stages:
+    """The stage lines, and after each the share of a core each process used since the stage
+    before (what bounds a stage on a shared machine: the servers are sampled too)."""
+
     lines: list[str] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
+    servers: dict[str, int] = field(default_factory=dict)  # name → pid
+    _cpu: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.monotonic)
+
+    def cpu_shares(self) -> str:
+        now = time.monotonic()
+        dt = max(now - self._t, 1e-6)
+        self._t = now
+        named = [(p.name, p.cpu_s()) for p in self.procs]
+        named += [(n, cpu_seconds(pid)) for n, pid in self.servers.items()]
+        named.append(("bench", time.process_time()))
+        parts = []
+        for name, cpu in named:
+            if cpu is None:
+                continue
+            before = self._cpu.get(name)
+            self._cpu[name] = cpu
+            if before is not None:
+                parts.append(f"{name} {(cpu - before) / dt:.0%}")
+        return ", ".join(parts)
 
     def add(self, label: str, seconds: float | None, extra: str = "") -> None:
         value = "not reached" if seconds is None else f"{seconds:.2f} s"
         line = f"{label}: {value}{'  (' + extra + ')' if extra else ''}"
         self.lines.append(line)
         print(f"national: {line}", flush=True)
+        shares = self.cpu_shares()
+        if shares:
+            print(f"national:     cpu since the stage before: {shares}", flush=True)
 
 
 def _iso(t_ms: int) -> str:
@@ -429,6 +468,24 @@ def command_counts(dsn: str, event_ids: list[str], until_ms: int) -> dict[str, A
     return out
 
 
+async def print_counters(client: Any, url: str) -> None:
+    """What ``vpp serve``'s own ingest accepted and dropped (by reason, the non-zero ones), the
+    commands it sent and the acks it took (the extra ingest workers count in their own
+    processes)."""
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError):
+        text = (await client.get(url + "/metrics")).text
+        wanted = ("vpp_ingest_rejected_total{", "vpp_acks_total{", "vpp_ingest_messages_total{",
+                  "vpp_commands_sent_total{")  # fmt: skip
+        picked = [
+            ln.replace("vpp_", "", 1)
+            for ln in text.splitlines()
+            if ln.startswith(wanted) and not ln.endswith(" 0.0")
+        ]
+        print("national: vpp serve counters: " + "; ".join(picked), flush=True)
+
+
 async def wait_until(pred: Any, timeout_s: float, step_s: float = 0.25) -> float | None:
     """Poll ``pred`` (a coroutine function) until true; wall seconds taken, None on timeout."""
     t0 = time.monotonic()
@@ -469,6 +526,10 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
     fleet: Proc | None = None
     try:
         with private_redis() as redis, run_mosquitto() as broker:
+            stages.procs = procs
+            if redis.proc is not None:
+                stages.servers["redis"] = redis.proc.pid
+            stages.servers["mosquitto"] = broker.pid
             db_url = dsn.replace("postgresql://", "postgresql+asyncpg://")
             await asyncio.to_thread(upgrade, db_url)
             env = {
@@ -584,6 +645,7 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
                     work / "fleet.log",
                 )
                 fleet.start(env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                stages.procs = [*procs, fleet]
                 assert fleet.proc is not None and fleet.proc.stdout is not None
                 line = await asyncio.to_thread(fleet.proc.stdout.readline)
                 if line.strip() != b"ready":
@@ -602,6 +664,8 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
                     t_acc,
                     "fleet connected → a committed reading of every live device",
                 )
+
+                await print_counters(client, url)
 
                 async def fleet_fresh() -> bool:
                     await fleet_counts_all()
@@ -801,6 +865,7 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
                     )
                 for p in procs:
                     p.sample()
+                await print_counters(client, url)
             # --- stop, memory ------------------------------------------------------------
             if fleet.proc is not None and fleet.proc.stdin is not None:
                 fleet.proc.stdin.write(b"stop\n")

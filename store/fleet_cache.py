@@ -38,6 +38,9 @@ from vpp.settings import Settings
 log = logging.getLogger(__name__)
 
 
+REBUILD_SPACING = 4.0  # a background rebuild waits this many times the last build's time
+
+
 class FleetCache:
     """Keeps a current snapshot for the API, forecaster and dispatcher: stale-while-revalidate.
 
@@ -128,9 +131,16 @@ class FleetCache:
         snap = self._snapshot
         if snap is None or self._built_ticket < self._must_ticket:
             return await self._fresh(self._must_ticket)
-        if self._monotonic() - self._built_at >= self.max_age_s:
+        if self._monotonic() - self._built_at >= self._max_age():
             self._start_refresh()
         return snap
+
+    def _max_age(self) -> float:
+        """How old the snapshot may grow before a background rebuild: ``max_age_s``, or four
+        times the last build's time when that is longer, so background rebuilds take at most a
+        fifth of the process however big the fleet (a million devices build in seconds; back
+        to back they starved the ingest sharing the process)."""
+        return max(self.max_age_s, REBUILD_SPACING * self.last_build_s.get("total_s", 0.0))
 
     async def stop(self) -> None:
         """Cancel a background rebuild (called by ``Edges.close``)."""
@@ -160,7 +170,7 @@ class FleetCache:
     async def _refresh_in_background(self) -> None:
         try:
             async with self._lock:
-                if self._monotonic() - self._built_at < self.max_age_s:
+                if self._monotonic() - self._built_at < self._max_age():
                     return  # someone rebuilt while we queued
                 await self._build()
         except asyncio.CancelledError:

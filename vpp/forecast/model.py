@@ -855,18 +855,23 @@ def realised_window_mw(
     kind = snap.kind_codes
     t_count = online.shape[0]
     avail = online & (snap.enrolled & ~np.asarray(opted_out, bool))[None, :]
+    # Only devices available at some interval add anything: a national fleet's silent or
+    # newly registered devices cost nothing here, and the thermostats go through in chunks so
+    # the (T, chunk) temporaries stay a few tens of MB at a million devices.
+    ever = avail.any(axis=0)
     out = np.zeros(t_count)
-    bat = np.flatnonzero(kind == BATTERY)
+    bat = np.flatnonzero((kind == BATTERY) & ever)
     if bat.size:
         b_inp = battery_inputs(snap, bat, soc_pct=first_reported(soc_pct[:, bat]))
         kw = b_inp.deliverable_kw(event_h)
         out += (avail[:, bat] * kw[None, :]).sum(axis=1)
-    th = np.flatnonzero((kind == THERMOSTAT) & snap.enrolled)
-    if th.size:
+    temp = np.asarray(outdoor_c, dtype=float)[:, None]
+    th_all = np.flatnonzero((kind == THERMOSTAT) & snap.enrolled & ever)
+    for lo in range(0, th_all.size, _REALISED_CHUNK):
+        th = th_all[lo : lo + _REALISED_CHUNK]
         sp = first_reported(setpoint_c[:, th])
         sp = np.where(np.isnan(sp), snap.state["setpoint_c"][th].astype(float), sp)
         t_inp = thermostat_inputs(snap, th, setpoint_c=sp)
-        temp = np.asarray(outdoor_c, dtype=float)[:, None]
         heating = t_inp.heating_at(temp)
         shed = physics.thermostat_flat_shed(
             t_inp.setpoint_c[None, :],
@@ -878,6 +883,9 @@ def realised_window_mw(
         )
         out += (avail[:, th] * np.nan_to_num(shed)).sum(axis=1)
     return out / 1000.0
+
+
+_REALISED_CHUNK = 65_536
 
 
 def vendor_online_share(
