@@ -36,7 +36,8 @@ Stages printed (wall seconds):
 - ``grid event planned``: ``POST /v1/grid-events`` (the plan is made before it answers);
 - ``commands stored+published``: the window opens → the last command of the opening wave has
   ``sent_ms`` (stored before it is published); ``acks in``: → the last ack of that wave;
-- ``settlement``: the window ends → the request reads ``completed`` with its performance.
+- ``settlement``: the window ends → the request reads ``completed`` and ``settled`` (every
+  interval's final figures).
 
 Then the commands split between live and silent devices (a silent device never acks: the
 runner's replacement path handles it), and the peak RSS (``VmHWM``) of every process and of the
@@ -842,9 +843,9 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
                         if r.status_code == 200:
                             doc.clear()
                             doc.update(r.json())
-                            return doc.get("status") == "completed" and (
-                                doc.get("performance") is not None
-                            )
+                            # Final: every interval settled (before, the figures cover the
+                            # intervals measured so far).
+                            return doc.get("status") == "completed" and bool(doc.get("settled"))
                     return False
 
                 t_settle = await wait_until(settled, max(60.0, clock.wall_seconds(900)), 0.5)
@@ -852,14 +853,17 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
                 stages.add(
                     "settlement (window end → request completed and settled)",
                     t_settle if request_id else None,
-                    f"status {doc.get('status')}, performance {perf}",
+                    f"status {doc.get('status')}, performance {perf}, request window "
+                    f"{doc.get('start')} – {doc.get('end')}",
                 )
                 ivs = doc.get("intervals") or []
                 if ivs:
                     print(
                         "national: intervals (target → delivered MW): "
                         + ", ".join(
-                            f"{iv.get('target_mw')}→{iv.get('delivered_mw')}" for iv in ivs
+                            f"{str(iv.get('start'))[11:16]} {iv.get('target_mw'):.1f}→"
+                            f"{iv.get('delivered_mw'):.1f}"
+                            for iv in ivs
                         ),
                         flush=True,
                     )

@@ -564,10 +564,9 @@ class Demo:
             progress.add_task("   waiting for the request to complete and settle", total=None)
             while time.monotonic() < deadline:
                 req = await self.api("GET", f"/v1/capacity-requests/{rid}", "buyer")
-                if (
-                    req.get("status") == RequestStatus.completed
-                    and req.get("performance") is not None
-                ):
+                # Settled: every interval's final figures (a completed request's intervals
+                # before that are the provisional ones measured so far).
+                if req.get("status") == RequestStatus.completed and req.get("settled"):
                     break
                 await asyncio.sleep(1.0)
         self.result.status = req.get("status")

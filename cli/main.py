@@ -245,7 +245,7 @@ def keys_revoke(
             row, changed = await revoke_api_key(db, key_id, get_clock().now_ms())
         finally:
             await db.dispose()
-        state = make_state_store(s.redis_url, prefix=s.state_prefix)
+        state = make_state_store(s.redis_url, prefix=s.state_prefix, timeout_s=s.redis_timeout_s)
         try:  # a notice every API replica's next check of the key sees (Redis only)
             noticed = await RateLimiter(state).announce_revoked(key_id)
         finally:

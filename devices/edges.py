@@ -60,7 +60,11 @@ class Edges:
             settings=settings,
             clock=clock,
             db=db,
-            state=make_state_store(settings.redis_url, prefix=settings.state_prefix),
+            state=make_state_store(
+                settings.redis_url,
+                prefix=settings.state_prefix,
+                timeout_s=settings.redis_timeout_s,
+            ),
             credentials=make_credential_manager(settings, db),
             broker=broker,
         )

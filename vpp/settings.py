@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "memory://", description="redis://host:6379/0, or memory:// for the in-process store"
     )
+    redis_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="seconds a Redis reply may take before the store counts as unreachable "
+        "(redis-py's own default, 5 s, is outlasted by a busy process reading a million-device "
+        "reply, which then took a healthy Redis for an outage)",
+    )
     time_scale: float = Field(1.0, gt=0, description="service clock speed against the wall clock")
     time_origin: int | None = Field(
         None, description="epoch ms where scaled time starts; default: the process start"

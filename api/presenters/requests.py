@@ -52,6 +52,8 @@ def request_doc(req: CapacityRequest, plan: Plan | None = None) -> dict[str, Any
         "plan": plan_doc(plan),
         "intervals": [],
         "performance": req.performance,
+        # The stored performance is written by the final settlement only.
+        "settled": req.performance is not None,
     }
 
 

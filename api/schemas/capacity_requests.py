@@ -150,6 +150,12 @@ class CapacityRequestOut(BaseModel):
     performance: float | None = Field(
         None, description="Σ min(delivered, committed) ÷ Σ committed over the settled intervals"
     )
+    settled: bool = Field(
+        False,
+        description="true once every interval of the window is settled: intervals and "
+        "performance are final. Before that (the window running, or just ended and its last "
+        "readings not yet in) they cover the intervals measured so far",
+    )
 
 
 class CapacityRequestList(BaseModel):

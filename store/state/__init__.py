@@ -8,7 +8,7 @@ from __future__ import annotations
 from store.state.base import StateStore
 
 
-def make_state_store(url: str, prefix: str = "vpp") -> StateStore:
+def make_state_store(url: str, prefix: str = "vpp", timeout_s: float = 20.0) -> StateStore:
     if url.startswith("memory://"):
         from store.state.memory import MemoryStateStore
 
@@ -16,7 +16,7 @@ def make_state_store(url: str, prefix: str = "vpp") -> StateStore:
     if url.startswith(("redis://", "rediss://", "unix://")):
         from store.state.redis import RedisStateStore
 
-        return RedisStateStore(url, prefix=prefix)
+        return RedisStateStore(url, prefix=prefix, timeout_s=timeout_s)
     raise ValueError(
         f"VPP_REDIS_URL: unsupported scheme in {url!r} (redis://, rediss://, memory://)"
     )

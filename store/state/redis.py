@@ -166,7 +166,9 @@ _REBUILD_CHUNK = 5000  # registry entries per fill call
 
 
 class RedisStateStore(StateStore):
-    def __init__(self, url: str, prefix: str = "vpp", n_buckets: int = N_BUCKETS) -> None:
+    def __init__(
+        self, url: str, prefix: str = "vpp", n_buckets: int = N_BUCKETS, timeout_s: float = 20.0
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.n_buckets = n_buckets
@@ -176,6 +178,10 @@ class RedisStateStore(StateStore):
             url,
             decode_responses=False,
             health_check_interval=30,
+            # A reply late by this much is an outage (VPP_REDIS_TIMEOUT_S); a refused or reset
+            # connection is one at once.
+            socket_timeout=timeout_s,
+            socket_connect_timeout=min(timeout_s, 5.0),
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )

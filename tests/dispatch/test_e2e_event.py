@@ -83,6 +83,7 @@ async def test_capacity_request_delivered_measured_and_settled(
                 b["status"] == "completed"
                 and len(b["intervals"]) == 24
                 and (b["performance"] is not None)
+                and b["settled"]
             )
 
         assert await wait_for(settled, 60)
