@@ -110,6 +110,23 @@ async def main() -> None:
         rng = np.random.default_rng(12)
         ids = [f"dev-{i:07d}" for i in range(n_day)]
 
+        # 0. Untimed: each side's connection made and its first COPY run (another day, other
+        # devices), so the timed batches compare writes, not connection set-up.
+        warm = partials_of([f"warm-{i}" for i in range(args.batch)], (DAY0 - 10) * DAY_MS, rng)
+        await write_partials(db, warm)
+        await bare.copy_records_to_table(
+            "telemetry_intervals",
+            records=records_of(
+                Partials(
+                    keys=[(d, s + INTERVAL_MS) for d, s in warm.keys],
+                    sums=warm.sums,
+                    counts=warm.counts,
+                    samples=warm.samples,
+                )
+            ),
+            columns=COLUMNS,
+        )
+
         # 1. One full day of n_day devices, written both ways in turns, batch by batch.
         t_ours = t_bare = 0.0
         rows = 0
