@@ -453,7 +453,7 @@ async def _pg_copy_merge(db: Database, data: bytes) -> None:
     the first stored row met (a unique violation) rolls it back whole. Then, or when
     :class:`_CopyFirst` says the rows are likely stored, they go by COPY into this connection's
     staging table and one ordered ``INSERT … SELECT … ON CONFLICT`` merges them, in one
-    transaction. The merge costs ~1.7× the COPY per row (speculative insertion, row by row),
+    transaction. The merge costs ~2× the COPY per row (speculative insertion, row by row),
     hence the first try. The connection is :meth:`Database.bulk_connection`'s (no ping at
     checkout): the whole write is two round trips when the COPY goes in."""
     policy = _COPY_FIRST.setdefault(db, _CopyFirst())
