@@ -11,8 +11,10 @@ exact: sums and counts add) and, past its bound, drops the oldest intervals firs
 
 :func:`write_intervals` and :func:`write_partials` store rows in ``telemetry_intervals`` (on
 PostgreSQL partitioned by day, see :mod:`store.history_partitions`) with a merge of sample counts
-and averages; on PostgreSQL the rows travel by COPY into a staging table and one ordered ``INSERT …
-SELECT … ON CONFLICT`` merges them, so the write-through partials of one interval, two ingest
+and averages; on PostgreSQL the rows are encoded once into a binary COPY stream
+(:func:`copy_binary`, numpy) and go straight into the table by one autocommit COPY when none of
+them is stored yet, else by COPY into a staging table and one ordered ``INSERT … SELECT … ON
+CONFLICT`` that merges them, so the write-through partials of one interval, two ingest
 workers that both saw samples of the same device and interval (the shared subscription splits
 messages, not devices), and samples that arrive late all add up instead of failing or overwriting.
 The merge weighs each average by the row's ``samples``: exact for every field a device of its kind
@@ -27,11 +29,13 @@ clock is flagged as skewed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import random
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import asyncpg
@@ -297,9 +301,17 @@ async def write_intervals(db: Database, rows: list[Row], chunk: int = 2000) -> i
     if not rows:
         return 0
     if not db.is_sqlite:
-        await _with_conflict_retry(
-            lambda: _pg_copy_merge(db, [tuple(r[c] for c in _COLUMNS) for r in rows])
+        means = np.array(
+            [[np.nan if r[f] is None else r[f] for f in FIELDS] for r in rows], dtype=np.float64
+        ).reshape(len(rows), _N)
+        data = copy_binary(
+            [r["device_id"] for r in rows],
+            np.fromiter((r["interval_start_ms"] for r in rows), np.int64, len(rows)),
+            np.fromiter((r["samples"] for r in rows), np.int64, len(rows)),
+            means,
+            ~np.isnan(means),
         )
+        await _with_conflict_retry(lambda: _pg_copy_merge(db, data))
         return len(rows)
 
     async def run() -> None:
@@ -319,9 +331,88 @@ async def write_partials(db: Database, partials: Partials) -> int:
         return 0
     if db.is_sqlite:  # executemany takes rows
         return await write_intervals(db, partials.rows())
-    records = list(zip(*partials.columns().values(), strict=True))
-    await _with_conflict_retry(lambda: _pg_copy_merge(db, records))
+    keys = partials.keys
+    present = partials.counts > 0
+    data = copy_binary(
+        list(map(itemgetter(0), keys)),
+        np.fromiter(map(itemgetter(1), keys), np.int64, len(keys)),
+        partials.samples,
+        partials.sums / np.maximum(partials.counts, 1),  # where present: the mean
+        present,
+    )
+    await _with_conflict_retry(lambda: _pg_copy_merge(db, data))
     return len(partials)
+
+
+# PostgreSQL's binary COPY format: a signature, flags and header extension (both 0), then per
+# row a field count and each field as its length (-1: NULL) and its bytes, all big-endian; a
+# field count of -1 ends it.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+
+
+def copy_binary(
+    device_ids: Sequence[str],
+    starts: np.ndarray,
+    samples: np.ndarray,
+    means: np.ndarray,
+    present: np.ndarray,
+) -> bytes:
+    """The rows ``(device_id, interval_start_ms, samples, *FIELDS)`` as one binary COPY stream
+    for ``telemetry_intervals`` (or its staging table), sorted by key; ``means`` (n, FIELDS)
+    holds the values, NULL where ``present`` is False.
+
+    Built by numpy, without a Python object per value: every row is laid out in one fixed-width
+    record (the id padded to the longest, every field 8 bytes), and one boolean mask keeps the
+    bytes that are really there (the id's own length, nothing after a NULL's length). Sorted by
+    ``(device_id, interval_start_ms)``, UTF-8 bytes compared as Python compares the strings:
+    two writers of overlapping rows take their locks in the same order."""
+    n = len(device_ids)
+    flat = "".join(device_ids).encode()
+    id_len = np.fromiter(map(len, device_ids), np.int64, n)
+    if len(flat) != int(id_len.sum()):  # not all ASCII: each id's own UTF-8 length
+        id_len = np.fromiter((len(d.encode()) for d in device_ids), np.int64, n)
+    width = max(int(id_len.max(initial=0)), 1)
+    padded = np.zeros((n, width), dtype=np.uint8)
+    padded[np.arange(width) < id_len[:, None]] = np.frombuffer(flat, dtype=np.uint8)
+    raw_ids = padded.view(f"S{width}").ravel()
+    order = np.lexsort((starts, raw_ids))
+    layout = _copy_layout(width)
+    rec = np.empty(n, dtype=layout)
+    rec["n"] = len(_COLUMNS)
+    rec["id_len"] = id_len = id_len[order]
+    rec["id"] = raw_ids[order]
+    rec["start_len"], rec["start"] = 8, starts[order]
+    rec["samples_len"], rec["samples"] = 4, samples[order]
+    present = present[order]
+    rec["fields"]["len"] = np.where(present, 8, -1)
+    rec["fields"]["value"] = means[order]  # a NULL's bytes are cut out below
+    keep = np.ones((n, layout.itemsize), dtype=bool)
+    offsets = layout.fields
+    assert offsets is not None
+    at = offsets["id"][1]
+    np.less(np.arange(width), id_len[:, None], out=keep[:, at : at + width])
+    at = offsets["fields"][1]
+    keep[:, at : at + 12 * _N].reshape(n, _N, 12)[:, :, 4:] = present[:, :, None]
+    body = rec.view(np.uint8).reshape(n, layout.itemsize)[keep]
+    return b"".join((_COPY_HEADER, body.tobytes(), _COPY_TRAILER))
+
+
+@functools.lru_cache(maxsize=64)
+def _copy_layout(id_width: int) -> np.dtype:
+    """One row of :func:`copy_binary` before the cut: field count, then (length, value) each."""
+    return np.dtype(
+        [
+            ("n", ">i2"),
+            ("id_len", ">i4"),
+            ("id", f"S{id_width}"),
+            ("start_len", ">i4"),
+            ("start", ">i8"),
+            ("samples_len", ">i4"),
+            ("samples", ">i4"),
+            ("fields", [("len", ">i4"), ("value", ">f8")], (_N,)),
+        ]
+    )
 
 
 class _CopyFirst:
@@ -353,28 +444,24 @@ class _CopyFirst:
 _COPY_FIRST: weakref.WeakKeyDictionary[Database, _CopyFirst] = weakref.WeakKeyDictionary()
 
 
-async def _pg_copy_merge(db: Database, records: list[tuple[Any, ...]]) -> None:
-    """PostgreSQL: the rows land in one committed transaction (every reading of them accepted)
-    or in none.
+async def _pg_copy_merge(db: Database, data: bytes) -> None:
+    """PostgreSQL: the rows (:func:`copy_binary`, sorted by key) land in one committed
+    transaction (every reading of them accepted) or in none.
 
     The rows go by binary COPY straight into the partitioned table when none of them is stored
-    yet, in a transaction of their own: the first stored row met (a unique violation) rolls it
-    back whole. Then, or when :class:`_CopyFirst` says the rows are likely stored, they go by
-    COPY into this connection's staging table and one ordered ``INSERT … SELECT … ON CONFLICT``
-    merges them. The merge costs ~1.7× the COPY per row (speculative insertion, row by row),
-    hence the first try. Both sort by key: two writers lock overlapping rows in the same order."""
-    records.sort(key=_key)
+    yet: one statement in autocommit, its own transaction, committed when the COPY returns, and
+    the first stored row met (a unique violation) rolls it back whole. Then, or when
+    :class:`_CopyFirst` says the rows are likely stored, they go by COPY into this connection's
+    staging table and one ordered ``INSERT … SELECT … ON CONFLICT`` merges them, in one
+    transaction. The merge costs ~2× the COPY per row (speculative insertion, row by row),
+    hence the first try. The connection is :meth:`Database.bulk_connection`'s (no ping at
+    checkout): the whole write is two round trips when the COPY goes in."""
     policy = _COPY_FIRST.setdefault(db, _CopyFirst())
-    async with db.engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        pg = raw.driver_connection
-        assert pg is not None
+    source = memoryview(data)  # a buffer: asyncpg would read bytes as a file's path
+    async with db.bulk_connection() as pg:
         if policy.should_try():
             try:
-                async with pg.transaction():
-                    await pg.copy_records_to_table(
-                        TelemetryInterval.__tablename__, records=records, columns=_COLUMNS
-                    )
+                await pg.copy_to_table(_TABLE, source=source, columns=_COLUMNS, format="binary")
                 policy.all_new()
                 return
             except asyncpg.UniqueViolationError:  # rolled back whole: nothing of it stays
@@ -383,26 +470,23 @@ async def _pg_copy_merge(db: Database, records: list[tuple[Any, ...]]) -> None:
         async with pg.transaction():
             if created:
                 await pg.execute(_PG_STAGE_DDL)
-            await pg.copy_records_to_table(_STAGE, records=records, columns=_COLUMNS)
+            await pg.copy_to_table(_STAGE, source=source, columns=_COLUMNS, format="binary")
             await pg.execute(_PG_MERGE)
         if created:  # only once committed: a rolled-back CREATE leaves no table behind
             _STAGED.add(pg)
 
 
-def _key(record: tuple[Any, ...]) -> tuple[str, int]:
-    return record[0], record[1]
-
-
-# One merge, in SQL text for both databases. PostgreSQL: the batch goes by binary COPY (asyncpg's
-# copy_records_to_table, no statement to bind per row) into a temporary staging table of the
-# connection, then one INSERT … SELECT merges it into the partitioned table: a COPY cannot merge,
-# and the staging table is cheap (temporary: no WAL, no index; emptied at each commit). SQLite:
-# one prepared statement run for every row (executemany).
+# One merge, in SQL text for both databases. PostgreSQL: the batch goes by binary COPY (no
+# statement to bind per row) into a temporary staging table of the connection, then one INSERT …
+# SELECT merges it into the partitioned table: a COPY cannot merge, and the staging table is
+# cheap (temporary: no WAL, no index; emptied at each commit). SQLite: one prepared statement
+# run for every row (executemany).
+_TABLE = TelemetryInterval.__tablename__
 _COLUMNS = ["device_id", "interval_start_ms", "samples", *FIELDS]
 _STAGE = "telemetry_intervals_stage"
 _PG_STAGE_DDL = (
     f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} "
-    f"(LIKE {TelemetryInterval.__tablename__} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    f"(LIKE {_TABLE} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
 # asyncpg connections that have made their staging table (it lives as long as the connection).
 _STAGED: weakref.WeakSet[Any] = weakref.WeakSet()
