@@ -314,21 +314,27 @@ class ForecastCalibrator:
                         .where(Command.valid_until_ms > w_start)
                     )
                 ).all()
-            k = stamps.size
-            present = np.zeros((k, n), bool)
-            soc = np.full((k, n), np.nan)
-            setpoint = np.full((k, n), np.nan)
-            outdoor = np.full((k, n), np.nan)
+            # Only the devices with a reading in the window get columns: (stamps × devices)
+            # arrays over a national fleet's silent or new devices cost GB and find nothing.
             if tel:
                 frame = pd.DataFrame(tel, columns=["id", "ts", "soc", "sp", "out"])
-                pos = ids.get_indexer(pd.Index(frame["id"]))
-                keep = pos >= 0
-                col = pos[keep]
+                seen_pos = ids.get_indexer(pd.Index(frame["id"]))
+                cols_of = np.unique(seen_pos[seen_pos >= 0])
+            else:
+                cols_of = np.zeros(0, np.int64)
+            k, n_seen = stamps.size, cols_of.size
+            present_s = np.zeros((k, n_seen), bool)
+            soc_s = np.full((k, n_seen), np.nan)
+            setpoint_s = np.full((k, n_seen), np.nan)
+            outdoor_s = np.full((k, n_seen), np.nan)
+            if tel:
+                keep = seen_pos >= 0
+                col = np.searchsorted(cols_of, seen_pos[keep])
                 row = np.searchsorted(stamps, frame["ts"].to_numpy(np.int64)[keep])
-                present[row, col] = True
-                soc[row, col] = frame["soc"].to_numpy(float, na_value=np.nan)[keep]
-                setpoint[row, col] = frame["sp"].to_numpy(float, na_value=np.nan)[keep]
-                outdoor[row, col] = frame["out"].to_numpy(float, na_value=np.nan)[keep]
+                present_s[row, col] = True
+                soc_s[row, col] = frame["soc"].to_numpy(float, na_value=np.nan)[keep]
+                setpoint_s[row, col] = frame["sp"].to_numpy(float, na_value=np.nan)[keep]
+                outdoor_s[row, col] = frame["out"].to_numpy(float, na_value=np.nan)[keep]
             commanded = np.zeros(n, bool)
             opted = np.zeros(n, bool)
             if cmds:
@@ -340,18 +346,32 @@ class ForecastCalibrator:
             member = np.isnan(created_ms) | (created_ms <= fc_ms)
             step_idx = np.searchsorted(stamps, step_iv)
             fc_idx = int(np.searchsorted(stamps, fc_iv))
-            online = present[step_idx] & member[None, :]
+            online = present_s[step_idx] & member[cols_of][None, :]
             # Outdoor temperature per interval: the median device reading (robust to a broken
             # sensor), else the weather file.
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                reported = np.nanmedian(np.where(online, outdoor[step_idx], np.nan), axis=1)
+                reported = (
+                    np.nanmedian(np.where(online, outdoor_s[step_idx], np.nan), axis=1)
+                    if n_seen
+                    else np.full(step_idx.size, np.nan)
+                )
             _, file_temp = wy.sample(starts + self.step_s * 500)
             file_temp = np.asarray(file_temp, float)
             has_temp = np.isfinite(reported)
             temp_steps = np.where(has_temp, reported, file_temp)
-            realised = m.realised_window_mw(
-                sub, online, soc[step_idx], setpoint[step_idx], temp_steps, opted, event_h
+            realised = (
+                m.realised_window_mw(
+                    sub.take(cols_of),
+                    online,
+                    soc_s[step_idx],
+                    setpoint_s[step_idx],
+                    temp_steps,
+                    opted[cols_of],
+                    event_h,
+                )
+                if n_seen
+                else np.zeros(starts.size)
             )
             wave: list[tuple[float, float, float]] = []
             if commanded.any():
@@ -368,6 +388,14 @@ class ForecastCalibrator:
                         )
             consecutive = consecutive + 1 if commanded.any() else 0
             enough_temp = has_temp.sum() * 2 >= has_temp.size
+            online_any = np.zeros(n, bool)
+            online_any[cols_of] = online.any(axis=0)
+            fc_present = np.zeros(n, bool)
+            fc_present[cols_of] = present_s[fc_idx]
+            fc_soc = np.full(n, np.nan)
+            fc_soc[cols_of] = soc_s[fc_idx]
+            fc_setpoint = np.full(n, np.nan)
+            fc_setpoint[cols_of] = setpoint_s[fc_idx]
             out.append(
                 _Day(
                     window_start_ms=w_start,
@@ -375,10 +403,10 @@ class ForecastCalibrator:
                     starts_ms=starts,
                     member=member,
                     realised_mw=realised,
-                    online_any=np.asarray(online.any(axis=0), bool),
-                    fc_online=present[fc_idx] & member,
-                    fc_soc=soc[fc_idx],
-                    fc_setpoint=setpoint[fc_idx],
+                    online_any=online_any,
+                    fc_online=fc_present & member,
+                    fc_soc=fc_soc,
+                    fc_setpoint=fc_setpoint,
                     temp_obs_c=float(reported[has_temp].mean()) if enough_temp else np.nan,
                     temp_fc_c=float(file_temp[has_temp].mean()) if enough_temp else np.nan,
                     commanded=bool(commanded.any()),

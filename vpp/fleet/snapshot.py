@@ -95,7 +95,17 @@ class FleetSnapshot:
             if isinstance(value, np.ndarray)
         }
         sub = replace(self, **arrays, index={})
-        if sub.removed is None:
+        sel = np.asarray(sel)
+        whole = (sel.dtype == np.bool_ and sel.shape == (len(self),) and bool(sel.all())) or (
+            sel.dtype != np.bool_
+            and sel.shape == (len(self),)
+            and bool(np.array_equal(sel, np.arange(len(self))))
+        )
+        if whole and self.index:
+            # Every row in place (a fleet of one region): the same positions, so the same
+            # index, not a million-entry dict built again for each sub-fleet.
+            sub.index = self.index
+        elif sub.removed is None:
             sub.index = {d: i for i, d in enumerate(sub.device_ids)}
         else:
             sub.index = {d: i for i, d in enumerate(sub.device_ids) if not sub.removed[i]}
