@@ -76,15 +76,30 @@ class FleetCache:
     or with ``force=True`` (the event runner's closed loop, tests), which wait for a build that
     started after them.
 
-    The registry is reloaded from the database only when the state store's registry version
-    says another process changed it: changes made here come in through ``apply_changes`` and
-    are applied to the registry and the current snapshot at once. Worker-thread assembly and
-    the registry build keep the event loop responsive while a rebuild runs.
+    The registry changes only through onboarding, PATCH and offboarding. Changes made here come
+    in through ``apply_changes`` and are applied to the registry and the current snapshot at
+    once. When the state store's registry version says another process changed it, the cache
+    catches up through the registry's change log (``registry_changes``): the ids changed since
+    its cursor, their rows read from the database by id. Only when the log cannot say (trimmed
+    past the cursor, the store lost or rebuilt) or too much changed does it read the whole
+    registry again (COPY + Arrow parse). Worker-thread assembly and decoding keep the event
+    loop responsive while a rebuild runs.
+
+    A new process does not read the database at all when it can help it: after a whole read
+    the cache writes the registry as one compact image (``vpp.fleet.image``: LZ4 column
+    buffers, with the rows each state-store chunk joined to) to the state store
+    (``<prefix>:fleet:registry``, in chunks), tagged with the change-log cursor taken before
+    the read; after a catch-up it refreshes the image at most every ``IMAGE_REFRESH_S``, one
+    writer at a time. A cold start loads the image, re-joins the state store's chunks whose
+    ids are unchanged from it (no id hashing), and catches up from its cursor; a missing,
+    damaged (checksums) or too old image is a whole read instead. Every catch-up also re-reads
+    the devices logged ``CATCH_UP_OVERLAP_S`` before its cursor: a registry write is logged
+    before its transaction commits. The in-process store keeps no image (one process).
 
     Offboarding here costs O(1) in the fleet's size: the device's row becomes a tombstone
     (``FleetSnapshot.removed``; out of the id index, region -1, not enrolled, offline) and the
-    next build compacts the arrays in a worker thread. A cold build reads the database and the
-    state store at the same time.
+    next build compacts the arrays in a worker thread. A build reads the registry (image,
+    catch-up or database) and the state store at the same time.
     """
 
     def __init__(
@@ -291,7 +306,10 @@ class FleetCache:
                     self.image_loads += 1
                 else:
                     self.registry_catchups += 1
-                self._maybe_write_image(imaged, cursor, full=loaded.how == "database")
+                if loaded.how == "database" or loaded.rows or loaded.gone:
+                    self._maybe_write_image(imaged, cursor, full=loaded.how == "database")
+            elif version == self._registry_version:
+                self._cursor = cursor  # nothing written elsewhere: the log's end is ours
             self._built_ticket = ticket
             self._built_at = self._monotonic()
             self.builds += 1

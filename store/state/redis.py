@@ -22,6 +22,7 @@ Layout (prefix ``vpp``):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 import time
 import uuid
@@ -176,6 +177,7 @@ for i = 1, #KEYS do
 end
 return out
 """
+_READ_LANES = 2  # concurrent pipelines of a whole-fleet read
 _STATUS_KEYS = 8  # status hashes per script call: about a millisecond of Redis at 250 devices each
 REGISTRY_CHUNK = 10_000  # devices per HSET/HDEL and per change-log entry
 REGISTRY_LOG_MAX = 10_000  # change-log entries kept (a worker further behind reloads it whole)
@@ -288,14 +290,26 @@ class RedisStateStore(StateStore):
 
     async def _all_hash_chunks(self, kind: str) -> list[dict[bytes, bytes]]:
         """Every bucket's hash, in bucket order (empty buckets left out)."""
-        out: list[dict[bytes, bytes]] = []
         step = 128  # smaller pipelines: shorter event-loop stalls while replies are parsed
-        for lo in range(0, self.n_buckets, step):
-            pipe = self.redis.pipeline(transaction=False)
-            for b in range(lo, min(lo + step, self.n_buckets)):
-                pipe.hgetall(self._k(kind, b))
-            out.extend(h for h in await pipe.execute() if h)
-        return out
+
+        async def lane(lo: int, hi: int) -> list[dict[bytes, bytes]]:
+            out: list[dict[bytes, bytes]] = []
+            for a in range(lo, hi, step):
+                pipe = self.redis.pipeline(transaction=False)
+                for b in range(a, min(a + step, hi)):
+                    pipe.hgetall(self._k(kind, b))
+                out.extend(h for h in await pipe.execute() if h)
+            return out
+
+        return [h for part in await self._lanes(lane) for h in part]
+
+    async def _lanes(self, lane: Callable[[int, int], Awaitable[list[Any]]]) -> list[list[Any]]:
+        """``lane(lo, hi)`` over _READ_LANES contiguous bucket ranges at once, each on its own
+        connection: Redis answers one lane's next pipeline while the client parses another's
+        replies (one lane left each waiting on the other)."""
+        n, k = self.n_buckets, _READ_LANES
+        bounds = [n * i // k for i in range(k + 1)]
+        return list(await asyncio.gather(*(lane(lo, hi) for lo, hi in itertools.pairwise(bounds))))
 
     async def all_states_packed(self) -> list[PackedStates]:
         """One chunk a bucket, its ids as one blob (``PackedIds``): joined in C, no decoding
@@ -313,27 +327,31 @@ class RedisStateStore(StateStore):
         """One chunk a bucket, in bucket order (empty ones left out), as the states: the ids
         as one blob and the flags from the first byte of each value ("1:ts" / "0:ts"), joined
         by a script in Redis (``_STATUS_FLAGS``)."""
-        keys = [self._k("on", b) for b in range(self.n_buckets)]
-        calls = [keys[lo : lo + _STATUS_KEYS] for lo in range(0, len(keys), _STATUS_KEYS)]
         sha = await self.redis.script_load(_STATUS_FLAGS)  # for EVALSHA in the pipelines
-        out: list[PackedStatus] = []
         step = 64
-        for lo in range(0, len(calls), step):
-            pipe = self.redis.pipeline(transaction=False)
-            for ks in calls[lo : lo + step]:
-                pipe.evalsha(sha, len(ks), *ks)
-            replies = await pipe.execute()
-            for ks, reply in zip(calls[lo : lo + step], replies, strict=True):
-                for key, ids, flags in zip(ks, reply[::2], reply[1::2], strict=True):
-                    if not flags:
-                        continue
-                    if ids.count(b"\n") == len(flags):
-                        out.append((ids, np.frombuffer(flags, dtype=np.uint8) == ord("1")))
-                    else:  # an id holding a newline: this bucket the slow way
-                        h = await self.redis.hgetall(key)
-                        values = np.array(list(h.values()), dtype="S1")
-                        out.append((list(h), values == b"1"))
-        return out
+
+        async def lane(lo: int, hi: int) -> list[PackedStatus]:
+            keys = [self._k("on", b) for b in range(lo, hi)]
+            calls = [keys[a : a + _STATUS_KEYS] for a in range(0, len(keys), _STATUS_KEYS)]
+            out: list[PackedStatus] = []
+            for a in range(0, len(calls), step):
+                pipe = self.redis.pipeline(transaction=False)
+                for ks in calls[a : a + step]:
+                    pipe.evalsha(sha, len(ks), *ks)
+                replies = await pipe.execute()
+                for ks, reply in zip(calls[a : a + step], replies, strict=True):
+                    for key, ids, flags in zip(ks, reply[::2], reply[1::2], strict=True):
+                        if not flags:
+                            continue
+                        if ids.count(b"\n") == len(flags):
+                            out.append((ids, np.frombuffer(flags, dtype=np.uint8) == ord("1")))
+                        else:  # an id holding a newline: this bucket the slow way
+                            h = await self.redis.hgetall(key)
+                            values = np.array(list(h.values()), dtype="S1")
+                            out.append((list(h), values == b"1"))
+            return out
+
+        return [c for part in await self._lanes(lane) for c in part]
 
     async def put_status(self, statuses: Mapping[str, tuple[bool, int]]) -> None:
         if not statuses:
