@@ -256,27 +256,29 @@ class FleetCache:
                 )
             else:
                 states, statuses = await read()
-            registry = self._registry if loaded is None else loaded.registry
-            assert registry is not None
-            if loaded is not None:
-                if loaded.positions:  # an image's joins, for the chunks that did not change
-                    t3 = time.perf_counter()
-                    seeded = sum(
-                        seed_positions(registry, what, [ids for ids, _ in answer], known)
-                        for what, answer in (("state", states), ("status", statuses))
-                        if (known := loaded.positions.get(what))
-                    )
-                    timings["seeded_chunks"] = seeded
-                    timings["seed_s"] = time.perf_counter() - t3
-                if loaded.rows or loaded.gone:
-                    registry = registry_with_changes(registry, loaded.rows, loaded.gone)
+            start = self._registry if loaded is None else loaded.registry
+            assert start is not None
+            registry: Registry = start
             if registry.removed is not None:
-                # Offboarded rows leave for good here, off the event loop (changes made
-                # meanwhile are applied again below).
+                # Rows offboarded before this build leave for good here, off the event loop
+                # (changes made meanwhile are applied again below).
                 t3 = time.perf_counter()
                 registry, _ = await asyncio.to_thread(compact_registry, registry)
                 timings["compact_s"] = time.perf_counter() - t3
-            assert registry is not None
+            if loaded is not None:
+                if loaded.positions:  # an image's joins, for the chunks that did not change
+                    t3 = time.perf_counter()
+                    seeded = 0
+                    answers: dict[str, Sequence[Any]] = {"state": states, "status": statuses}
+                    for what, known in loaded.positions.items():
+                        chunks = [ids for ids, _ in answers.get(what, ())]
+                        seeded += seed_positions(registry, what, chunks, known)
+                    timings["seeded_chunks"] = seeded
+                    timings["seed_s"] = time.perf_counter() - t3
+                if loaded.rows or loaded.gone:
+                    # Devices offboarded elsewhere become tombstones, compacted by the next
+                    # build: a start does not copy every column for them.
+                    registry = registry_with_changes(registry, loaded.rows, loaded.gone)
             s = self.settings
             t2 = time.perf_counter()
             snap = await asyncio.to_thread(
@@ -424,9 +426,12 @@ class FleetCache:
                 "version": cursor.version,
                 "written_ms": int(time.time() * 1000),
             }
-            data = await asyncio.to_thread(
-                lambda: encode(registry, meta, export_positions(registry))
-            )
+
+            def image() -> bytes | None:
+                compacted, _ = compact_registry(registry)  # an image holds no tombstones
+                return encode(compacted, meta, export_positions(compacted))
+
+            data = await asyncio.to_thread(image)
             if data is None:
                 return  # an id holding a newline: no image, every start reads the database
             await self.state.put_blob(IMAGE_KEY, data)
