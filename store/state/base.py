@@ -97,10 +97,32 @@ class StateStore(abc.ABC):
         """The change log's end now, with the registry version at that point."""
 
     @abc.abstractmethod
-    async def registry_changes(self, cursor: RegistryCursor) -> RegistryChanges | None:
+    async def registry_changes(
+        self, cursor: RegistryCursor, overlap_ms: int = 0
+    ) -> RegistryChanges | None:
         """The registry's changes after ``cursor`` and the cursor after them; None when they
         cannot all be told (the log was trimmed past the cursor, lost, or the registry was
-        written without it, as by ``rebuild``): then the caller reloads it whole."""
+        written without it, as by ``rebuild``): then the caller reloads it whole.
+
+        ``overlap_ms``: also the changes logged up to that long before the cursor, as far as
+        the log still holds them (best effort; they do not count against the version check).
+        A registry write is logged before its database transaction commits, so a reader that
+        took its cursor and then read the database may have missed a change logged just
+        before the cursor; the fleet cache re-reads those devices."""
+
+    # --- large shared values (the fleet cache's registry image) ---
+    stores_blobs = False  # whether put_blob keeps anything (the in-process store does not)
+
+    async def put_blob(self, name: str, data: bytes) -> None:
+        """Store a large value under ``name``, replacing the previous one whole (a reader
+        sees the old one or the new one, never a mix). The in-process store keeps nothing:
+        whoever could read it is the process that wrote it."""
+        return None
+
+    async def get_blob(self, name: str) -> bytes | None:
+        """The value last stored under ``name``, or None (never stored, lost, or replaced
+        while it was read)."""
+        return None
 
     # --- loss and rebuild ---
     @abc.abstractmethod

@@ -28,8 +28,8 @@ class MemoryStateStore(StateStore):
         self._status: dict[str, tuple[bool, int]] = {}
         self._registry: dict[str, int] = {}
         self._registry_version = 0
-        # The change log: (sequence number, the write's changes, None for a removal).
-        self._registry_log: deque[tuple[int, dict[str, int | None]]] = deque()
+        # The change log: (sequence number, wall ms, the write's changes, None for a removal).
+        self._registry_log: deque[tuple[int, int, dict[str, int | None]]] = deque()
         self._registry_log_seq = 0
         self._registry_log_dropped = 0  # the highest sequence number trimmed off the log
         self._acks: deque[bytes] = deque()
@@ -68,14 +68,16 @@ class MemoryStateStore(StateStore):
 
     def _log_change(self, changes: dict[str, int | None]) -> None:
         self._registry_log_seq += 1
-        self._registry_log.append((self._registry_log_seq, changes))
+        self._registry_log.append((self._registry_log_seq, int(time.time() * 1000), changes))
         while len(self._registry_log) > self.registry_log_max:
             self._registry_log_dropped = self._registry_log.popleft()[0]
 
     async def registry_cursor(self) -> RegistryCursor:
         return RegistryCursor(str(self._registry_log_seq), self._registry_version)
 
-    async def registry_changes(self, cursor: RegistryCursor) -> RegistryChanges | None:
+    async def registry_changes(
+        self, cursor: RegistryCursor, overlap_ms: int = 0
+    ) -> RegistryChanges | None:
         try:
             after = int(cursor.position)
         except ValueError:
@@ -84,10 +86,14 @@ class MemoryStateStore(StateStore):
             return None  # trimmed past it, or a cursor of a store since lost
         changes: dict[str, int | None] = {}
         writes = 0
-        for seq, change in self._registry_log:
+        at = next((t for seq, t, _ in self._registry_log if seq == after), None)
+        since = at - overlap_ms if overlap_ms and at is not None else None
+        for seq, t, change in self._registry_log:
             if seq > after:
                 changes.update(change)
                 writes += 1
+            elif since is not None and t >= since:
+                changes.update(change)  # the overlap before the cursor
         if cursor.version + writes != self._registry_version:
             return None  # written without the log (a rebuild)
         return RegistryChanges(

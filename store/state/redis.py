@@ -10,6 +10,8 @@ Layout (prefix ``vpp``):
   up to 10 000 devices: field ``p`` (put) or ``r`` (removed) the ids joined by ``\n`` (field
   ``l``, their lengths as little-endian uint16, when an id holds a newline), ``c`` the put's kind
   codes as int8, ``e`` on the last chunk of a write (writes there == the version's steps).
+- ``vpp:fleet:registry``: the fleet cache's registry image (``put_blob``): the head
+  ``token:chunks:bytes``, the image in 4 MiB chunks under ``vpp:fleet:registry:{token}:{i}``.
 - ``vpp:acks``: list of raw acks from ingest to the event runner (drained by the leader only).
 - ``vpp:gen``: the generation token written by the last build (missing: the store was lost),
   ``vpp:rebuild``: the rebuild lock (its holder's token, with a TTL).
@@ -20,6 +22,7 @@ Layout (prefix ``vpp``):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 import time
 import uuid
@@ -154,6 +157,28 @@ end
 local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
 return {v, maxdel, last, entries}
 """
+# The online flags of a few status hashes (KEYS), per hash two bulk strings: its ids, each
+# followed by "\n", and the first byte of each value ("1"/"0"), in the hash's order. Two
+# strings a hash instead of two a device: the client makes no object per device, and Redis,
+# another process, does the joining. (Tried for the state hashes too: Lua's copy of HGETALL's
+# reply costs Redis about ten times the HGETALL, more than the client saves on 64-byte records.)
+_STATUS_FLAGS = """
+local out = {}
+for i = 1, #KEYS do
+  local flat = redis.call('HGETALL', KEYS[i])
+  local ids, flags = {}, {}
+  for j = 1, #flat / 2 do
+    ids[j] = flat[2 * j - 1]
+    flags[j] = string.sub(flat[2 * j], 1, 1)
+  end
+  out[2 * i - 1] = ''
+  if #ids > 0 then out[2 * i - 1] = table.concat(ids, '\\n') .. '\\n' end
+  out[2 * i] = table.concat(flags)
+end
+return out
+"""
+_READ_LANES = 2  # concurrent pipelines of a whole-fleet read
+_STATUS_KEYS = 8  # status hashes per script call: about a millisecond of Redis at 250 devices each
 REGISTRY_CHUNK = 10_000  # devices per HSET/HDEL and per change-log entry
 REGISTRY_LOG_MAX = 10_000  # change-log entries kept (a worker further behind reloads it whole)
 REGISTRY_LOG_AGE_MS = 600_000  # and none older than this: bounds the log's memory after imports
@@ -163,6 +188,7 @@ _REGISTRY_LOG_READ = 20  # change-log entries per read (at most 200 000 devices)
 # Longer than a registry load of a million devices; a holder that dies frees it after this.
 REBUILD_LOCK_TTL_S = 30.0
 _REBUILD_CHUNK = 5000  # registry entries per fill call
+_BLOB_CHUNK = 4 << 20  # bytes per key of a large value (put_blob): short SETs and GETs
 
 
 class RedisStateStore(StateStore):
@@ -193,6 +219,7 @@ class RedisStateStore(StateStore):
         self._release_lease = self.redis.register_script(_RELEASE_LEASE)
         self._registry_cursor = self.redis.register_script(_REGISTRY_CURSOR)
         self._registry_changes = self.redis.register_script(_REGISTRY_CHANGES)
+        self._status_flags = self.redis.register_script(_STATUS_FLAGS)
         self.registry_log_max = REGISTRY_LOG_MAX
 
     def _k(self, *parts: object) -> str:
@@ -269,14 +296,26 @@ class RedisStateStore(StateStore):
 
     async def _all_hash_chunks(self, kind: str) -> list[dict[bytes, bytes]]:
         """Every bucket's hash, in bucket order (empty buckets left out)."""
-        out: list[dict[bytes, bytes]] = []
         step = 128  # smaller pipelines: shorter event-loop stalls while replies are parsed
-        for lo in range(0, self.n_buckets, step):
-            pipe = self.redis.pipeline(transaction=False)
-            for b in range(lo, min(lo + step, self.n_buckets)):
-                pipe.hgetall(self._k(kind, b))
-            out.extend(h for h in await pipe.execute() if h)
-        return out
+
+        async def lane(lo: int, hi: int) -> list[dict[bytes, bytes]]:
+            out: list[dict[bytes, bytes]] = []
+            for a in range(lo, hi, step):
+                pipe = self.redis.pipeline(transaction=False)
+                for b in range(a, min(a + step, hi)):
+                    pipe.hgetall(self._k(kind, b))
+                out.extend(h for h in await pipe.execute() if h)
+            return out
+
+        return [h for part in await self._lanes(lane) for h in part]
+
+    async def _lanes(self, lane: Callable[[int, int], Awaitable[list[Any]]]) -> list[list[Any]]:
+        """``lane(lo, hi)`` over _READ_LANES contiguous bucket ranges at once, each on its own
+        connection: Redis answers one lane's next pipeline while the client parses another's
+        replies (one lane left each waiting on the other)."""
+        n, k = self.n_buckets, _READ_LANES
+        bounds = [n * i // k for i in range(k + 1)]
+        return list(await asyncio.gather(*(lane(lo, hi) for lo, hi in itertools.pairwise(bounds))))
 
     async def all_states_packed(self) -> list[PackedStates]:
         """One chunk a bucket, its ids as one blob (``PackedIds``): joined in C, no decoding
@@ -291,11 +330,34 @@ class RedisStateStore(StateStore):
         return out
 
     async def all_status_packed(self) -> list[PackedStatus]:
-        # Values are "1:ts" / "0:ts": the first byte is the flag.
-        return [
-            (_id_blob(h) or list(h), np.array(list(h.values()), dtype="S1") == b"1")
-            for h in await self._all_hash_chunks("on")
-        ]
+        """One chunk a bucket, in bucket order (empty ones left out), as the states: the ids
+        as one blob and the flags from the first byte of each value ("1:ts" / "0:ts"), joined
+        by a script in Redis (``_STATUS_FLAGS``)."""
+        sha = await self.redis.script_load(_STATUS_FLAGS)  # for EVALSHA in the pipelines
+        step = 64
+
+        async def lane(lo: int, hi: int) -> list[PackedStatus]:
+            keys = [self._k("on", b) for b in range(lo, hi)]
+            calls = [keys[a : a + _STATUS_KEYS] for a in range(0, len(keys), _STATUS_KEYS)]
+            out: list[PackedStatus] = []
+            for a in range(0, len(calls), step):
+                pipe = self.redis.pipeline(transaction=False)
+                for ks in calls[a : a + step]:
+                    pipe.evalsha(sha, len(ks), *ks)
+                replies = await pipe.execute()
+                for ks, reply in zip(calls[a : a + step], replies, strict=True):
+                    for key, ids, flags in zip(ks, reply[::2], reply[1::2], strict=True):
+                        if not flags:
+                            continue
+                        if ids.count(b"\n") == len(flags):
+                            out.append((ids, np.frombuffer(flags, dtype=np.uint8) == ord("1")))
+                        else:  # an id holding a newline: this bucket the slow way
+                            h = await self.redis.hgetall(key)
+                            values = np.array(list(h.values()), dtype="S1")
+                            out.append((list(h), values == b"1"))
+            return out
+
+        return [c for part in await self._lanes(lane) for c in part]
 
     async def put_status(self, statuses: Mapping[str, tuple[bool, int]]) -> None:
         if not statuses:
@@ -375,7 +437,9 @@ class RedisStateStore(StateStore):
         version, position = await self._registry_cursor(keys=keys, args=[])
         return RegistryCursor(_text(position), int(version))
 
-    async def registry_changes(self, cursor: RegistryCursor) -> RegistryChanges | None:
+    async def registry_changes(
+        self, cursor: RegistryCursor, overlap_ms: int = 0
+    ) -> RegistryChanges | None:
         try:
             after = _stream_id(cursor.position)
         except ValueError:
@@ -383,6 +447,9 @@ class RedisStateStore(StateStore):
         keys = [self._k("reg", "log"), self._k("regv")]
         changes: dict[str, int | None] = {}
         position, writes = cursor.position, 0
+        if overlap_ms > 0 and after > (0, 0):  # the log's ids are Redis's clock in ms
+            position = f"{max(after[0] - overlap_ms, 0)}-0"
+        cut = after
         while True:
             reply = await self._registry_changes(keys=keys, args=[position, _REGISTRY_LOG_READ])
             version = int(reply[0])
@@ -390,19 +457,56 @@ class RedisStateStore(StateStore):
                 ok = not changes and version == cursor.version
                 return RegistryChanges({}, cursor) if ok else None
             max_deleted, last_id, entries = _stream_id(reply[1]), _stream_id(reply[2]), reply[3]
-            if after < max_deleted or after > last_id:
+            if cut < max_deleted or cut > last_id:
                 return None  # trimmed past the cursor, or a cursor of a store since lost
             for entry_id, flat in entries:
                 fields = dict(zip(flat[::2], flat[1::2], strict=True))
                 _fold_entry(fields, changes)
-                writes += b"e" in fields
                 position = _text(entry_id)
-            after = _stream_id(position)
+                if _stream_id(position) > cut:  # the overlap before the cursor does not count
+                    writes += b"e" in fields
             if len(entries) < _REGISTRY_LOG_READ:
                 break
         if cursor.version + writes != version:
             return None  # the registry was written without the log (a rebuild, an old writer)
         return RegistryChanges(changes, RegistryCursor(position, version))
+
+    stores_blobs = True
+
+    async def put_blob(self, name: str, data: bytes) -> None:
+        # Chunks under a fresh token, then the head (token, chunk count, length) swapped in one
+        # SET: a reader follows one head. The previous chunks expire a minute later, not at
+        # once, so a reader that took the old head as this write finished still gets them.
+        token = uuid.uuid4().hex
+        chunks = [data[lo : lo + _BLOB_CHUNK] for lo in range(0, len(data), _BLOB_CHUNK)]
+        for lo in range(0, len(chunks), 8):  # 32 MB a round trip
+            pipe = self.redis.pipeline(transaction=False)
+            for i in range(lo, min(lo + 8, len(chunks))):
+                pipe.set(self._k(name, token, i), chunks[i])
+            await pipe.execute()
+        old = await self.redis.set(self._k(name), f"{token}:{len(chunks)}:{len(data)}", get=True)
+        if isinstance(old, bytes | str):
+            head = _blob_head(old)
+            if head is not None and head[0] != token:
+                pipe = self.redis.pipeline(transaction=False)
+                for i in range(head[1]):
+                    pipe.pexpire(self._k(name, head[0], i), 60_000)
+                await pipe.execute()
+
+    async def get_blob(self, name: str) -> bytes | None:
+        raw = await self.redis.get(self._k(name))
+        head = None if raw is None else _blob_head(raw)
+        if head is None:
+            return None
+        token, count, size = head
+        pipe = self.redis.pipeline(transaction=False)
+        for i in range(count):
+            pipe.get(self._k(name, token, i))
+        parts = await pipe.execute()
+        if any(p is None for p in parts):
+            return None  # replaced long enough ago that its chunks expired
+        data = b"".join(parts)
+        return data if len(data) == size else None
 
     async def registry_version(self) -> int:
         v = await self.redis.get(self._k("regv"))
@@ -559,6 +663,15 @@ def _id_blob(h: Mapping[bytes, bytes]) -> bytes | None:
     device id onboarded through the API)."""
     blob = b"\n".join(h) + b"\n"
     return blob if blob.count(b"\n") == len(h) else None
+
+
+def _blob_head(raw: bytes | str) -> tuple[str, int, int] | None:
+    token, _, rest = _text(raw).partition(":")
+    count, _, size = rest.partition(":")
+    try:
+        return token, int(count), int(size)
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:

@@ -263,6 +263,11 @@ class DbCache(FleetCache):
         await asyncio.sleep(0)
         return build_registry(list(self.rows))
 
+    async def _rows_by_id(self, ids: Any) -> list[tuple[Any, ...]]:
+        await asyncio.sleep(0)
+        wanted = set(ids)
+        return [r for r in self.rows if r[0] in wanted]
+
 
 class SlowStore(MemoryStateStore):
     """Holds the state read until the test lets it go."""
@@ -294,7 +299,9 @@ def state_at(recv_ms: int, soc: float) -> bytes:
 async def make_cache(n: int = 5) -> tuple[DbCache, SlowStore, Tick]:
     store = SlowStore()
     services = SimpleNamespace(
-        settings=SimpleNamespace(telemetry_interval_s=INTERVAL_S, offline_after_s=OFFLINE_S),
+        settings=SimpleNamespace(
+            telemetry_interval_s=INTERVAL_S, offline_after_s=OFFLINE_S, broker_apply_timeout_s=60.0
+        ),
         clock=ManualClock(NOW),
         state=store,
     )
@@ -378,11 +385,20 @@ async def test_local_changes_apply_at_once_without_a_database_reload() -> None:
     await store.put_states({"new": state_at(NOW - 100, 70.0)})
     snap = await cache.snapshot(force=True)
     assert cache.registry_loads == 1 and soc(snap, "new") == 70.0
-    # Another process onboards (registry version moves without apply_changes): reload.
+    # Another process onboards (registry version moves without apply_changes): caught up
+    # through the change log, that device's row read by id.
     cache.rows.append(battery_row("elsewhere"))
     await store.registry_put({"elsewhere": 0})
     snap = await cache.snapshot(force=True)
-    assert cache.registry_loads == 2 and "elsewhere" in snap.index
+    assert cache.registry_loads == 1 and cache.registry_catchups == 1
+    assert "elsewhere" in snap.index and cache.last_build_s["caught_up"] >= 1
+    # The log trimmed past the cursor: the whole registry from the database.
+    store.registry_log_max = 1
+    cache.rows.append(battery_row("trimmed-1"))
+    await store.registry_put({"trimmed-0": 0})
+    await store.registry_put({"trimmed-1": 0})
+    snap = await cache.snapshot(force=True)
+    assert cache.registry_loads == 2 and "trimmed-1" in snap.index
     assert not snap.enrolled[snap.index["b2"]] and "b3" not in snap.index
 
 

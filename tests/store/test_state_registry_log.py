@@ -144,3 +144,18 @@ async def test_a_whole_read_with_its_cursor_misses_nothing_written_while_it_ran(
     assert caught_up is not None
     assert apply(registry, caught_up) == await store.registry_all()
     assert registry != await store.registry_all()  # the changes were needed
+
+
+async def test_an_overlap_also_gives_the_changes_logged_just_before_the_cursor(
+    store: StateStore,
+) -> None:
+    # A registry write is logged before its transaction commits: a reader that took its cursor
+    # and then read the database re-reads what was logged just before it.
+    await store.registry_put({"before": 0})
+    cursor = await store.registry_cursor()
+    await store.registry_remove(["gone"])
+    plain = await store.registry_changes(cursor)
+    assert plain is not None and plain.changes == {"gone": None}
+    wide = await store.registry_changes(cursor, overlap_ms=60_000)
+    assert wide is not None and wide.changes == {"before": 0, "gone": None}
+    assert wide.cursor == plain.cursor  # the overlap does not count against the version

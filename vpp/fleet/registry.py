@@ -4,6 +4,7 @@ store's packed records. Pure: the store hands the rows and records in (``store.f
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -216,6 +217,48 @@ class _HashedIds:
         hit = found >= 0
         found[hit & (self.second[np.maximum(found, 0)] != second)] = -1
         return found
+
+
+def chunk_digest(ids: bytes) -> bytes:
+    """A 16-byte digest of a packed chunk's id blob: equal digests, equal ids (a registry
+    image keeps chunk positions by it, ``vpp.fleet.image``)."""
+    return hashlib.blake2b(ids, digest_size=16).digest()
+
+
+def export_positions(registry: Registry) -> dict[str, dict[bytes, npt.NDArray[np.intp]]]:
+    """The registry rows of every state-store chunk it has joined, by what (``"state"``,
+    ``"status"``) and the chunk's digest: what a registry image carries so the next process
+    joins the store's answer without a cold lookup."""
+    out: dict[str, dict[bytes, npt.NDArray[np.intp]]] = {}
+    for (what, _), (ids, pos) in registry._positions.items():
+        if isinstance(ids, bytes):
+            out.setdefault(what, {})[chunk_digest(ids)] = pos
+    return out
+
+
+def seed_positions(
+    registry: Registry,
+    what: str,
+    chunks: Sequence[PackedIds],
+    known: Mapping[bytes, npt.NDArray[np.intp]],
+) -> int:
+    """Take chunk positions from an image (``export_positions`` of the registry the image was
+    made from, which is this one's rows before any change): each chunk whose ids hash to a
+    known digest gets those rows, as if this registry had joined it. Call it before applying
+    changes: ``registry_with_changes`` and ``compact_registry`` carry seeded positions along as
+    they do joined ones. Returns the chunks seeded."""
+    n = len(registry)
+    seeded = 0
+    positions = dict(registry._positions)
+    for i, ids in enumerate(chunks):
+        if not isinstance(ids, bytes) or (what, i) in positions:
+            continue
+        pos = known.get(chunk_digest(ids))
+        if pos is not None and len(pos) == _count(ids) and (not len(pos) or pos.max() < n):
+            positions[(what, i)] = (ids, pos)
+            seeded += 1
+    registry._positions = positions
+    return seeded
 
 
 def _count(ids: PackedIds) -> int:
@@ -450,20 +493,37 @@ def assemble_packed(
     """The snapshot from the state store's packed answers (``all_states_packed`` /
     ``all_status_packed``): records land in their registry rows with one scatter."""
     n = len(registry)
-    state = np.repeat(_EMPTY_RECORD[np.newaxis], n)
     if states:
         pos = registry.positions("state", [ids for ids, _ in states])
-        recs = np.frombuffer(b"".join(blob for _, blob in states), dtype=_RECORD_BYTES)
         ok = pos >= 0  # devices in the store but not (or no longer) registered are skipped
-        # Scattered as opaque 64-byte items: ten times faster than field by field.
-        state.view(_RECORD_BYTES)[pos[ok]] = recs[ok]
+        covered = np.zeros(n, dtype=bool)
+        covered[pos[ok]] = True
+        # Rows with no record start empty; when every row has one (the usual case), none
+        # needs the fill (64 MB at a million devices).
+        state = np.empty(n, STATE_DTYPE) if covered.all() else np.repeat(_EMPTY_RECORD[None], n)
+        # Scattered as opaque 64-byte items (ten times faster than field by field), a chunk
+        # at a time: no copy of every record into one buffer first.
+        view = state.view(_RECORD_BYTES)
+        every = bool(ok.all())
+        lo = 0
+        for _, blob in states:
+            recs = np.frombuffer(blob, dtype=_RECORD_BYTES)
+            at = pos[lo : lo + len(recs)]
+            lo += len(recs)
+            if every:
+                view[at] = recs
+            else:
+                keep = at >= 0
+                view[at[keep]] = recs[keep]
+    else:
+        state = np.repeat(_EMPTY_RECORD[np.newaxis], n)
     # No status message yet: online if telemetry flows; a retained "offline" or Last Will wins.
     online = np.ones(n, dtype=bool)
     if statuses:
         pos = registry.positions("status", [ids for ids, _ in statuses])
         flags = np.concatenate([np.asarray(f, dtype=bool) for _, f in statuses])
         ok = pos >= 0
-        online[pos[ok]] = flags[ok]
+        online[pos[ok] if not ok.all() else pos] = flags[ok] if not ok.all() else flags
     if registry.removed is not None:
         online &= ~registry.removed  # offboarded, not yet compacted away
     freshness = compute_freshness(state["recv_ms"], online, now_ms, interval_s, offline_after_s)
