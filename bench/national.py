@@ -811,11 +811,12 @@ async def national(profile: Profile, ingest_workers: int, gateways: int) -> None
                     last.update(cur)
                     stable["n"] = stable["n"] + 1 if same else 0
                     # Every live device that answers has (2 % of the simulated ones never do),
-                    # or five wall seconds without a new ack.
+                    # or 30 wall seconds without a new ack (at a million devices acks come in
+                    # bursts: the fleet's ticks, the runner's ack batches).
                     answered = cur["live_acked"] >= 0.97 * cur["live"]
-                    return cur["acked"] > 0 and ((answered and same) or stable["n"] >= 20)
+                    return cur["acked"] > 0 and ((answered and same) or stable["n"] >= 120)
 
-                await wait_until(acks_settled, 120.0)
+                await wait_until(acks_settled, 240.0)
                 wave = dict(last)
                 t_acks = since_first(wave.get("last_ack"))
                 stages.add(
