@@ -43,6 +43,7 @@ from dispatch.forecast_service import (
     tuning_to_json,
 )
 from dispatch.leadership import Leadership
+from dispatch.periodic import Periodic
 from vpp.domain import CommandStatus, CommandType, FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
@@ -72,8 +73,10 @@ class _Day:
     wave: list[tuple[float, float, float]]  # per kind: (opted out, commanded, expected rate)
 
 
-class ForecastCalibrator:
+class ForecastCalibrator(Periodic):
     """Background component of ``vpp serve`` (``start``/``stop``), see module doc."""
+
+    task_name = "forecast-calibrator"
 
     def __init__(
         self,
@@ -104,21 +107,9 @@ class ForecastCalibrator:
         self.owner = f"calibrator-{uuid.uuid4().hex[:8]}"
         self.last_report: dict[str, Any] = {}
         self.last_day: int | None = None
-        self._task: asyncio.Task[None] | None = None
         self.outages = OutageLog(log, "forecast calibration")
 
     # --- component ----------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="forecast-calibrator")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
     async def _run(self) -> None:
         clock = self.services.clock
         while True:

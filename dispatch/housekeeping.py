@@ -8,13 +8,13 @@ and retention."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from devices.edges import Edges
 from devices.outage_log import OutageLog
 from dispatch.leadership import Leadership
 from dispatch.market import Market
+from dispatch.periodic import Periodic
 from dispatch.planner import Planner
 from store.history_partitions import MaintenanceReport, maintain
 from vpp.clock import Clock
@@ -22,28 +22,7 @@ from vpp.clock import Clock
 log = logging.getLogger(__name__)
 
 
-class _Periodic:
-    """A component whose ``_run`` loop is one task: started once, cancelled on stop."""
-
-    task_name = "periodic"
-    _task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        raise NotImplementedError
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=self.task_name)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-class MarketHousekeeper(_Periodic):
+class MarketHousekeeper(Periodic):
     task_name = "market-housekeeper"
 
     def __init__(
@@ -83,7 +62,7 @@ class MarketHousekeeper(_Periodic):
             await self.clock.sleep(self.period_s)
 
 
-class HistoryHousekeeper(_Periodic):
+class HistoryHousekeeper(Periodic):
     """History maintenance, a background component of ``vpp serve``: at start and then every
     ``settings.history_maintenance_s`` of service time, the leading replica creates the history
     partitions ahead, moves what the DEFAULT partition caught and drops the days past

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from devices.outage_log import OutageLog
+from dispatch.periodic import Periodic
 from store.outages import STATE_STORE
 from store.state import StateStore
 from vpp.settings import Settings
@@ -55,8 +56,10 @@ def lease_ttl_s(settings: Settings) -> float:
     return min(MAX_DEFAULT_TTL_S, max(MIN_DEFAULT_TTL_S, 60.0 / settings.time_scale))
 
 
-class Leadership:
+class Leadership(Periodic):
     """``Leadership(state, settings)``: ``await start()`` / ``await stop()``; ``is_leader``."""
+
+    task_name = "leadership"
 
     def __init__(
         self,
@@ -74,7 +77,6 @@ class Leadership:
         self._was_leader = False
         self.changes = 0  # times this process became leader
         self.on_change: list[Callable[[bool], None]] = []
-        self._task: asyncio.Task[None] | None = None
         self.outages = OutageLog(log, "leader lease")
 
     @property
@@ -140,15 +142,11 @@ class Leadership:
     async def start(self) -> None:
         if self._task is None:
             await self.renew()
-            self._task = asyncio.create_task(self._run(), name="leadership")
+            await super().start()
 
     async def stop(self) -> None:
         """Stop renewing and hand the lease back, so another replica takes over at once."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await super().stop()
         if self._trusted_until > 0:
             self._trusted_until = 0.0
             self._notify()
