@@ -24,6 +24,7 @@ from store.state import StateStore
 from store.state.base import RegistryCursor
 from vpp.clock import Clock
 from vpp.domain import KIND_CODE, DeviceKind
+from vpp.fleet.ids import IdIndex
 from vpp.fleet.image import decode, encode
 from vpp.fleet.records import PackedStates, PackedStatus
 from vpp.fleet.registry import (
@@ -288,7 +289,9 @@ class FleetCache:
                 if loaded.rows or loaded.gone:
                     # Devices offboarded elsewhere become tombstones, compacted by the next
                     # build: a start does not copy every column for them.
+                    t3 = time.perf_counter()
                     registry = registry_with_changes(registry, loaded.rows, loaded.gone)
+                    timings["changes_s"] = time.perf_counter() - t3
             s = self.settings
             t2 = time.perf_counter()
             snap = await asyncio.to_thread(
@@ -541,5 +544,5 @@ def _registry_from_csv(data: bytes) -> Registry:
         columns[col], tables[name] = coded(name)
     for name in FLOAT_COLUMNS:
         columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-    index = dict(zip(ids.tolist(), range(n), strict=True))
+    index = IdIndex.build(ids)
     return Registry(columns, tables["region"], tables["vendor"], tables["feeder"], index)

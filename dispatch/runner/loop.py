@@ -1447,7 +1447,7 @@ class EventRunner:
             return Assignment.empty(run.horizon, [demand], self.params.reserve_pct)
         from dispatch.assign import _subset
 
-        idx = np.array([fleet.index.get(d, -1) for d in run.reserve_ids], dtype=np.int64)
+        idx = fleet.rows_of(run.reserve_ids).astype(np.int64)
         keep = np.flatnonzero(idx >= 0)
         sub = _subset(run.reserve, keep)
         sub.device_index = idx[keep]
@@ -1475,7 +1475,7 @@ class EventRunner:
         """Delivered MW now, from fresh telemetry against each device's pre-event level."""
         t = run.table
         n = len(t)
-        idx = np.fromiter((fleet.index.get(d, -1) for d in t.device_id), np.int64, n)
+        idx = fleet.rows_of(t.device_id).astype(np.int64)
         known = idx >= 0
         live = np.isin(t.status, LIVE) & (t.valid_from_ms <= now_ms) & (t.valid_until_ms > now_ms)
         st = fleet.state[np.where(known, idx, 0)] if n else fleet.state[:0]
@@ -1548,7 +1548,7 @@ class EventRunner:
         drift = BatteryDrift.none(1)
         if not run.control_ids or len(run.control_baseline_w) != len(run.control_ids):
             return ratio, drift
-        idx = np.fromiter((fleet.index.get(d, -1) for d in run.control_ids), np.int64)
+        idx = fleet.rows_of(run.control_ids).astype(np.int64)
         kinds = (
             run.control_kind
             if len(run.control_kind) == len(idx)

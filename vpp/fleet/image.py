@@ -25,6 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 
+from vpp.fleet.ids import IdIndex
 from vpp.fleet.registry import REGISTRY_COLUMNS, Registry
 
 MAGIC = b"VPPREG01"
@@ -167,9 +168,10 @@ def _decode(
         codes = columns[col]
         if n and not 0 <= codes.min() <= codes.max() < len(header[table]):
             raise ValueError(f"registry image: {col} do not fit their table")
-    index = dict(zip(ids, np.arange(n).tolist(), strict=True))
-    if len(index) != n:
-        raise ValueError("registry image: an id appears twice")
+    try:
+        index = IdIndex.build(columns["device_ids"])
+    except ValueError as exc:
+        raise ValueError(f"registry image: {exc}") from exc
     registry = Registry(columns, header["regions"], header["vendors"], header["feeders"], index)
     positions: dict[str, dict[bytes, npt.NDArray[np.intp]]] = {}
     for what in {k.split(":")[1] for k in blobs if k.startswith("pos:")}:

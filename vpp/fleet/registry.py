@@ -5,7 +5,6 @@ store's packed records. Pure: the store hands the rows and records in (``store.f
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from vpp.domain import KIND_CODE, DeviceKind, FreshnessCode
+from vpp.fleet.ids import IdIndex
 from vpp.fleet.records import (
     STATE_DTYPE,
     PackedIds,
@@ -92,7 +92,7 @@ class Registry:
     regions: list[str]
     vendors: list[str]
     feeders: list[str]
-    index: dict[str, int]
+    index: IdIndex
     # Offboarded rows kept in place until :func:`compact_registry` (None: none): a tombstone is
     # O(1) where compacting a million rows is not.
     removed: npt.NDArray[np.bool_] | None = None
@@ -134,12 +134,7 @@ class Registry:
             if found is None:
                 names = [d for i in todo for d in packed_ids(chunks[i])]
                 names = [d.decode() if isinstance(d, bytes) else d for d in names]
-                # map() over the dict's own get: no Python frame per id.
-                found = np.fromiter(
-                    map(self.index.get, names, itertools.repeat(-1)),
-                    dtype=np.intp,
-                    count=len(names),
-                )
+                found = self.index.rows_of(names)
             lo = 0
             for i in todo:
                 size = _count(chunks[i])
@@ -282,8 +277,9 @@ def build_registry_columns(data: Mapping[str, Sequence[Any] | np.ndarray]) -> Re
     for name in FLOAT_COLUMNS:
         # None → NaN in numpy's own conversion.
         columns[name] = np.asarray(data[name], dtype=float) if n else np.zeros(0)
-    index = dict(zip(ids.tolist(), range(n), strict=True))
-    return Registry(columns, tables["regions"], tables["vendors"], tables["feeders"], index)
+    return Registry(
+        columns, tables["regions"], tables["vendors"], tables["feeders"], IdIndex.build(ids)
+    )
 
 
 def build_registry(rows: Sequence[Sequence[Any]]) -> Registry:
@@ -309,14 +305,11 @@ def registry_with_changes(
 
 
 def _upsert(registry: Registry, rows: Sequence[Sequence[Any]]) -> Registry:
+    rows = list({_row_id(r): r for r in rows}.values())  # an id changed twice: its last row
     change = build_registry(rows)
     old = registry.columns
     n_old = len(registry)
-    at = np.fromiter(
-        (registry.index.get(d, -1) for d in change.columns["device_ids"]),
-        dtype=np.intp,
-        count=len(change),
-    )
+    at = registry.index.rows_of(change.columns["device_ids"])
     known, new = at >= 0, at < 0
     # New code tables extend the old ones, so the codes of untouched rows stay valid.
     tables = {"regions": registry.regions, "vendors": registry.vendors, "feeders": registry.feeders}
@@ -342,8 +335,7 @@ def _upsert(registry: Registry, rows: Sequence[Sequence[Any]]) -> Registry:
     appended = change.columns["device_ids"][new].tolist()
     removed = registry.removed
     if appended:
-        index = dict(registry.index)  # snapshots handed out keep the old one
-        index.update(zip(appended, range(n_old, n_old + len(appended)), strict=True))
+        index = registry.index.with_appended(appended, n_old)  # handed-out ones keep theirs
         if removed is not None:
             removed = np.concatenate([removed, np.zeros(len(appended), dtype=bool)])
     else:
@@ -397,7 +389,7 @@ def compact_registry(registry: Registry) -> tuple[Registry, npt.NDArray[np.intp]
     keep = ~registry.removed
     source = np.flatnonzero(keep)
     out = {name: column[keep] for name, column in registry.columns.items()}
-    index = dict(zip(out["device_ids"].tolist(), range(len(source)), strict=True))
+    index = IdIndex.build(out["device_ids"])
     result = Registry(out, registry.regions, registry.vendors, registry.feeders, index)
     moved = np.full(len(registry) + 1, -1, dtype=np.intp)  # old row → new row; moved[-1]: -1
     moved[source] = np.arange(len(source))

@@ -8,7 +8,7 @@ optimiser and the API read; :func:`summarise` is pure. What each device is worth
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vpp.domain import KIND_CODE, DeviceKind, FreshnessCode
+from vpp.fleet.ids import IdIndex, rows_of
 
 F64 = npt.NDArray[np.float64]
 
@@ -51,7 +52,7 @@ class FleetSnapshot:
     state: np.ndarray  # STATE_DTYPE records, aligned with device_ids
     online: npt.NDArray[np.bool_]  # status topic says online (or fresh telemetry and no status)
     freshness: npt.NDArray[np.int8]  # FreshnessCode
-    index: dict[str, int] = field(default_factory=dict)
+    index: Mapping[str, int] = field(default_factory=dict)  # IdIndex from a registry
     # Offboarded rows not yet compacted away (None: none). Offboarding marks a row here instead
     # of compacting a million-row snapshot; the cache compacts at its next build. A removed row
     # is inert for every reader: not in ``index``, region code -1, not enrolled, offline, and
@@ -105,10 +106,8 @@ class FleetSnapshot:
             # Every row in place (a fleet of one region): the same positions, so the same
             # index, not a million-entry dict built again for each sub-fleet.
             sub.index = self.index
-        elif sub.removed is None:
-            sub.index = {d: i for i, d in enumerate(sub.device_ids)}
         else:
-            sub.index = {d: i for i, d in enumerate(sub.device_ids) if not sub.removed[i]}
+            sub.index = _index_of(sub.device_ids, sub.removed)
         return sub
 
     def mask_of(self, device_ids: Iterable[str]) -> npt.NDArray[np.bool_]:
@@ -117,14 +116,29 @@ class FleetSnapshot:
         out = np.zeros(len(self), dtype=bool)
         if len(self) and not self.index:  # a hand-built snapshot without its id index
             return np.isin(self.device_ids, np.fromiter(device_ids, dtype=object))
-        rows = [i for i in map(self.index.get, device_ids) if i is not None]
-        out[np.asarray(rows, dtype=np.int64)] = True
+        rows = self.rows_of(device_ids)
+        out[rows[rows >= 0]] = True
         return out
+
+    def rows_of(self, device_ids: Iterable[str]) -> npt.NDArray[np.intp]:
+        """The row of each device id (-1: not registered), in one vectorised lookup."""
+        if len(self) and not self.index:  # a hand-built snapshot without its id index
+            self.index = _index_of(self.device_ids, self.removed)
+        return rows_of(self.index, device_ids)
 
     def dispatchable(self) -> npt.NDArray[np.bool_]:
         """Enrolled, online and fresh: the devices new dispatch may use (stale counts 0)."""
         # A removed row is neither enrolled nor online, so it never counts here.
         return self.enrolled & self.online & (self.freshness == FreshnessCode.fresh)
+
+
+def _index_of(device_ids: npt.NDArray[Any], removed: npt.NDArray[np.bool_] | None) -> IdIndex:
+    """The id index of rows ``device_ids`` without the ``removed`` ones."""
+    index = IdIndex.build(device_ids)
+    if removed is not None:
+        for d in device_ids[removed].tolist():
+            index.pop(d)
+    return index
 
 
 def compute_freshness(
