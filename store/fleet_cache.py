@@ -200,16 +200,15 @@ class FleetCache:
         ids = np.asarray(device_ids, dtype=object)[known].tolist()
         if not ids:
             return snap
-        records, online = await asyncio.gather(
-            self.state.get_states(ids), self.state.get_online(ids)
-        )
+        got = await self.state.read_points(ids)
         s = self.settings
         return await asyncio.to_thread(
             with_fresh_records,
             snap,
             rows[known],
-            records,
-            online,
+            got.records,
+            got.present,
+            got.online,
             self.clock.now_ms(),
             s.telemetry_interval_s,
             s.offline_after_s,

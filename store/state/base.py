@@ -10,12 +10,20 @@ Latest states and statuses come back with the next telemetry; see ``store.state.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-from vpp.fleet.records import PACKED_CHUNK, PackedStates, PackedStatus, pack_records
+from vpp.fleet.records import (
+    PACKED_CHUNK,
+    STATE_DTYPE,
+    PackedStates,
+    PackedStatus,
+    empty_state,
+    pack_records,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,17 @@ class RegistryChanges:
 
     changes: dict[str, int | None]
     cursor: RegistryCursor
+
+
+@dataclass(frozen=True)
+class PointReads:
+    """Some devices' latest records and statuses, one row per id asked, in its order:
+    ``records`` (``STATE_DTYPE``; empty where ``present`` is False: none stored, or malformed)
+    and ``online`` (the byte ``1`` online, ``0`` offline, ``-`` no status message yet)."""
+
+    records: npt.NDArray[np.void]
+    present: npt.NDArray[np.bool_]
+    online: npt.NDArray[np.uint8]
 
 
 class StateStore(abc.ABC):
@@ -66,7 +85,21 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def all_status(self) -> dict[str, tuple[bool, int]]: ...
 
-    async def get_online(self, device_ids: list[str]) -> list[bool | None]:
+    async def read_points(self, device_ids: Sequence[str]) -> PointReads:
+        """The latest record and status of each of ``device_ids`` (see ``PointReads``)."""
+        ids = list(device_ids)
+        blobs = await self.get_states(ids)
+        statuses = await self.status_of(ids)
+        size = STATE_DTYPE.itemsize
+        present = np.fromiter((b is not None and len(b) == size for b in blobs), bool, len(ids))
+        records = np.repeat(empty_state(), len(ids))
+        if present.any():
+            good = b"".join(b for b, ok in zip(blobs, present.tolist(), strict=True) if ok and b)
+            records[present] = np.frombuffer(good, dtype=STATE_DTYPE)
+        codes = [b"-" if v is None else (b"1" if v else b"0") for v in statuses]
+        return PointReads(records, present, np.frombuffer(b"".join(codes), np.uint8).copy())
+
+    async def status_of(self, device_ids: list[str]) -> list[bool | None]:
         """The online flag of each device (None: no status message yet)."""
         status = await self.all_status()
         return [v[0] if (v := status.get(d)) is not None else None for d in device_ids]

@@ -38,8 +38,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from store.state.base import RegistryChanges, RegistryCursor, StateStore
-from vpp.fleet.records import STATE_DTYPE, PackedStates, PackedStatus, bucket_of, pack_records
+from store.state.base import PointReads, RegistryChanges, RegistryCursor, StateStore
+from vpp.fleet.records import (
+    STATE_DTYPE,
+    PackedStates,
+    PackedStatus,
+    bucket_of,
+    empty_state,
+    pack_records,
+)
 
 N_BUCKETS = 4096
 
@@ -84,6 +91,45 @@ for i = 0, #meta / 4 - 1 do
 end
 return refused
 """
+# Point reads of some devices' latest records and online flags (the closed loop's read of an
+# event's own devices each control step), blobs in and out as in _PUT_IF_NEWER: ARGV[1] and
+# ARGV[2] the key prefixes of the state and status hashes, ARGV[3] the ids back to back, grouped
+# by bucket, ARGV[4] per id its length, ARGV[5] per group its bucket and its count (all
+# little-endian uint16). One HMGET a group and hash: a redis.call per id cost Redis 5 µs an id.
+# Returns, in the ids' order, the 64-byte records back to back (zeros where there is none or it
+# is malformed), one byte per id saying which are there ("1"/"0"), and one byte per id of its
+# status ("1" online, "0" offline, "-" none).
+_READ_POINTS = """
+local sprefix, oprefix, ids, lens, groups = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local recs, present, online = {}, {}, {}
+local blank = string.rep('\\0', 64)
+local pos, k = 1, 0
+for g = 0, #groups / 4 - 1 do
+  local bucket, count = struct.unpack('<HH', groups, 4 * g + 1)
+  local devs = {}
+  for j = 1, count do
+    local len = struct.unpack('<H', lens, 2 * k + 1)
+    devs[j] = string.sub(ids, pos, pos + len - 1)
+    pos, k = pos + len, k + 1
+  end
+  local rs = redis.call('HMGET', sprefix .. bucket, unpack(devs))
+  local os = redis.call('HMGET', oprefix .. bucket, unpack(devs))
+  for j = 1, count do
+    local n = #present + 1
+    local rec = rs[j]
+    if rec and #rec == 64 then
+      recs[n], present[n] = rec, '1'
+    else
+      recs[n], present[n] = blank, '0'
+    end
+    online[n] = os[j] and string.sub(os[j], 1, 1) or '-'
+  end
+end
+return {table.concat(recs), table.concat(present), table.concat(online)}
+"""
+# Ids per point-read call: Lua's unpack takes at most a few thousand values, and the call holds
+# Redis about 0.5 µs an id.
+_POINTS_CHUNK = 4000
 # Take the lease if free, renew it if ours (KEYS[1] the lease, ARGV[1] the owner, ARGV[2] ms).
 _ACQUIRE_LEASE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -235,6 +281,7 @@ class RedisStateStore(StateStore):
         self._registry_cursor = self.redis.register_script(_REGISTRY_CURSOR)
         self._registry_changes = self.redis.register_script(_REGISTRY_CHANGES)
         self._status_flags = self.redis.register_script(_STATUS_FLAGS)
+        self._read_points = self.redis.register_script(_READ_POINTS)
         self.registry_log_max = REGISTRY_LOG_MAX
 
     def _k(self, *parts: object) -> str:
@@ -286,6 +333,35 @@ class RedisStateStore(StateStore):
             for i in range(0, len(out), 2):
                 refused[out[i].decode()] = bytes(out[i + 1])
         return refused
+
+    async def read_points(self, device_ids: Sequence[str]) -> PointReads:
+        # Script calls of blobs, pipelined: redis-py packing a pipelined HMGET a bucket took
+        # 0.8 s of this process's CPU for 100 000 ids, half a forced rebuild of the fleet.
+        m = len(device_ids)
+        enc = [d.encode() for d in device_ids]
+        buckets = np.fromiter((zlib.crc32(e) % self.n_buckets for e in enc), np.int64, m)
+        order = np.argsort(buckets, kind="stable")  # == bucket_of(d, n), grouped
+        st, on = self._k("st", ""), self._k("on", "")
+        sha = await self.redis.script_load(_READ_POINTS)
+        pipe = self.redis.pipeline(transaction=False)
+        for lo in range(0, m, _POINTS_CHUNK):
+            sel = order[lo : lo + _POINTS_CHUNK]
+            b = buckets[sel]
+            starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+            counts = np.diff(np.r_[starts, len(b)])
+            groups = np.column_stack([b[starts], counts]).astype("<u2").tobytes()
+            picked = [enc[i] for i in sel.tolist()]
+            lens = np.fromiter(map(len, picked), "<u2", len(picked)).tobytes()
+            pipe.evalsha(sha, 0, st, on, b"".join(picked), lens, groups)
+        replies = await pipe.execute() if m else []
+        records = np.empty(m, dtype=STATE_DTYPE)
+        present = np.empty(m, dtype=bool)
+        online = np.empty(m, dtype=np.uint8)
+        records[order] = np.frombuffer(b"".join(r[0] for r in replies), dtype=STATE_DTYPE)
+        present[order] = np.frombuffer(b"".join(r[1] for r in replies), np.uint8) == ord("1")
+        online[order] = np.frombuffer(b"".join(r[2] for r in replies), np.uint8)
+        records[~present] = empty_state()
+        return PointReads(records, present, online)
 
     async def get_states(self, device_ids: list[str]) -> list[bytes | None]:
         if not device_ids:
@@ -392,17 +468,6 @@ class RedisStateStore(StateStore):
             mapping = {d: f"{int(statuses[d][0])}:{statuses[d][1]}" for d in ids}
             pipe.hset(self._k("on", bucket), mapping=mapping)  # type: ignore[arg-type]
         await pipe.execute()
-
-    async def get_online(self, device_ids: list[str]) -> list[bool | None]:
-        groups = self._group(device_ids)
-        pipe = self.redis.pipeline(transaction=False)
-        for bucket, ids in groups.items():
-            pipe.hmget(self._k("on", bucket), ids)
-        found: dict[str, bool | None] = {}
-        for ids, values in zip(groups.values(), await pipe.execute(), strict=True):
-            flags = (None if v is None else v[:1] == b"1" for v in values)
-            found.update(zip(ids, flags, strict=True))
-        return [found[d] for d in device_ids]
 
     async def all_status(self) -> dict[str, tuple[bool, int]]:
         out = {}

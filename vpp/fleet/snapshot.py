@@ -8,7 +8,7 @@ optimiser and the API read; :func:`summarise` is pure. What each device is worth
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -162,24 +162,21 @@ def compute_freshness(
 def with_fresh_records(
     snap: FleetSnapshot,
     rows: npt.NDArray[np.intp],
-    records: Sequence[bytes | None],
-    online: Sequence[bool | None],
+    records: npt.NDArray[np.void],
+    present: npt.NDArray[np.bool_],
+    online: npt.NDArray[np.uint8],
     now_ms: int,
     interval_s: float,
     offline_after_s: float,
 ) -> FleetSnapshot:
     """``snap`` with the state records and online flags of ``rows`` replaced by ``records``
-    and ``online`` (read just now; a missing or malformed record keeps the row's, no status
-    message means online) and those rows' freshness judged at ``now_ms``. The other rows, and
-    ``snap`` itself, are left as they were."""
-    size = snap.state.dtype.itemsize
-    good = np.fromiter((r is not None and len(r) == size for r in records), bool, len(records))
+    and ``online`` (read just now: the byte ``0`` offline, else online, as a device with no
+    status message yet is; a record not ``present`` keeps the row's) and those rows'
+    freshness judged at ``now_ms``. The other rows, and ``snap`` itself, are left as they were."""
     state = snap.state.copy()
-    if good.any():
-        blob = b"".join(r for r, ok in zip(records, good.tolist(), strict=True) if ok and r)
-        state.view(np.dtype(f"V{size}"))[rows[good]] = np.frombuffer(blob, np.dtype(f"V{size}"))
+    state[rows[present]] = records[present]
     flags = snap.online.copy()
-    flags[rows] = np.fromiter((f is not False for f in online), bool, len(online))
+    flags[rows] = online != ord("0")
     freshness = snap.freshness.copy()
     freshness[rows] = compute_freshness(
         state["recv_ms"][rows], flags[rows], now_ms, interval_s, offline_after_s
