@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vpp.errors import InvalidInput
-from vpp.timefmt import parse_rfc3339
+from vpp.timefmt import parse_rfc3339, to_rfc3339
 
 # The payload type the service turns into MW of reduction, and the ones it refuses: they do not
 # say honestly what a reduction of a fleet's load is (a limit on a site's import or export, an
@@ -326,3 +326,66 @@ def _known_region(value: Any, known: set[str], field: str) -> str:
     if not isinstance(value, str) or value not in known:
         raise InvalidInput(field, f"unknown region {value!r} (one of {', '.join(sorted(known))})")
     return value
+
+
+# --- delivery reports ---------------------------------------------------------------------------
+AGGREGATED = "AGGREGATED_REPORT"
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One settlement interval of a grid event: baseline and delivered MW."""
+
+    start_ms: int
+    end_ms: int
+    baseline_mw: float
+    delivered_mw: float
+
+
+def delivery_report(
+    event_id: str, event_name: str | None, client_name: str, intervals: Sequence[Delivered]
+) -> dict[str, Any]:
+    """The body of the report the service writes for an event it dispatched: one resource,
+    ``AGGREGATED_REPORT``, an interval per settlement interval (5 minutes by default) with
+    payloads ``BASELINE`` (what the dispatched devices would have drawn) and ``DEMAND`` (the
+    reduction delivered: baseline − actual), both in MW."""
+    ordered = sorted(intervals, key=lambda d: d.start_ms)
+    resource: dict[str, Any] = {"resourceName": AGGREGATED, "intervals": []}
+    for i, d in enumerate(ordered):
+        resource["intervals"].append(
+            {
+                "id": i,
+                "intervalPeriod": {
+                    "start": to_rfc3339(d.start_ms),
+                    "duration": iso_duration((d.end_ms - d.start_ms) / 1000),
+                },
+                "payloads": [
+                    {"type": "BASELINE", "values": [round(d.baseline_mw, 6)]},
+                    {"type": "DEMAND", "values": [round(d.delivered_mw, 6)]},
+                ],
+            }
+        )
+    return {
+        "eventID": event_id,
+        "clientName": client_name,
+        "reportName": f"delivery of {event_name or event_id}",
+        "payloadDescriptors": [
+            {
+                "objectType": "REPORT_PAYLOAD_DESCRIPTOR",
+                "payloadType": kind,
+                "readingType": "DIRECT_READ",
+                "units": "MW",
+            }
+            for kind in ("BASELINE", "DEMAND")
+        ],
+        "resources": [resource],
+    }
+
+
+def iso_duration(seconds: float) -> str:
+    """Seconds as an ISO 8601 duration (``PT5M``, ``PT1H30M``, ``PT0S``)."""
+    total = round(seconds)
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    out = "PT" + (f"{h}H" if h else "") + (f"{m}M" if m else "") + (f"{s}S" if s else "")
+    return out if out != "PT" else "PT0S"
