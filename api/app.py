@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import errors
+from api.openadr import router as openadr
 from api.routers import (
     audit,
     capacity_requests,
@@ -46,6 +47,7 @@ ROUTERS = [
     settlement.router,
     audit.router,
     dashboard.router,
+    openadr.router,
 ]
 
 DESCRIPTION = """

@@ -102,7 +102,7 @@ class Vtn:
 
     # --- writes ---------------------------------------------------------------------------
     async def create(self, caller: Caller, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        body = _clean(body)
+        body = clean(body)
         now = self.now_ms()
         oid = db.new_object_id(kind)
         row = OpenAdrObject(
@@ -160,7 +160,7 @@ class Vtn:
         self, caller: Caller, kind: str, oid: str, body: dict[str, Any]
     ) -> dict[str, Any]:
         row = await self._visible(caller, kind, oid)
-        body = _clean(body)
+        body = clean(body)
         now = self.now_ms()
         unique_name: str | None = None
         parent_id: str | None = None
@@ -311,7 +311,7 @@ class Vtn:
             raise Conflict("venName", "this client has its ven already")
 
 
-def _clean(body: Mapping[str, Any]) -> dict[str, Any]:
+def clean(body: Mapping[str, Any]) -> dict[str, Any]:
     """The body without the server's fields and without nulls (liberal: a null is as if the
     field were left out)."""
     return {k: _drop_nulls(v) for k, v in body.items() if k not in METADATA and v is not None}
