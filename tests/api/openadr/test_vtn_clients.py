@@ -23,7 +23,7 @@ from store.keys import create_api_key
 from store.models import GridEvent, OpenAdrObject
 from store.openadr import create_client
 from tests.helpers.openadr import event_body, live_vtn, serve
-from tests.helpers.settings import make_settings
+from tests.helpers.settings import settings_for
 from vpp.clock import ManualClock
 from vpp.errors import InvalidInput
 from vpp.settings import get_settings
@@ -40,13 +40,15 @@ def call(fn: Any, *args: Any) -> Any:
 
 
 @pytest.fixture()
-async def vtn(sqlite_url: str, services_factory: Any) -> Any:
-    settings = make_settings(sqlite_url, openadr_webhook_private=True, openadr_token_ttl_s=60)
+async def vtn(db_url: str, services_factory: Any) -> Any:
+    """The VTN on SQLite, then on PostgreSQL with Redis, served over HTTP."""
+    settings = settings_for(db_url, openadr_webhook_private=True, openadr_token_ttl_s=60)
     svc = await services_factory(settings, clock=ManualClock(NOW))
     app = create_app(services=svc)
     async with live_vtn(app) as live:
         live.services = svc  # type: ignore[attr-defined]
         live.app = app  # type: ignore[attr-defined]
+        live.db_url = db_url  # type: ignore[attr-defined]
         yield live
     assert live.check.checked > 0
 
@@ -243,12 +245,10 @@ async def test_ven_sees_only_its_own_and_scopes_are_enforced(vtn: Any) -> None:
     assert r.status_code == 501 and r.json()["status"] == 501
 
 
-async def test_tokens_basic_auth_expiry_and_revocation(
-    vtn: Any, sqlite_url: str, monkeypatch: Any
-) -> None:
+async def test_tokens_basic_auth_expiry_and_revocation(vtn: Any, monkeypatch: Any) -> None:
     svc = vtn.services
     # The CLI makes the credentials: two lines, id then secret.
-    monkeypatch.setenv("VPP_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("VPP_DATABASE_URL", vtn.db_url)
     get_settings.cache_clear()
     try:
         from cli.main import app as cli
