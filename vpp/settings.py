@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     # within 4–10 s). A dead leader is replaced within about 4/3 of it.
     leader_lease_s: float | None = Field(None, gt=0)
 
-    # OpenADR 3.1 VTN (/openadr3/3.1.0): bearer token lifetime (wall seconds of the service
+    # OpenADR 3.1 VTN (/openadr3/3.1.0): bearer token lifetime (seconds of the service
     # clock), the clientName of the delivery reports it writes, how often the leader refreshes
     # them (service seconds), and whether subscriptions may call back private addresses.
     openadr_token_ttl_s: float = Field(3600.0, gt=0)
