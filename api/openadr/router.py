@@ -29,7 +29,7 @@ from api.openadr.auth import (
 )
 from api.openadr.problems import ProblemRoute, problem
 from dispatch.openadr.access import EVENT, PROGRAM, REPORT, RESOURCE, SUBSCRIPTION, VEN, Caller
-from dispatch.openadr.vtn import clean, filters_of
+from dispatch.openadr.vtn import clean, drop_nulls, filters_of
 from dispatch.services import Services
 from vpp.errors import InvalidInput
 
@@ -75,11 +75,11 @@ async def _body(request: Request, col: Collection, ven_id: str | None = None) ->
         raise InvalidInput("body", "not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidInput("body", "must be a JSON object")
-    body = clean(body)
+    body = drop_nulls(body)
     if ven_id is not None:
         body["venID"] = ven_id
     schema.check_request(col.request_schema, body)
-    return body
+    return clean(body)
 
 
 def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -95,7 +95,8 @@ def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     return value
 
 
-def _filters(request: Request) -> dict[str, Any]:
+def _filters(request: Request, path: str) -> dict[str, Any]:
+    schema.check_query(path, request.query_params.multi_items())
     pairs = [(k, v) for k, v in request.query_params.multi_items() if k not in ("skip", "limit")]
     filters = filters_of(pairs)
     if "active" in filters:
@@ -112,9 +113,10 @@ def _add_collection(col: Collection) -> None:
 
     async def search(request: Request, caller: Caller = Depends(needs(*col.read)),
                      services: Services = Depends(get_services)) -> Any:  # fmt: skip
-        skip = _int(request, "skip", 0, 0, 1 << 31)
+        skip = _int(request, "skip", 0, 0, (1 << 31) - 1)
         limit = _int(request, "limit", MAX_LIMIT, 0, MAX_LIMIT)
-        return await services.openadr.search(caller, kind, _filters(request), skip, limit)
+        filters = _filters(request, f"/{col.path}")
+        return await services.openadr.search(caller, kind, filters, skip, limit)
 
     async def create(request: Request, caller: Caller = Depends(needs(col.write)),
                      services: Services = Depends(get_services)) -> Any:  # fmt: skip
@@ -158,8 +160,8 @@ async def search_ven_resources(ven_id: str, request: Request,
                                caller: Caller = Depends(needs(*READ_VEN_OBJECTS)),
                                services: Services = Depends(get_services)) -> Any:  # fmt: skip
     await _ven_of(services, caller, ven_id)
-    filters = {**_filters(request), "venID": ven_id}
-    skip = _int(request, "skip", 0, 0, 1 << 31)
+    filters = {**_filters(request, "/resources"), "venID": ven_id}
+    skip = _int(request, "skip", 0, 0, (1 << 31) - 1)
     limit = _int(request, "limit", MAX_LIMIT, 0, MAX_LIMIT)
     return await services.openadr.search(caller, RESOURCE, filters, skip, limit)
 

@@ -30,10 +30,20 @@ def spec_text() -> str:
     return (resources.files("api.openadr.spec") / SPEC_FILE).read_text(encoding="utf-8")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as JSON sees it: a time stays a string (``example: 2023-06-15T09:30:00Z``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 @lru_cache(maxsize=1)
 def openapi() -> dict[str, Any]:
     """The vendored description as a dict, with the ven/resource patch applied."""
-    doc: dict[str, Any] = yaml.safe_load(spec_text())
+    doc: dict[str, Any] = yaml.load(spec_text(), Loader=_Loader)
     schemas = doc["components"]["schemas"]
     for name in ("BlVenRequest", "VenVenRequest", "BlResourceRequest", "VenResourceRequest"):
         s = schemas[name]
@@ -103,3 +113,58 @@ def check_request(name: str, body: Any) -> None:
 def response_errors(name: str, body: Any) -> list[str]:
     """Every way ``body`` fails ``#/components/schemas/<name>`` (the tests' response check)."""
     return [f"{field_of(e)}: {e.message}" for e in validator(name).iter_errors(body)]
+
+
+@lru_cache(maxsize=32)
+def _query_validators(path: str) -> dict[str, tuple[str, Draft202012Validator]]:
+    """name → (type, validator) of the GET operation's query parameters."""
+    op = openapi()["paths"].get(path, {}).get("get", {})
+    out: dict[str, tuple[str, Draft202012Validator]] = {}
+    for param in op.get("parameters", []):
+        if param.get("in") != "query":
+            continue
+        root = copy.deepcopy(components())
+        root.update(_convert(param.get("schema", {})))
+        kind = _kind(root)
+        out[param["name"]] = (kind, Draft202012Validator(root))
+    return out
+
+
+def _kind(root: dict[str, Any]) -> str:
+    if "type" in root:
+        return str(root["type"])
+    ref = root.get("$ref", "")
+    target = root["components"]["schemas"].get(ref.rsplit("/", 1)[-1], {})
+    return str(target.get("type", "string"))
+
+
+def check_query(path: str, items: Any) -> None:
+    """InvalidInput naming the parameter if a query parameter the spec gives the GET of
+    ``path`` does not match its schema (others are let through: 3.0-style ``targetType``)."""
+    known = _query_validators(path)
+    given: dict[str, list[str]] = {}
+    for name, raw in items:
+        given.setdefault(name, []).append(raw)
+    for name, values in given.items():
+        if name not in known:
+            continue
+        kind, check = known[name]
+        value: Any = values
+        if kind == "array":
+            pass
+        elif len(values) > 1:
+            raise InvalidInput(name, "given more than once")
+        elif kind == "integer":
+            try:
+                value = int(values[0])
+            except ValueError:
+                raise InvalidInput(name, f"{values[0]!r} is not an integer") from None
+        elif kind == "boolean":
+            if values[0].lower() not in ("true", "false"):
+                raise InvalidInput(name, "must be true or false")
+            value = values[0].lower() == "true"
+        else:
+            value = values[0]
+        error = best_match(check.iter_errors(value))
+        if error is not None:
+            raise InvalidInput(name, error.message[:300])

@@ -314,14 +314,14 @@ class Vtn:
 def clean(body: Mapping[str, Any]) -> dict[str, Any]:
     """The body without the server's fields and without nulls (liberal: a null is as if the
     field were left out)."""
-    return {k: _drop_nulls(v) for k, v in body.items() if k not in METADATA and v is not None}
+    return {k: drop_nulls(v) for k, v in body.items() if k not in METADATA and v is not None}
 
 
-def _drop_nulls(value: Any) -> Any:
+def drop_nulls(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
+        return [drop_nulls(v) for v in value]
     return value
 
 
