@@ -36,9 +36,10 @@ from dispatch.openadr.access import (
     target_strings,
 )
 from dispatch.openadr.webhooks import Webhooks, check_callback_url
+from store import audit
 from store import openadr as db
 from store.models import OpenAdrObject
-from vpp.domain import GridEventStatus
+from vpp.domain import AuditAction, GridEventStatus
 from vpp.errors import Conflict, Forbidden, InvalidInput, NotFound
 from vpp.openadr import Run, event_demand, program_region, resolve_intervals
 from vpp.timefmt import to_rfc3339
@@ -148,7 +149,7 @@ class Vtn:
         await db.insert_object(self.db, row)
         if kind == EVENT and runs:
             try:
-                await self._raise(caller.tenant_id, oid, region, runs)
+                await self._raise(caller, oid, region, runs)
             except Exception:
                 await db.delete_object(self.db, oid)
                 raise
@@ -212,9 +213,9 @@ class Vtn:
         if kind == EVENT:
             for g in current:
                 if g.info.id not in keep:
-                    await self._abort(g.info.id)
+                    await self._abort(caller, g.info.id)
             if new_runs:
-                await self._raise(caller.tenant_id, oid, region, new_runs)
+                await self._raise(caller, oid, region, new_runs)
         doc = self.doc(row)
         self.webhooks.emit(row, "UPDATE", doc)
         return doc
@@ -227,7 +228,7 @@ class Vtn:
         if kind == EVENT:
             for g in await es.grid_events_of_source(self.services, es.SOURCE_OPENADR, oid):
                 if g.info.status in LIVE:
-                    await self._abort(g.info.id)
+                    await self._abort(caller, g.info.id)
         removed = [row]
         if kind == VEN:
             removed += await db.list_objects(self.db, caller.tenant_id, RESOURCE, parent_id=oid)
@@ -269,17 +270,30 @@ class Vtn:
                 ) from None
         return runs
 
-    async def _raise(self, tenant_id: str, oid: str, region: str, runs: list[Run]) -> None:
+    async def _raise(self, caller: Caller, oid: str, region: str, runs: list[Run]) -> None:
         specs = [es.GridEventSpec(region, r.mw, r.start_ms, r.end_ms) for r in runs]
-        await es.create_grid_events(
-            self.services, tenant_id, specs, source=es.SOURCE_OPENADR, source_id=oid
+        recs = await es.create_grid_events(
+            self.services, caller.tenant_id, specs, source=es.SOURCE_OPENADR, source_id=oid
         )
+        for rec in recs:
+            await self._audit(caller, AuditAction.grid_event_created, rec)
 
-    async def _abort(self, grid_event_id: str) -> None:
+    async def _abort(self, caller: Caller, grid_event_id: str) -> None:
         try:
-            await es.abort_grid_event(self.services, grid_event_id)
+            rec = await es.abort_grid_event(self.services, grid_event_id)
         except Conflict:
-            pass  # it ended meanwhile
+            return  # it ended meanwhile
+        await self._audit(caller, AuditAction.grid_event_aborted, rec)
+
+    async def _audit(self, caller: Caller, action: AuditAction, rec: es.EventRecord) -> None:
+        """The audit row of a grid event raised or aborted for an OpenADR event (actor
+        ``openadr``, the tenant and client id of the BL)."""
+        info = rec.info
+        detail = {"region": info.region, "mw": info.mw, "start_ms": info.start_ms,
+                  "end_ms": info.end_ms, "status": info.status, "source": rec.source,
+                  "source_id": rec.source_id}  # fmt: skip
+        actor = audit.Actor("openadr", caller.tenant_id, caller.client_id[:32])
+        await audit.record(self.db, actor, action, self.now_ms(), info.id, detail)
 
     async def _check_subscription(self, caller: Caller, body: Mapping[str, Any]) -> None:
         program_id = body.get("programID")

@@ -20,7 +20,7 @@ from api.app import create_app
 from dispatch import events as es
 from dispatch.openadr.webhooks import check_callback_url
 from store.keys import create_api_key
-from store.models import GridEvent, OpenAdrObject
+from store.models import AuditEntry, GridEvent, OpenAdrObject
 from store.openadr import create_client
 from tests.helpers.openadr import event_body, live_vtn, serve
 from tests.helpers.settings import settings_for
@@ -121,6 +121,12 @@ async def test_bl_event_becomes_grid_events_updated_and_aborted(vtn: Any) -> Non
     assert r.status_code == 200 and r.json()["id"] == event["id"]
     assert all(s == "aborted" for _, _, s in await grid_events(svc, event["id"]))
     assert (await call(bl.get_event_by_id, event["id"])).status_code == 404
+    # The audit trail names the OpenADR client for each grid event raised or aborted.
+    async with svc.db.session() as s:
+        rows = (await s.execute(select(AuditEntry).where(AuditEntry.actor == "openadr"))).scalars()
+        actions = [(r.action, r.tenant_id) for r in rows]
+    assert actions.count(("grid_event.created", "gridco")) == 4
+    assert actions.count(("grid_event.aborted", "gridco")) == 3
 
 
 async def test_bad_input_is_a_problem_naming_the_field_and_changes_nothing(vtn: Any) -> None:
