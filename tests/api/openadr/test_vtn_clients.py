@@ -121,6 +121,13 @@ async def test_bl_event_becomes_grid_events_updated_and_aborted(vtn: Any) -> Non
     assert r.status_code == 200 and r.json()["id"] == event["id"]
     assert all(s == "aborted" for _, _, s in await grid_events(svc, event["id"]))
     assert (await call(bl.get_event_by_id, event["id"])).status_code == 404
+    # The live-events list (the dashboard's) shows it with its source.
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=vtn.app), base_url="http://t"
+    ) as c:
+        recent = (await c.get("/v1/events", params={"status": "recent"}, headers=operator)).json()
+    assert {e["source"] for e in recent} == {"openadr"}
+    assert event["id"] in {e["source_id"] for e in recent}
     # The audit trail names the OpenADR client for each grid event raised or aborted.
     async with svc.db.session() as s:
         rows = (await s.execute(select(AuditEntry).where(AuditEntry.actor == "openadr"))).scalars()
