@@ -113,7 +113,7 @@ def create_app(
             # The VTN answers the spec's problem object, for a path or method it lacks too.
             headers = dict(exc.headers or {})
             if exc.status_code == 405:
-                headers["Allow"] = ", ".join(_route_methods(app, request.url.path))
+                headers["Allow"] = ", ".join(_route_methods(openadr.router, request.url.path))
             return openadr_problem(exc.status_code, str(exc.detail), headers)
         if exc.status_code == 405:
             # Starlette names only the methods of the first route matching the path; list every
@@ -179,10 +179,11 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     return sorted({m for listed in matched for m in listed})
 
 
-def _route_methods(app: FastAPI, path: str) -> list[str]:
-    """The methods of the routes whose path matches (the VTN's routes are not in /openapi.json)."""
+def _route_methods(router: Any, path: str) -> list[str]:
+    """The methods of the router's routes whose path matches (the VTN's routes are not in
+    /openapi.json)."""
     found: set[str] = set()
-    for route in app.routes:
+    for route in router.routes:
         regex = getattr(route, "path_regex", None)
         if regex is not None and regex.match(path):
             found.update(getattr(route, "methods", None) or ())

@@ -312,6 +312,9 @@ async def test_tokens_basic_auth_expiry_and_revocation(vtn: Any, monkeypatch: An
             )
             assert grant.status_code == 400 and grant.json()["error"] == "unsupported_grant_type"
             assert (await h.get(vtn.base_url + "/programs")).status_code == 401
+            patch = await h.patch(vtn.base_url + "/programs", headers=bearer)
+            assert patch.status_code == 405 and patch.headers["allow"] == "GET, POST"
+            assert patch.json()["status"] == 405
             svc.clock.advance(61)
             expired = await h.get(vtn.base_url + "/programs", headers=bearer)
             assert expired.status_code == 401 and "expired" in expired.json()["detail"]
