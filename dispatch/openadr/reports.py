@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FINAL = "final"
 ENDED = (GridEventStatus.completed.value, GridEventStatus.aborted.value)
+STALE_MS = 2 * 86_400_000
 
 
 class DeliveryReporter(Periodic):
@@ -76,6 +77,10 @@ class DeliveryReporter(Periodic):
         now = self.services.clock.now_ms()
         if all(now < g.info.start_ms for g in grids):
             return False
+        if current is None and all(
+            g.info.status in ENDED and now > g.info.end_ms + STALE_MS for g in grids
+        ):
+            return False  # long over and never reported (e.g. aborted before it ran)
         intervals: list[Delivered] = []
         final = True
         for g in grids:

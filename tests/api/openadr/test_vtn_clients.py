@@ -110,6 +110,10 @@ async def test_bl_event_becomes_grid_events_updated_and_aborted(vtn: Any) -> Non
         (2.0, 45, "scheduled"),
         (5.0, 15, "aborted"),
     ]
+    # The same event sent again changes no grid event.
+    before = await grid_events(svc, event["id"])
+    r = await call(bl.update_event, event["id"], event_body(program["id"], START, [2000] * 3))
+    assert r.status_code == 200 and await grid_events(svc, event["id"]) == before
     # MW in the descriptor's units.
     r = await call(bl.create_event, event_body(program["id"], START, [1.5], units="MW"))
     assert r.status_code == 201 and await grid_events(svc, r.json()["id"]) == [
