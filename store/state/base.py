@@ -66,6 +66,11 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def all_status(self) -> dict[str, tuple[bool, int]]: ...
 
+    async def get_online(self, device_ids: list[str]) -> list[bool | None]:
+        """The online flag of each device (None: no status message yet)."""
+        status = await self.all_status()
+        return [v[0] if (v := status.get(d)) is not None else None for d in device_ids]
+
     async def all_status_packed(self) -> list[PackedStatus]:
         """Every online flag, packed for the fleet snapshot (see ``PackedStatus``)."""
         status = await self.all_status()

@@ -51,6 +51,9 @@ class MemoryStateStore(StateStore):
     async def all_status(self) -> dict[str, tuple[bool, int]]:
         return dict(self._status)
 
+    async def get_online(self, device_ids: list[str]) -> list[bool | None]:
+        return [v[0] if (v := self._status.get(d)) is not None else None for d in device_ids]
+
     async def registry_put(self, devices: Mapping[str, int]) -> None:
         if not devices:
             return

@@ -505,3 +505,21 @@ def test_id_hashes_tell_apart_ids_that_differ_anywhere() -> None:
     assert len(set(first.tolist())) == len(ids) and len(set(second.tolist())) == len(ids)
     again, _ = id_hashes(b"x\n" + b"".join(d + b"\n" for d in ids))  # same id, other offset
     assert again[1:].tolist() == first.tolist()
+
+
+async def test_fresh_states_of_some_devices_leave_the_rest_and_the_snapshot_alone() -> None:
+    cache, store, _ = await make_cache(5)
+    snap = await cache.snapshot()
+    await store.put_states({"b0": state_at(NOW - 10, 81.0), "b1": state_at(NOW - 10, 82.0)})
+    await store.put_status({"b3": (False, NOW - 20)})  # its Last Will
+    await store.put_states({"b4": b"torn"})  # a malformed record keeps the row's
+
+    fresh = await cache.with_fresh_states(snap, ["b0", "b3", "b4", "unknown"])
+
+    assert soc(fresh, "b0") == 81.0 and soc(fresh, "b1") == 50.0  # b1 not asked
+    row = fresh.index["b3"]
+    assert fresh.freshness[row] == FreshnessCode.offline and not fresh.online[row]
+    assert soc(fresh, "b4") == 50.0 and fresh.freshness[fresh.index["b4"]] == FreshnessCode.fresh
+    assert soc(snap, "b0") == 50.0 and snap.freshness[snap.index["b3"]] == FreshnessCode.fresh
+    assert cache.builds == 1  # no rebuild
+    await cache.stop()

@@ -24,7 +24,6 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-
 # The hash the rows are keyed by (a module global so a test can make ids collide).
 _hash = hash
 

@@ -8,7 +8,7 @@ optimiser and the API read; :func:`summarise` is pure. What each device is worth
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -157,6 +157,34 @@ def compute_freshness(
     out[(age_s > offline_after_s) | ~online] = FreshnessCode.offline
     out[recv_ms <= 0] = FreshnessCode.never
     return out
+
+
+def with_fresh_records(
+    snap: FleetSnapshot,
+    rows: npt.NDArray[np.intp],
+    records: Sequence[bytes | None],
+    online: Sequence[bool | None],
+    now_ms: int,
+    interval_s: float,
+    offline_after_s: float,
+) -> FleetSnapshot:
+    """``snap`` with the state records and online flags of ``rows`` replaced by ``records``
+    and ``online`` (read just now; a missing or malformed record keeps the row's, no status
+    message means online) and those rows' freshness judged at ``now_ms``. The other rows, and
+    ``snap`` itself, are left as they were."""
+    size = snap.state.dtype.itemsize
+    good = np.fromiter((r is not None and len(r) == size for r in records), bool, len(records))
+    state = snap.state.copy()
+    if good.any():
+        blob = b"".join(r for r, ok in zip(records, good.tolist(), strict=True) if ok and r)
+        state.view(np.dtype(f"V{size}"))[rows[good]] = np.frombuffer(blob, np.dtype(f"V{size}"))
+    flags = snap.online.copy()
+    flags[rows] = np.fromiter((f is not False for f in online), bool, len(online))
+    freshness = snap.freshness.copy()
+    freshness[rows] = compute_freshness(
+        state["recv_ms"][rows], flags[rows], now_ms, interval_s, offline_after_s
+    )
+    return replace(snap, state=state, online=flags, freshness=freshness)
 
 
 def summarise(snap: FleetSnapshot, kw: F64) -> list[dict[str, Any]]:
