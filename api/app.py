@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import errors
+from api.openadr import router as openadr
+from api.openadr.problems import problem as openadr_problem
 from api.routers import (
     audit,
     capacity_requests,
@@ -46,6 +48,7 @@ ROUTERS = [
     settlement.router,
     audit.router,
     dashboard.router,
+    openadr.router,
 ]
 
 DESCRIPTION = """
@@ -106,6 +109,12 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if request.url.path.startswith(openadr.PREFIX + "/"):
+            # The VTN answers the spec's problem object, for a path or method it lacks too.
+            headers = dict(exc.headers or {})
+            if exc.status_code == 405:
+                headers["Allow"] = ", ".join(_route_methods(openadr.router, request.url.path))
+            return openadr_problem(exc.status_code, str(exc.detail), headers)
         if exc.status_code == 405:
             # Starlette names only the methods of the first route matching the path; list every
             # method the path has (GET and POST /v1/devices are two routes).
@@ -168,6 +177,17 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     literal = [listed for pattern, listed in patterns if pattern.pattern == _literal(path)]
     matched = literal or [listed for pattern, listed in patterns if pattern.match(path)]
     return sorted({m for listed in matched for m in listed})
+
+
+def _route_methods(router: Any, path: str) -> list[str]:
+    """The methods of the router's routes whose path matches (the VTN's routes are not in
+    /openapi.json)."""
+    found: set[str] = set()
+    for route in router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            found.update(getattr(route, "methods", None) or ())
+    return sorted(found - {"HEAD"})
 
 
 def _literal(path: str) -> str:

@@ -21,8 +21,18 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="API keys. Example: vpp keys create --tenant acme --role hyperscaler")
 db_app = typer.Typer(help="Database. Example: vpp db upgrade")
+openadr_app = typer.Typer(
+    help="The OpenADR 3.1 VTN (/openadr3/3.1.0). "
+    "Example: vpp openadr clients create --tenant gridco --role bl"
+)
+openadr_clients_app = typer.Typer(
+    help="OpenADR clients (OAuth2 client credentials). "
+    "Example: vpp openadr clients create --tenant gridco --role ven --ven-name oem-cloud"
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.add_typer(openadr_app, name="openadr")
+openadr_app.add_typer(openadr_clients_app, name="clients")
 
 
 def _logging() -> None:
@@ -266,6 +276,77 @@ def keys_revoke(
         typer.echo("every API replica on this state store refuses it now")
     else:
         typer.echo("running API processes refuse it within 10 s (their key cache)")
+
+
+@openadr_clients_app.command("create")
+def openadr_clients_create(
+    tenant: str = typer.Option(..., help="tenant id (created if new)"),
+    role: str = typer.Option(..., help="bl (business logic: a utility, an ISO) | ven"),
+    ven_name: str = typer.Option(
+        None, "--ven-name", help="ven only: the venName its ven object must have (POST /vens)"
+    ),
+) -> None:
+    """Print a new client's client_id and client_secret, alone on two lines. The client gets a
+    bearer token from POST /openadr3/3.1.0/auth/token; a VEN then creates its own ven object.
+
+    Example: vpp openadr clients create --tenant gridco --role ven --ven-name oem-cloud
+    """
+    from store.database import Database
+    from store.migrate import upgrade
+    from store.openadr import create_client
+    from vpp.clock import get_clock
+    from vpp.errors import DomainError
+
+    s = get_settings()
+    upgrade(s.database_url)
+
+    async def go() -> tuple[str, str]:
+        db = Database(s.database_url)
+        try:
+            return await create_client(db, tenant, role, get_clock().now_ms(), ven_name=ven_name)
+        finally:
+            await db.dispose()
+
+    try:
+        client_id, secret = asyncio.run(go())
+    except DomainError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(2) from None
+    sys.stdout.write(f"{client_id}\n{secret}\n")
+
+
+@openadr_clients_app.command("revoke")
+def openadr_clients_revoke(
+    client_id: str = typer.Argument(..., help="the client_id"),
+) -> None:
+    """Revoke an OpenADR client: its tokens stop at once and it gets no new one.
+
+    Example: vpp openadr clients revoke ven-3f9a1c2b7d4e5f60
+    """
+    from store.database import Database
+    from store.migrate import upgrade
+    from store.openadr import revoke_client
+    from vpp.clock import get_clock
+    from vpp.errors import DomainError
+
+    s = get_settings()
+    upgrade(s.database_url)
+
+    async def go() -> tuple[str, str, bool]:
+        db = Database(s.database_url)
+        try:
+            record, changed = await revoke_client(db, client_id, get_clock().now_ms())
+            return record.tenant_id, record.role, changed
+        finally:
+            await db.dispose()
+
+    try:
+        tenant, role, changed = asyncio.run(go())
+    except DomainError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    state = "revoked" if changed else "was revoked already:"
+    typer.echo(f"{state} OpenADR client {client_id} (tenant {tenant}, role {role})")
 
 
 @db_app.command("upgrade")

@@ -55,6 +55,13 @@ class EventRecord:
 
     info: EventInfo
     created_ms: int
+    # Who raised it (grid events): "api" or "openadr", and the OpenADR event's id.
+    source: str = "api"
+    source_id: str | None = None
+
+
+SOURCE_API = "api"
+SOURCE_OPENADR = "openadr"
 
 
 def from_request(r: CapacityRequest) -> EventInfo:
@@ -75,7 +82,7 @@ def from_request(r: CapacityRequest) -> EventInfo:
 
 
 def grid_record(g: GridEvent) -> EventRecord:
-    return EventRecord(from_grid(g), g.created_ms)
+    return EventRecord(from_grid(g), g.created_ms, g.source or SOURCE_API, g.source_id)
 
 
 def from_grid(g: GridEvent) -> EventInfo:
@@ -104,18 +111,29 @@ async def load_event(services: Edges, event_id: str) -> EventInfo | None:
 
 
 # --- grid events ---------------------------------------------------------------------------------
-async def create_grid_event(
+@dataclass(frozen=True)
+class GridEventSpec:
+    """What a new grid event asks: region, MW, window, priority, preemption."""
+
+    region: str
+    mw: float
+    start_ms: int
+    end_ms: int
+    priority: int | None = None
+    preempt: bool = False
+
+
+def _grid_row(
     services: Edges,
     tenant_id: str,
+    spec: GridEventSpec,
+    now: int,
     *,
-    region: str,
-    mw: float,
-    start_ms: int,
-    end_ms: int,
-    priority: int | None = None,
-    preempt: bool = False,
-) -> EventRecord:
-    now = services.clock.now_ms()
+    source: str = SOURCE_API,
+    source_id: str | None = None,
+) -> GridEvent:
+    """The row of a new grid event, or InvalidInput naming the bad field."""
+    region, mw, start_ms, end_ms = spec.region, spec.mw, spec.start_ms, spec.end_ms
     if region not in services.settings.regions:
         raise InvalidInput(
             "region",
@@ -131,10 +149,10 @@ async def create_grid_event(
         raise InvalidInput("end", f"a grid event lasts at most {MAX_GRID_EVENT_H:g} h")
     if not (mw > 0 and mw <= services.settings.max_request_mw):
         raise InvalidInput("mw", f"must be > 0 and ≤ {services.settings.max_request_mw:g}")
-    prio = GRID_EVENT_PRIORITY if priority is None else int(priority)
+    prio = GRID_EVENT_PRIORITY if spec.priority is None else int(spec.priority)
     if not 0 <= prio <= 1000:
         raise InvalidInput("priority", "must be within 0..1000")
-    row = GridEvent(
+    return GridEvent(
         id=f"ge-{secrets.token_hex(6)}",
         tenant_id=tenant_id,
         region=region,
@@ -142,16 +160,81 @@ async def create_grid_event(
         start_ms=max(start_ms, now) if start_ms < now else start_ms,
         end_ms=end_ms,
         priority=prio,
-        preempt=bool(preempt),
+        preempt=bool(spec.preempt),
         status=GridEventStatus.scheduled.value,
         created_ms=now,
         updated_ms=now,
+        source=source,
+        source_id=source_id,
     )
+
+
+def check_grid_events(services: Edges, specs: list[GridEventSpec]) -> None:
+    """InvalidInput naming the field if any of these grid events could not be raised now."""
+    now = services.clock.now_ms()
+    for spec in specs:
+        _grid_row(services, "-", spec, now)
+
+
+async def create_grid_events(
+    services: Edges,
+    tenant_id: str,
+    specs: list[GridEventSpec],
+    *,
+    source: str = SOURCE_API,
+    source_id: str | None = None,
+) -> list[EventRecord]:
+    """Raise several grid events at once: all are checked first, then stored in one
+    transaction (bad input changes nothing)."""
+    now = services.clock.now_ms()
+    rows = [
+        _grid_row(services, tenant_id, spec, now, source=source, source_id=source_id)
+        for spec in specs
+    ]
+    if not rows:
+        return []
     await ensure_tenant(services.db, tenant_id, now)
     async with services.db.session() as s, s.begin():
-        s.add(row)
+        s.add_all(rows)
     services.event_changed()  # a runner in this process acts now, not on its next tick
-    return grid_record(row)
+    return [grid_record(g) for g in rows]
+
+
+async def create_grid_event(
+    services: Edges,
+    tenant_id: str,
+    *,
+    region: str,
+    mw: float,
+    start_ms: int,
+    end_ms: int,
+    priority: int | None = None,
+    preempt: bool = False,
+    source: str = SOURCE_API,
+    source_id: str | None = None,
+) -> EventRecord:
+    spec = GridEventSpec(region, mw, start_ms, end_ms, priority, preempt)
+    (rec,) = await create_grid_events(
+        services, tenant_id, [spec], source=source, source_id=source_id
+    )
+    return rec
+
+
+async def grid_events_of_source(services: Edges, source: str, source_id: str) -> list[EventRecord]:
+    """The grid events raised for one outside object (an OpenADR event), oldest first."""
+    async with services.db.session() as s:
+        rows = (
+            (
+                await s.execute(
+                    select(GridEvent)
+                    .where(GridEvent.source == source, GridEvent.source_id == source_id)
+                    .order_by(GridEvent.start_ms, GridEvent.created_ms)
+                )
+            )
+            .scalars()
+            .all()
+        )
+    return [grid_record(g) for g in rows]
 
 
 async def get_grid_event(services: Edges, event_id: str) -> EventRecord:

@@ -28,6 +28,8 @@ from dispatch.forecast_service import ForecastService
 from dispatch.housekeeping import HistoryHousekeeper, MarketHousekeeper
 from dispatch.leadership import Leadership
 from dispatch.market import Market
+from dispatch.openadr.reports import DeliveryReporter
+from dispatch.openadr.vtn import Vtn
 from dispatch.planner import Planner
 from dispatch.runner.loop import EventRunner
 
@@ -45,6 +47,7 @@ class Services(Edges):
     forecast: ForecastService = field(init=False)
     market: Market = field(init=False)
     planner: Planner = field(init=False)
+    openadr: Vtn = field(init=False)
     # Background components, set by start_background.
     leadership: Leadership | None = field(default=None, init=False)
     ingest: IngestWorker | None = field(default=None, init=False)
@@ -52,17 +55,20 @@ class Services(Edges):
     housekeeper: MarketHousekeeper | None = field(default=None, init=False)
     history_keeper: HistoryHousekeeper | None = field(default=None, init=False)
     calibrator: ForecastCalibrator | None = field(default=None, init=False)
+    openadr_reporter: DeliveryReporter | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.forecast = ForecastService(self)
         self.market = Market(self, self.forecast)
         self.planner = Planner(self)
+        self.openadr = Vtn(self)
 
     async def start_background(self, *, replica_id: str | None = None) -> None:
-        """The leader lease, ingest, the event runner, quote housekeeping, history maintenance
-        and the forecast calibrator, in that order; each is set here once it has started. If
-        one fails to start, the ones already running are stopped and the failure goes on up.
+        """The leader lease, ingest, the event runner, quote housekeeping, history maintenance,
+        the forecast calibrator and the OpenADR delivery reports, in that order; each is set
+        here once it has started. If one fails to start, the ones already running are stopped
+        and the failure goes on up.
         ``replica_id``: this process's owner id for the lease (default ``host:pid:random``)."""
         try:
             leadership = Leadership(self.state, self.settings, owner=replica_id)
@@ -85,6 +91,9 @@ class Services(Edges):
             calibrator = ForecastCalibrator(self, self.forecast, leadership=leadership)
             await calibrator.start()
             self.calibrator = calibrator
+            reporter = DeliveryReporter(self, self.openadr, leadership=leadership)
+            await reporter.start()
+            self.openadr_reporter = reporter
         except BaseException:
             await self.stop_background()
             raise
@@ -93,6 +102,7 @@ class Services(Edges):
         """Stop the background components in the reverse order of their start (the lease
         last: handed back once the runner has stopped, so a follower takes over at once)."""
         components: tuple[Background | None, ...] = (
+            self.openadr_reporter,
             self.calibrator,
             self.history_keeper,
             self.housekeeper,
@@ -108,9 +118,10 @@ class Services(Edges):
             except Exception:
                 log.exception("stopping %s", type(component).__name__)
         self.ingest = self.runner = self.housekeeper = self.calibrator = None
-        self.history_keeper = None
+        self.history_keeper = self.openadr_reporter = None
         self.leadership = None
 
     async def close(self) -> None:
         await self.stop_background()
+        await self.openadr.webhooks.close()
         await super().close()

@@ -186,6 +186,11 @@ class GridEvent(Base):
     status: Mapped[str] = mapped_column(String(20), index=True)
     created_ms: Mapped[int] = mapped_column(BigInteger)
     updated_ms: Mapped[int] = mapped_column(BigInteger)
+    # Who raised it: ``api`` (POST /v1/grid-events) or ``openadr`` (an OpenADR 3.1 event of a
+    # business-logic client; ``source_id`` is that event's id: one grid event per run of equal
+    # values of its intervals).
+    source: Mapped[str] = mapped_column(String(16), default="api", server_default="api")
+    source_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
 
 
 class Plan(Base):
@@ -305,3 +310,60 @@ class BrokerTier(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     applied_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     applied_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class OpenAdrClient(Base):
+    """An OpenADR 3.1 client of the VTN (``vpp openadr clients create``): a business-logic
+    client (``bl``: a utility, an ISO, an operator) or a VEN (``ven``: a device maker's cloud).
+    The secret is stored as its SHA-256 only (256-bit random, as the API keys)."""
+
+    __tablename__ = "openadr_clients"
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    role: Mapped[str] = mapped_column(String(8))  # bl | ven
+    # ven: the venName its ven object must have (None: the VEN names it on POST /vens).
+    ven_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class OpenAdrToken(Base):
+    """A bearer token issued by ``POST /openadr3/3.1.0/auth/token``: its SHA-256, the client,
+    the scopes granted (space-separated) and when it expires (service-clock ms)."""
+
+    __tablename__ = "openadr_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("openadr_clients.client_id"), index=True)
+    scopes: Mapped[str] = mapped_column(String(400))
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class OpenAdrObject(Base):
+    """One object of the VTN (PROGRAM, EVENT, REPORT, SUBSCRIPTION, VEN, RESOURCE) as JSON,
+    with the columns its lookups and its tenancy need: the tenant, the client that made it,
+    the VEN it belongs to (a VEN's ven, resources, reports, subscriptions), its parent (an
+    event's program, a report's event, a resource's ven) and the name that must be unique
+    (programName per tenant, venName per tenant, resourceName per ven: 409)."""
+
+    __tablename__ = "openadr_objects"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    object_type: Mapped[str] = mapped_column(String(16))
+    client_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ven_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    parent_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    unique_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Service bookkeeping that is not part of the object (a delivery report's "final").
+    state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    modified_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_openadr_objects_tenant_type", "tenant_id", "object_type"),
+        UniqueConstraint(
+            "tenant_id", "object_type", "parent_id", "unique_name", name="uq_openadr_name"
+        ),
+    )

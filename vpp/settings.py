@@ -171,6 +171,15 @@ class Settings(BaseSettings):
     # within 4–10 s). A dead leader is replaced within about 4/3 of it.
     leader_lease_s: float | None = Field(None, gt=0)
 
+    # OpenADR 3.1 VTN (/openadr3/3.1.0): bearer token lifetime (seconds of the service
+    # clock), the clientName of the delivery reports it writes, how often the leader refreshes
+    # them (service seconds), and whether subscriptions may call back private addresses.
+    openadr_token_ttl_s: float = Field(3600.0, gt=0)
+    openadr_vtn_name: str = Field("vpp-vtn", min_length=1, max_length=128)
+    openadr_report_s: float = Field(60.0, gt=0)
+    openadr_webhook_private: bool = False
+    openadr_webhook_timeout_s: float = Field(5.0, gt=0)
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "info"

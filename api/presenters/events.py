@@ -25,6 +25,8 @@ def event_doc(rec: EventRecord) -> dict[str, Any]:
         "preempt": ev.preempt,
         "status": ev.status,
         "created_at": to_rfc3339(rec.created_ms),
+        "source": rec.source if ev.is_grid else "api",
+        "source_id": rec.source_id,
     }
 
 

@@ -51,6 +51,12 @@ class EventSummary(BaseModel):
         "or aborted"
     )
     created_at: str | None = Field(None, description="when it was made, RFC 3339 UTC")
+    source: str = Field(
+        "api",
+        description="who raised it: api (the /v1 API) or openadr (an OpenADR 3.1 event of a "
+        "business-logic client)",
+    )
+    source_id: str | None = Field(None, description="openadr: the OpenADR event's id")
 
 
 class TimelinePoint(BaseModel):

@@ -96,6 +96,14 @@ class GridEventOut(BaseModel):
     )
     status: str = Field(description="scheduled, active, completed or aborted")
     created_at: str | None = Field(None, description="when it was raised, RFC 3339 UTC")
+    source: str = Field(
+        "api",
+        description="who raised it: api (POST /v1/grid-events) or openadr (an OpenADR 3.1 "
+        "event of a business-logic client, one grid event per run of equal interval values)",
+    )
+    source_id: str | None = Field(
+        None, description="openadr: the OpenADR event's id (GET /openadr3/3.1.0/events/{id})"
+    )
     settled: bool = Field(False, description="true once the settlement lines are stored")
     intervals: list[GridInterval] = Field(
         default_factory=list,

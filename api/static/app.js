@@ -602,8 +602,9 @@
         .map(
           (e) => `<li data-id="${esc(e.id)}" class="${e.id === state.selectedEvent ? "selected" : ""}">
             <div class="id mono">${esc(e.id)} ${badge(e.status)}</div>
-            <div class="meta">${esc(String(pick(e, ["type", "kind", "source"]) || (String(e.id).startsWith("ge-") ? "grid event" : "capacity request")).replace(/_/g, " "))}
+            <div class="meta">${esc(String(pick(e, ["type", "kind"]) || (String(e.id).startsWith("ge-") ? "grid event" : "capacity request")).replace(/_/g, " "))}
               · ${esc(e.region)} · ${fmtMW(eventTarget(e))}</div>
+            <div class="meta source" data-source="${esc(e.source || "api")}">source: ${esc(e.source === "openadr" ? "OpenADR" + (e.source_id ? " event " + e.source_id : "") : "API")}</div>
             <div class="meta">${fmtWindow(e.start, e.end)}</div></li>`,
         )
         .join("");

@@ -33,6 +33,8 @@ async def test_every_asset_the_page_names_is_served(api_factory, sqlite_url):
         assert len(resp.content) > 100, path
     js = await client.get("/static/app.js")
     assert js.headers["content-type"].startswith("text/javascript")
+    # The live-events list says where each event came from (the API or an OpenADR event).
+    assert "data-source" in js.text and "OpenADR" in js.text
 
 
 def test_no_asset_is_fetched_from_the_network():

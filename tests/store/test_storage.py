@@ -24,6 +24,9 @@ from store.models import (
     Device,
     GridEvent,
     LedgerEntry,
+    OpenAdrClient,
+    OpenAdrObject,
+    OpenAdrToken,
     Plan,
     RegionLock,
     SettlementLine,
@@ -183,6 +186,8 @@ async def test_every_model_round_trips(db: Database) -> None:
             status="scheduled",
             created_ms=NOW,
             updated_ms=NOW,
+            source="openadr",
+            source_id="eve-000000000001",
         ),
         Command(
             id="c-1",
@@ -207,6 +212,41 @@ async def test_every_model_round_trips(db: Database) -> None:
             delivered_mw=12.0,
             method="meter_before_after",
             inputs={"baseline_days": ["2026-07-13"], "raw": [1.5, 2.25], "n": 3},
+        ),
+    )
+    await roundtrip(
+        db,
+        OpenAdrClient(
+            client_id="ven-0000000000000001",
+            tenant_id="acme",
+            role="ven",
+            ven_name="oem-cloud",
+            secret_hash="b" * 64,
+            created_ms=NOW,
+            revoked_ms=None,
+        ),
+    )
+    await roundtrip(
+        db,
+        OpenAdrToken(
+            token_hash="c" * 64,
+            client_id="ven-0000000000000001",
+            scopes="read_targets write_reports",
+            created_ms=NOW,
+            expires_ms=NOW + 3_600_000,
+        ),
+        OpenAdrObject(
+            id="ven-000000000001",
+            tenant_id="acme",
+            object_type="VEN",
+            client_id="ven-0000000000000001",
+            ven_id="ven-000000000001",
+            parent_id="",
+            unique_name="oem-cloud",
+            state=None,
+            body={"venName": "oem-cloud", "attributes": [{"type": "X", "values": [1, "a", None]}]},
+            created_ms=NOW,
+            modified_ms=NOW + 1,
         ),
     )
     await roundtrip(
