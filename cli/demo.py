@@ -215,7 +215,8 @@ class Demo:
             time_scale=opts.time_scale,
             time_origin=origin,
             broker_credentials="none",
-            regions=sorted({*Settings().regions, *opts.regions}),
+            # VPP_REGIONS narrowing the sold regions still lets the demo's own regions in.
+            regions=sorted({*narrowed, *opts.regions}) if (narrowed := Settings().regions) else [],
         )
         self.clock = Clock(opts.time_scale, origin)
         import vpp.clock

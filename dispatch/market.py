@@ -108,7 +108,10 @@ def validate_input(
 ) -> None:
     """Raise :class:`InvalidInput` naming the first bad field."""
     if not inp.region or inp.region not in known_regions:
-        known = ", ".join(sorted(known_regions)) or "none"
+        names = sorted(known_regions)
+        known = ", ".join(names) or "none"
+        if len(names) > 12:
+            known = f"{len(names)} load zones: GET /v1/regions lists them"
         raise invalid("region", f"unknown region {inp.region!r} (known: {known})")
     if not math.isfinite(inp.mw) or inp.mw <= 0:
         raise invalid("mw", "must be greater than 0")
@@ -258,7 +261,9 @@ class Market:
         return int(self.services.clock.now_ms())
 
     async def known_regions(self) -> set[str]:
-        regions = set(self.settings.regions)
+        """Regions a request may name: those sold (the registry, narrowed by ``VPP_REGIONS``)
+        and any that holds devices."""
+        regions = set((await self.services.current_regions()).sold())
         try:
             snap = await self.services.fleet.snapshot()
             regions |= {r for r in snap.regions if r}

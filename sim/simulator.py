@@ -70,7 +70,11 @@ from vpp.physics import (
     solar_power_w,
     thermostat_step,
 )
+from vpp.regions import RegionBook
 from vpp.weather import region_centre, weather_for_region
+
+# The simulator's region when neither its caller nor VPP_REGIONS names one.
+DEFAULT_SIM_REGIONS = ("ERCOT-NORTH",)
 
 if TYPE_CHECKING:
     import httpx
@@ -1106,16 +1110,17 @@ class FleetSimulator:
         opts = dict(fleet_options or {})
         cfg = FleetConfig(
             n_devices=n_devices,
-            regions=tuple(regions or s.regions[:1]),
+            regions=tuple(regions or s.regions[:1] or DEFAULT_SIM_REGIONS),
             seed=seed,
             id_prefix=id_prefix or f"sim{seed}",
             interval_s=interval_s or s.telemetry_interval_s,
             settlement_interval_s=float(s.settlement_interval_min * 60),
             **opts,
         )
-        unknown = [r for r in cfg.regions if r not in s.regions]
+        book = RegionBook(sold=s.regions)
+        unknown = [r for r in cfg.regions if not book.is_sold(r)]
         if unknown:
-            raise ValueError(f"regions: {', '.join(unknown)} not among {', '.join(s.regions)}")
+            raise ValueError(f"regions: {', '.join(unknown)} not sold ({book.describe_sold()})")
         self.fleet = SimFleet(cfg, self.clock.now_ms())
         self.api_url = (api_url or f"http://{s.api_host}:{s.api_port}").rstrip("/")
         self.api_key = api_key

@@ -158,10 +158,10 @@ class Settings(BaseSettings):
     control_period_s: float = 60.0
     battery_wear_cost_per_kwh: float = 0.05
 
-    # Regions the service sells in; devices may only be registered in these.
-    regions: list[str] = Field(
-        default_factory=lambda: ["ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM"]
-    )
+    # Regions the service sells in, narrowing the registry (``vpp.regions``, GET /v1/regions):
+    # devices may only be registered, and capacity quoted, in these. Empty: every load zone of
+    # the registry.
+    regions: list[str] = Field(default_factory=list)
 
     # Per API key token bucket: requests a second and the burst; a key's own columns override
     # them. 0 requests a second turns the limit off.

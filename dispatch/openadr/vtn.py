@@ -118,11 +118,11 @@ class Vtn:
         runs: list[Run] = []
         region = ""
         if kind == PROGRAM:
-            program_region(body, self.services.settings.regions)
+            program_region(body, self.services.regions.sold())
             row.parent_id, row.unique_name = "", body["programName"]
         elif kind == EVENT:
             program = await self._program_of(caller, body)
-            region = program_region(program.body, self.services.settings.regions)
+            region = program_region(program.body, self.services.regions.sold())
             runs = self._check_runs(region, event_demand(body, now), now)
             row.parent_id = program.id
         elif kind == REPORT:
@@ -166,14 +166,14 @@ class Vtn:
         unique_name: str | None = None
         parent_id: str | None = None
         if kind == PROGRAM:
-            region = program_region(body, self.services.settings.regions)
-            old = program_region(row.body, self.services.settings.regions)
+            region = program_region(body, self.services.regions.sold())
+            old = program_region(row.body, self.services.regions.sold())
             if region != old and await db.count_children(self.db, caller.tenant_id, EVENT, oid):
                 raise Conflict("targets", f"the program has events: its region stays {old}")
             unique_name = body["programName"]
         elif kind == EVENT:
             program = await self._program_of(caller, body)
-            region = program_region(program.body, self.services.settings.regions)
+            region = program_region(program.body, self.services.regions.sold())
             wanted = [r for r in event_demand(body, now) if r.end_ms > now]
             current = [
                 g for g in await es.grid_events_of_source(self.services, es.SOURCE_OPENADR, oid)
