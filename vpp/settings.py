@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The least history retention accepted: the 10-in-10 baseline's 20-day look-back, the day a
@@ -201,6 +201,17 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _upstream_regions_known(self) -> Settings:
+        for i, up in enumerate(self.openadr_upstream):
+            for program, region in up.regions.items():
+                if region not in self.regions:
+                    raise ValueError(
+                        f"openadr_upstream[{i}].regions[{program!r}]: unknown region "
+                        f"{region!r} (one of {', '.join(self.regions)})"
+                    )
+        return self
 
     def margin_pct(self, region: str) -> float:
         return self.region_safety_margin_pct.get(region, self.safety_margin_pct)

@@ -37,7 +37,7 @@ import httpx
 from devices.edges import Edges
 from dispatch import events as es
 from dispatch.leadership import Leadership
-from dispatch.openadr.reports import delivered
+from dispatch.openadr.reports import ENDED, STALE_MS, delivered
 from dispatch.openadr.vtn import LIVE, reconcile
 from dispatch.periodic import Periodic
 from store import audit
@@ -132,9 +132,10 @@ class UpstreamLink:
                 seen[ev["id"]] = ev
                 if region is not None:
                     await self._sync_event(ev, region)
+        now = self.services.clock.now_ms()
         for g in await es.grid_events_of_sources(self.services, SOURCE, self.prefix):
             gone = str(g.source_id)[len(self.prefix) :] not in seen
-            if gone and g.info.status in LIVE:
+            if gone and _live(g, now):
                 await self._abort(g.info.id)
         for ev_id, ev in seen.items():
             await self._report(ev_id, ev)
@@ -161,7 +162,7 @@ class UpstreamLink:
         sid = self.prefix + ev["id"]
         now = self.services.clock.now_ms()
         try:
-            wanted = [r for r in event_demand(ev, now) if r.end_ms > now]
+            wanted = event_demand(ev, now)  # ended runs too: their grid events are kept
         except InvalidInput as exc:
             self._warn_once(f"event:{ev['id']}:{ev.get('modificationDateTime')}",
                             "event %s is not taken as it is (%s: %s); its grid events stay",
@@ -170,7 +171,7 @@ class UpstreamLink:
         raised = await es.grid_events_of_source(self.services, SOURCE, sid)
         keep, new = reconcile(raised, region, wanted, now)
         for g in raised:
-            if g.info.status in LIVE and g.info.id not in keep:
+            if _live(g, now) and g.info.id not in keep:
                 await self._abort(g.info.id)
         specs = []
         for run in new:
@@ -215,6 +216,10 @@ class UpstreamLink:
         now = self.services.clock.now_ms()
         if not grids or all(now < g.info.start_ms for g in grids):
             return
+        if known is None and all(
+            g.info.status in ENDED and now > g.info.end_ms + STALE_MS for g in grids
+        ):
+            return  # long over (e.g. aborted before it ran): not reported now
         intervals, final = await delivered(self.services, grids)
         body = delivery_report(ev_id, ev.get("eventName"), self.cfg.ven_name, intervals)
         if known is None:
@@ -331,6 +336,11 @@ class UpstreamVens(Periodic):
     async def stop(self) -> None:
         await super().stop()
         await self.http.aclose()
+
+
+def _live(g: es.EventRecord, now_ms: int) -> bool:
+    """Scheduled or running, and not past its end (the runner closes those: not aborted)."""
+    return g.info.status in LIVE and g.info.end_ms > now_ms
 
 
 def _detail(r: httpx.Response) -> str:

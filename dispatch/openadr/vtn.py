@@ -344,15 +344,16 @@ def reconcile(
 ) -> tuple[set[str], list[Run]]:
     """An outside event's runs against the grid events already raised for it: the ids of the
     live ones to keep (any other live one is to be aborted) and the runs to raise (from now if
-    begun). A run that a raised grid event matches is not raised again, whatever that grid
-    event's status (one an operator aborted stays aborted); kept runs include begun ones."""
+    begun; an ended run is not raised). A run that a raised grid event matches is not raised
+    again, whatever that grid event's status (one an operator aborted stays aborted); kept runs
+    include begun and just ended ones."""
     keep: set[str] = set()
     new: list[Run] = []
     for run in wanted:
         matched = [g for g in raised if same_run(g, region, run)]
         if matched:
             keep.update(g.info.id for g in matched if g.info.status in LIVE)
-        else:
+        elif run.end_ms > now_ms:
             new.append(Run(max(run.start_ms, now_ms), run.end_ms, run.mw))
     return keep, new
 

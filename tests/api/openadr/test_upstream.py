@@ -24,12 +24,14 @@ from typing import Any
 import httpx
 import openadr3
 import pytest
+from pydantic import ValidationError
 
 from api.app import create_app
 from api.openadr.router import PREFIX
 from dispatch import events as es
 from dispatch.openadr import upstream
 from dispatch.openadr.upstream import SOURCE, TENANT, UpstreamVens
+from tests.helpers.eventkit import wait_for
 from tests.helpers.mosquitto import free_port
 from tests.helpers.openadr import LiveVtn, SpecCheck, event_body
 from tests.helpers.settings import make_settings
@@ -282,6 +284,10 @@ async def test_wrong_secret_and_upstream_down_cost_polls_not_the_loop(
         assert metric(text, "vpp_openadr_upstream_failures_total", bad.name) == failures + 1
         assert metric(text, "vpp_openadr_upstream_skipped_total", bad.name) >= 4
 
+        # A token the utility no longer takes (expired, revoked there): one 401, a new token.
+        good._token, good._token_until = "stale-token", time.monotonic() + 3600
+        assert await good.tick() and good._token != "stale-token"
+
         # The utility goes away: a failed poll; it comes back: the next poll that runs works.
         await asyncio.to_thread(utility.stop)
         assert not await good.tick()
@@ -297,3 +303,23 @@ async def test_wrong_secret_and_upstream_down_cost_polls_not_the_loop(
     finally:
         await http.aclose()
         await vens.stop()
+
+
+async def test_serve_polls_from_the_background_and_bad_config_is_refused(
+    utility: Utility, services_factory: Any, sqlite_url: str, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("VPP_OPENADR_UPSTREAM_POLL_S", "0.2")
+    svc = await service(services_factory, sqlite_url, monkeypatch, [upstream_config(utility)])
+    await svc.start_background()
+    try:
+        assert svc.openadr_upstream is not None
+        (link,) = svc.openadr_upstream.links
+        assert await wait_for(lambda: link.up is True, 20)  # the leader polls on its own
+        assert link.ven_id is not None
+    finally:
+        await svc.stop_background()
+    # A region the service does not sell in, named by the config: refused at start.
+    bad = upstream_config(utility, regions={"zone7-dr": "ZONE-7"})
+    monkeypatch.setenv("VPP_OPENADR_UPSTREAM", json.dumps([bad]))
+    with pytest.raises(ValidationError, match=r"openadr_upstream\[0\]\.regions\['zone7-dr'\]"):
+        make_settings(sqlite_url)
