@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,18 +145,22 @@ async def live(svc: Any, source_id: str) -> list[es.EventRecord]:
 async def test_upstream_events_become_grid_events_and_get_reports(
     utility: Utility, services_factory: Any, sqlite_url: str, monkeypatch: Any
 ) -> None:
-    svc = await service(services_factory, sqlite_url, monkeypatch, [upstream_config(utility)])
+    tag = uuid.uuid4().hex[:6]  # the utility outlives the test (one per module)
+    names = {n: f"{n}-{tag}" for n in ("ercot-dr", "zone7-dr", "other-dr")}
+    cfg = upstream_config(utility, programs=[names["ercot-dr"], names["zone7-dr"]],
+                          regions={names["zone7-dr"]: "PJM-DOM"})  # fmt: skip
+    svc = await service(services_factory, sqlite_url, monkeypatch, [cfg])
     assert svc.settings.openadr_upstream[0].client_secret.get_secret_value() == utility.ven[1]
     bl = utility.bl_client()
     region = [{"type": "REGION", "values": ["ERCOT-NORTH"]}]
-    ercot = {"programName": "ercot-dr", "attributes": region}
-    zone7 = {"programName": "zone7-dr", "targets": ["ZONE-7"]}
-    other = {"programName": "other-dr", "targets": ["ERCOT-NORTH"]}
+    ercot = {"programName": names["ercot-dr"], "attributes": region}
+    zone7 = {"programName": names["zone7-dr"], "targets": ["ZONE-7"]}
+    other = {"programName": names["other-dr"], "targets": ["ERCOT-NORTH"]}
     pids = {}
-    for p in (ercot, zone7, other):
+    for short, p in zip(names, (ercot, zone7, other), strict=True):
         r = await call(bl.create_program, p)
         assert r.status_code == 201, r.text
-        pids[p["programName"]] = r.json()["id"]
+        pids[short] = r.json()["id"]
     now = svc.clock.now_ms()
     begun = to_rfc3339(now - 60_000)  # the first interval has begun a minute ago
     r = await call(bl.create_event, event_body(pids["ercot-dr"], begun, [500, 800]))
