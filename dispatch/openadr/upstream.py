@@ -54,6 +54,7 @@ TENANT = "openadr-upstream"
 MAX_SKIP = 10
 PAGE = 50
 TIMEOUT_S = 10.0
+SOURCE_ID_MAX = 128  # GridEvent.source_id
 
 
 class UpstreamError(Exception):
@@ -160,13 +161,19 @@ class UpstreamLink:
 
     async def _sync_event(self, ev: dict[str, Any], region: str) -> None:
         sid = self.prefix + ev["id"]
+        if len(sid) > SOURCE_ID_MAX:
+            self._warn_once(f"long:{sid}", "event %s: %r is longer than %d characters; not "
+                            "taken", ev["id"], sid, SOURCE_ID_MAX)  # fmt: skip
+            return
         now = self.services.clock.now_ms()
         try:
             wanted = event_demand(ev, now)  # ended runs too: their grid events are kept
-        except InvalidInput as exc:
+        except Exception as exc:  # pure: whatever the upstream sent, this event only
+            field, message = (exc.field, exc.message) if isinstance(exc, InvalidInput) else (
+                "event", _short(exc))  # fmt: skip
             self._warn_once(f"event:{ev['id']}:{ev.get('modificationDateTime')}",
                             "event %s is not taken as it is (%s: %s); its grid events stay",
-                            ev["id"], exc.field, exc.message)  # fmt: skip
+                            ev["id"], field, message)  # fmt: skip
             return
         raised = await es.grid_events_of_source(self.services, SOURCE, sid)
         keep, new = reconcile(raised, region, wanted, now)

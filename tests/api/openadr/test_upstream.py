@@ -321,6 +321,12 @@ async def test_serve_polls_from_the_background_and_bad_config_is_refused(
         (link,) = svc.openadr_upstream.links
         assert await wait_for(lambda: link.up is True, 20)  # the leader polls on its own
         assert link.ven_id is not None
+        # Whatever an upstream sends as an event costs that event only (logged, not taken).
+        for junk in ({"id": "e1", "intervals": "junk"}, {"id": "e2", "intervalPeriod": 5,
+                     "intervals": [{"id": 0, "payloads": [{"type": None}]}]},
+                     {"id": "e3" * 80, "intervals": []}):  # fmt: skip
+            await link._sync_event(junk, "ERCOT-NORTH")
+        assert await es.grid_events_of_sources(svc, SOURCE, link.prefix) == []
     finally:
         await svc.stop_background()
     # A region the service does not sell in, named by the config: refused at start.
