@@ -64,3 +64,16 @@ MARKET_REQUESTS = Counter(
     ["outcome"],
 )
 PLANS_MADE = Counter("vpp_plans_total", "Dispatch plans stored, by why they were made", ["why"])
+
+# The service as a VEN of upstream utility VTNs (dispatch/openadr/upstream.py), per upstream.
+OPENADR_UPSTREAM_UP = Gauge(
+    "vpp_openadr_upstream_up", "1 while the last poll of the upstream VTN worked", ["upstream"]
+)
+OPENADR_UPSTREAM_FAILURES = Counter(
+    "vpp_openadr_upstream_failures_total", "Polls of an upstream VTN that failed", ["upstream"]
+)
+OPENADR_UPSTREAM_SKIPPED = Counter(
+    "vpp_openadr_upstream_skipped_total",
+    "Polls of an upstream VTN skipped while backing off after failures",
+    ["upstream"],
+)

@@ -35,7 +35,8 @@ async def healthz() -> dict[str, str]:
     description="Also `replica`: this process's owner id, whether it leads the singleton jobs "
     "(event runner, quote housekeeping, calibration) and who holds the leader lease now "
     "(`leader_id`, null when nobody does). Present where the background jobs run "
-    "(`vpp serve`).",
+    "(`vpp serve`). With `VPP_OPENADR_UPSTREAM`: `openadr_upstream`, each upstream VTN's "
+    "poll status (ok, failing, waiting: not polled by this replica yet), informational only.",
 )
 async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     async def db_ok() -> bool:
@@ -74,6 +75,9 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     replica = await _replica(services)
     if replica is not None:
         content["replica"] = replica
+    if services.openadr_upstream is not None:
+        # Informational: an upstream utility VTN down does not make this service unready.
+        content["openadr_upstream"] = services.openadr_upstream.describe()
     if ok:
         return JSONResponse(content)
     # The service's error shape too: `detail` names each dependency that is down.
