@@ -69,9 +69,16 @@ class Edges:
             except Exception as exc:
                 log.warning("region registry not read (%s); keeping the copy in memory", exc)
             else:
+                first = self._regions_read_at == float("-inf")
                 if rows:
                     self.regions.replace_all(rows)
                 self._regions_read_at = time.monotonic()
+                if first and self.regions.unregistered():
+                    log.warning(
+                        "VPP_REGIONS names %s, not in the region registry: sold, with the "
+                        "weather and time of the centre of the US (POST /v1/regions adds them)",
+                        ", ".join(self.regions.unregistered()),
+                    )
         return self.regions
 
     @classmethod

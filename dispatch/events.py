@@ -135,10 +135,9 @@ def _grid_row(
 ) -> GridEvent:
     """The row of a new grid event, or InvalidInput naming the bad field."""
     region, mw, start_ms, end_ms = spec.region, spec.mw, spec.start_ms, spec.end_ms
-    if region not in services.settings.regions:
+    if not services.regions.is_sold(region):
         raise InvalidInput(
-            "region",
-            f"unknown region {region!r} (one of {', '.join(services.settings.regions)})",
+            "region", f"unknown region {region!r} ({services.regions.describe_sold()})"
         )
     if end_ms <= start_ms:
         raise InvalidInput("end", "must be after start")

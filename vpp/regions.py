@@ -345,14 +345,19 @@ class RegionBook:
         return sorted(self._by_name.values(), key=lambda r: (r.iso, r.name))
 
     def sold(self) -> list[str]:
-        """Names of the regions sold: ``VPP_REGIONS`` (those of them in the registry, in its
-        order) or, without it, every region of the registry."""
+        """Names of the regions sold: ``VPP_REGIONS`` in its order or, without it, every region
+        of the registry. A name of ``VPP_REGIONS`` the registry lacks is sold still (as before
+        the registry; its weather and local time are those of :meth:`locate`)."""
         if self._narrow:
-            return [n for n in self._narrow if n in self._by_name]
+            return list(self._narrow)
         return [r.name for r in self.all()]
 
+    def unregistered(self) -> list[str]:
+        """Names ``VPP_REGIONS`` sells that the registry lacks (worth a warning at start)."""
+        return [n for n in self._narrow if n not in self._by_name]
+
     def is_sold(self, name: str) -> bool:
-        return name in self._by_name and (not self._narrow or name in self._narrow)
+        return name in self._narrow if self._narrow else name in self._by_name
 
     def describe_sold(self, limit: int = 12) -> str:
         """The sold regions for an error message: all of them if few, else a count and a hint."""

@@ -12,6 +12,8 @@ from functools import lru_cache
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vpp.regions import SEED_BY_NAME
+
 # The least history retention accepted: the 10-in-10 baseline's 20-day look-back, the day a
 # settlement may wait after its event, and a day's margin.
 HISTORY_MIN_RETENTION_DAYS = 22
@@ -204,12 +206,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _upstream_regions_known(self) -> Settings:
+        # Without VPP_REGIONS every zone of the registry is sold: the seeded zones are checked
+        # here (the poller checks the live registry again when it reads the program).
+        sold = self.regions or list(SEED_BY_NAME)
         for i, up in enumerate(self.openadr_upstream):
             for program, region in up.regions.items():
-                if region not in self.regions:
+                if region not in sold:
+                    known = ", ".join(self.regions) if self.regions else "GET /v1/regions"
                     raise ValueError(
                         f"openadr_upstream[{i}].regions[{program!r}]: unknown region "
-                        f"{region!r} (one of {', '.join(self.regions)})"
+                        f"{region!r} (one of {known})"
                     )
         return self
 

@@ -148,10 +148,10 @@ class UpstreamLink:
         region = self.cfg.regions.get(name)
         try:
             if region is not None:
-                if region not in self.services.settings.regions:
+                if not self.services.regions.is_sold(region):
                     raise InvalidInput("regions", f"unknown region {region!r}")
                 return region
-            return program_region(program, self.services.settings.regions)
+            return program_region(program, self.services.regions.sold())
         except InvalidInput as exc:
             self._warn_once(f"program:{program.get('id')}",
                             "program %r has no region we sell in (%s: %s); its events are "
