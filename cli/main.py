@@ -86,14 +86,24 @@ def serve(
 
 
 @app.command()
-def ingest() -> None:
+def ingest(
+    metrics_port: int = typer.Option(
+        0, help="serve Prometheus /metrics on this port (0: none), for deploy/'s scrape config"
+    ),
+) -> None:
     """One ingest worker alone; run several to scale out (MQTT 5 shared subscription).
 
-    Example: VPP_MQTT_URL=mqtt://vpp-service:secret@broker:1883 vpp ingest
+    Example: VPP_MQTT_URL=mqtt://vpp-service:secret@broker:1883 vpp ingest --metrics-port 9100
     """
     from devices.ingest import run_standalone
 
     _logging()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        import vpp.metrics  # noqa: F401  (registers the metrics the worker counts)
+
+        start_http_server(metrics_port)
     asyncio.run(run_standalone(get_settings()))
 
 

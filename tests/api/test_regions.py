@@ -77,7 +77,7 @@ async def test_an_unknown_region_is_refused_naming_the_field(db_url: str, api_fa
     err = r.json()["errors"]
     assert [e["field"] for e in err] == ["region"]
     assert "not a region of this service" in err[0]["message"]
-    assert "GET /v1/regions" in err[0]["message"]  # 78 names are too many to list
+    assert "GET /v1/regions" in err[0]["message"]  # 77 names are too many to list
     assert (await api.get("/v1/devices")).json()["devices"] == []
 
 
