@@ -118,3 +118,51 @@ async def test_json_csv_timeline_and_report_function_agree(api: Any, monkeypatch
 
     timeline = (await client.get(f"/v1/events/{rid}/timeline", headers=keys["acme"])).json()
     assert timeline["delivery"] == d
+
+
+async def test_grid_event_with_a_partial_last_interval(api: Any, monkeypatch: Any) -> None:
+    client, keys, clock = api
+    # 62 minutes: twelve 5-minute intervals and a 2-minute one.
+    start = NOW + H
+    end = start + 62 * 60_000
+    r = await client.post(
+        "/v1/grid-events",
+        json={"region": REGION, "mw": 1.0, "start": to_rfc3339(start), "end": to_rfc3339(end)},
+        headers=keys["op"],
+    )
+    assert r.status_code == 201, r.text
+    gid = r.json()["id"]
+    grid = SettlementGrid(start, end, client.services.settings.settlement_interval_min * 60)
+    assert grid.n == 13
+    delivered = np.full(grid.n, 1.0)
+    delivered[-1] = 0.0  # the devices stopped for the last two minutes
+
+    async def computed(services: Any, event_id: str) -> Any:
+        ev = await es.load_event(services, event_id)
+        return ev, settle(
+            SettlementInputs(
+                grid=grid,
+                target_mw=np.full(grid.n, 1.0),
+                battery_actual_w=(delivered * 1e6)[None, :],
+                battery_before_w=np.zeros(1),
+                battery_after_w=np.zeros(1),
+                battery_active=np.ones((1, grid.n), bool),
+            )
+        )
+
+    monkeypatch.setattr(settlement_service, "compute_settlement", computed)
+    clock.advance((end + H - NOW) / 1000)
+    await settlement_service.settle_event(client.services, gid)
+
+    got = (await client.get(f"/v1/grid-events/{gid}", headers=keys["op"])).json()
+    d = got["delivery"]
+    # 60 of 62 minutes delivered: the partial interval weighs 2/5 of a full one.
+    assert d["intervals"] == d["expected_intervals"] == 13
+    assert d["delivered_mw"] == pytest.approx(60 / 62, abs=1e-6)
+    assert d["performance"] == pytest.approx(60 / 62, abs=1e-6) == got["performance"]
+    text = (await client.get(f"/v1/grid-events/{gid}/settlement.csv", headers=keys["op"])).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[-1]["interval_end"] == to_rfc3339(end)
+    assert [float(x["performance"]) for x in rows] == [1.0] * 12 + [0.0]
+    timeline = (await client.get(f"/v1/events/{gid}/timeline", headers=keys["op"])).json()
+    assert timeline["delivery"] == d
