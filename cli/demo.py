@@ -60,6 +60,7 @@ class DemoOptions:
     workdir: Path | None = None
     seed: int = 7
     log_to_file: bool = True
+    settle_wait_s: float = 45.0  # wall seconds to wait for the final settlement
 
 
 @dataclass
@@ -72,6 +73,8 @@ class DemoResult:
     delivered_mw: float | None = None  # the API's delivery summary (the dashboard's figure)
     performance: float | None = None
     intervals: int = 0  # settlement intervals both figures are over
+    expected_intervals: int = 0  # settlement intervals of the window
+    settled: bool = False  # False: the figures are provisional (the final settlement not in)
     truth_mw: float | None = None  # the simulator's, same intervals, same devices
     truth_performance: float | None = None
     gap_pct: float | None = None  # |measured − truth| as % of committed
@@ -557,7 +560,7 @@ class Demo:
         from rich.progress import Progress, SpinnerColumn
 
         self.stage(5, "Measurement and settlement")
-        deadline = time.monotonic() + 45
+        deadline = time.monotonic() + self.opts.settle_wait_s
         req: dict[str, Any] = {}
         with Progress(
             SpinnerColumn(),
@@ -566,11 +569,13 @@ class Demo:
             transient=True,
         ) as progress:
             progress.add_task("   waiting for the request to complete and settle", total=None)
-            while time.monotonic() < deadline:
+            while True:
                 req = await self.api("GET", f"/v1/capacity-requests/{rid}", "buyer")
                 # Settled: every interval's final figures (a completed request's intervals
                 # before that are the provisional ones measured so far).
                 if req.get("status") == RequestStatus.completed and req.get("settled"):
+                    break
+                if time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(1.0)
         self.result.status = req.get("status")
@@ -584,6 +589,8 @@ class Demo:
         if req.get("performance") is not None:
             self.result.performance = float(req["performance"])
         self.result.intervals = len(intervals)
+        self.result.settled = bool(req.get("settled"))
+        self.result.expected_intervals = int(delivery.get("expected_intervals") or 0)
         try:
             self._truth(rid, req, intervals)
         except Exception:  # the report goes on without the truth
@@ -594,6 +601,11 @@ class Demo:
                 f", performance [bold]{self.result.performance * 100:.1f} %[/]"
                 if self.result.performance is not None
                 else ""
+            )
+            + (
+                ""
+                if self.result.settled
+                else " [yellow](not settled yet: figures over the intervals measured so far)[/]"
             )
         )
 
@@ -648,6 +660,8 @@ class Demo:
             return "–" if v is None else f"{v * 100:.1f} %"
 
         over = f" over {r.intervals} intervals" if r.intervals else ""
+        if r.intervals and not r.settled:
+            over += f" of {r.expected_intervals}, provisional"
         table.add_row(f"Delivered (measured, average{over})", mw(r.delivered_mw))
         if r.truth_mw is not None:
             table.add_row("Delivered (simulator's ground truth, same)", mw(r.truth_mw))

@@ -103,6 +103,28 @@ async def test_report_prints_measured_truth_and_their_gap() -> None:
     assert "0.88 MW" in text and "0.92 MW" in text
 
 
+async def test_report_says_when_the_figures_are_provisional() -> None:
+    out = io.StringIO()
+    demo = Demo(DemoOptions(hold=False, settle_wait_s=0.0), Console(file=out, width=200))
+    demo.settings = Settings()
+    demo.sim = _Sim()
+    answer = request_answer()
+    answer["settled"] = False
+    answer["intervals"] = answer["intervals"][:4]
+    answer["delivery"] = {**answer["delivery"], "intervals": 4}
+
+    async def api(method: str, path: str, key: str, **kw: Any) -> Any:
+        return answer
+
+    demo.api = api  # type: ignore[method-assign]
+    await demo.settle(answer["id"])
+    assert demo.result.truth_mw == pytest.approx(0.88) and demo.result.intervals == 4
+    demo.report()
+    text = out.getvalue()
+    assert "not settled yet" in text
+    assert "average over 4 intervals of 6, provisional" in text
+
+
 def test_truth_on_intervals_takes_overlaps_of_its_own_grid() -> None:
     t = truth()
     # Service intervals of 15 minutes over the truth's 5-minute rows; one reaching past the end.
