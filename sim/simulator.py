@@ -201,6 +201,33 @@ class GroundTruth:
     def batteries_below_reserve(self) -> int:
         return int(np.sum(self.battery_min_soc_pct < self.battery_reserve_pct - 1e-6))
 
+    def on_intervals(
+        self, event_id: str, starts_ms: Sequence[int], ends_ms: Sequence[int]
+    ) -> list[float]:
+        """What the event's own devices really delivered in each of the given intervals (the
+        service's settlement intervals), MW averaged over the interval: summed over the devices
+        commanded for the event from their command's start to its end or restore, opted out or
+        not (``delivered_mw_members``: the devices a settlement counts), and only in these
+        intervals (none before the window or in the restore stagger after it). Intervals of
+        the truth's own grid are taken by their overlap, so the two grids need not align; an
+        interval the truth has no row for delivered 0."""
+        rows = self.delivered_mw_members.get(event_id, {})
+        step = int(self.settlement_interval_s * 1000)
+        out: list[float] = []
+        for lo, hi in zip(starts_ms, ends_ms, strict=True):
+            lo, hi = int(lo), int(hi)
+            if hi <= lo:
+                out.append(0.0)
+                continue
+            first = (lo // step) * step
+            mwh = 0.0
+            for s in range(first, hi, step):
+                overlap = min(hi, s + step) - max(lo, s)
+                if overlap > 0:
+                    mwh += rows.get(s, 0.0) * overlap
+            out.append(mwh / (hi - lo))
+        return out
+
     def series(self, event_id: str | None = None) -> tuple[list[int], list[float]]:
         """(interval starts, MW) for one event, or summed over all events."""
         if event_id is not None:
