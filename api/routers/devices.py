@@ -89,9 +89,8 @@ async def _body_region_errors(request: Request) -> list[FieldError]:
 
 async def _regions(services: Services, rows: Any) -> RegionBook:
     """The region registry, read again if it is stale or lacks a region these rows name."""
-    names = (
-        {r.get("region") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
-    )
+    # Rows are not validated yet: a region may be anything JSON allows.
+    names = [r.get("region") for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
     missing = next((n for n in names if isinstance(n, str) and n not in services.regions), None)
     return await services.current_regions(missing=missing)
 
