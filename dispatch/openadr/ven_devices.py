@@ -127,7 +127,10 @@ class VenDevices:
             if hasattr(new, f) and getattr(new, f) != getattr(old, f)
         }
         if patch:
-            await onboarding.update_device(self.services, new.id, tenant_id, patch)
+            try:
+                await onboarding.update_device(self.services, new.id, tenant_id, patch)
+            except onboarding.DeviceNotFound:
+                pass  # offboarded through /v1 meanwhile: the resource alone changes
 
     async def offboard(self, tenant_id: str, resource_ids: Sequence[str]) -> None:
         """Offboard the devices of these resources (those that are devices)."""
