@@ -515,6 +515,8 @@ def report_readings(
     history these readings build). A reading is stamped at its interval's end (now at the
     latest); an interval without a period is a reading of now."""
     base = f"resources[{position}]"
+    if resource.get("intervalPeriod") is None:  # readings of now, unless an interval says
+        resource = {**resource, "intervalPeriod": {"start": to_rfc3339(now_ms), "duration": "PT0S"}}
     try:
         intervals = resolve_intervals(resource, now_ms)
     except InvalidInput as exc:

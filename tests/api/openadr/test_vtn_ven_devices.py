@@ -19,7 +19,7 @@ from dispatch import events as es
 from dispatch.openadr.ven_devices import VenCommands
 from dispatch.runner.loop import EventRunner
 from store.keys import create_api_key
-from store.models import Command, Device, OpenAdrObject
+from store.models import Command, Device, OpenAdrObject, TelemetryInterval
 from store.openadr import create_client
 from tests.helpers.eventkit import summer_clock, wait_for
 from tests.helpers.openadr import event_body, live_vtn
@@ -186,6 +186,19 @@ async def test_ven_resources_are_devices_commanded_by_events(
             d = (await api.get(f"/v1/devices/{home['id']}", headers=v1)).json()
             assert d["last_telemetry"]["power_kw"] == 2.0 and d["last_telemetry"]["soc_pct"] == 90
             assert d["freshness"] == "fresh" and d["available_kw"] > 0
+
+            async def in_history() -> bool:  # what the forecast and settlement read
+                async with svc.db.session() as s:
+                    rows = (
+                        await s.execute(
+                            select(TelemetryInterval).where(
+                                TelemetryInterval.device_id == home["id"]
+                            )
+                        )
+                    ).scalars()
+                    return any(r.power_w == 2000.0 and r.soc_pct == 90.0 for r in rows)
+
+            assert await wait_for(in_history, 10)
 
             # The core dispatches the grid event onto A's devices: OpenADR events target them.
             async def dispatched() -> list[dict[str, Any]]:
