@@ -266,13 +266,8 @@ class VenCommands:
         ven = await db.get_object(database, tenant, VEN, str(res.ven_id))
         program = await self._program(tenant, device.region)
         unique = f"{cmd['event_id']}/{device_id}"
-        existing = [
-            e
-            for e in await db.list_objects(database, tenant, EVENT, parent_id=program.id)
-            if e.unique_name == unique
-        ]
+        row = await db.find_named(database, tenant, EVENT, program.id, unique)
         now = int(self.services.clock.now_ms())
-        row: OpenAdrObject | None = existing[0] if existing else None
         if cmd["type"] == CommandType.restore.value:
             if row is None:
                 return
@@ -307,9 +302,9 @@ class VenCommands:
         """The tenant's program of the service's dispatch events in ``region`` (made once)."""
         name = PROGRAM_PREFIX + region
         database = self.services.db
-        for p in await db.list_objects(database, tenant_id, PROGRAM, parent_id=""):
-            if p.unique_name == name:
-                return p
+        found = await db.find_named(database, tenant_id, PROGRAM, "", name)
+        if found is not None:
+            return found
         now = int(self.services.clock.now_ms())
         body = {
             "programName": name,
@@ -324,10 +319,10 @@ class VenCommands:
         try:
             await db.insert_object(database, row)
         except Conflict:  # made meanwhile
-            for p in await db.list_objects(database, tenant_id, PROGRAM, parent_id=""):
-                if p.unique_name == name:
-                    return p
-            raise NotFound("programID", f"no program {name!r}") from None
+            found = await db.find_named(database, tenant_id, PROGRAM, "", name)
+            if found is None:
+                raise NotFound("programID", f"no program {name!r}") from None
+            return found
         self._emit(row, "CREATE")
         return row
 

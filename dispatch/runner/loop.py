@@ -1239,9 +1239,12 @@ class EventRunner:
                 n += rows.size
             again: list[tuple[str, bytes, int, bool]] = []
             lapsed: list[int] = []
+            over_openadr = set((await self.openadr.device_ids()).tolist())
             for cid, (ev_id, row, body, until) in list(self.restore_unacked.items()):
                 if ev_id != run.id or t.restore_id[row] != cid:
                     continue
+                if t.device_id[row] in over_openadr:
+                    continue  # its restore is an OpenADR event, not the broker's
                 if body is not None and until > now:
                     again.append((self.services.topic(t.device_id[row], "cmd"), body, 1, False))
                 else:

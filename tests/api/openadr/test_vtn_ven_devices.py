@@ -149,8 +149,11 @@ async def test_ven_resources_are_devices_commanded_by_events(
             bl_event = r.json()["id"]
             (grid,) = await es.grid_events_of_source(svc, es.SOURCE_OPENADR, bl_event)
 
-            # More bad input: an unknown event, a resource of another VEN, malformed intervals.
+            # More bad input: an unknown program or event, a resource of another VEN,
+            # malformed intervals.
             before = await counts(svc)
+            r = await call(bl.create_event, event_body("pro-nope", to_rfc3339(start), [20.0]))
+            assert r.status_code == 400 and "programID" in r.json()["detail"]
             t = now() - 300_000
             report = usage_report(bl_event, pid, {"home-1": (-1.0, 80.0)}, t)
             r = await call(ven_a.create_report, {**report, "eventID": "eve-nope"})
