@@ -203,6 +203,15 @@ async def test_ven_resources_are_devices_commanded_by_events(
 
             assert await wait_for(in_history, 10)
 
+            async def in_fleet_view() -> bool:  # GET /v1/fleet: the region's batteries
+                rows = (await api.get("/v1/fleet", headers=v1)).json()["regions"]
+                row = next(r for r in rows if (r["region"], r["kind"]) == (REGION, "battery"))
+                return bool(
+                    row["registered"] == 2 and row["fresh"] >= 1 and row["available_mw"] > 0
+                )
+
+            assert await wait_for(in_fleet_view, 10)
+
             # The core dispatches the grid event onto A's devices: OpenADR events target them.
             async def dispatched() -> list[dict[str, Any]]:
                 evs = (await call(ven_a.get_events)).json()
