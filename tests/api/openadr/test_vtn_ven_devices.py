@@ -268,6 +268,23 @@ async def test_ven_resources_are_devices_commanded_by_events(
                 return e["intervalPeriod"]["duration"] != ev["intervalPeriod"]["duration"]
 
             assert await wait_for(cut, 10)
+
+            # Updating a resource updates its device; its KIND stays; deleting offboards it.
+            r = await call(
+                ven_a.update_resource, group["id"], battery("group-1", va["id"], 60, 135)
+            )
+            assert r.status_code == 200, r.text
+            g = (await api.get(f"/v1/devices/{group['id']}", headers=v1)).json()
+            assert g["max_discharge_w"] == 60_000 and g["capacity_wh"] == 135_000
+            solar = {**battery("group-1", va["id"], 60, 135)}
+            solar["attributes"] = [{"type": "KIND", "values": ["solar"]}, *solar["attributes"][1:]]
+            r = await call(ven_a.update_resource, group["id"], solar)
+            assert r.status_code == 400 and "KIND" in r.json()["detail"]
+            got = (await call(ven_a.get_resource_by_id, group["id"])).json()
+            assert got["attributes"][0]["values"] == ["battery"]
+            assert (await call(ven_b.delete_resource, b1["id"])).status_code == 200
+            r = await api.get(f"/v1/devices/{b1['id']}", headers=v1)
+            assert r.status_code == 404
             assert vtn.check.checked >= 20
     finally:
         await runner.stop()
