@@ -18,8 +18,8 @@
 - **Reports become telemetry** (:meth:`VenDevices.report`): each interval of a device's resource
   carrying ``USAGE`` is a telemetry reading (``vpp.openadr.report_readings``), checked as the
   MQTT path checks one and handed to this process's ingest worker as if it came on the device's
-  telemetry topic; a report on an event the service made for a device acknowledges its command
-  as ``started``."""
+  telemetry topic. The VEN reading an event the service made for a device acknowledges its
+  command as ``received``, a report on it as ``started`` (through ingest, as MQTT acks)."""
 
 from __future__ import annotations
 
@@ -195,24 +195,42 @@ class VenDevices:
             return
         for device_id, payload in readings:
             ingest.offer(device_id, "telemetry", payload)
-        if event is None or not event.unique_name or "/" not in event.unique_name:
+        if event is not None:
+            await self._ack([event], "started")
+
+    async def received(self, events: Sequence[OpenAdrObject]) -> None:
+        """The VEN has read these events: the commands they carry are ``received``."""
+        await self._ack(events, "received")
+
+    async def _ack(self, events: Sequence[OpenAdrObject], status: str) -> None:
+        """Acknowledge the command each of these events carries (the service's dispatch
+        events: unique name ``<event id>/<device id>``) through ingest, as a device's MQTT ack
+        would be; the runner's ack handling moves only forward, so a repeat changes nothing."""
+        ingest = self.ingest
+        pairs = [
+            tuple(e.unique_name.rsplit("/", 1))
+            for e in events
+            if e.object_type == EVENT and e.ven_id is not None and e.unique_name
+            and "/" in e.unique_name
+        ]  # fmt: skip
+        if ingest is None or not pairs:
             return
-        event_id, _, device_id = event.unique_name.rpartition("/")
-        async with self.services.db.session() as s:
-            cid = await s.scalar(
-                select(Command.id)
-                .where(
-                    Command.event_id == event_id,
-                    Command.device_id == device_id,
-                    Command.type != CommandType.restore.value,
+        now = int(self.services.clock.now_ms())
+        for event_id, device_id in pairs:
+            async with self.services.db.session() as s:
+                cid = await s.scalar(
+                    select(Command.id)
+                    .where(
+                        Command.event_id == event_id,
+                        Command.device_id == device_id,
+                        Command.type != CommandType.restore.value,
+                    )
+                    .order_by(Command.created_ms.desc())
+                    .limit(1)
                 )
-                .order_by(Command.created_ms.desc())
-                .limit(1)
-            )
-        if cid is not None:
-            now = int(self.services.clock.now_ms())
-            ack = {"command_id": cid, "status": "started", "ts": now}
-            ingest.offer(device_id, "ack", orjson.dumps(ack))
+            if cid is not None:
+                ack = {"command_id": cid, "status": status, "ts": now}
+                ingest.offer(device_id, "ack", orjson.dumps(ack))
 
 
 class VenCommands:

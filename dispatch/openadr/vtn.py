@@ -82,26 +82,32 @@ class Vtn:
         return row
 
     async def get(self, caller: Caller, kind: str, oid: str) -> dict[str, Any]:
-        return self.doc(await self._visible(caller, kind, oid))
+        row = await self._visible(caller, kind, oid)
+        if kind == EVENT and not caller.is_bl:
+            await self.devices.received([row])
+        return self.doc(row)
 
     async def search(
         self, caller: Caller, kind: str, filters: Mapping[str, Any], skip: int, limit: int
     ) -> list[dict[str, Any]]:
         rows = await db.list_objects(self.db, caller.tenant_id, kind)
         mine = await self.mine(caller)
-        out = []
         report_programs: dict[str, str | None] = {}
         if kind == REPORT and filters.get("programID"):
             for ev in await db.list_objects(self.db, caller.tenant_id, EVENT):
                 report_programs[ev.id] = ev.parent_id
         now = self.now_ms()
+        found = []
         for row in rows:
             if not self.sees(caller, mine, row):
                 continue
             if not _matches(row, filters, report_programs, now):
                 continue
-            out.append(self.doc(row))
-        return out[skip : skip + limit]
+            found.append(row)
+        page = found[skip : skip + limit]
+        if kind == EVENT and not caller.is_bl:
+            await self.devices.received(page)
+        return [self.doc(row) for row in page]
 
     # --- writes ---------------------------------------------------------------------------
     async def create(self, caller: Caller, kind: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,10 @@ def usage_report(event_id: str, program_id: str, readings: dict[str, tuple[float
     }  # fmt: skip
 
 
+async def _is(value: Any, want: str) -> bool:
+    return bool(await value == want)
+
+
 async def counts(svc: Any) -> tuple[int, int]:
     async with svc.db.session() as s:
         objects = await s.scalar(select(func.count()).select_from(OpenAdrObject))
@@ -242,23 +246,25 @@ async def test_ven_resources_are_devices_commanded_by_events(
                 assert r.status_code == 404
             assert {e["id"] for e in (await call(ven_b.get_events)).json()} == {bl_event}
 
-            # A report on its event acknowledges the device's command.
+            # Reading its event acknowledges the device's command as received, a report on
+            # it as started.
             ev = mine[0]
             device = next(k for k, v in names.items() if v == ev["targets"][1])
-            body = usage_report(ev["id"], ev["programID"], {ev["targets"][1]: (-3.0, 88.0)},
-                                now() - 60_000)  # fmt: skip
-            assert (await call(ven_a.create_report, body)).status_code == 201
 
-            async def acked() -> bool:
+            async def status() -> str | None:
                 async with svc.db.session() as s:
-                    st = await s.scalar(
+                    return await s.scalar(
                         select(Command.status).where(
                             Command.event_id == grid.info.id, Command.device_id == device
                         )
                     )
-                return st == "started"
 
-            assert await wait_for(acked, 10)
+            assert await wait_for(lambda: _is(status(), "received"), 10)
+            body = usage_report(ev["id"], ev["programID"], {ev["targets"][1]: (-3.0, 88.0)},
+                                now() - 60_000)  # fmt: skip
+            assert (await call(ven_a.create_report, body)).status_code == 201
+
+            assert await wait_for(lambda: _is(status(), "started"), 10)
 
             # Aborting the grid event restores the devices: their events end now.
             await es.abort_grid_event(svc, grid.info.id)
