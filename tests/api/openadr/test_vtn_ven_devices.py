@@ -23,7 +23,7 @@ from store.models import Command, Device, OpenAdrObject, TelemetryInterval
 from store.openadr import create_client
 from tests.helpers.eventkit import summer_clock, wait_for
 from tests.helpers.openadr import event_body, live_vtn
-from tests.helpers.settings import make_settings
+from tests.helpers.settings import settings_for
 from vpp.timefmt import parse_rfc3339, to_rfc3339
 
 SCALE = 60.0
@@ -79,9 +79,10 @@ async def counts(svc: Any) -> tuple[int, int]:
 
 
 async def test_ven_resources_are_devices_commanded_by_events(
-    sqlite_url: str, services_factory: Any
+    db_url: str, services_factory: Any
 ) -> None:
-    settings = make_settings(sqlite_url, time_scale=SCALE, openadr_token_ttl_s=30 * 86_400)
+    """On SQLite, then on PostgreSQL with Redis."""
+    settings = settings_for(db_url, time_scale=SCALE, openadr_token_ttl_s=30 * 86_400)
     svc = await services_factory(settings, clock=summer_clock(SCALE))
     ingest = IngestWorker(svc)
     await ingest.start()
