@@ -29,6 +29,7 @@ from api.routers import (
     forecast,
     grid_events,
     health,
+    regions,
     settlement,
 )
 from dispatch.services import Services
@@ -41,6 +42,7 @@ ROUTERS = [
     health.router,
     devices.router,
     fleet.router,
+    regions.router,
     forecast.router,
     capacity_requests.router,
     grid_events.router,

@@ -82,6 +82,7 @@ async def run(db_url: str, n: int, label: str) -> None:
     from dispatch.services import Services
     from store.keys import create_api_key
     from store.migrate import upgrade
+    from vpp.regions import RegionBook
     from vpp.settings import Settings
 
     await asyncio.to_thread(upgrade, db_url)
@@ -98,7 +99,7 @@ async def run(db_url: str, n: int, label: str) -> None:
 
     data = rows(n, "j")
     t0 = time.perf_counter()
-    specs = onboarding.validate_rows(data, settings.regions)
+    specs = onboarding.validate_rows(data, RegionBook(sold=settings.regions))
     t_validate = time.perf_counter() - t0
     del specs
 

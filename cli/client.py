@@ -469,6 +469,14 @@ def _show_request(req: dict[str, Any]) -> None:
                 _pct(r.get("performance")),
             )
         out.print(table)
+    d = req.get("delivery")
+    if isinstance(d, dict) and d.get("delivered_mw") is not None:
+        # The service's own summary (the dashboard and the CSV show the same figures).
+        out.print(
+            f"delivered {_mw(d.get('delivered_mw'))} MW on average against "
+            f"{_mw(d.get('committed_mw'))} MW committed, performance {_pct(d.get('performance'))}, "
+            f"over {d.get('intervals')} of {d.get('expected_intervals')} settlement intervals"
+        )
 
 
 @requests_app.command("quote")

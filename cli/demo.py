@@ -41,6 +41,7 @@ log = logging.getLogger("cli.demo")
 DEMO_REGIONS = ("ERCOT-NORTH", "ERCOT-HOUSTON")
 MS_PER_MIN = 60_000
 STEP_MS = 15 * MS_PER_MIN  # the market books on a 15-minute grid
+GAP_GOAL_PCT = 3.0  # measured against the simulator's truth, % of committed
 
 
 @dataclass
@@ -59,6 +60,7 @@ class DemoOptions:
     workdir: Path | None = None
     seed: int = 7
     log_to_file: bool = True
+    settle_wait_s: float = 45.0  # wall seconds to wait for the final settlement
 
 
 @dataclass
@@ -68,9 +70,14 @@ class DemoResult:
     asked_mw: float = 0.0
     quoted_mw: float = 0.0
     committed_mw: float = 0.0
-    delivered_mw: float | None = None
+    delivered_mw: float | None = None  # the API's delivery summary (the dashboard's figure)
     performance: float | None = None
-    truth_mw: float | None = None
+    intervals: int = 0  # settlement intervals both figures are over
+    expected_intervals: int = 0  # settlement intervals of the window
+    settled: bool = False  # False: the figures are provisional (the final settlement not in)
+    truth_mw: float | None = None  # the simulator's, same intervals, same devices
+    truth_performance: float | None = None
+    gap_pct: float | None = None  # |measured − truth| as % of committed
     status: str | None = None
     commanded: int | None = None
     acknowledged: int | None = None
@@ -215,7 +222,8 @@ class Demo:
             time_scale=opts.time_scale,
             time_origin=origin,
             broker_credentials="none",
-            regions=sorted({*Settings().regions, *opts.regions}),
+            # VPP_REGIONS narrowing the sold regions still lets the demo's own regions in.
+            regions=sorted({*narrowed, *opts.regions}) if (narrowed := Settings().regions) else [],
         )
         self.clock = Clock(opts.time_scale, origin)
         import vpp.clock
@@ -553,7 +561,7 @@ class Demo:
         from rich.progress import Progress, SpinnerColumn
 
         self.stage(5, "Measurement and settlement")
-        deadline = time.monotonic() + 45
+        deadline = time.monotonic() + self.opts.settle_wait_s
         req: dict[str, Any] = {}
         with Progress(
             SpinnerColumn(),
@@ -562,26 +570,32 @@ class Demo:
             transient=True,
         ) as progress:
             progress.add_task("   waiting for the request to complete and settle", total=None)
-            while time.monotonic() < deadline:
+            while True:
                 req = await self.api("GET", f"/v1/capacity-requests/{rid}", "buyer")
                 # Settled: every interval's final figures (a completed request's intervals
                 # before that are the provisional ones measured so far).
                 if req.get("status") == RequestStatus.completed and req.get("settled"):
                     break
+                if time.monotonic() >= deadline:
+                    break
                 await asyncio.sleep(1.0)
         self.result.status = req.get("status")
         intervals = [i for i in req.get("intervals", []) if isinstance(i, dict)]
-        if intervals:
-            self.result.delivered_mw = sum(float(i["delivered_mw"]) for i in intervals) / len(
-                intervals
-            )
+        delivery = req.get("delivery") or {}
+        # The service's figures as its API gives them (the dashboard shows the same), and the
+        # simulator's truth over the same intervals and the event's own devices, put through
+        # the same function.
+        if delivery.get("delivered_mw") is not None:
+            self.result.delivered_mw = float(delivery["delivered_mw"])
         if req.get("performance") is not None:
             self.result.performance = float(req["performance"])
-        with contextlib.suppress(Exception):
-            truth = self.sim.ground_truth()
-            series = truth.delivered_mw.get(rid) or {}
-            if series:
-                self.result.truth_mw = sum(series.values()) / len(series)
+        self.result.intervals = len(intervals)
+        self.result.settled = bool(req.get("settled"))
+        self.result.expected_intervals = int(delivery.get("expected_intervals") or 0)
+        try:
+            self._truth(rid, req, intervals)
+        except Exception:  # the report goes on without the truth
+            log.exception("ground truth of %s", rid)
         self.say(
             f"{rid}: [bold]{self.result.status}[/], {len(intervals)} settlement intervals"
             + (
@@ -589,7 +603,39 @@ class Demo:
                 if self.result.performance is not None
                 else ""
             )
+            + (
+                ""
+                if self.result.settled
+                else " [yellow](not settled yet: figures over the intervals measured so far)[/]"
+            )
         )
+
+    def _truth(self, rid: str, req: dict[str, Any], intervals: list[dict[str, Any]]) -> None:
+        """The simulator's ground truth over the settlement intervals the API counted, summed
+        over the event's devices only, summarised by the service's own function."""
+        from dispatch.settlement import delivery_summary
+
+        if not intervals or self.sim is None:
+            return
+        starts = [parse_rfc3339(i["start"], "start") for i in intervals]
+        ends = [parse_rfc3339(i["end"], "end") for i in intervals]
+        committed = [float(i["target_mw"]) for i in intervals]
+        true_mw = self.sim.ground_truth().on_intervals(rid, starts, ends)
+        assert self.settings is not None
+        window = dict(
+            window_start_ms=parse_rfc3339(req["start"], "start"),
+            window_end_ms=parse_rfc3339(req["end"], "end"),
+            interval_s=int(self.settings.settlement_interval_min * 60),
+        )
+        truth = delivery_summary(
+            starts_ms=starts, ends_ms=ends, committed_mw=committed, delivered_mw=true_mw, **window
+        )
+        self.result.truth_mw = truth.delivered_mw
+        self.result.truth_performance = truth.performance
+        committed_avg = float((req.get("delivery") or {}).get("committed_mw") or 0.0)
+        measured = self.result.delivered_mw
+        if measured is not None and truth.delivered_mw is not None and committed_avg > 0:
+            self.result.gap_pct = 100.0 * abs(measured - truth.delivered_mw) / committed_avg
 
     def report(self) -> None:
         from rich.panel import Panel
@@ -610,12 +656,19 @@ class Demo:
         table.add_row("Asked", mw(r.asked_mw))
         table.add_row("Quoted (P90)", mw(r.quoted_mw))
         table.add_row("Committed", mw(r.committed_mw))
-        table.add_row("Delivered (measured, average)", mw(r.delivered_mw))
+
+        def pct(v: float | None) -> str:
+            return "–" if v is None else f"{v * 100:.1f} %"
+
+        over = f" over {r.intervals} intervals" if r.intervals else ""
+        if r.intervals and not r.settled:
+            over += f" of {r.expected_intervals}, provisional"
+        table.add_row(f"Delivered (measured, average{over})", mw(r.delivered_mw))
         if r.truth_mw is not None:
-            table.add_row("Delivered (simulator's ground truth)", mw(r.truth_mw))
-        table.add_row(
-            "Performance", "–" if r.performance is None else f"{r.performance * 100:.1f} %"
-        )
+            table.add_row("Delivered (simulator's ground truth, same)", mw(r.truth_mw))
+        table.add_row("Performance (measured)", pct(r.performance))
+        if r.truth_performance is not None:
+            table.add_row("Performance (ground truth)", pct(r.truth_performance))
         table.add_row("Devices in the fleet", n(r.devices))
         table.add_row("Devices commanded", n(r.commanded))
         table.add_row("Acknowledged", n(r.acknowledged))
@@ -625,6 +678,15 @@ class Demo:
         table.add_row("Wall time", f"{r.wall_s:.0f} s")
         self.console.print()
         self.console.print(Panel(table, title="[bold]Demo report", expand=False))
+        if r.gap_pct is not None:
+            met = r.gap_pct <= GAP_GOAL_PCT
+            self.console.print(
+                f"   gap between measured and ground truth: [bold]{r.gap_pct:.1f} %[/] of "
+                f"committed (goal ≤ {GAP_GOAL_PCT:g} %"
+                + ("" if met else ", [red]missed[/]")
+                + f"; the same {r.intervals} settlement intervals, the event's own devices)",
+                highlight=False,
+            )
         if r.missing:
             self.console.print(
                 "   [yellow]not available in this build:[/] " + ", ".join(sorted(set(r.missing)))

@@ -4,6 +4,7 @@ stays instant."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from typing import Any
@@ -85,14 +86,24 @@ def serve(
 
 
 @app.command()
-def ingest() -> None:
+def ingest(
+    metrics_port: int = typer.Option(
+        0, help="serve Prometheus /metrics on this port (0: none), for deploy/'s scrape config"
+    ),
+) -> None:
     """One ingest worker alone; run several to scale out (MQTT 5 shared subscription).
 
-    Example: VPP_MQTT_URL=mqtt://vpp-service:secret@broker:1883 vpp ingest
+    Example: VPP_MQTT_URL=mqtt://vpp-service:secret@broker:1883 vpp ingest --metrics-port 9100
     """
     from devices.ingest import run_standalone
 
     _logging()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        import vpp.metrics  # noqa: F401  (registers the metrics the worker counts)
+
+        start_http_server(metrics_port)
     asyncio.run(run_standalone(get_settings()))
 
 
@@ -362,6 +373,37 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 # `vpp --help` stays instant). A module that fails to import fails `vpp`, loudly.
 for _module in (simulate, demo, client):
     _module.register(app)
+
+
+def _unwrapped(doc: str) -> str:
+    """A docstring with each paragraph on one line: the terminal (rich) wraps it to its own
+    width, where the source's line breaks would cut sentences in two. A paragraph of list items
+    or indented lines keeps its breaks."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    out = []
+    for para in paragraphs:
+        lines = para.splitlines()
+        if any(line.startswith(("-", "*", " ")) for line in lines):
+            out.append(para)
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """Every command's docstring unwrapped (typer reads ``__doc__`` when it builds the click
+    commands, at ``app()`` time), through the subcommand groups."""
+    for info in typer_app.registered_commands:
+        if info.callback is not None and info.callback.__doc__:
+            info.callback.__doc__ = _unwrapped(info.callback.__doc__)
+        if info.help:
+            info.help = _unwrapped(info.help)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrap_help(group.typer_instance)
+
+
+_unwrap_help(app)
 
 
 def main() -> None:

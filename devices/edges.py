@@ -8,6 +8,8 @@ onboarding and everything above, so each part talks to the same edges.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
@@ -24,9 +26,16 @@ from devices.mqtt import (
 )
 from store.database import Database
 from store.fleet_cache import FleetCache
+from store.regions import list_regions
 from store.state import StateStore, make_state_store
 from vpp.clock import Clock, get_clock
+from vpp.regions import RegionBook
 from vpp.settings import Settings
+
+log = logging.getLogger(__name__)
+# How long a process trusts its copy of the region registry before reading it again (wall s):
+# another replica's POST or PATCH /v1/regions shows here within this.
+REGIONS_REFRESH_S = 30.0
 
 
 @dataclass(eq=False)
@@ -38,12 +47,39 @@ class Edges:
     credentials: CredentialManager
     broker: InProcessBroker | None  # the in-process broker when VPP_MQTT_URL is memory://
     fleet: FleetCache = field(init=False)
+    # The region registry as this process knows it (the seed until the database is read).
+    regions: RegionBook = field(init=False)
+    _regions_read_at: float = field(default=float("-inf"), init=False)
     # Called when a grid event or request changes outside the event runner (abort, cancel), so
     # a runner in this process acts at once instead of on its next tick.
     on_event_change: list[Callable[[], None]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.fleet = FleetCache(self.db, self.state, self.settings, self.clock)
+        self.regions = RegionBook(sold=self.settings.regions)
+
+    async def current_regions(self, *, missing: str | None = None) -> RegionBook:
+        """The region registry, read again from the database when this copy is older than
+        ``REGIONS_REFRESH_S`` or does not hold ``missing`` (a name just asked for, perhaps added
+        through another replica). A database that does not answer leaves the copy as it was."""
+        stale = time.monotonic() - self._regions_read_at > REGIONS_REFRESH_S
+        if stale or (missing is not None and missing not in self.regions):
+            try:
+                rows = await list_regions(self.db)
+            except Exception as exc:
+                log.warning("region registry not read (%s); keeping the copy in memory", exc)
+            else:
+                first = self._regions_read_at == float("-inf")
+                if rows:
+                    self.regions.replace_all(rows)
+                self._regions_read_at = time.monotonic()
+                if first and self.regions.unregistered():
+                    log.warning(
+                        "VPP_REGIONS names %s, not in the region registry: sold, with the "
+                        "weather and time of the centre of the US (POST /v1/regions adds them)",
+                        ", ".join(self.regions.unregistered()),
+                    )
+        return self.regions
 
     @classmethod
     async def create(cls, settings: Settings, clock: Clock | None = None) -> Self:

@@ -53,6 +53,7 @@ from vpp.errors import (
     NotFound,
     Unavailable,
 )
+from vpp.regions import RegionBook
 
 MAX_BULK_DEVICES = 100_000
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
@@ -349,16 +350,23 @@ def pydantic_field_errors(
     return out
 
 
-def region_errors(rows: Sequence[Any], regions: Sequence[str], indexed: bool) -> list[FieldError]:
-    allowed = set(regions)
+def region_errors(rows: Sequence[Any], regions: RegionBook, indexed: bool) -> list[FieldError]:
+    """Rows whose region is not sold here: not in the registry, or outside ``VPP_REGIONS``."""
+    sold = set(regions.sold())
     out = []
     for i, row in enumerate(rows):
         region = row.get("region") if isinstance(row, Mapping) else getattr(row, "region", None)
-        if isinstance(region, str) and region.strip() and region.strip() not in allowed:
+        if isinstance(region, str) and region.strip() and region.strip() not in sold:
+            name = region.strip()
+            why = (
+                "a load zone of the registry, but not sold here (VPP_REGIONS)"
+                if name in regions
+                else "not a region of this service"
+            )
             out.append(
                 FieldError(
                     "region",
-                    f"{region!r} is not a region of this service (one of {', '.join(regions)})",
+                    f"{region!r} is {why} ({regions.describe_sold()})",
                     i if indexed else None,
                 )
             )
@@ -366,7 +374,7 @@ def region_errors(rows: Sequence[Any], regions: Sequence[str], indexed: bool) ->
 
 
 def validate_rows(
-    rows: Sequence[Any], regions: Sequence[str]
+    rows: Sequence[Any], regions: RegionBook
 ) -> list[BatterySpec | SolarSpec | ThermostatSpec]:
     """Validate raw rows (dicts from JSON or CSV); raises :class:`InvalidDevice` listing every
     bad row by index and field. Ids repeated within the rows are errors too."""
@@ -409,7 +417,7 @@ def _duplicate_errors(ids: Sequence[str | None]) -> list[FieldError]:
 
 
 def check_single(
-    spec: BatterySpec | SolarSpec | ThermostatSpec, regions: Sequence[str]
+    spec: BatterySpec | SolarSpec | ThermostatSpec, regions: RegionBook
 ) -> BatterySpec | SolarSpec | ThermostatSpec:
     """Checks the HTTP layer's model validation cannot make (the service's regions)."""
     errors = region_errors([spec], regions, indexed=False)

@@ -62,6 +62,7 @@ class EventRecord:
 
 SOURCE_API = "api"
 SOURCE_OPENADR = "openadr"
+SOURCE_OPENADR_UPSTREAM = "openadr-upstream"  # an upstream VTN's event, dispatch/openadr/upstream
 
 
 def from_request(r: CapacityRequest) -> EventInfo:
@@ -134,10 +135,9 @@ def _grid_row(
 ) -> GridEvent:
     """The row of a new grid event, or InvalidInput naming the bad field."""
     region, mw, start_ms, end_ms = spec.region, spec.mw, spec.start_ms, spec.end_ms
-    if region not in services.settings.regions:
+    if not services.regions.is_sold(region):
         raise InvalidInput(
-            "region",
-            f"unknown region {region!r} (one of {', '.join(services.settings.regions)})",
+            "region", f"unknown region {region!r} ({services.regions.describe_sold()})"
         )
     if end_ms <= start_ms:
         raise InvalidInput("end", "must be after start")
@@ -235,6 +235,25 @@ async def grid_events_of_source(services: Edges, source: str, source_id: str) ->
             .all()
         )
     return [grid_record(g) for g in rows]
+
+
+async def grid_events_of_sources(
+    services: Edges, source: str, source_id_prefix: str
+) -> list[EventRecord]:
+    """The grid events raised for outside objects whose id starts with the prefix (an upstream
+    VTN's events), oldest first."""
+    async with services.db.session() as s:
+        rows = (
+            await s.execute(
+                select(GridEvent)
+                .where(
+                    GridEvent.source == source,
+                    GridEvent.source_id.startswith(source_id_prefix, autoescape=True),
+                )
+                .order_by(GridEvent.start_ms, GridEvent.created_ms)
+            )
+        ).scalars()
+        return [grid_record(g) for g in rows]
 
 
 async def get_grid_event(services: Edges, event_id: str) -> EventRecord:

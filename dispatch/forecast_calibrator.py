@@ -47,7 +47,7 @@ from dispatch.periodic import Periodic
 from vpp.domain import CommandStatus, CommandType, FreshnessCode
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
-from vpp.weather import weather_for_region
+from vpp.weather import weather_for
 
 log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
@@ -142,7 +142,7 @@ class ForecastCalibrator(Periodic):
             return True
         fs = self.forecast
         snap = await self.services.fleet.snapshot()
-        for region in sorted(fs.known_regions(snap)):
+        for region in sorted(fs.active_regions(snap)):
             await fs.load_tuning(region, force=True)
         return self.leadership is None
 
@@ -154,7 +154,7 @@ class ForecastCalibrator(Periodic):
         snap = await self.services.fleet.snapshot()
         created = await self._created_ms(snap)
         report: dict[str, Any] = {}
-        for region in sorted(fs.known_regions(snap)):
+        for region in sorted(fs.active_regions(snap)):
             try:
                 report[region] = await self.calibrate_region(fs, snap, created, region, now)
             except Exception as exc:  # one region's trouble must not stop the others
@@ -237,7 +237,7 @@ class ForecastCalibrator(Periodic):
 
     def _windows(self, region: str, now_ms: int) -> list[tuple[int, int, int]]:
         """(window start, window end, forecast time) of the past days, oldest first."""
-        tz_ms = int(weather_for_region(region).tz_offset_h * m.HOUR_MS)
+        tz_ms = int(weather_for(self.services.regions.locate(region)).tz_offset_h * m.HOUR_MS)
         midnight = ((now_ms + tz_ms) // m.DAY_MS) * m.DAY_MS - tz_ms
         lo, hi = self.window_local_h
         step_ms = self.step_s * 1000
@@ -264,7 +264,7 @@ class ForecastCalibrator(Periodic):
         from store.models import Command, TelemetryInterval
 
         iv_ms = int(self.services.settings.history_interval_s) * 1000
-        wy = weather_for_region(region)
+        wy = weather_for(self.services.regions.locate(region))
         n = len(sub)
         ids = pd.Index(sub.device_ids)
         event_h = m.event_hours(0, int((self.window_local_h[1] - self.window_local_h[0]) * 3.6e6))
@@ -520,7 +520,7 @@ class ForecastCalibrator(Periodic):
         dev = m.region_devices(snap, np.arange(len(snap)), calib)
         start, step = int(day.starts_ms[0]), self.step_s
         end = int(day.starts_ms[-1]) + step * 1000
-        wy = weather_for_region(region)
+        wy = weather_for(self.services.regions.locate(region))
         dt_ms = step * 1000
         n_w = int((end - day.forecast_ms) // dt_ms) + 2
         times = day.forecast_ms + np.arange(max(n_w, 2), dtype=np.int64) * dt_ms

@@ -28,7 +28,7 @@ from vpp.errors import InvalidInput
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
 from vpp.forecast.model import ForecastResult, QuantileMap, RegionCalibration, ShockParams
-from vpp.weather import weather_for_region
+from vpp.weather import weather_for
 
 log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
@@ -265,7 +265,16 @@ class ForecastService:
         }
 
     def known_regions(self, snap: FleetSnapshot | None = None) -> set[str]:
-        regions = set(self.services.settings.regions)
+        """Regions a forecast may be asked for: those sold and any that holds devices."""
+        regions = set(self.services.regions.sold())
+        if snap is not None:
+            regions |= {r for r in snap.regions if r}
+        return regions
+
+    def active_regions(self, snap: FleetSnapshot | None = None) -> set[str]:
+        """Regions worth calibrating: those ``VPP_REGIONS`` names and any that holds devices
+        (not every load zone of the registry: an empty zone forecasts zero by itself)."""
+        regions = {r for r in self.services.settings.regions if r in self.services.regions}
         if snap is not None:
             regions |= {r for r in snap.regions if r}
         return regions
@@ -361,7 +370,7 @@ class ForecastService:
         dt_s = min(step_s, 900)
         n = int((end_ms - now_ms) // (dt_s * 1000)) + 2
         times = now_ms + np.arange(max(n, 2), dtype=np.int64) * dt_s * 1000
-        wy = weather_for_region(region)
+        wy = weather_for(self.services.regions.locate(region))
         ghi, temp = wy.sample(times)
         return m.WeatherForecast(now_ms, dt_s, ghi, temp, wy.tz_offset_h)
 

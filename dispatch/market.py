@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from devices.edges import Edges
 from dispatch.forecast_service import ForecastService
-from dispatch.settlement import interval_performance, performance
+from dispatch.settlement import DeliverySummary, summarise_lines
 from dispatch.settlement_service import settlement_lines
 from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock, SettlementLine
 from vpp.domain import Direction, RequestStatus
@@ -108,7 +108,10 @@ def validate_input(
 ) -> None:
     """Raise :class:`InvalidInput` naming the first bad field."""
     if not inp.region or inp.region not in known_regions:
-        known = ", ".join(sorted(known_regions)) or "none"
+        names = sorted(known_regions)
+        known = ", ".join(names) or "none"
+        if len(names) > 12:
+            known = f"{len(names)} load zones: GET /v1/regions lists them"
         raise invalid("region", f"unknown region {inp.region!r} (known: {known})")
     if not math.isfinite(inp.mw) or inp.mw <= 0:
         raise invalid("mw", "must be greater than 0")
@@ -227,17 +230,25 @@ def new_request_id() -> str:
 @dataclass(frozen=True)
 class RequestDetail:
     """A request with its latest plan, booked MW per ledger slot and settlement lines;
-    ``line_performance`` is min(delivered, target) ÷ target per line (1.0 where nothing was
-    committed) and ``performance`` the total over the lines (None without lines or without any
-    commitment: the request's stored performance stands)."""
+    ``summary`` is :func:`dispatch.settlement.delivery_summary` of the lines over the window
+    (None without lines): delivered and committed MW, ``performance`` (None without any
+    commitment: the request's stored performance stands) and ``line_performance``, each line's
+    min(delivered, target) ÷ target (1.0 where nothing was committed)."""
 
     request: CapacityRequest
     plan: Plan | None
     booked_starts_ms: I64
     booked_mw: F64
     lines: list[SettlementLine]
-    line_performance: list[float]
-    performance: float | None
+    summary: DeliverySummary | None = None
+
+    @property
+    def line_performance(self) -> list[float]:
+        return [] if self.summary is None else self.summary.interval_performance.tolist()
+
+    @property
+    def performance(self) -> float | None:
+        return None if self.summary is None else self.summary.performance
 
 
 # --- database edge ------------------------------------------------------------------------------
@@ -258,7 +269,9 @@ class Market:
         return int(self.services.clock.now_ms())
 
     async def known_regions(self) -> set[str]:
-        regions = set(self.settings.regions)
+        """Regions a request may name: those sold (the registry, narrowed by ``VPP_REGIONS``)
+        and any that holds devices."""
+        regions = set((await self.services.current_regions()).sold())
         try:
             snap = await self.services.fleet.snapshot()
             regions |= {r for r in snap.regions if r}
@@ -671,19 +684,17 @@ class Market:
         plans = await self.latest_plans([req.id])
         starts, mw = await self.booked_mw(req.id)
         lines = await settlement_lines(self.services, req.id)
-        per: list[float] = []
-        total: float | None = None
-        if lines:
-            target = np.array([ln.target_mw for ln in lines], dtype=float)
-            delivered = np.array([ln.delivered_mw for ln in lines], dtype=float)
-            # An interval with nothing committed shows as met (1.0); no commitment at all
-            # leaves the stored performance.
-            per = interval_performance(
-                delivered_mw=delivered, committed_mw=target, uncommitted=1.0
-            ).tolist()
-            total = (
-                performance(delivered_mw=delivered, committed_mw=target)
-                if (target > 0).any()
-                else None
+        # An interval with nothing committed shows as met (1.0); no commitment at all leaves
+        # the stored performance.
+        summary = (
+            summarise_lines(
+                lines,
+                window_start_ms=req.start_ms,
+                window_end_ms=req.end_ms,
+                interval_s=int(self.settings.settlement_interval_min * 60),
+                uncommitted=1.0,
             )
-        return RequestDetail(req, plans.get(req.id), starts, mw, lines, per, total)
+            if lines
+            else None
+        )
+        return RequestDetail(req, plans.get(req.id), starts, mw, lines, summary)

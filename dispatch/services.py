@@ -29,6 +29,7 @@ from dispatch.housekeeping import HistoryHousekeeper, MarketHousekeeper
 from dispatch.leadership import Leadership
 from dispatch.market import Market
 from dispatch.openadr.reports import DeliveryReporter
+from dispatch.openadr.upstream import UpstreamVens
 from dispatch.openadr.ven_devices import VenCommands
 from dispatch.openadr.vtn import Vtn
 from dispatch.planner import Planner
@@ -57,6 +58,7 @@ class Services(Edges):
     history_keeper: HistoryHousekeeper | None = field(default=None, init=False)
     calibrator: ForecastCalibrator | None = field(default=None, init=False)
     openadr_reporter: DeliveryReporter | None = field(default=None, init=False)
+    openadr_upstream: UpstreamVens | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,7 +69,8 @@ class Services(Edges):
 
     async def start_background(self, *, replica_id: str | None = None) -> None:
         """The leader lease, ingest, the event runner, quote housekeeping, history maintenance,
-        the forecast calibrator and the OpenADR delivery reports, in that order; each is set
+        the forecast calibrator, the OpenADR delivery reports and (if configured) the upstream
+        VTNs' poller, in that order; each is set
         here once it has started. If one fails to start, the ones already running are stopped
         and the failure goes on up.
         ``replica_id``: this process's owner id for the lease (default ``host:pid:random``)."""
@@ -98,6 +101,10 @@ class Services(Edges):
             reporter = DeliveryReporter(self, self.openadr, leadership=leadership)
             await reporter.start()
             self.openadr_reporter = reporter
+            if self.settings.openadr_upstream:  # the service as a VEN of utility VTNs
+                upstream = UpstreamVens(self, leadership=leadership)
+                await upstream.start()
+                self.openadr_upstream = upstream
         except BaseException:
             await self.stop_background()
             raise
@@ -106,6 +113,7 @@ class Services(Edges):
         """Stop the background components in the reverse order of their start (the lease
         last: handed back once the runner has stopped, so a follower takes over at once)."""
         components: tuple[Background | None, ...] = (
+            self.openadr_upstream,
             self.openadr_reporter,
             self.calibrator,
             self.history_keeper,
@@ -123,7 +131,7 @@ class Services(Edges):
                 log.exception("stopping %s", type(component).__name__)
         self.ingest = self.runner = self.housekeeper = self.calibrator = None
         self.openadr.devices.ingest = None
-        self.history_keeper = self.openadr_reporter = None
+        self.history_keeper = self.openadr_reporter = self.openadr_upstream = None
         self.leadership = None
 
     async def close(self) -> None:

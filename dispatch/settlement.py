@@ -21,13 +21,18 @@ Delivered = baseline − actual, on load (a battery's output counts as negative 
 - Performance = Σ min(delivered, committed) ÷ Σ committed, delivered floored at 0
   (:func:`performance`; per interval :func:`interval_performance`).
 
+One figure per question: the delivered MW, committed MW and performance that the report, the API
+(JSON), the CSV export, the dashboard and the demo show for an event all come from
+:func:`delivery_summary`, over the settlement lines of the committed window (its rule is there).
+
 Every figure a line used goes into its ``inputs`` so the line can be recomputed and disputed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -263,6 +268,130 @@ def interval_performance(
     return np.where(some, covered / np.where(some, committed, 1.0), uncommitted)
 
 
+@dataclass(frozen=True)
+class DeliverySummary:
+    """An event's delivery in one figure per question (:func:`delivery_summary`).
+
+    ``delivered_mw`` and ``committed_mw`` are time-averages over the counted intervals (MWh ÷ h:
+    delivered not floored, so a rebound shows); ``performance`` is Σ min(delivered⁺, committed)·h
+    ÷ Σ committed·h (None when nothing was committed); ``intervals`` counted, ``expected`` the
+    settlement intervals of the window (``expected − intervals`` have no line yet: not counted);
+    ``interval_performance`` the same rule for each line alone, in line order (``uncommitted``
+    where the line had no commitment, NaN for a line outside the window)."""
+
+    delivered_mw: float | None
+    committed_mw: float | None
+    performance: float | None
+    intervals: int
+    expected: int
+    hours: float
+    interval_performance: F64
+
+    @property
+    def missing(self) -> int:
+        return max(self.expected - self.intervals, 0)
+
+    @property
+    def complete(self) -> bool:
+        return self.intervals > 0 and self.missing == 0
+
+
+def delivery_summary(
+    *,
+    starts_ms: npt.ArrayLike,
+    ends_ms: npt.ArrayLike,
+    committed_mw: npt.ArrayLike,
+    delivered_mw: npt.ArrayLike,
+    window_start_ms: int,
+    window_end_ms: int,
+    interval_s: int,
+    uncommitted: float = 0.0,
+) -> DeliverySummary:
+    """Delivered MW, committed MW and performance of one event from its settlement lines: the
+    one function behind every screen (report, API JSON, CSV, dashboard, demo, OpenADR reports).
+
+    The rule: a line counts for its overlap with the committed window [start, end), weighted by
+    that duration. Settlement intervals are ``interval_s`` long from the window's start, so a
+    window that is not a whole number of them ends in a partial interval, which counts for its
+    own length (2 minutes of a 5-minute interval weigh 2/5 of a full one), never as a whole one;
+    a line outside the window counts nothing. A window interval with no line (a provisional
+    settlement while the event runs, or one the history never reached) is not counted: the
+    figures are over the ``intervals`` measured, and ``missing`` says how many are not in yet
+    (a final settlement has a line for every interval, 0 delivered where no reading came).
+    A delivered NaN is 0 (nothing proven)."""
+    starts = np.asarray(starts_ms, dtype=np.int64).reshape(-1)
+    ends = np.asarray(ends_ms, dtype=np.int64).reshape(-1)
+    committed = np.asarray(committed_mw, dtype=float).reshape(-1)
+    delivered = np.nan_to_num(np.asarray(delivered_mw, dtype=float).reshape(-1), nan=0.0)
+    if not (starts.shape == ends.shape == committed.shape == delivered.shape):
+        raise ValueError(
+            "delivered_mw: starts, ends, committed and delivered must have one value a line"
+        )
+    if interval_s <= 0:
+        raise ValueError(f"interval_s: must be > 0, got {interval_s}")
+    step = interval_s * 1000
+    span = max(int(window_end_ms) - int(window_start_ms), 0)
+    expected = int(-(-span // step))
+    overlap = np.clip(
+        np.minimum(ends, window_end_ms) - np.maximum(starts, window_start_ms), 0, None
+    ).astype(float)
+    counted = overlap > 0
+    h = overlap / 3_600_000.0
+    per_line = np.where(
+        counted,
+        interval_performance(
+            delivered_mw=delivered, committed_mw=committed, uncommitted=uncommitted
+        ),
+        np.nan,
+    )
+    # One line per interval: an interval measured twice (should not happen) counts once.
+    k = (np.maximum(starts, window_start_ms) - window_start_ms) // step
+    n = int(np.unique(k[counted]).size)
+    hours = float(h.sum())
+    if hours <= 0:
+        return DeliverySummary(None, None, None, 0, expected, 0.0, per_line)
+    d_pos, c_pos = _floored(delivered, committed)
+    c_h = float((c_pos * h).sum())
+    perf = float((np.minimum(d_pos, c_pos) * h).sum() / c_h) if c_h > 0 else None
+    return DeliverySummary(
+        delivered_mw=float((delivered * h).sum() / hours),
+        committed_mw=float((committed * h).sum() / hours),
+        performance=perf,
+        intervals=n,
+        expected=expected,
+        hours=hours,
+        interval_performance=per_line,
+    )
+
+
+class _LineLike(Protocol):
+    interval_start_ms: int
+    interval_end_ms: int
+    target_mw: float
+    delivered_mw: float
+
+
+def summarise_lines(
+    lines: Sequence[_LineLike],
+    *,
+    window_start_ms: int,
+    window_end_ms: int,
+    interval_s: int,
+    uncommitted: float = 0.0,
+) -> DeliverySummary:
+    """:func:`delivery_summary` of settlement lines (computed :class:`Line` or stored rows)."""
+    return delivery_summary(
+        starts_ms=[ln.interval_start_ms for ln in lines],
+        ends_ms=[ln.interval_end_ms for ln in lines],
+        committed_mw=[ln.target_mw for ln in lines],
+        delivered_mw=[ln.delivered_mw for ln in lines],
+        window_start_ms=window_start_ms,
+        window_end_ms=window_end_ms,
+        interval_s=interval_s,
+        uncommitted=uncommitted,
+    )
+
+
 def _r(x: float, nd: int = 6) -> float:
     return round(float(x), nd)
 
@@ -493,9 +622,15 @@ def settle(inp: SettlementInputs) -> Settlement:
                 },
             )
         )
+    summary = summarise_lines(
+        lines,
+        window_start_ms=inp.grid.start_ms,
+        window_end_ms=inp.grid.end_ms,
+        interval_s=inp.grid.interval_s,
+    )
     return Settlement(
         lines=lines,
-        performance=performance(delivered_mw=delivered_mw, committed_mw=target),
+        performance=summary.performance or 0.0,
         delivered_mw=delivered_mw,
         target_mw=target,
         methods=methods,

@@ -4,7 +4,8 @@ kept), and read back what the API shows (``api/presenters/settlement.py`` shapes
 
 ``event_settlement(services, event_id)`` is what GET /v1/grid-events/{id} adds to its answer:
 target, delivered and performance per interval, and device counts; ``export_lines`` feeds the CSV
-export and ``timeline_rows`` the events timeline.
+export and ``timeline_rows`` the events timeline. Every delivered MW and performance an event
+shows comes from :func:`summarise` (:func:`dispatch.settlement.delivery_summary` over its window).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ from devices.edges import Edges
 from dispatch import events as es
 from dispatch.settlement import (
     MIN_CONTROL_DEVICES,
+    DeliverySummary,
     Line,
     Settlement,
     SettlementGrid,
     SettlementInputs,
     TenInTen,
     active_mask,
-    interval_performance,
-    performance,
     resample,
     settle,
+    summarise_lines,
 )
 from store.history import HistoryColumns, read_history
 from store.models import (
@@ -321,6 +322,9 @@ async def settle_event(
         }
         for ln in st.lines
     ]
+    # The request's stored performance: the one summary over the figures just stored, so the
+    # list, the request's own answer and the CSV read the same number.
+    stored = summarise(services, ev, st.lines)
     async with services.db.session() as s, s.begin():
         await s.execute(delete(SettlementLine).where(SettlementLine.event_id == event_id))
         if rows:
@@ -329,7 +333,7 @@ async def settle_event(
             await s.execute(
                 update(CapacityRequest)
                 .where(CapacityRequest.id == event_id)
-                .values(performance=round(st.performance, 6))
+                .values(performance=round(stored.performance or 0.0, 6))
             )
     return st
 
@@ -381,11 +385,11 @@ class IntervalResult:
     method: str
 
 
-def _intervals(lines: Sequence[SettlementLine | Line]) -> list[IntervalResult]:
-    """Stored or provisional lines with each interval's performance."""
-    per = interval_performance(
-        delivered_mw=[ln.delivered_mw for ln in lines], committed_mw=[ln.target_mw for ln in lines]
-    )
+def _intervals(
+    lines: Sequence[SettlementLine | Line], summary: DeliverySummary
+) -> list[IntervalResult]:
+    """The lines the summary counted, each with its performance (the summary's rule alone)."""
+    per = summary.interval_performance.tolist()
     return [
         IntervalResult(
             ln.interval_start_ms,
@@ -397,20 +401,43 @@ def _intervals(lines: Sequence[SettlementLine | Line]) -> list[IntervalResult]:
             float(p),
             ln.method,
         )
-        for ln, p in zip(lines, per.tolist(), strict=True)
+        for ln, p in zip(lines, per, strict=True)
+        if p == p  # NaN: a line outside the window, not counted
     ]
+
+
+def summarise(
+    services: Edges,
+    ev: es.EventInfo,
+    lines: Sequence[SettlementLine | Line],
+    uncommitted: float = 0.0,
+) -> DeliverySummary:
+    """:func:`dispatch.settlement.delivery_summary` of an event's lines over its window, on the
+    service's settlement interval: what every screen shows for the event."""
+    return summarise_lines(
+        lines,
+        window_start_ms=ev.start_ms,
+        window_end_ms=ev.end_ms,
+        interval_s=int(services.settings.settlement_interval_min * 60),
+        uncommitted=uncommitted,
+    )
 
 
 @dataclass(frozen=True)
 class EventSettlement:
     """``settled``: the stored lines; otherwise the intervals measured so far while the event
-    runs (none before its window). ``performance``: Σ min(delivered, target) ÷ Σ target over
-    ``intervals``, None when there are none to measure."""
+    runs (none before its window). ``summary``: delivered MW, committed MW and performance over
+    ``intervals`` (:func:`dispatch.settlement.delivery_summary`), None when there are none to
+    measure; ``performance`` is the summary's."""
 
     settled: bool
     intervals: list[IntervalResult]
-    performance: float | None
+    summary: DeliverySummary | None
     devices: DeviceCounts
+
+    @property
+    def performance(self) -> float | None:
+        return None if self.summary is None else self.summary.performance
 
 
 async def event_settlement(services: Edges, event_id: str) -> EventSettlement:
@@ -433,30 +460,24 @@ async def event_settlement(services: Edges, event_id: str) -> EventSettlement:
         opted_out=int(counts.get(CommandStatus.opted_out, 0)),
         replaced=int(sum(counts.get(k, 0) for k in _REPLACED)),
     )
-    if lines:
-        tgt = [ln.target_mw for ln in lines]
-        dl = [ln.delivered_mw for ln in lines]
-        return EventSettlement(
-            True, _intervals(lines), performance(delivered_mw=dl, committed_mw=tgt), devices
-        )
     now = services.clock.now_ms()
     ev = await es.load_event(services, event_id)
-    if ev is None or devices.commanded == 0 or now < ev.start_ms:
+    if ev is None:
+        return EventSettlement(False, [], None, devices)
+    if lines:
+        summary = summarise(services, ev, lines)
+        return EventSettlement(True, _intervals(lines, summary), summary, devices)
+    if devices.commanded == 0 or now < ev.start_ms:
         return EventSettlement(False, [], None, devices)
     res = await compute_settlement(services, event_id)
     if res is None:
         return EventSettlement(False, [], None, devices)
     _, st = res
     done = [ln for ln in st.lines if ln.interval_end_ms <= now]
-    perf = (
-        performance(
-            delivered_mw=[ln.delivered_mw for ln in done],
-            committed_mw=[ln.target_mw for ln in done],
-        )
-        if done
-        else None
-    )
-    return EventSettlement(False, _intervals(done), perf, devices)
+    if not done:
+        return EventSettlement(False, [], None, devices)
+    summary = summarise(services, ev, done)
+    return EventSettlement(False, _intervals(done, summary), summary, devices)
 
 
 def _count() -> Any:
@@ -465,15 +486,20 @@ def _count() -> Any:
     return func.count()
 
 
-async def export_lines(services: Edges, event_id: str) -> list[SettlementLine]:
-    """The stored settlement lines for the CSV export. Settles first if the event ran but has no
-    stored lines yet."""
+async def export_lines(
+    services: Edges, event_id: str, uncommitted: float = 0.0
+) -> tuple[list[SettlementLine], DeliverySummary | None]:
+    """The stored settlement lines for the CSV export and their summary over the event's window
+    (``uncommitted``: a line's performance where nothing was committed, as the event's JSON
+    shows it). Settles first if the event ran but has no stored lines yet."""
     lines = await settlement_lines(services, event_id)
     ev = await es.load_event(services, event_id)
     if not lines and ev is not None and services.clock.now_ms() >= ev.end_ms:
         await settle_event(services, event_id)
         lines = await settlement_lines(services, event_id)
-    return lines
+    if ev is None:
+        return lines, None
+    return lines, summarise(services, ev, lines, uncommitted=uncommitted)
 
 
 async def timeline_rows(services: Edges, event_id: str) -> list[EventTimeline]:

@@ -70,7 +70,11 @@ from vpp.physics import (
     solar_power_w,
     thermostat_step,
 )
+from vpp.regions import RegionBook
 from vpp.weather import region_centre, weather_for_region
+
+# The simulator's region when neither its caller nor VPP_REGIONS names one.
+DEFAULT_SIM_REGIONS = ("ERCOT-NORTH",)
 
 if TYPE_CHECKING:
     import httpx
@@ -196,6 +200,33 @@ class GroundTruth:
     @property
     def batteries_below_reserve(self) -> int:
         return int(np.sum(self.battery_min_soc_pct < self.battery_reserve_pct - 1e-6))
+
+    def on_intervals(
+        self, event_id: str, starts_ms: Sequence[int], ends_ms: Sequence[int]
+    ) -> list[float]:
+        """What the event's own devices really delivered in each of the given intervals (the
+        service's settlement intervals), MW averaged over the interval: summed over the devices
+        commanded for the event from their command's start to its end or restore, opted out or
+        not (``delivered_mw_members``: the devices a settlement counts), and only in these
+        intervals (none before the window or in the restore stagger after it). Intervals of
+        the truth's own grid are taken by their overlap, so the two grids need not align; an
+        interval the truth has no row for delivered 0."""
+        rows = self.delivered_mw_members.get(event_id, {})
+        step = int(self.settlement_interval_s * 1000)
+        out: list[float] = []
+        for lo, hi in zip(starts_ms, ends_ms, strict=True):
+            lo, hi = int(lo), int(hi)
+            if hi <= lo:
+                out.append(0.0)
+                continue
+            first = (lo // step) * step
+            mwh = 0.0
+            for s in range(first, hi, step):
+                overlap = min(hi, s + step) - max(lo, s)
+                if overlap > 0:
+                    mwh += rows.get(s, 0.0) * overlap
+            out.append(mwh / (hi - lo))
+        return out
 
     def series(self, event_id: str | None = None) -> tuple[list[int], list[float]]:
         """(interval starts, MW) for one event, or summed over all events."""
@@ -1106,16 +1137,17 @@ class FleetSimulator:
         opts = dict(fleet_options or {})
         cfg = FleetConfig(
             n_devices=n_devices,
-            regions=tuple(regions or s.regions[:1]),
+            regions=tuple(regions or s.regions[:1] or DEFAULT_SIM_REGIONS),
             seed=seed,
             id_prefix=id_prefix or f"sim{seed}",
             interval_s=interval_s or s.telemetry_interval_s,
             settlement_interval_s=float(s.settlement_interval_min * 60),
             **opts,
         )
-        unknown = [r for r in cfg.regions if r not in s.regions]
+        book = RegionBook(sold=s.regions)
+        unknown = [r for r in cfg.regions if not book.is_sold(r)]
         if unknown:
-            raise ValueError(f"regions: {', '.join(unknown)} not among {', '.join(s.regions)}")
+            raise ValueError(f"regions: {', '.join(unknown)} not sold ({book.describe_sold()})")
         self.fleet = SimFleet(cfg, self.clock.now_ms())
         self.api_url = (api_url or f"http://{s.api_host}:{s.api_port}").rstrip("/")
         self.api_key = api_key

@@ -377,3 +377,20 @@ class OpenAdrObject(Base):
             "tenant_id", "object_type", "parent_id", "unique_name", name="uq_openadr_name"
         ),
     )
+
+
+class RegionRow(Base):
+    """One load zone of the registry (``vpp.regions``): seeded by the migration, added to and
+    corrected by admins over ``/v1/regions``."""
+
+    __tablename__ = "regions"
+    name: Mapped[str] = mapped_column(String(48), primary_key=True)
+    iso: Mapped[str] = mapped_column(String(16), index=True)
+    zone: Mapped[str] = mapped_column(String(32))
+    label: Mapped[str] = mapped_column(String(200))
+    time_zone: Mapped[str] = mapped_column(String(64))
+    latitude: Mapped[float] = mapped_column(Float)
+    longitude: Mapped[float] = mapped_column(Float)
+    climate: Mapped[str] = mapped_column(String(16))
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    modified_ms: Mapped[int] = mapped_column(BigInteger)

@@ -165,6 +165,8 @@ class AuditAction(StrEnum):
     device_offboarded = "device.offboarded"
     key_created = "key.created"
     key_revoked = "key.revoked"
+    region_created = "region.created"
+    region_updated = "region.updated"
 
 
 # --- Figures from the domain brief, used as defaults --------------------------------------------

@@ -37,14 +37,27 @@ HISTORY_WRITE_FAILURES = Counter(
     "vpp_ingest_history_write_failures_total", "Interval-history writes that failed (retried)"
 )
 
+# The fleet and the dependencies as of the last scrape (refreshed by GET /metrics from the
+# cached fleet snapshot and one ping each: api/routers/health.py).
 FLEET_DEVICES = Gauge("vpp_fleet_devices", "Registered devices", ["region", "kind"])
+FLEET_ONLINE = Gauge("vpp_fleet_online_devices", "Devices online now", ["region", "kind"])
 FLEET_AVAILABLE_MW = Gauge("vpp_fleet_available_mw", "MW available now", ["region", "kind"])
+DEPENDENCY_UP = Gauge(
+    "vpp_dependency_up",
+    "1 while the dependency answers (database, state_store, broker), as of the last scrape",
+    ["dependency"],
+)
+EVENTS_ACTIVE = Gauge(
+    "vpp_events_active", "Events the leader's runner is dispatching now (requests and grid events)"
+)
 
 COMMANDS_SENT = Counter("vpp_commands_sent_total", "Commands published", ["type"])
 ACKS_RECEIVED = Counter("vpp_acks_total", "Command acknowledgements", ["status"])
 DEVICES_REPLACED = Counter("vpp_devices_replaced_total", "Devices replaced during events", ["why"])
-EVENT_DELIVERED_MW = Gauge("vpp_event_delivered_mw", "Estimated delivered MW", ["event_id"])
-EVENT_TARGET_MW = Gauge("vpp_event_target_mw", "Target MW", ["event_id"])
+EVENT_DELIVERED_MW = Gauge(
+    "vpp_event_delivered_mw", "Estimated delivered MW of a running event", ["event_id"]
+)
+EVENT_TARGET_MW = Gauge("vpp_event_target_mw", "Target MW of a running event now", ["event_id"])
 
 HTTP_REQUESTS = Counter("vpp_http_requests_total", "HTTP requests", ["method", "route", "status"])
 HTTP_RATE_LIMITED = Counter(
@@ -64,3 +77,16 @@ MARKET_REQUESTS = Counter(
     ["outcome"],
 )
 PLANS_MADE = Counter("vpp_plans_total", "Dispatch plans stored, by why they were made", ["why"])
+
+# The service as a VEN of upstream utility VTNs (dispatch/openadr/upstream.py), per upstream.
+OPENADR_UPSTREAM_UP = Gauge(
+    "vpp_openadr_upstream_up", "1 while the last poll of the upstream VTN worked", ["upstream"]
+)
+OPENADR_UPSTREAM_FAILURES = Counter(
+    "vpp_openadr_upstream_failures_total", "Polls of an upstream VTN that failed", ["upstream"]
+)
+OPENADR_UPSTREAM_SKIPPED = Counter(
+    "vpp_openadr_upstream_skipped_total",
+    "Polls of an upstream VTN skipped while backing off after failures",
+    ["upstream"],
+)

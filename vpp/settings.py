@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vpp.regions import SEED_BY_NAME
 
 # The least history retention accepted: the 10-in-10 baseline's 20-day look-back, the day a
 # settlement may wait after its event, and a day's margin.
 HISTORY_MIN_RETENTION_DAYS = 22
+
+
+class OpenAdrUpstream(BaseModel):
+    """One upstream utility VTN the service is a VEN of (``VPP_OPENADR_UPSTREAM``)."""
+
+    url: str = Field(..., min_length=1, description="the VTN's base URL, …/openadr3/3.1.0")
+    client_id: str = Field(..., min_length=1)
+    client_secret: SecretStr
+    ven_name: str = Field(..., min_length=1, max_length=64, description="our ven's venName")
+    programs: list[str] = Field(default_factory=list, description="programNames; empty: all")
+    regions: dict[str, str] = Field(
+        default_factory=dict, description="programName → region (else the program's REGION)"
+    )
 
 
 class Settings(BaseSettings):
@@ -158,10 +173,10 @@ class Settings(BaseSettings):
     control_period_s: float = 60.0
     battery_wear_cost_per_kwh: float = 0.05
 
-    # Regions the service sells in; devices may only be registered in these.
-    regions: list[str] = Field(
-        default_factory=lambda: ["ERCOT-NORTH", "ERCOT-HOUSTON", "CAISO-SP15", "PJM-DOM"]
-    )
+    # Regions the service sells in, narrowing the registry (``vpp.regions``, GET /v1/regions):
+    # devices may only be registered, and capacity quoted, in these. Empty: every load zone of
+    # the registry.
+    regions: list[str] = Field(default_factory=list)
 
     # Per API key token bucket: requests a second and the burst; a key's own columns override
     # them. 0 requests a second turns the limit off.
@@ -179,10 +194,30 @@ class Settings(BaseSettings):
     openadr_report_s: float = Field(60.0, gt=0)
     openadr_webhook_private: bool = False
     openadr_webhook_timeout_s: float = Field(5.0, gt=0)
+    # The service as a VEN of upstream utility VTNs (dispatch/openadr/upstream.py): a JSON list
+    # of {url, client_id, client_secret, ven_name, programs, regions}, polled every
+    # openadr_upstream_poll_s wall seconds by the leader.
+    openadr_upstream: list[OpenAdrUpstream] = Field(default_factory=list)
+    openadr_upstream_poll_s: float = Field(30.0, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _upstream_regions_known(self) -> Settings:
+        # Without VPP_REGIONS every zone of the registry is sold: the seeded zones are checked
+        # here (the poller checks the live registry again when it reads the program).
+        sold = self.regions or list(SEED_BY_NAME)
+        for i, up in enumerate(self.openadr_upstream):
+            for program, region in up.regions.items():
+                if region not in sold:
+                    known = ", ".join(self.regions) if self.regions else "GET /v1/regions"
+                    raise ValueError(
+                        f"openadr_upstream[{i}].regions[{program!r}]: unknown region "
+                        f"{region!r} (one of {known})"
+                    )
+        return self
 
     def margin_pct(self, region: str) -> float:
         return self.region_safety_margin_pct.get(region, self.safety_margin_pct)

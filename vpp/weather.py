@@ -1,10 +1,13 @@
 """Typical-year weather per region, from the files pvlib ships (no download at run time).
 
-pvlib bundles three typical-meteorological-year files; each region is mapped to the closest in
-climate: hot and humid (Miami, TMY2) for Texas and Florida zones, temperate (Greensboro NC,
-TMY3) for PJM, New York and California zones, cold (Sand Point AK, TMY3) for northern zones. A
-region not in the table gets the temperate year. ``sample`` maps any epoch time onto the typical
-year (by local hour of year), so the same weather repeats every year.
+pvlib bundles three typical-meteorological-year files: Miami FL (TMY2), Greensboro NC (TMY3)
+and Sand Point AK (TMY3). A region takes its clouds and air temperature from the nearest of
+them of its climate (a registry field; the distance is part of the answer:
+``WeatherYear.source_km``) and its solar geometry from its own load centre and time zone: each
+hour's clearness (the site's GHI over its clear-sky GHI) is applied to the clear-sky GHI at the
+zone, hour by local hour of the year. So Los Angeles gets Greensboro's clouds but California's
+sunrise, sunset and noon elevation. ``sample`` maps any epoch time onto the typical year (by
+local standard hour of year), so the same weather repeats every year.
 """
 
 from __future__ import annotations
@@ -16,48 +19,22 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from vpp.regions import Region, RegionBook, distance_km
+
 HOURS_PER_YEAR = 8760
-
-REGION_CLIMATE: dict[str, str] = {
-    "ERCOT-NORTH": "hot",
-    "ERCOT-HOUSTON": "hot",
-    "ERCOT-SOUTH": "hot",
-    "ERCOT-WEST": "hot",
-    "FPL": "hot",
-    "CAISO-SP15": "temperate",
-    "CAISO-NP15": "temperate",
-    "PJM-DOM": "temperate",
-    "PJM-AEP": "temperate",
-    "NYISO-J": "temperate",
-    "MISO-NORTH": "cold",
-    "AK": "cold",
+# The bundled typical years, by file: climate label and format.
+BUNDLED_YEARS: dict[str, tuple[str, str]] = {
+    "12839.tm2": ("hot", "tmy2"),
+    "723170TYA.CSV": ("temperate", "tmy3"),
+    "703165TY.csv": ("cold", "tmy3"),
 }
-
-
-# Where each region's homes are placed on a map (and by the simulator): the zone's main load
-# centre. Weather comes from the climate's file; only the position differs.
-REGION_CENTRE: dict[str, tuple[float, float]] = {
-    "ERCOT-NORTH": (32.78, -96.80),  # Dallas
-    "ERCOT-HOUSTON": (29.76, -95.37),
-    "ERCOT-SOUTH": (29.42, -98.49),  # San Antonio
-    "ERCOT-WEST": (31.99, -102.08),  # Midland
-    "FPL": (25.76, -80.19),  # Miami
-    "CAISO-SP15": (34.05, -118.24),  # Los Angeles
-    "CAISO-NP15": (37.77, -122.42),  # San Francisco
-    "PJM-DOM": (37.54, -77.44),  # Richmond
-    "PJM-AEP": (39.96, -82.99),  # Columbus
-    "NYISO-J": (40.71, -74.01),  # New York City
-    "MISO-NORTH": (44.98, -93.27),  # Minneapolis
-    "AK": (61.22, -149.90),  # Anchorage
-}
+_SEED_BOOK = RegionBook()
 
 
 def region_centre(region: str) -> tuple[float, float]:
-    """(lat, lon) of a region's load centre; the weather site for regions not in the table."""
-    if region in REGION_CENTRE:
-        return REGION_CENTRE[region]
-    w = weather_for_region(region)
-    return (w.latitude, w.longitude)
+    """(lat, lon) of a region's load centre (the seeded registry; see ``vpp.regions``)."""
+    r = _SEED_BOOK.locate(region)
+    return (r.latitude, r.longitude)
 
 
 @dataclass(frozen=True)
@@ -68,6 +45,8 @@ class WeatherYear:
     tz_offset_h: float
     ghi_w_m2: npt.NDArray[np.float64]  # 8760 hourly values, local standard time
     temp_c: npt.NDArray[np.float64]
+    source: str = ""  # the bundled typical year the clouds and temperature come from
+    source_km: float = 0.0  # how far that year's site is from this place
 
     def sample(
         self, epoch_ms: npt.ArrayLike
@@ -93,35 +72,97 @@ def _data_dir() -> Path:
 
 
 @lru_cache(maxsize=8)
-def load_climate(climate: str) -> WeatherYear:
+def load_site(fname: str) -> WeatherYear:
+    """One bundled typical year as recorded, at its own site and time zone."""
     import pvlib
 
     d = _data_dir()
-    if climate == "hot":
-        df, meta = pvlib.iotools.read_tmy2(str(d / "12839.tm2"))
+    if BUNDLED_YEARS[fname][1] == "tmy2":
+        df, meta = pvlib.iotools.read_tmy2(str(d / fname))
         ghi = df["GHI"].to_numpy(float)
         temp = df["DryBulb"].to_numpy(float) / 10.0  # TMY2 stores tenths of °C
-        tz = float(meta["TZ"])
     else:
-        fname = "703165TY.csv" if climate == "cold" else "723170TYA.CSV"
         df, meta = pvlib.iotools.read_tmy3(str(d / fname), map_variables=True)
         ghi = df["ghi"].to_numpy(float)
         temp = df["temp_air"].to_numpy(float)
-        tz = float(meta["TZ"])
-    # The epoch-hour mapping above aligns index 0 with Jan 1 00:00 of a 365-day year.
+    name = str(meta.get("City") or meta.get("Name", fname)).strip('"').strip().title()
+    # The epoch-hour mapping of ``sample`` aligns index 0 with Jan 1 00:00 of a 365-day year.
     return WeatherYear(
-        name=str(meta.get("City") or meta.get("Name", climate)).strip('"'),
+        name=name,
         latitude=float(meta["latitude"]),
         longitude=float(meta["longitude"]),
-        tz_offset_h=tz,
+        tz_offset_h=float(meta["TZ"]),
         ghi_w_m2=ghi[:HOURS_PER_YEAR],
         temp_c=temp[:HOURS_PER_YEAR],
+        source=name,
+        source_km=0.0,
     )
 
 
-def climate_of(region: str) -> str:
-    return REGION_CLIMATE.get(region, "temperate")
+def _clear_sky_ghi(lat: float, lon: float, tz_offset_h: float) -> npt.NDArray[np.float64]:
+    """Clear-sky GHI (Haurwitz) at the middle of each local-standard hour of a typical year
+    (TMY values are for the hour ending at their stamp)."""
+    import pandas as pd
+    import pvlib
+
+    local = pd.date_range("2025-01-01 00:00", periods=HOURS_PER_YEAR, freq="h") - pd.Timedelta(
+        minutes=30
+    )
+    utc = (local - pd.Timedelta(hours=tz_offset_h)).tz_localize("UTC")
+    zenith = pvlib.solarposition.ephemeris(utc, lat, lon)["apparent_zenith"]
+    return np.asarray(pvlib.clearsky.haurwitz(zenith)["ghi"].to_numpy(float))
+
+
+@lru_cache(maxsize=8)
+def _clearness(fname: str) -> npt.NDArray[np.float64]:
+    """The site's clearness index per hour: GHI over clear-sky GHI, where the sun is up enough
+    to say; near dawn and dusk, the day's own mean."""
+    site = load_site(fname)
+    cs = _clear_sky_ghi(site.latitude, site.longitude, site.tz_offset_h)
+    hourly = np.divide(site.ghi_w_m2, cs, out=np.zeros_like(cs), where=cs > 50.0)
+    days = HOURS_PER_YEAR // 24
+    daily = site.ghi_w_m2.reshape(days, 24).sum(1) / np.maximum(cs.reshape(days, 24).sum(1), 1.0)
+    kt = np.where(cs > 50.0, hourly, np.repeat(daily, 24))
+    return np.clip(kt, 0.0, 1.2)
+
+
+def nearest_site(
+    latitude: float, longitude: float, climate: str | None = None
+) -> tuple[str, float]:
+    """The bundled typical year nearest a point among those of ``climate`` (all of them if
+    none is of that climate): (file, distance in km). Three sites cover the country thinly, so
+    the climate comes first: Dallas is nearer Greensboro than Miami, but its summers are Miami's."""
+    files = [f for f, (c, _) in BUNDLED_YEARS.items() if c == climate] or list(BUNDLED_YEARS)
+    best = min(
+        files,
+        key=lambda f: distance_km(
+            latitude, longitude, load_site(f).latitude, load_site(f).longitude
+        ),
+    )
+    site = load_site(best)
+    return best, distance_km(latitude, longitude, site.latitude, site.longitude)
+
+
+@lru_cache(maxsize=512)
+def weather_for(region: Region) -> WeatherYear:
+    """A region's typical year: the nearest bundled year's clouds and temperature, the solar
+    geometry of the zone's own load centre, in the zone's own (standard) time."""
+    fname, km = nearest_site(region.latitude, region.longitude, region.climate)
+    site = load_site(fname)
+    tz = region.utc_offset_h
+    ghi = _clearness(fname) * _clear_sky_ghi(region.latitude, region.longitude, tz)
+    return WeatherYear(
+        name=region.name,
+        latitude=region.latitude,
+        longitude=region.longitude,
+        tz_offset_h=tz,
+        ghi_w_m2=ghi,
+        temp_c=site.temp_c,
+        source=site.name,
+        source_km=km,
+    )
 
 
 def weather_for_region(region: str) -> WeatherYear:
-    return load_climate(climate_of(region))
+    """The typical year of a seeded region by name (``weather_for`` of a registry's row)."""
+    return weather_for(_SEED_BOOK.locate(region))

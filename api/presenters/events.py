@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.presenters.settlement import settlement_doc
+from api.presenters.settlement import delivery_doc, settlement_doc
 from dispatch.events import EventInfo, EventRecord
+from dispatch.settlement import DeliverySummary
 from dispatch.settlement_service import EventSettlement
 from store.models import EventTimeline
 from vpp.timefmt import to_rfc3339
@@ -57,10 +58,13 @@ def timeline_point_doc(r: EventTimeline) -> dict[str, Any]:
     }
 
 
-def timeline_doc(ev: EventInfo, rows: list[EventTimeline]) -> dict[str, Any]:
+def timeline_doc(
+    ev: EventInfo, rows: list[EventTimeline], summary: DeliverySummary | None = None
+) -> dict[str, Any]:
     return {
         "event_id": ev.id,
         "kind": ev.kind,
         "status": ev.status,
         "points": [timeline_point_doc(r) for r in rows],
+        "delivery": delivery_doc(summary),
     }

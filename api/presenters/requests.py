@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from api.presenters.settlement import delivery_doc
 from dispatch.market import BOOKED, RequestDetail
 from store.models import CapacityRequest, Plan
 from vpp.timefmt import to_rfc3339
@@ -51,6 +52,7 @@ def request_doc(req: CapacityRequest, plan: Plan | None = None) -> dict[str, Any
         "booked": [],
         "plan": plan_doc(plan),
         "intervals": [],
+        "delivery": None,
         "performance": req.performance,
         # The stored performance is written by the final settlement only.
         "settled": req.performance is not None,
@@ -74,7 +76,9 @@ def request_detail_doc(d: RequestDetail) -> dict[str, Any]:
                 "performance": round(float(p), 6),
             }
             for ln, p in zip(d.lines, d.line_performance, strict=True)
+            if p == p  # NaN: a line outside the window, not counted
         ]
+        doc["delivery"] = delivery_doc(d.summary)
         if d.performance is not None:
             doc["performance"] = round(d.performance, 6)
     return doc

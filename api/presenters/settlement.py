@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from dispatch.settlement import interval_performance
+from dispatch.settlement import DeliverySummary
 from dispatch.settlement_service import EventSettlement, IntervalResult
 from store.models import SettlementLine
 from vpp.timefmt import to_rfc3339
@@ -29,11 +29,30 @@ def interval_doc(iv: IntervalResult) -> dict[str, Any]:
     }
 
 
+def delivery_doc(summary: DeliverySummary | None) -> dict[str, Any] | None:
+    """The event's delivery in one figure per question, as every screen shows it
+    (:func:`dispatch.settlement.delivery_summary`); None before anything was measured."""
+    if summary is None or summary.intervals == 0:
+        return None
+
+    def r(v: float | None, nd: int = 6) -> float | None:
+        return None if v is None else round(v, nd)
+
+    return {
+        "delivered_mw": r(summary.delivered_mw),
+        "committed_mw": r(summary.committed_mw),
+        "performance": r(summary.performance),
+        "intervals": summary.intervals,
+        "expected_intervals": summary.expected,
+    }
+
+
 def settlement_doc(st: EventSettlement) -> dict[str, Any]:
     return {
         "settled": st.settled,
         "intervals": [interval_doc(iv) for iv in st.intervals],
-        "performance": None if st.performance is None else round(st.performance, 4),
+        "performance": None if st.performance is None else round(st.performance, 6),
+        "delivery": delivery_doc(st.summary),
         "devices": asdict(st.devices),
     }
 
@@ -68,20 +87,20 @@ CSV_COLUMNS = [
 ]
 
 
-def settlement_csv(event_id: str, lines: list[SettlementLine]) -> str:
-    """The settlement lines with their baseline inputs, one row an interval."""
+def settlement_csv(
+    event_id: str, lines: list[SettlementLine], summary: DeliverySummary | None
+) -> str:
+    """The settlement lines with their baseline inputs, one row an interval: the lines
+    ``summary`` counted, each line's performance the summary's (the JSON's)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
-    computed = interval_performance(
-        delivered_mw=[ln.delivered_mw for ln in lines], committed_mw=[ln.target_mw for ln in lines]
-    ).tolist()
-    for ln, own in zip(lines, computed, strict=True):
+    per = [] if summary is None else summary.interval_performance.tolist()
+    for ln, perf in zip(lines, per, strict=True):
+        if perf != perf:  # NaN: a line outside the window, not counted
+            continue
         inp = ln.inputs or {}
         b, t, c = inp.get("battery", {}), inp.get("thermostat", {}), inp.get("control", {})
-        perf = inp.get("performance")
-        if perf is None:
-            perf = own
         w.writerow(
             [
                 event_id,
@@ -91,7 +110,7 @@ def settlement_csv(event_id: str, lines: list[SettlementLine]) -> str:
                 ln.baseline_mw,
                 ln.actual_mw,
                 ln.delivered_mw,
-                perf,
+                round(perf, 4),
                 inp.get("method", ln.method),
                 b.get("devices", 0),
                 b.get("with_readings", 0),

@@ -48,6 +48,7 @@ from vpp.domain import AuditAction, DeviceKind, Freshness, FreshnessCode, Role
 from vpp.fleet.records import unpack_states
 from vpp.fleet.registry import REGISTRY_COLUMNS, assemble, build_registry
 from vpp.flexibility import available_kw, outdoor_temperatures
+from vpp.regions import RegionBook
 from vpp.timefmt import to_rfc3339
 
 
@@ -82,7 +83,17 @@ async def _body_region_errors(request: Request) -> list[FieldError]:
         return []
     if not isinstance(body, dict):
         return []
-    return onboarding.region_errors([body], request.app.state.services.settings.regions, False)
+    regions = await _regions(request.app.state.services, [body])
+    return onboarding.region_errors([body], regions, False)
+
+
+async def _regions(services: Services, rows: Any) -> RegionBook:
+    """The region registry, read again if it is stale or lacks a region these rows name."""
+    names = (
+        {r.get("region") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
+    )
+    missing = next((n for n in names if isinstance(n, str) and n not in services.regions), None)
+    return await services.current_regions(missing=missing)
 
 
 router = APIRouter(tags=["devices"], route_class=DeviceRoute)
@@ -140,7 +151,7 @@ async def create_device(
     principal: Principal = Depends(fleet_or_admin),
     services: Services = Depends(get_services),
 ) -> dict[str, Any]:
-    onboarding.check_single(spec, services.settings.regions)
+    onboarding.check_single(spec, await _regions(services, [{"region": spec.region}]))
     done = await onboarding.onboard(
         services,
         [spec],
@@ -252,7 +263,7 @@ async def create_devices_bulk(
                 "errors": [{"field": "body", "message": "too many devices"}],
             },
         )
-    specs = onboarding.validate_rows(rows, services.settings.regions)
+    specs = onboarding.validate_rows(rows, await _regions(services, rows))
     done = await onboarding.onboard(
         services,
         specs,

@@ -11,9 +11,10 @@ from pydantic import BaseModel, Field
 
 from api.deps import Principal, get_services, require_roles
 from api.presenters.events import event_summary_doc, timeline_doc
+from api.schemas.capacity_requests import DeliverySummaryOut
 from dispatch import events as es
 from dispatch.services import Services
-from dispatch.settlement_service import timeline_rows
+from dispatch.settlement_service import settlement_lines, summarise, timeline_rows
 from vpp.errors import NotFound
 
 router = APIRouter(tags=["events"])
@@ -78,6 +79,13 @@ class Timeline(BaseModel):
     kind: str = Field(description="capacity_request or grid_event")
     status: str = Field(description="the event's status now")
     points: list[TimelinePoint] = Field(description="one point per control step, oldest first")
+    delivery: DeliverySummaryOut | None = Field(
+        None,
+        description="delivered MW, committed MW and performance from the stored settlement "
+        "lines (provisional while the event runs, final once settled; null before any): the "
+        "figures the event's JSON, CSV and the settlement page show. The points' "
+        "delivered_mw are the closed loop's live estimates",
+    )
 
 
 @router.get(
@@ -125,4 +133,6 @@ async def event_timeline(
         not principal.sees_all_tenants and (ev.is_grid or ev.tenant_id != principal.tenant_id)
     ):
         raise NotFound("id", f"no event {event_id!r}")
-    return timeline_doc(ev, await timeline_rows(services, event_id))
+    lines = await settlement_lines(services, event_id)
+    summary = summarise(services, ev, lines, uncommitted=0.0 if ev.is_grid else 1.0)
+    return timeline_doc(ev, await timeline_rows(services, event_id), summary)

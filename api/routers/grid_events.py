@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api import auditing
 from api.deps import Principal, get_services, require_roles
 from api.presenters.events import event_doc, grid_event_doc
+from api.schemas.capacity_requests import DeliverySummaryOut
 from api.schemas.times import Rfc3339Ms
 from dispatch import events as es
 from dispatch.services import Services
@@ -111,7 +112,14 @@ class GridEventOut(BaseModel):
         "while the event runs, stored lines once settled; empty before the window)",
     )
     performance: float | None = Field(
-        None, description="Σ min(delivered, target) ÷ Σ target over the intervals measured"
+        None,
+        description="Σ min(delivered, target) × h ÷ Σ target × h over the intervals measured "
+        "(delivery.performance)",
+    )
+    delivery: DeliverySummaryOut | None = Field(
+        None,
+        description="once measured: delivered MW, committed MW and performance over the "
+        "intervals, the figures every screen shows",
     )
     devices: dict[str, int] = Field(
         default_factory=dict,

@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-import vpp.metrics  # noqa: F401  (registers every metric before the first scrape)
+import vpp.metrics  # (importing it registers every metric before the first scrape)
 from api.deps import get_services
+from api.routers.fleet import current_view, fleet_summary
 from devices.outages import RETRY_AFTER_S
 from dispatch.services import Services
 
@@ -35,9 +36,35 @@ async def healthz() -> dict[str, str]:
     description="Also `replica`: this process's owner id, whether it leads the singleton jobs "
     "(event runner, quote housekeeping, calibration) and who holds the leader lease now "
     "(`leader_id`, null when nobody does). Present where the background jobs run "
-    "(`vpp serve`).",
+    "(`vpp serve`). With `VPP_OPENADR_UPSTREAM`: `openadr_upstream`, each upstream VTN's "
+    "poll status (ok, failing, waiting: not polled by this replica yet), informational only.",
 )
 async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+    checks = await dependency_checks(services)
+    ok = all(checks.values())
+    content: dict[str, object] = {
+        "status": "ready" if ok else "not ready",
+        "checks": {k: "ok" if v else "unreachable" for k, v in checks.items()},
+    }
+    replica = await _replica(services)
+    if replica is not None:
+        content["replica"] = replica
+    if services.openadr_upstream is not None:
+        # Informational: an upstream utility VTN down does not make this service unready.
+        content["openadr_upstream"] = services.openadr_upstream.describe()
+    if ok:
+        return JSONResponse(content)
+    # The service's error shape too: `detail` names each dependency that is down.
+    down = [name for name, up in checks.items() if not up]
+    content["detail"] = "; ".join(f"{name}: unreachable" for name in down)
+    return JSONResponse(
+        status_code=503, content=content, headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+async def dependency_checks(services: Services) -> dict[str, bool]:
+    """database, broker, state_store: whether each answers now (3 s each at most)."""
+
     async def db_ok() -> bool:
         try:
             async with services.db.session() as s:
@@ -64,24 +91,14 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
         except Exception:
             return False
 
-    db, broker, state = await asyncio.gather(db_ok(), broker_ok(), state_ok())
-    checks = {"database": db, "broker": broker, "state_store": state}
-    ok = all(checks.values())
-    content: dict[str, object] = {
-        "status": "ready" if ok else "not ready",
-        "checks": {k: "ok" if v else "unreachable" for k, v in checks.items()},
-    }
-    replica = await _replica(services)
-    if replica is not None:
-        content["replica"] = replica
-    if ok:
-        return JSONResponse(content)
-    # The service's error shape too: `detail` names each dependency that is down.
-    down = [name for name, up in checks.items() if not up]
-    content["detail"] = "; ".join(f"{name}: unreachable" for name in down)
-    return JSONResponse(
-        status_code=503, content=content, headers={"Retry-After": str(RETRY_AFTER_S)}
-    )
+    async def db_bounded() -> bool:
+        try:
+            return await asyncio.wait_for(db_ok(), 3)
+        except TimeoutError:
+            return False
+
+    db, broker, state = await asyncio.gather(db_bounded(), broker_ok(), state_ok())
+    return {"database": db, "broker": broker, "state_store": state}
 
 
 async def _replica(services: Services) -> dict[str, object] | None:
@@ -127,5 +144,30 @@ async def _broker_accepts(mqtt_url: str) -> bool:
         }
     },
 )
-async def metrics() -> Response:
+async def metrics(services: Services = Depends(get_services)) -> Response:
+    await _refresh_gauges(services)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _refresh_gauges(services: Services) -> None:
+    """The gauges a scrape should see as of now: each dependency's health, and devices,
+    online devices and MW available per region and kind from the cached fleet snapshot. A
+    dependency down leaves the fleet gauges as they were (and says so in vpp_dependency_up)."""
+    for name, up in (await dependency_checks(services)).items():
+        vpp.metrics.DEPENDENCY_UP.labels(name).set(1.0 if up else 0.0)
+    try:
+        view = await asyncio.wait_for(current_view(services), 5)
+    except Exception:
+        return
+    rows = fleet_summary(view, None)["regions"]
+    for gauge in (
+        vpp.metrics.FLEET_DEVICES,
+        vpp.metrics.FLEET_ONLINE,
+        vpp.metrics.FLEET_AVAILABLE_MW,
+    ):
+        gauge.clear()
+    for r in rows:
+        labels = (r["region"], r["kind"])
+        vpp.metrics.FLEET_DEVICES.labels(*labels).set(r["registered"])
+        vpp.metrics.FLEET_ONLINE.labels(*labels).set(r["online"])
+        vpp.metrics.FLEET_AVAILABLE_MW.labels(*labels).set(r["available_mw"])

@@ -62,7 +62,9 @@ async def request_settlement_csv(
         ).scalar_one_or_none()
     if tenant is None or (not principal.sees_all_tenants and tenant != principal.tenant_id):
         raise NotFound("id", f"no capacity request {request_id!r}")
-    return _csv(settlement_csv(request_id, await export_lines(services, request_id)), request_id)
+    # A request's JSON shows an interval with nothing committed as met (1.0): so does its CSV.
+    lines, summary = await export_lines(services, request_id, uncommitted=1.0)
+    return _csv(settlement_csv(request_id, lines, summary), request_id)
 
 
 @router.get(
@@ -80,4 +82,5 @@ async def grid_settlement_csv(
         found = await s.get(GridEvent, event_id)
     if found is None:
         raise NotFound("id", f"no grid event {event_id!r}")
-    return _csv(settlement_csv(event_id, await export_lines(services, event_id)), event_id)
+    lines, summary = await export_lines(services, event_id)
+    return _csv(settlement_csv(event_id, lines, summary), event_id)

@@ -111,6 +111,30 @@ class DeliveryInterval(BaseModel):
     performance: float = Field(description="delivered ÷ committed, capped at 1")
 
 
+class DeliverySummaryOut(BaseModel):
+    """An event's delivery in one figure per question: the same figures on every screen (the
+    request's JSON, its CSV, the dashboard, the demo's report), from one function over the
+    same intervals."""
+
+    delivered_mw: float = Field(
+        description="MW delivered, averaged over the counted intervals weighted by their "
+        "length within the window (MWh ÷ h; not floored: a rebound shows)"
+    )
+    committed_mw: float = Field(description="MW committed, averaged the same way")
+    performance: float | None = Field(
+        description="Σ min(delivered, committed) × h ÷ Σ committed × h over the counted "
+        "intervals, delivered floored at 0 (null when nothing was committed)"
+    )
+    intervals: int = Field(
+        description="settlement intervals counted: the lines inside the committed window (a "
+        "partial last interval counts for its own length)"
+    )
+    expected_intervals: int = Field(
+        description="settlement intervals of the window; more than intervals while some are "
+        "not measured yet (those are not counted)"
+    )
+
+
 class CapacityRequestOut(BaseModel):
     id: str = Field(description="cr-<12 hex>")
     status: RequestStatus = Field(
@@ -147,8 +171,15 @@ class CapacityRequestOut(BaseModel):
         default_factory=list,
         description="once the window has run: per settlement interval target and delivered MW",
     )
+    delivery: DeliverySummaryOut | None = Field(
+        None,
+        description="once measured (request detail only): delivered MW, committed MW and "
+        "performance over the intervals, the figures every screen shows",
+    )
     performance: float | None = Field(
-        None, description="Σ min(delivered, committed) ÷ Σ committed over the settled intervals"
+        None,
+        description="Σ min(delivered, committed) × h ÷ Σ committed × h over the settled "
+        "intervals (delivery.performance)",
     )
     settled: bool = Field(
         False,

@@ -504,6 +504,7 @@
       ["Booked", fmtMW(req.committed_mw)],
       ["Direction", esc(req.direction || "load_reduction")],
       ["Firmness", num(req.firmness) === null ? "–" : "P" + Math.round(req.firmness * 100)],
+      ["Delivered (avg)", req.delivery ? fmtMW(req.delivery.delivered_mw) : "–"],
       ["Performance", fmtPct(req.performance)],
       ["Quote expires", fmtTime(req.quote_expires_at)],
     ];
@@ -645,14 +646,15 @@
     const last = rows.length ? rows[rows.length - 1] : {};
     const counters = (data && typeof data === "object" && !Array.isArray(data) && data.devices) || {};
     const counter = (name) => num(last[name]) ?? num(counters[name]) ?? num(data && data[name]);
-    // Running: the latest minute. Ended: the average over the minutes that had a target.
+    // Running: the latest minute's live estimate. Ended: the settlement's figures as the API
+    // computes them (data.delivery: the same as the request's JSON, CSV and settlement page);
+    // none computed here.
     const running = ["active", "scheduled"].includes(ev.status);
-    const withTarget = rows.filter((r) => (num(r.target_mw) || 0) > 0);
-    const avg = (k) => (withTarget.length ? withTarget.reduce((a, r) => a + (num(r[k]) || 0), 0) / withTarget.length : null);
-    $("ev-target-label").textContent = running ? "Target" : "Target (avg)";
-    $("ev-delivered-label").textContent = running ? "Delivered" : "Delivered (avg)";
-    $("ev-target").textContent = fmtMW(running ? num(last.target_mw) ?? eventTarget(ev) : avg("target_mw") ?? eventTarget(ev));
-    $("ev-delivered").textContent = fmtMW(running ? last.delivered_mw : avg("delivered_mw"));
+    const delivery = (!running && data && typeof data === "object" && !Array.isArray(data) && data.delivery) || null;
+    $("ev-target-label").textContent = running ? "Target" : "Committed (avg)";
+    $("ev-delivered-label").textContent = running ? "Delivered (live estimate)" : delivery ? "Delivered (settled, avg)" : "Delivered (not settled yet)";
+    $("ev-target").textContent = fmtMW(running ? num(last.target_mw) ?? eventTarget(ev) : delivery ? delivery.committed_mw : eventTarget(ev));
+    $("ev-delivered").textContent = running ? fmtMW(last.delivered_mw) : delivery ? fmtMW(delivery.delivered_mw) : "–";
     $("ev-commanded").textContent = fmtInt(counter("commanded"));
     $("ev-acknowledged").textContent = fmtInt(counter("acknowledged"));
     $("ev-opted-out").textContent = fmtInt(counter("opted_out"));
@@ -746,7 +748,14 @@
       return;
     }
     select.value = ids.includes(want) ? want : ids[0];
-    const req = requests.find((r) => r.id === select.value);
+    let req = requests.find((r) => r.id === select.value);
+    // The figures come from the request's own answer (delivery: one function over the same
+    // intervals as its CSV and the demo's report); the page computes none of them.
+    try {
+      req = await api(`/v1/capacity-requests/${encodeURIComponent(req.id)}`);
+    } catch (err) {
+      setStatus("settlement-status", explain(err, "Request " + req.id), !err.missing);
+    }
     let text;
     try {
       text = await api(`/v1/capacity-requests/${encodeURIComponent(req.id)}/settlement.csv`, { headers: { Accept: "text/csv" } });
@@ -767,15 +776,22 @@
     const iStart = col(["interval_start", "start", "interval_start_utc", "ts"]);
     const iTarget = col(["target_mw", "committed_mw"]);
     const iDelivered = col(["delivered_mw"]);
-    const committed = iTarget >= 0 ? body.map((r) => num(r[iTarget]) || 0) : [];
-    const delivered = iDelivered >= 0 ? body.map((r) => num(r[iDelivered]) || 0) : [];
-    const sumC = committed.reduce((a, b) => a + b, 0);
-    const sumMin = committed.reduce((a, c, i) => a + Math.min(delivered[i] ?? 0, c), 0);
-    const perf = num(req.performance) ?? (sumC > 0 ? sumMin / sumC : null);
-    $("st-committed").textContent = fmtMW(pick(req, ["committed_mw", "quoted_mw", "mw"]));
-    $("st-delivered").textContent = delivered.length ? fmtMW(delivered.reduce((a, b) => a + b, 0) / delivered.length) : "–";
+    const delivery = (req && req.delivery) || null;
+    const perf = delivery ? num(delivery.performance) : num(req.performance);
+    const committedAvg = delivery ? num(delivery.committed_mw) : null;
+    $("st-committed").textContent = fmtMW(committedAvg ?? pick(req, ["committed_mw", "quoted_mw", "mw"]));
+    $("st-delivered").textContent = delivery ? fmtMW(delivery.delivered_mw) : "–";
     $("st-performance").textContent = fmtPct(perf);
-    $("st-shortfall").textContent = sumC > 0 ? fmtMW((sumC - sumMin) / committed.length) : "–";
+    // What the performance leaves uncovered: committed × (1 − performance), the same figures.
+    $("st-shortfall").textContent = committedAvg !== null && perf !== null ? fmtMW(committedAvg * (1 - perf)) : "–";
+    const kpis = $("st-delivered").closest(".kpis");
+    if (kpis) {
+      kpis.dataset.intervals = delivery ? String(delivery.intervals) : "0";
+      kpis.dataset.expectedIntervals = delivery ? String(delivery.expected_intervals) : "0";
+    }
+    $("st-delivered-note").textContent = delivery
+      ? `over ${delivery.intervals} of ${delivery.expected_intervals} settlement intervals${req.settled ? "" : " (provisional)"}`
+      : "";
 
     const dl = $("settlement-download");
     dl.disabled = !text;

@@ -32,6 +32,22 @@ ENDED = (GridEventStatus.completed.value, GridEventStatus.aborted.value)
 STALE_MS = 2 * 86_400_000
 
 
+async def delivered(services: Edges, grids: list[es.EventRecord]) -> tuple[list[Delivered], bool]:
+    """The settlement intervals (baseline, delivered MW) of an outside event's grid events, and
+    whether they are final (settled, or ended and an hour past their end)."""
+    now = services.clock.now_ms()
+    intervals: list[Delivered] = []
+    final = True
+    for g in grids:
+        st = await event_settlement(services, g.info.id)
+        intervals += [
+            Delivered(i.start_ms, i.end_ms, i.baseline_mw, i.delivered_mw) for i in st.intervals
+        ]
+        if not (st.settled or (g.info.status in ENDED and now >= g.info.end_ms + 3_600_000)):
+            final = False
+    return intervals, final
+
+
 class DeliveryReporter(Periodic):
     task_name = "openadr-reporter"
 
@@ -81,15 +97,7 @@ class DeliveryReporter(Periodic):
             g.info.status in ENDED and now > g.info.end_ms + STALE_MS for g in grids
         ):
             return False  # long over and never reported (e.g. aborted before it ran)
-        intervals: list[Delivered] = []
-        final = True
-        for g in grids:
-            st = await event_settlement(self.services, g.info.id)
-            intervals += [
-                Delivered(i.start_ms, i.end_ms, i.baseline_mw, i.delivered_mw) for i in st.intervals
-            ]
-            if not (st.settled or (g.info.status in ENDED and now >= g.info.end_ms + 3_600_000)):
-                final = False
+        intervals, final = await delivered(self.services, grids)
         body = delivery_report(
             ev.id, ev.body.get("eventName"), self.services.settings.openadr_vtn_name, intervals
         )

@@ -83,7 +83,7 @@ class VenDevices:
     def spec(self, oid: str, body: Mapping[str, Any], ven: OpenAdrObject) -> Any:
         """The device spec a resource describes (None: no KIND, no device); InvalidInput naming
         the attribute when it is not a valid one."""
-        fields = resource_device(body, self.services.settings.regions)
+        fields = resource_device(body, self.services.regions.sold())
         if fields is None:
             return None
         vendor = (ven.unique_name or ven.id)[:64]
@@ -153,7 +153,7 @@ class VenDevices:
             self.services.db, caller.tenant_id, RESOURCE, ven_ids=sorted(mine.ven_ids)
         )
         by_name = {r.unique_name: r for r in resources}
-        regions = self.services.settings.regions
+        regions = self.services.regions.sold()
         now = int(self.services.clock.now_ms())
         out: list[tuple[str, bytes]] = []
         for i, res in enumerate(body.get("resources") or []):

@@ -17,6 +17,7 @@ them. Everything is checked before anything is changed."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -129,11 +130,11 @@ class Vtn:
         readings: list[tuple[str, bytes]] = []
         event: OpenAdrObject | None = None
         if kind == PROGRAM:
-            program_region(body, self.services.settings.regions)
+            program_region(body, self.services.regions.sold())
             row.parent_id, row.unique_name = "", body["programName"]
         elif kind == EVENT:
             program = await self._program_of(caller, body)
-            region = program_region(program.body, self.services.settings.regions)
+            region = program_region(program.body, self.services.regions.sold())
             runs = self._check_runs(region, event_demand(body, now), now)
             row.parent_id = program.id
         elif kind == REPORT:
@@ -188,30 +189,20 @@ class Vtn:
         readings: list[tuple[str, bytes]] = []
         event: OpenAdrObject | None = None
         if kind == PROGRAM:
-            region = program_region(body, self.services.settings.regions)
-            old = program_region(row.body, self.services.settings.regions)
+            region = program_region(body, self.services.regions.sold())
+            old = program_region(row.body, self.services.regions.sold())
             if region != old and await db.count_children(self.db, caller.tenant_id, EVENT, oid):
                 raise Conflict("targets", f"the program has events: its region stays {old}")
             unique_name = body["programName"]
         elif kind == EVENT:
             program = await self._program_of(caller, body)
-            region = program_region(program.body, self.services.settings.regions)
+            region = program_region(program.body, self.services.regions.sold())
             wanted = [r for r in event_demand(body, now) if r.end_ms > now]
             current = [
                 g for g in await es.grid_events_of_source(self.services, es.SOURCE_OPENADR, oid)
                 if g.info.status in LIVE
             ]  # fmt: skip
-            keep = {
-                g.info.id
-                for g in current
-                if _run_of(g) in {(region, r.start_ms, r.end_ms, r.mw) for r in wanted}
-            }
-            kept_runs = {_run_of(g) for g in current if g.info.id in keep}
-            new_runs = [
-                Run(max(r.start_ms, now), r.end_ms, r.mw)
-                for r in wanted
-                if (region, r.start_ms, r.end_ms, r.mw) not in kept_runs
-            ]
+            keep, new_runs = reconcile(current, region, wanted, now)
             new_runs = self._check_runs(region, new_runs, now)
             parent_id = program.id
         elif kind == REPORT:
@@ -378,8 +369,32 @@ def drop_nulls(value: Any) -> Any:
     return value
 
 
-def _run_of(g: es.EventRecord) -> tuple[str, int, int, float]:
-    return (g.info.region, g.info.start_ms, g.info.end_ms, g.info.mw)
+def same_run(g: es.EventRecord, region: str, run: Run) -> bool:
+    """``g`` was raised for ``run``: same region, MW and end, and the run's start, or the moment
+    ``g`` was raised if the run had begun by then (a grid event never starts in the past)."""
+    i = g.info
+    if i.region != region or i.end_ms != run.end_ms or not math.isclose(i.mw, run.mw):
+        return False
+    return i.start_ms == run.start_ms or run.start_ms < i.start_ms == g.created_ms
+
+
+def reconcile(
+    raised: list[es.EventRecord], region: str, wanted: list[Run], now_ms: int
+) -> tuple[set[str], list[Run]]:
+    """An outside event's runs against the grid events already raised for it: the ids of the
+    live ones to keep (any other live one is to be aborted) and the runs to raise (from now if
+    begun; an ended run is not raised). A run that a raised grid event matches is not raised
+    again, whatever that grid event's status (one an operator aborted stays aborted); kept runs
+    include begun and just ended ones."""
+    keep: set[str] = set()
+    new: list[Run] = []
+    for run in wanted:
+        matched = [g for g in raised if same_run(g, region, run)]
+        if matched:
+            keep.update(g.info.id for g in matched if g.info.status in LIVE)
+        elif run.end_ms > now_ms:
+            new.append(Run(max(run.start_ms, now_ms), run.end_ms, run.mw))
+    return keep, new
 
 
 def _matches(

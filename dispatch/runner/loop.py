@@ -583,11 +583,16 @@ class EventRunner:
 
     def _register(self, run: Running, start_row: int = 0) -> None:
         self.running[run.id] = run
+        metrics.EVENTS_ACTIVE.set(len(self.running))
         for i in range(start_row, len(run.table)):
             self.by_cmd[run.table.cmd_id[i]] = (run.id, i)
 
     def _forget(self, run: Running) -> None:
         self.running.pop(run.id, None)
+        metrics.EVENTS_ACTIVE.set(len(self.running))
+        for gauge in (metrics.EVENT_DELIVERED_MW, metrics.EVENT_TARGET_MW):
+            with contextlib.suppress(KeyError):
+                gauge.remove(run.id)  # an ended event leaves no flat line behind
         for c in run.table.cmd_id:
             self.by_cmd.pop(c, None)
         for c in run.table.restore_id:
@@ -1661,6 +1666,7 @@ class EventRunner:
                 )
         run.last_estimate_mw = delivered
         metrics.EVENT_DELIVERED_MW.labels(run.id).set(delivered)
+        metrics.EVENT_TARGET_MW.labels(run.id).set(target)
         await self.record_timeline(run, now, target, delivered, int(est["stale"].sum()), action)
 
     async def release(self, run: Running, est: dict[str, Any], over_kw: float) -> int:

@@ -23,6 +23,7 @@ from store.models import Base, CapacityRequest, LedgerEntry
 from store.state.memory import MemoryStateStore
 from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
+from vpp.regions import RegionBook
 from vpp.settings import Settings
 from vpp.timefmt import to_rfc3339
 
@@ -42,6 +43,7 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]
         db=db,
         state=MemoryStateStore(),
         fleet=FixedFleet(snap),
+        regions=RegionBook(sold=["ERCOT-NORTH", "PJM-DOM"]),
     )
     services.forecast = ForecastService(services)  # type: ignore[arg-type]
     key = await create_api_key(db, "t-1", "hyperscaler", NOW)

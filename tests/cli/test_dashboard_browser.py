@@ -164,6 +164,17 @@ async def test_sign_in_fleet_matches_api_and_event_chart_moves(demo: Any, browse
     await demo.settle(req["id"])
     await page.goto(f"{demo.base_url}/#settlement/{req['id']}")
     await page.wait_for_selector("#settlement-table tbody tr")
+    # The page shows the API's own figures (one function over the same intervals as the JSON,
+    # the CSV and the demo's report), not averages of its own.
+    api_req = await demo.api("GET", f"/v1/capacity-requests/{req['id']}", "operator")
+    delivery = api_req["delivery"]
+    assert delivery is not None and delivery["intervals"] == delivery["expected_intervals"]
+    assert api_req["performance"] == delivery["performance"]
+    want_pct = f"{delivery['performance'] * 100:.1f} %"
+    got_pct = await page.locator("[data-testid=st-performance]").inner_text()
+    assert got_pct == want_pct
+    got_mw = await _number(page, "[data-testid=st-delivered]")
+    assert got_mw == pytest.approx(delivery["delivered_mw"], abs=0.0051)
     await _shot(page, "5-settlement")
 
     # Signing out forgets the key.

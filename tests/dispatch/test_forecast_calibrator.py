@@ -21,6 +21,7 @@ from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import BATTERY
 from vpp.forecast import model as m
+from vpp.regions import RegionBook
 from vpp.settings import Settings
 from vpp.weather import weather_for_region
 
@@ -93,6 +94,7 @@ async def make_services(url: str, fleet: SyntheticFleet, create: bool) -> Any:
         db=db,
         state=MemoryStateStore(),
         fleet=FixedFleet(fleet.snap),
+        regions=RegionBook(sold=settings.regions),
     )
 
 

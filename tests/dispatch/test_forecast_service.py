@@ -25,6 +25,7 @@ from store.models import (
 from tests.helpers.fleets import FixedFleet
 from vpp.clock import ManualClock
 from vpp.fleet.snapshot import FleetSnapshot
+from vpp.regions import RegionBook
 from vpp.settings import Settings
 
 NOW = 1_783_000_800_000
@@ -38,7 +39,12 @@ async def make_services(tmp_path: Path, snap: FleetSnapshot) -> Any:
         await conn.run_sync(Base.metadata.create_all)
     settings = Settings(regions=REGIONS, database_url=db.url)
     return SimpleNamespace(
-        settings=settings, clock=ManualClock(NOW), db=db, state=None, fleet=FixedFleet(snap)
+        settings=settings,
+        clock=ManualClock(NOW),
+        db=db,
+        state=None,
+        fleet=FixedFleet(snap),
+        regions=RegionBook(sold=settings.regions),
     )
 
 

@@ -42,7 +42,7 @@ class StubForecast(ForecastService):
             step_s,
             self.services.clock.now_ms(),
             s.forecast_horizon_h,
-            set(s.regions),
+            set(self.services.regions.sold()),
             firmness,
         )
         if self.delay_s:

@@ -5,7 +5,8 @@
 telemetry from the VEN's reports). A partial index keeps the OpenADR ones cheap to list.
 
 Revision ID: 0007_openadr_devices
-Revises: 0006_openadr
+Revises: 0007_regions (the brief named 0006_openadr; main's 0007_regions came first, so this
+follows it: one head)
 Create Date: 2026-12-03 14:05:00.000000
 """
 
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007_openadr_devices"
-down_revision = "0006_openadr"
+down_revision = "0007_regions"
 branch_labels = None
 depends_on = None
 

@@ -140,6 +140,25 @@ async def test_bl_event_becomes_grid_events_updated_and_aborted(vtn: Any) -> Non
     assert actions.count(("grid_event.aborted", "gridco")) == 3
 
 
+async def test_an_unchanged_run_that_has_begun_survives_an_update(vtn: Any) -> None:
+    svc = vtn.services
+    bl, _, _ = await client_of(vtn, "gridco", "bl")
+    program = (await call(bl.create_program, PROGRAM)).json()
+    begun = to_rfc3339(NOW - 60_000)  # raised a minute late: its grid event starts now
+    r = await call(bl.create_event, event_body(program["id"], begun, [1000, 3000]))
+    assert r.status_code == 201, r.text
+    first = await es.grid_events_of_source(svc, es.SOURCE_OPENADR, r.json()["id"])
+    assert [g.info.start_ms for g in first] == [NOW, NOW - 60_000 + 15 * 60_000]
+    body = event_body(program["id"], begun, [1000, 2000])
+    assert (await call(bl.update_event, r.json()["id"], body)).status_code == 200
+    after = await es.grid_events_of_source(svc, es.SOURCE_OPENADR, r.json()["id"])
+    # The begun 1 MW run is the same grid event, still live; only the changed one is replaced.
+    statuses = {g.info.id: (g.info.mw, g.info.status) for g in after}
+    assert statuses[first[0].info.id] == (1.0, "scheduled")
+    assert statuses[first[1].info.id] == (3.0, "aborted")
+    assert sorted(statuses.values()) == [(1.0, "scheduled"), (2.0, "scheduled"), (3.0, "aborted")]
+
+
 async def test_bad_input_is_a_problem_naming_the_field_and_changes_nothing(vtn: Any) -> None:
     svc = vtn.services
     bl, _, _ = await client_of(vtn, "gridco", "bl")
