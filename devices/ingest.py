@@ -344,6 +344,11 @@ class IngestWorker:
     def _on_message(self, topic: str, payload: bytes) -> None:
         self._inbox.append((topic, payload))
 
+    def offer(self, device_id: str, leaf: str, payload: bytes) -> None:
+        """A message of a device that is not reached over MQTT (a VEN's resource: its report's
+        telemetry, its acks), taken exactly as if it had come on the device's topic ``leaf``."""
+        self._inbox.append((f"{self._prefix}{device_id}/{leaf}", payload))
+
     # --- flush loop ------------------------------------------------------------------------
     async def _run(self) -> None:
         # Not cancelled on stop (a batch taken off the inbox must not be dropped half-way):

@@ -85,6 +85,9 @@ COMMON_FIELDS = (
     "max_hours_per_season",
 )
 
+TRANSPORT_MQTT = "mqtt"
+TRANSPORT_OPENADR = "openadr"  # a VEN's resource: commands are OpenADR events, no broker login
+
 TenantScope = str | None  # a tenant id, or None for a key that sees every tenant
 
 
@@ -511,9 +514,12 @@ async def onboard(
     tenant_id: str,
     sees_all_tenants: bool = False,
     indexed: bool = True,
+    transport: str = TRANSPORT_MQTT,
 ) -> Onboarded:
     """Store ``specs`` for ``tenant_id`` (a spec's own ``tenant_id`` needs ``sees_all_tenants``),
-    provision broker credentials and register them for ingest, all or nothing."""
+    provision broker credentials and register them for ingest, all or nothing. A device of
+    ``transport`` ``openadr`` (a VEN's resource) gets no broker login: it is reached through
+    the VTN."""
     now_ms = services.clock.now_ms()
     rows: list[dict[str, Any]] = []
     tenants: dict[str, list[int]] = {}
@@ -533,6 +539,8 @@ async def onboard(
             spec.id = new_device_id()
         tenants.setdefault(owner, []).append(index)
         rows.append(_row_of(spec, owner, now_ms))
+        if transport != TRANSPORT_MQTT:
+            rows[-1]["transport"] = transport
     ids = [r["id"] for r in rows]
     registry = {r["id"]: KIND_CODE[DeviceKind(r["kind"])] for r in rows}
     provisioned = False
@@ -571,9 +579,11 @@ async def onboard(
                     )
                 await _insert_rows(session, rows, services.db.is_sqlite)
                 # Credentials and registry before the commit: a failure leaves no rows behind.
-                provisioned = True
+                passwords: dict[str, str] = {}
+                provisioned = transport == TRANSPORT_MQTT
                 try:
-                    passwords = await services.credentials.provision(ids)
+                    if provisioned:
+                        passwords = await services.credentials.provision(ids)
                 except ValueError as exc:
                     # An id the broker's mechanism cannot take (a password file: no ':'); the
                     # manager checks every id before it writes anything.
@@ -792,7 +802,7 @@ async def offboard(services: Edges, device_id: str, scope: TenantScope) -> None:
                     update(Device)
                     .where(_scoped(device_id, scope))
                     .values(offboarded_ms=now_ms, updated_ms=now_ms, enrolled=False)
-                    .returning(Device.id, Device.kind)
+                    .returning(Device.id, Device.kind, Device.transport)
                 )
             ).first()
             if found is None:
@@ -803,7 +813,8 @@ async def offboard(services: Edges, device_id: str, scope: TenantScope) -> None:
             await services.state.registry_put({device_id: KIND_OFFBOARDED})
             kind_code = KIND_CODE[DeviceKind(found.kind)]
             try:
-                await services.credentials.revoke([device_id])
+                if found.transport == TRANSPORT_MQTT:  # a VEN's resource has no broker login
+                    await services.credentials.revoke([device_id])
             except CredentialError as exc:
                 raise BrokerFailure(
                     [FieldError("broker", f"could not revoke credentials, nothing changed: {exc}")]

@@ -30,6 +30,7 @@ from dispatch.leadership import Leadership
 from dispatch.market import Market
 from dispatch.openadr.reports import DeliveryReporter
 from dispatch.openadr.upstream import UpstreamVens
+from dispatch.openadr.ven_devices import VenCommands
 from dispatch.openadr.vtn import Vtn
 from dispatch.planner import Planner
 from dispatch.runner.loop import EventRunner
@@ -80,7 +81,10 @@ class Services(Edges):
             ingest = IngestWorker(self)
             await ingest.start()
             self.ingest = ingest
-            runner = EventRunner(self, leadership=leadership)
+            self.openadr.devices.ingest = ingest  # VENs' reports are telemetry
+            runner = EventRunner(
+                self, leadership=leadership, openadr=VenCommands(self, self.openadr.webhooks)
+            )
             await runner.start()
             self.runner = runner
             housekeeper = MarketHousekeeper(
@@ -126,6 +130,7 @@ class Services(Edges):
             except Exception:
                 log.exception("stopping %s", type(component).__name__)
         self.ingest = self.runner = self.housekeeper = self.calibrator = None
+        self.openadr.devices.ingest = None
         self.history_keeper = self.openadr_reporter = self.openadr_upstream = None
         self.leadership = None
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -79,10 +80,19 @@ class Device(Base):
     # Enrollment settings: fairness budgets per customer.
     max_events_per_season: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_hours_per_season: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # How the device is reached: "mqtt" (its own broker login and topics) or "openadr" (a VEN's
+    # resource: commands become OpenADR events, telemetry comes from the VEN's reports).
+    transport: Mapped[str] = mapped_column(String(16), default="mqtt", server_default="mqtt")
 
     __table_args__ = (
         Index("ix_devices_region_kind", "region", "kind"),
         Index("ix_devices_tenant_region", "tenant_id", "region"),
+        Index(
+            "ix_devices_transport_openadr",
+            "transport",
+            postgresql_where=text("transport <> 'mqtt'"),
+            sqlite_where=text("transport <> 'mqtt'"),
+        ),
     )
 
 

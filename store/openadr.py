@@ -184,6 +184,20 @@ async def list_objects(
         return list(rows.all())
 
 
+async def find_named(
+    db: Database, tenant_id: str, object_type: str, parent_id: str, unique_name: str
+) -> OpenAdrObject | None:
+    """The object of this type, parent and unique name (its unique key), if any."""
+    q = select(OpenAdrObject).where(
+        OpenAdrObject.tenant_id == tenant_id,
+        OpenAdrObject.object_type == object_type,
+        OpenAdrObject.parent_id == parent_id,
+        OpenAdrObject.unique_name == unique_name,
+    )
+    async with db.session() as s:
+        return (await s.execute(q)).scalars().first()
+
+
 def _conflict(object_type: str, name: str | None) -> Conflict:
     field = {"PROGRAM": "programName", "VEN": "venName", "RESOURCE": "resourceName"}.get(
         object_type, "name"

@@ -389,3 +389,227 @@ def iso_duration(seconds: float) -> str:
     m, s = divmod(rest, 60)
     out = "PT" + (f"{h}H" if h else "") + (f"{m}M" if m else "") + (f"{s}S" if s else "")
     return out if out != "PT" else "PT0S"
+
+
+# --- a VEN's resources as fleet devices ---------------------------------------------------------
+KIND_ATTRIBUTE = "KIND"
+MAX_EXPORT = "MAX_POWER_EXPORT"  # kW
+MAX_CONSUMPTION = "MAX_POWER_CONSUMPTION"  # kW
+STORAGE_CAPACITY = "STORAGE_USABLE_CAPACITY"  # kWh
+RESOURCE_KINDS = ("battery", "solar", "thermostat")
+# The attributes each kind needs, and the device field (W or Wh) each becomes.
+KIND_ATTRIBUTES: dict[str, tuple[tuple[str, str], ...]] = {
+    "battery": (
+        (STORAGE_CAPACITY, "capacity_wh"),
+        (MAX_EXPORT, "max_discharge_w"),
+        (MAX_CONSUMPTION, "max_charge_w"),
+    ),
+    "solar": ((MAX_EXPORT, "rated_w"),),
+    "thermostat": ((MAX_CONSUMPTION, "hvac_rated_w"),),
+}
+# A thermostat resource has no attribute for its comfort band: the VEN's cloud keeps the
+# customer's comfort; the fleet plans within this band (the service's convention).
+THERMOSTAT_COMFORT_C = (20.0, 26.0)
+
+
+def _attributes(resource: Mapping[str, Any]) -> dict[str, tuple[int, list[Any]]]:
+    """The resource's attributes by type: (position, values); a type given twice is refused."""
+    raw = resource.get("attributes") or []
+    if not isinstance(raw, Sequence) or isinstance(raw, str | bytes):
+        raise InvalidInput("attributes", "must be a list of valuesMap objects")
+    out: dict[str, tuple[int, list[Any]]] = {}
+    for i, a in enumerate(raw):
+        if not isinstance(a, Mapping) or not isinstance(a.get("type"), str):
+            raise InvalidInput(f"attributes[{i}].type", "must be a string")
+        kind = str(a["type"])
+        if kind in out:
+            raise InvalidInput(f"attributes[{i}].type", f"{kind} given twice")
+        out[kind] = (i, _values(a, f"attributes[{i}]"))
+    return out
+
+
+def _one_number(attrs: dict[str, tuple[int, list[Any]]], name: str, kind: str) -> float:
+    if name not in attrs:
+        raise InvalidInput("attributes", f"{name} is required for a {kind} resource")
+    i, values = attrs[name]
+    v = values[0] if len(values) == 1 else None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+        raise InvalidInput(
+            f"attributes[{i}].values", f"{name} must hold exactly one finite number ≥ 0"
+        )
+    return float(v)
+
+
+def resource_device(resource: Mapping[str, Any], regions: Sequence[str]) -> dict[str, Any] | None:
+    """The fleet device a VEN's resource describes, as ``POST /v1/devices`` fields (W, Wh), or
+    None when the resource names no ``KIND`` (it is stored, and is no fleet device).
+
+    Attributes: ``KIND`` (battery, solar, thermostat), ``REGION`` (one of the service's),
+    ``MAX_POWER_EXPORT`` and ``MAX_POWER_CONSUMPTION`` in kW, ``STORAGE_USABLE_CAPACITY`` in
+    kWh. A battery needs all three figures, solar ``MAX_POWER_EXPORT``, a thermostat
+    ``MAX_POWER_CONSUMPTION``. An aggregated group (many homes behind one resource) is one device
+    of the summed figures the VEN gives. Bad attributes raise InvalidInput naming the
+    attribute."""
+    attrs = _attributes(resource)
+    if KIND_ATTRIBUTE not in attrs:
+        return None
+    i, values = attrs[KIND_ATTRIBUTE]
+    kind = values[0].lower() if len(values) == 1 and isinstance(values[0], str) else None
+    if kind not in RESOURCE_KINDS:
+        raise InvalidInput(
+            f"attributes[{i}].values",
+            f"KIND must be one of {', '.join(RESOURCE_KINDS)}, not {values!r}",
+        )
+    if REGION_ATTRIBUTE not in attrs:
+        raise InvalidInput("attributes", f"REGION is required for a {kind} resource")
+    j, regs = attrs[REGION_ATTRIBUTE]
+    if len(regs) != 1:
+        raise InvalidInput(f"attributes[{j}].values", "REGION must hold exactly one region")
+    region = _known_region(regs[0], set(regions), f"attributes[{j}].values")
+    out: dict[str, Any] = {"kind": kind, "region": region}
+    for name, field in KIND_ATTRIBUTES[kind]:
+        watts = _one_number(attrs, name, kind) * 1000.0
+        if watts <= 0 and field != "max_charge_w":
+            raise InvalidInput(f"attributes[{attrs[name][0]}].values", f"{name} must be > 0")
+        out[field] = watts
+    if kind == "thermostat":
+        out["comfort_min_c"], out["comfort_max_c"] = THERMOSTAT_COMFORT_C
+    return out
+
+
+# --- a VEN's reports as telemetry ---------------------------------------------------------------
+USAGE = "USAGE"  # kW, + consumed from the grid, − exported
+CHARGE_LEVEL = "STORAGE_CHARGE_LEVEL"  # %
+BASELINE = "BASELINE"
+INDOOR = "TEMPERATURE"  # °C, a thermostat's indoor temperature
+THERMOSTAT_SETPOINT = "SETPOINT"  # °C
+OPERATING_STATE = "OPERATING_STATE"  # a thermostat's mode: cool, heat, off, auto
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One interval of a resource's report as the contract's telemetry (W, %, °C)."""
+
+    resource: int  # position in the report's ``resources``
+    ts_ms: int
+    telemetry: dict[str, Any]
+
+
+def _payload_number(p: Mapping[str, Any], where: str) -> float:
+    values = p["values"]
+    v = values[0] if len(values) == 1 else None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise InvalidInput(f"{where}.values", f"{p['type']} must hold exactly one finite number")
+    return float(v)
+
+
+def report_readings(
+    resource: Mapping[str, Any], position: int, kind: str, now_ms: int
+) -> list[Reading]:
+    """A report's resource (one fleet device of ``kind``) as telemetry readings, one per
+    interval that carries ``USAGE``. ``USAGE`` is kW consumed (+ drawing from the grid,
+    − exporting): a battery's or solar's ``power_w`` is −USAGE×1000 (the contract's + is
+    output), a thermostat's ``hvac_w`` +USAGE×1000. A battery needs ``STORAGE_CHARGE_LEVEL``
+    (%), a thermostat ``TEMPERATURE`` and ``SETPOINT`` (°C) and ``OPERATING_STATE`` (its mode).
+    ``BASELINE`` stays in the report (the service settles on its own baseline from the
+    history these readings build). A reading is stamped at its interval's end (now at the
+    latest); an interval without a period is a reading of now."""
+    base = f"resources[{position}]"
+    if resource.get("intervalPeriod") is None:  # readings of now, unless an interval says
+        resource = {**resource, "intervalPeriod": {"start": to_rfc3339(now_ms), "duration": "PT0S"}}
+    try:
+        intervals = resolve_intervals(resource, now_ms)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{base}.{exc.field}", exc.message) from None
+    out: list[Reading] = []
+    for iv in intervals:
+        got: dict[str, Any] = {}
+        for j, p in enumerate(iv.payloads):
+            where = f"{base}.intervals[{iv.index}].payloads[{j}]"
+            t = str(p["type"])
+            if t == OPERATING_STATE:
+                vals = p["values"]
+                if len(vals) != 1 or vals[0] not in ("cool", "heat", "off", "auto"):
+                    raise InvalidInput(f"{where}.values", "OPERATING_STATE: cool, heat, off, auto")
+                got[t] = vals[0]
+            elif t in (USAGE, CHARGE_LEVEL, INDOOR, THERMOSTAT_SETPOINT, BASELINE):
+                got[t] = _payload_number(p, where)
+        if USAGE not in got:
+            continue
+        where = f"{base}.intervals[{iv.index}].payloads"
+        usage_w = got[USAGE] * 1000.0
+        tel: dict[str, Any] = {}
+        if kind == "battery":
+            if CHARGE_LEVEL not in got:
+                raise InvalidInput(where, f"a battery's USAGE needs {CHARGE_LEVEL} (%) with it")
+            if not 0 <= got[CHARGE_LEVEL] <= 100:
+                raise InvalidInput(where, f"{CHARGE_LEVEL} must be 0 to 100 %")
+            tel = {"power_w": -usage_w, "soc_pct": got[CHARGE_LEVEL]}
+        elif kind == "solar":
+            if usage_w > 0:
+                raise InvalidInput(where, "a solar resource's USAGE must be ≤ 0 (generation)")
+            tel = {"power_w": -usage_w}
+        else:
+            missing = [n for n in (INDOOR, THERMOSTAT_SETPOINT, OPERATING_STATE) if n not in got]
+            if missing:
+                raise InvalidInput(where, f"a thermostat's USAGE needs {', '.join(missing)}")
+            if usage_w < 0:
+                raise InvalidInput(where, "a thermostat's USAGE must be ≥ 0")
+            tel = {
+                "hvac_w": usage_w,
+                "indoor_c": got[INDOOR],
+                "setpoint_c": got[THERMOSTAT_SETPOINT],
+                "mode": got[OPERATING_STATE],
+            }
+        ts = min(iv.end_ms, now_ms)
+        out.append(Reading(position, ts, {"ts": ts, **tel}))
+    out.sort(key=lambda r: r.ts_ms)
+    return out
+
+
+def dispatch_event(
+    *,
+    program_id: str,
+    event_name: str,
+    targets: Sequence[str],
+    command: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The OpenADR event that carries one device's command (the contract's command JSON) to its
+    VEN: one interval from ``valid_from`` to ``valid_until``. A battery's setpoint is
+    ``DISPATCH_SETPOINT`` in kW, + discharging (export, the telemetry's sign), − charging; a
+    solar curtailment ``EXPORT_CAPACITY_LIMIT`` in kW; a thermostat's offset
+    ``CONTROL_SETPOINT`` in °C added to the cooling setpoint (units ``DELTA_C``, the service's
+    convention)."""
+    t = command["type"]
+    if t in ("battery_discharge", "battery_charge"):
+        sign = 1.0 if t == "battery_discharge" else -1.0
+        ptype, units, value = "DISPATCH_SETPOINT", "KW", sign * float(command["setpoint_w"]) / 1000
+    elif t == "solar_curtail":
+        ptype, units, value = "EXPORT_CAPACITY_LIMIT", "KW", float(command["limit_w"]) / 1000
+    else:
+        ptype, units, value = "CONTROL_SETPOINT", "DELTA_C", float(command.get("offset_c") or 0)
+    start, until = int(command["valid_from"]), int(command["valid_until"])
+    return {
+        "programID": program_id,
+        "eventName": event_name,
+        "targets": list(targets),
+        "payloadDescriptors": [
+            {"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": ptype, "units": units}
+        ],
+        "intervalPeriod": {
+            "start": to_rfc3339(start),
+            "duration": iso_duration(max(0, until - start) / 1000),
+        },
+        "intervals": [{"id": 0, "payloads": [{"type": ptype, "values": [round(value, 4)]}]}],
+    }
+
+
+def cut_event(event: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
+    """The event ended now (a restore): its period shortened to end at ``now_ms`` (at its start
+    at the earliest)."""
+    out = dict(event)
+    period = dict(out.get("intervalPeriod") or {})
+    start = parse_start(period.get("start"), now_ms, "intervalPeriod.start")
+    period["duration"] = iso_duration(max(0, now_ms - start) / 1000)
+    out["intervalPeriod"] = period
+    return out

@@ -105,6 +105,11 @@ class DeviceOut(BaseModel):
     comfort_max_c: float | None = Field(None, description="Thermostat: warmest accepted, °C.")
     comfort_min_c: float | None = Field(None, description="Thermostat: coldest accepted, °C.")
     max_offset_c: float | None = Field(None, description="Thermostat: largest event offset, °C.")
+    transport: Literal["mqtt", "openadr"] = Field(
+        "mqtt",
+        description="How the device is reached: `mqtt` (its own broker login and topics) or "
+        "`openadr` (a VEN's resource: commands are OpenADR events, telemetry its reports).",
+    )
     created_at: str = Field(description="Registration time, RFC 3339 UTC.")
     updated_at: str = Field(description="Last change of the registration, RFC 3339 UTC.")
 

@@ -3,7 +3,8 @@
 
 A business-logic client (``bl``) sees every object of its tenant; a VEN client sees every
 program, the events that target it (no targets: the whole program; or targets naming its
-venName or one of its resources' names), and only its own ven, resources, reports and
+venName or one of its resources' names; an event the service made for one ven's resource, its
+dispatch, that ven alone), and only its own ven, resources, reports and
 subscriptions."""
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def sees(caller: Caller, mine: Mine, row: OpenAdrObject) -> bool:
     if kind == PROGRAM:
         return True
     if kind == EVENT:
+        if row.ven_id is not None:  # the service's event for one ven's resource
+            return row.ven_id in mine.ven_ids
         targets = target_strings(row.body.get("targets"))
         return not targets or bool(targets & mine.names)
     if kind == VEN:

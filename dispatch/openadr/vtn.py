@@ -36,6 +36,7 @@ from dispatch.openadr.access import (
     Mine,
     target_strings,
 )
+from dispatch.openadr.ven_devices import VenDevices
 from dispatch.openadr.webhooks import Webhooks, check_callback_url
 from store import audit
 from store import openadr as db
@@ -56,6 +57,7 @@ class Vtn:
     def __init__(self, services: Edges) -> None:
         self.services = services
         self.webhooks = Webhooks(services)
+        self.devices = VenDevices(services)
 
     @property
     def db(self) -> Any:
@@ -81,26 +83,32 @@ class Vtn:
         return row
 
     async def get(self, caller: Caller, kind: str, oid: str) -> dict[str, Any]:
-        return self.doc(await self._visible(caller, kind, oid))
+        row = await self._visible(caller, kind, oid)
+        if kind == EVENT and not caller.is_bl:
+            await self.devices.received([row])
+        return self.doc(row)
 
     async def search(
         self, caller: Caller, kind: str, filters: Mapping[str, Any], skip: int, limit: int
     ) -> list[dict[str, Any]]:
         rows = await db.list_objects(self.db, caller.tenant_id, kind)
         mine = await self.mine(caller)
-        out = []
         report_programs: dict[str, str | None] = {}
         if kind == REPORT and filters.get("programID"):
             for ev in await db.list_objects(self.db, caller.tenant_id, EVENT):
                 report_programs[ev.id] = ev.parent_id
         now = self.now_ms()
+        found = []
         for row in rows:
             if not self.sees(caller, mine, row):
                 continue
             if not _matches(row, filters, report_programs, now):
                 continue
-            out.append(self.doc(row))
-        return out[skip : skip + limit]
+            found.append(row)
+        page = found[skip : skip + limit]
+        if kind == EVENT and not caller.is_bl:
+            await self.devices.received(page)
+        return [self.doc(row) for row in page]
 
     # --- writes ---------------------------------------------------------------------------
     async def create(self, caller: Caller, kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +126,9 @@ class Vtn:
         )
         runs: list[Run] = []
         region = ""
+        device: Any = None
+        readings: list[tuple[str, bytes]] = []
+        event: OpenAdrObject | None = None
         if kind == PROGRAM:
             program_region(body, self.services.regions.sold())
             row.parent_id, row.unique_name = "", body["programName"]
@@ -131,6 +142,7 @@ class Vtn:
             row.parent_id = event.id
             mine = await self.mine(caller)
             row.ven_id = min(mine.ven_ids) if mine.ven_ids else None
+            readings = await self.devices.readings(caller, mine, body)
         elif kind == SUBSCRIPTION:
             await self._check_subscription(caller, body)
             row.parent_id = body.get("programID")
@@ -147,13 +159,19 @@ class Vtn:
             row.parent_id = row.ven_id = ven.id
             row.client_id = ven.client_id
             row.unique_name = body["resourceName"]
+            device = self.devices.spec(oid, body, ven)
         await db.insert_object(self.db, row)
-        if kind == EVENT and runs:
+        if (kind == EVENT and runs) or device is not None:
             try:
-                await self._raise(caller, oid, region, runs)
+                if device is not None:
+                    await self.devices.onboard(caller.tenant_id, device)
+                else:
+                    await self._raise(caller, oid, region, runs)
             except Exception:
                 await db.delete_object(self.db, oid)
                 raise
+        if readings:
+            await self.devices.report(readings, event)
         doc = self.doc(row)
         self.webhooks.emit(row, "CREATE", doc)
         return doc
@@ -166,6 +184,10 @@ class Vtn:
         now = self.now_ms()
         unique_name: str | None = None
         parent_id: str | None = None
+        old_device: Any = None
+        new_device: Any = None
+        readings: list[tuple[str, bytes]] = []
+        event: OpenAdrObject | None = None
         if kind == PROGRAM:
             region = program_region(body, self.services.regions.sold())
             old = program_region(row.body, self.services.regions.sold())
@@ -186,6 +208,7 @@ class Vtn:
         elif kind == REPORT:
             event = await self._referenced(caller, EVENT, body.get("eventID"), "eventID")
             parent_id = event.id
+            readings = await self.devices.readings(caller, await self.mine(caller), body)
         elif kind == SUBSCRIPTION:
             await self._check_subscription(caller, body)
         elif kind == VEN:
@@ -198,9 +221,20 @@ class Vtn:
             if given is not None and given != row.ven_id:
                 raise InvalidInput("venID", "a resource stays with its ven")
             unique_name = body["resourceName"]
+            ven = await db.get_object(self.db, row.tenant_id, VEN, str(row.ven_id))
+            try:
+                old_device = self.devices.spec(oid, row.body, ven)
+            except InvalidInput:
+                old_device = None  # stored before resources joined the fleet
+            new_device = self.devices.spec(oid, body, ven)
+            self.devices.check_change(old_device, new_device)
         row = await db.update_object(
             self.db, oid, body, now, unique_name=unique_name, parent_id=parent_id
         )
+        if kind == RESOURCE:
+            await self.devices.changed(row.tenant_id, old_device, new_device)
+        if readings:
+            await self.devices.report(readings, event)
         if kind == EVENT:
             for g in current:
                 if g.info.id not in keep:
@@ -223,6 +257,11 @@ class Vtn:
         removed = [row]
         if kind == VEN:
             removed += await db.list_objects(self.db, caller.tenant_id, RESOURCE, parent_id=oid)
+        # Devices first: a device that cannot be offboarded (state store down) keeps its
+        # resource.
+        await self.devices.offboard(
+            caller.tenant_id, [r.id for r in removed if r.object_type == RESOURCE]
+        )
         for r in reversed(removed):
             await db.delete_object(self.db, r.id)
         for r in removed:

@@ -60,6 +60,7 @@ from devices.outage_log import OutageLog
 from devices.outages import dependency_down
 from dispatch import events as es
 from dispatch.leadership import Leadership
+from dispatch.openadr.ven_devices import VenCommands
 from dispatch.runner.commands import (
     ACK_CODES,
     ACKED,
@@ -175,8 +176,11 @@ class EventRunner:
         *,
         owner: str | None = None,
         leadership: Leadership | None = None,
+        openadr: VenCommands | None = None,
     ) -> None:
         self.services = services
+        # The second sink: devices reached over OpenADR get their commands as VTN events.
+        self.openadr = openadr or VenCommands(services)
         self.settings = services.settings
         self.clock = services.clock
         self.store = CommandStore(services)
@@ -1114,10 +1118,7 @@ class EventRunner:
         ids (for the caller to mark sent in the database)."""
         if rows.size == 0:
             return []
-        topic = self.services.topic
-        await self.publish(
-            [(topic(t.device_id[i], "cmd"), t.payload[i], 1, False) for i in rows.tolist()]
-        )
+        await self.send_commands(t.device_id, t.payload, rows)
         t.status[rows] = SENT
         t.attempts[rows] += 1
         t.sent_ms[rows] = self.clock.now_ms()
@@ -1164,6 +1165,22 @@ class EventRunner:
         return out
 
     # --- publishing ----------------------------------------------------------------------------
+    async def send_commands(
+        self, device_ids: npt.NDArray[np.object_], bodies: list[bytes], rows: I64
+    ) -> None:
+        """The rows' commands to their devices by transport: those reached over OpenADR (a
+        boolean mask over the rows) as VTN events, the rest published on MQTT."""
+        over = await self.openadr.mask(device_ids[rows])
+        if over.any():
+            vens = rows[over]
+            rows = rows[~over]
+            self._must_lead()
+            await self.openadr.send(device_ids[vens].tolist(), [bodies[i] for i in vens.tolist()])
+        topic = self.services.topic
+        await self.publish(
+            [(topic(device_ids[i], "cmd"), bodies[i], 1, False) for i in rows.tolist()]
+        )
+
     async def publish(self, messages: list[tuple[str, bytes, int, bool]]) -> None:
         """QoS-1 fan-out in chunks, a few chunks in flight (see PUBLISH_CONCURRENCY)."""
         if not messages:
@@ -1188,9 +1205,7 @@ class EventRunner:
 
     async def _send_rows(self, run: Running, rows: I64) -> None:
         t = run.table
-        topic = self.services.topic
-        msgs = [(topic(t.device_id[i], "cmd"), t.payload[i], 1, False) for i in rows.tolist()]
-        await self.publish(msgs)
+        await self.send_commands(t.device_id, t.payload, rows)
         sent = self.clock.now_ms()
         ids = t.cmd_id[rows].tolist()
         first = t.status[rows] == PENDING
@@ -1219,6 +1234,7 @@ class EventRunner:
         for run in list(self.running.values()):
             t = run.table
             rows = np.flatnonzero((t.status == SENT) & (t.valid_until_ms > now))
+            rows = rows[~await self.openadr.mask(t.device_id[rows])]  # the broker's only
             if rows.size:
                 topic = self.services.topic
                 await self.publish(
@@ -1228,9 +1244,12 @@ class EventRunner:
                 n += rows.size
             again: list[tuple[str, bytes, int, bool]] = []
             lapsed: list[int] = []
+            over_openadr = set((await self.openadr.device_ids()).tolist())
             for cid, (ev_id, row, body, until) in list(self.restore_unacked.items()):
                 if ev_id != run.id or t.restore_id[row] != cid:
                     continue
+                if t.device_id[row] in over_openadr:
+                    continue  # its restore is an OpenADR event, not the broker's
                 if body is not None and until > now:
                     again.append((self.services.topic(t.device_id[row], "cmd"), body, 1, False))
                 else:
@@ -1739,11 +1758,9 @@ class EventRunner:
         until = b.valid_until_ms.tolist()
         for k, i in enumerate(rows.tolist()):
             self.restore_unacked[b.ids[k]] = (run.id, i, bodies[k], int(until[k]))
-        msgs = [
-            (self.services.topic(d, "cmd"), p, 1, False)
-            for d, p in zip(b.device_ids, bodies, strict=True)
-        ]
-        await self.publish(msgs)
+        await self.send_commands(
+            np.array(b.device_ids, dtype=object), bodies, np.arange(n, dtype=np.int64)
+        )
         await self.store.mark(
             b.ids, CommandStatus.sent.value, sent_ms=self.clock.now_ms(), attempts_inc=True
         )

@@ -109,6 +109,7 @@ async def test_every_model_round_trips(db: Database) -> None:
         Device(
             id="bat-1",
             tenant_id="acme",
+            transport="openadr",
             kind="battery",
             site_id="s1",
             region="ERCOT-NORTH",
@@ -130,6 +131,7 @@ async def test_every_model_round_trips(db: Database) -> None:
         Device(
             id="th-1",
             tenant_id="acme",
+            transport="mqtt",
             kind="thermostat",
             site_id="s2",
             region="PJM-DOM",

@@ -1,5 +1,6 @@
 """vpp.openadr: ISO 8601 durations, interval periods, an event's MW as runs of equal values
-(one grid event per run), a program's region."""
+(one grid event per run), a program's region; a VEN's resource as a device, its report as
+telemetry, a command as an event."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from hypothesis import strategies as st
 from vpp.errors import InvalidInput
 from vpp.openadr import (
     Run,
+    cut_event,
+    dispatch_event,
     event_demand,
     parse_duration,
     parse_interval_period,
     program_region,
+    report_readings,
     resolve_intervals,
+    resource_device,
     runs_of,
 )
 from vpp.timefmt import to_rfc3339
@@ -149,3 +154,89 @@ def test_program_region_from_targets_or_attribute() -> None:
         with pytest.raises(InvalidInput) as e:
             program_region(bad, REGIONS)
         assert e.value.field == field
+
+
+def attrs(**given: list[object]) -> dict[str, object]:
+    return {"attributes": [{"type": k, "values": v} for k, v in given.items()]}
+
+
+def test_resources_describe_devices_in_w_and_wh() -> None:
+    bat = attrs(KIND=["battery"], REGION=["ERCOT-NORTH"], MAX_POWER_EXPORT=[5],
+                MAX_POWER_CONSUMPTION=[3.3], STORAGE_USABLE_CAPACITY=[13.5])  # fmt: skip
+    assert resource_device(bat, REGIONS) == {
+        "kind": "battery", "region": "ERCOT-NORTH", "capacity_wh": 13_500.0,
+        "max_discharge_w": 5_000.0, "max_charge_w": 3_300.0,
+    }  # fmt: skip
+    solar = resource_device(attrs(KIND=["SOLAR"], REGION=["CAISO-SP15"], MAX_POWER_EXPORT=[7]),
+                            REGIONS)  # fmt: skip
+    assert solar == {"kind": "solar", "region": "CAISO-SP15", "rated_w": 7_000.0}
+    th = resource_device(
+        attrs(KIND=["thermostat"], REGION=["ERCOT-NORTH"], MAX_POWER_CONSUMPTION=[3.5]), REGIONS
+    )
+    assert th is not None and th["hvac_rated_w"] == 3_500.0
+    assert th["comfort_min_c"] < th["comfort_max_c"]
+    assert resource_device(attrs(REGION=["ERCOT-NORTH"]), REGIONS) is None  # no KIND: no device
+
+
+@pytest.mark.parametrize(
+    ("given", "field", "words"),
+    [
+        ({"KIND": ["heat pump"], "REGION": ["ERCOT-NORTH"]}, "attributes[0].values", "KIND"),
+        ({"KIND": ["solar"]}, "attributes", "REGION"),
+        ({"KIND": ["solar"], "REGION": ["MARS"]}, "attributes[1].values", "MARS"),
+        ({"KIND": ["solar"], "REGION": ["ERCOT-NORTH"]}, "attributes", "MAX_POWER_EXPORT"),
+        ({"KIND": ["solar"], "REGION": ["ERCOT-NORTH"], "MAX_POWER_EXPORT": ["lots"]},
+         "attributes[2].values", "MAX_POWER_EXPORT"),
+        ({"KIND": ["solar"], "REGION": ["ERCOT-NORTH"], "MAX_POWER_EXPORT": [0]},
+         "attributes[2].values", "> 0"),
+    ],
+)  # fmt: skip
+def test_bad_resource_attributes_are_named(given: dict[str, list[object]], field: str,
+                                           words: str) -> None:  # fmt: skip
+    with pytest.raises(InvalidInput) as exc:
+        resource_device(attrs(**given), REGIONS)
+    assert exc.value.field == field and words in exc.value.message
+
+
+def test_report_usage_is_consumption_and_telemetry_is_output() -> None:
+    start = NOW - 600_000
+    res = {
+        "resourceName": "home-1",
+        "intervalPeriod": {"start": to_rfc3339(start), "duration": "PT5M"},
+        "intervals": [
+            {"id": 0, "payloads": [{"type": "USAGE", "values": [-2.0]},
+                                   {"type": "STORAGE_CHARGE_LEVEL", "values": [80]}]},
+            {"id": 1, "payloads": [{"type": "USAGE", "values": [1.5]},
+                                   {"type": "STORAGE_CHARGE_LEVEL", "values": [79]}]},
+            {"id": 2, "payloads": [{"type": "BASELINE", "values": [1.0]}]},  # no USAGE: none
+        ],
+    }  # fmt: skip
+    readings = report_readings(res, 0, "battery", NOW)
+    assert [(r.ts_ms, r.telemetry["power_w"], r.telemetry["soc_pct"]) for r in readings] == [
+        (start + 300_000, 2000.0, 80.0),
+        (start + 600_000, -1500.0, 79.0),
+    ]
+    with pytest.raises(InvalidInput, match="STORAGE_CHARGE_LEVEL"):
+        report_readings({"intervals": [{"id": 0, "payloads": [
+            {"type": "USAGE", "values": [1]}]}]}, 3, "battery", NOW)  # fmt: skip
+    (now_reading,) = report_readings(
+        {"intervals": [{"id": 0, "payloads": [{"type": "USAGE", "values": [-4]}]}]}, 0, "solar", NOW
+    )
+    assert now_reading.ts_ms == NOW and now_reading.telemetry["power_w"] == 4000.0
+    with pytest.raises(InvalidInput) as exc:
+        report_readings({"intervalPeriod": {"start": "yesterday", "duration": "PT5M"},
+                         "intervals": []}, 2, "solar", NOW)  # fmt: skip
+    assert exc.value.field == "resources[2].intervalPeriod.start"
+
+
+def test_a_command_is_one_interval_and_a_restore_cuts_it() -> None:
+    cmd = {"command_id": "c-1", "event_id": "e-1", "type": "battery_charge", "setpoint_w": 2500,
+           "valid_from": NOW, "valid_until": NOW + 3_600_000}  # fmt: skip
+    ev = dispatch_event(program_id="pro-1", event_name="x", targets=["oem", "home-1"], command=cmd)
+    assert ev["targets"] == ["oem", "home-1"]
+    assert ev["intervalPeriod"] == {"start": to_rfc3339(NOW), "duration": "PT1H"}
+    (iv,) = ev["intervals"]
+    assert iv["payloads"] == [{"type": "DISPATCH_SETPOINT", "values": [-2.5]}]  # charging
+    assert ev["payloadDescriptors"][0]["units"] == "KW"
+    assert cut_event(ev, NOW + 600_000)["intervalPeriod"]["duration"] == "PT10M"
+    assert cut_event(ev, NOW - 5)["intervalPeriod"]["duration"] == "PT0S"

@@ -215,7 +215,7 @@ async def test_ven_sees_only_its_own_and_scopes_are_enforced(vtn: Any) -> None:
     assert va["objectType"] == "VEN" and va["clientID"] == a_id
     assert (await call(ven_a.create_ven, {"venName": "someone-else"})).status_code == 403
     vb = (await call(ven_b.create_ven, {"venName": "ven-b"})).json()
-    attrs = [{"type": "KIND", "values": ["battery"]}, {"type": "REGION", "values": ["ERCOT-NORTH"]}]
+    attrs = [{"type": "REGION", "values": ["ERCOT-NORTH"]}]  # no KIND: not a fleet device
     ra = await call(
         ven_a.create_resource, {"resourceName": "bat-1", "venID": va["id"], "attributes": attrs}
     )
