@@ -4,9 +4,8 @@
 ``openadr`` (a VEN's resource: no broker login; commanded by OpenADR events the VEN reads,
 telemetry from the VEN's reports). A partial index keeps the OpenADR ones cheap to list.
 
-Revision ID: 0007_openadr_devices
-Revises: 0007_regions (the brief named 0006_openadr; main's 0007_regions came first, so this
-follows it: one head)
+Revision ID: 0008_openadr_devices
+Revises: 0007_regions
 Create Date: 2026-12-03 14:05:00.000000
 """
 
@@ -15,7 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_openadr_devices"
+revision = "0008_openadr_devices"
 down_revision = "0007_regions"
 branch_labels = None
 depends_on = None
