@@ -414,8 +414,10 @@
       }
       if (vw > MAP_W) [vx, vy, vw, vh] = [0, 0, MAP_W, MAP_H];
     }
-    // Map units per screen pixel: marks and text keep their size on screen at any zoom.
-    const k = vw / Math.max(el.clientWidth || MAP_W, 300);
+    // Map units per screen pixel: marks and text keep their size on screen at any zoom. The
+    // drawing is as wide as the card, or less where its height (app.css) is the limit.
+    const shown = Math.min(el.clientWidth || MAP_W, ((opts.maxHeight || 320) * MAP_W) / MAP_H);
+    const k = vw / Math.max(shown, 300);
     const radius = (z) => (6 + 20 * Math.sqrt(z.devices / maxDevices)) * k;
     const f = (v) => v.toFixed(1);
     const title = (z) => {
@@ -445,7 +447,7 @@
     // Legend (under the map, so it never covers a state): size is devices, colour the share online.
     const grad = [0, 0.25, 0.5, 0.75, 1].map((t) => `${shareColor(t)} ${t * 100}%`).join(", ");
     const legend = `<div class="map-legend"><span><span class="grad" style="background:linear-gradient(90deg, ${grad})"></span>
-      online share 0 % → 100 %</span><span>· circle area: devices</span><span>· <span class="dot"></span> zone without devices</span></div>`;
+      online share 0 % → 100 %</span><span>circle area: devices</span><span><span class="dot"></span> zone without devices</span></div>`;
     el.innerHTML =
       `<svg viewBox="${f(vx)} ${f(vy)} ${f(vw)} ${f(vh)}" preserveAspectRatio="xMidYMid meet" role="img" aria-label="US load zones">` +
       `<g style="stroke-width:${f(k)}">${geo}</g>${dots}${markers}</svg>${legend}` +
@@ -469,7 +471,7 @@
     }
     const registry = await ensureRegistry();
     const zones = zonesOf(fleetRows(data), registry);
-    await drawUsMap($("us-map"), zones);
+    await drawUsMap($("us-map"), zones, { maxHeight: 640 });
     const busy = zones.filter((z) => z.devices > 0).sort((a, b) => b.devices - a.devices);
     $("map-table").querySelector("tbody").innerHTML = busy.length
       ? busy
