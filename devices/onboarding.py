@@ -703,6 +703,7 @@ async def list_devices(
     kind: str | None = None,
     enrolled: bool | None = None,
     ids: Sequence[str] | None = None,
+    id_prefix: str | None = None,
     after: str | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
@@ -718,6 +719,8 @@ async def list_devices(
         q = q.where(Device.enrolled == enrolled)
     if ids is not None:
         q = q.where(Device.id.in_(list(ids)))
+    if id_prefix is not None:
+        q = q.where(Device.id.startswith(id_prefix, autoescape=True))
     if after is not None:
         q = q.where(Device.id > after)
     q = q.order_by(Device.id).limit(limit)

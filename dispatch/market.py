@@ -217,6 +217,18 @@ def make_quote(
     return Quote(quoted, RequestStatus.quoted.value, reason, int(slots_ms[k]))
 
 
+@dataclass(frozen=True)
+class QuotePreview:
+    """A quote worked out but not stored: ``available_mw`` is the most the window could be quoted
+    (the least free MW over its intervals; None when a rule rejects the window), ``expires_ms``
+    when a quote made now would expire (None unless quoted)."""
+
+    quote: Quote
+    available_mw: float | None
+    expires_ms: int | None
+    intervals: int
+
+
 def first_short_slot(free: F64, need_mw: float) -> int | None:
     """Index of the first interval with less than ``need_mw`` free, or None."""
     short = np.flatnonzero(np.asarray(free, float) < need_mw - EPS_MW)
@@ -367,6 +379,39 @@ class Market:
         return row
 
     # -- quote --
+    async def _evaluate(self, inp: RequestInput, now: int) -> QuotePreview:
+        """What a quote of ``inp`` says at ``now``, without storing anything."""
+        s = self.settings
+        validate_input(
+            inp,
+            now,
+            await self.known_regions(),
+            horizon_h=s.forecast_horizon_h,
+            min_notice_s=s.min_notice_s,
+            max_mw=s.max_request_mw,
+        )
+        slots = ledger_slots(inp.start_ms, inp.end_ms)
+        rule = window_rule(inp)
+        available: float | None = None
+        if rule is not None:
+            q = Quote(0.0, RequestStatus.rejected.value, rule, None)
+        else:
+            firm, p90 = await self._forecast(inp, slots)
+            committed = await self.committed_mw(inp.region, slots)
+            margin = s.margin_pct(inp.region)
+            q = make_quote(inp.mw, inp.firmness, slots, firm, p90, committed, margin)
+            available = floor_mw(float(np.min(free_mw(sellable_mw(firm, p90, margin), committed))))
+        expires = None
+        if q.status == RequestStatus.quoted.value:
+            latest = inp.start_ms - int(s.min_notice_s * 1000)
+            expires = min(now + int(s.quote_ttl_s * 1000), latest)
+        return QuotePreview(q, available, expires, len(slots))
+
+    async def preview(self, inp: RequestInput) -> QuotePreview:
+        """The quote ``inp`` would get now (same checks and figures as :meth:`quote`), neither
+        stored nor booked: bad input raises the same :class:`InvalidInput`."""
+        return await self._evaluate(inp, self.now_ms())
+
     async def quote(
         self, tenant_id: str, inp: RequestInput, idempotency_key: str | None = None
     ) -> tuple[CapacityRequest, bool]:
@@ -380,29 +425,8 @@ class Market:
             if prior is not None:
                 return self._replay(prior, digest, idempotency_key), True
         now = self.now_ms()
-        s = self.settings
-        validate_input(
-            inp,
-            now,
-            await self.known_regions(),
-            horizon_h=s.forecast_horizon_h,
-            min_notice_s=s.min_notice_s,
-            max_mw=s.max_request_mw,
-        )
-        slots = ledger_slots(inp.start_ms, inp.end_ms)
-        rule = window_rule(inp)
-        if rule is not None:
-            q = Quote(0.0, RequestStatus.rejected.value, rule, None)
-        else:
-            firm, p90 = await self._forecast(inp, slots)
-            committed = await self.committed_mw(inp.region, slots)
-            q = make_quote(
-                inp.mw, inp.firmness, slots, firm, p90, committed, s.margin_pct(inp.region)
-            )
-        expires = None
-        if q.status == RequestStatus.quoted.value:
-            latest = inp.start_ms - int(s.min_notice_s * 1000)
-            expires = min(now + int(s.quote_ttl_s * 1000), latest)
+        pre = await self._evaluate(inp, now)
+        q, expires = pre.quote, pre.expires_ms
         req = CapacityRequest(
             id=new_request_id(),
             tenant_id=tenant_id,

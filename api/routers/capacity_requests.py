@@ -15,11 +15,13 @@ from api.schemas.capacity_requests import (
     CapacityRequestList,
     CapacityRequestOut,
     ListStatus,
+    QuotePreviewOut,
 )
 from dispatch.market import RequestInput
 from dispatch.services import Services
 from store.models import CapacityRequest
 from vpp.domain import AuditAction
+from vpp.timefmt import to_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,18 @@ async def create_request(
     principal: Principal = Depends(buyer),
 ) -> dict[str, Any]:
     market = services.market
-    inp = RequestInput(
+    req, replayed = await market.quote(principal.tenant_id, _input(body), idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        await auditing.record(
+            services, principal, AuditAction.request_quoted, req.id, _audit_detail(req)
+        )
+    return request_detail_doc(await market.detail(req))
+
+
+def _input(body: CapacityRequestIn) -> RequestInput:
+    return RequestInput(
         region=body.region,
         mw=float(body.mw),
         start_ms=body.start,
@@ -89,14 +102,40 @@ async def create_request(
         direction=body.direction.value,
         max_price_per_mwh=body.max_price_per_mwh,
     )
-    req, replayed = await market.quote(principal.tenant_id, inp, idempotency_key)
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    else:
-        await auditing.record(
-            services, principal, AuditAction.request_quoted, req.id, _audit_detail(req)
-        )
-    return request_detail_doc(await market.detail(req))
+
+
+@router.post(
+    "/v1/capacity-requests/preview",
+    response_model=QuotePreviewOut,
+    summary="Preview a quote without making one: what POST /v1/capacity-requests would answer "
+    "now (same body, same checks), nothing stored or booked",
+    responses={
+        **_AUTH,
+        422: {"description": "a bad field, named, as for POST /v1/capacity-requests"},
+    },
+)
+async def preview_request(
+    body: CapacityRequestIn,
+    services: Services = Depends(get_services),
+    principal: Principal = Depends(buyer),
+) -> dict[str, Any]:
+    pre = await services.market.preview(_input(body))
+    q = pre.quote
+    return {
+        "status": q.status,
+        "quoted_mw": q.quoted_mw,
+        "available_mw": pre.available_mw,
+        "reason": q.reason,
+        "binding_interval": to_rfc3339(q.binding_slot_ms) if q.binding_slot_ms else None,
+        "quote_would_expire_at": to_rfc3339(pre.expires_ms) if pre.expires_ms else None,
+        "intervals": pre.intervals,
+        "region": body.region,
+        "mw": float(body.mw),
+        "firmness": float(body.firmness),
+        "start": to_rfc3339(body.start),
+        "end": to_rfc3339(body.end),
+        "stored": False,
+    }
 
 
 @router.post(

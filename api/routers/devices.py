@@ -338,6 +338,9 @@ async def list_devices(
         "(status online and not offline by freshness).",
     ),
     enrolled: bool | None = Query(None, description="Only enrolled (true) or opted-out (false)."),
+    id_prefix: str | None = Query(
+        None, min_length=1, max_length=200, description="Only devices whose id starts with this."
+    ),
     limit: int = Query(100, ge=1, le=1000, description="Page size."),
     cursor: str | None = Query(None, description="`next_cursor` of the previous page."),
     principal: Principal = Depends(fleet_or_admin),
@@ -354,6 +357,7 @@ async def list_devices(
             region=region,
             kind=kind_value,
             enrolled=enrolled,
+            id_prefix=id_prefix,
             after=after,
             limit=limit + 1,
         )
@@ -371,6 +375,8 @@ async def list_devices(
         else:
             sel &= snap.freshness == FreshnessCode[status]
         ids = np.sort(snap.device_ids[sel])
+        if id_prefix is not None:
+            ids = ids[np.char.startswith(ids.astype(str), id_prefix)]
         if after is not None:
             ids = ids[ids > after]
         page = [str(d) for d in ids[: limit + 1]]

@@ -189,6 +189,35 @@ class CapacityRequestOut(BaseModel):
     )
 
 
+class QuotePreviewOut(BaseModel):
+    """What POST /v1/capacity-requests would answer now, worked out but not stored."""
+
+    status: Literal["quoted", "rejected"] = Field(
+        description="what the quote would be: quoted, or rejected (reason says why)"
+    )
+    quoted_mw: float = Field(description="MW a quote made now would offer (0 if rejected)")
+    available_mw: float | None = Field(
+        description="the most this window could be quoted at this firmness: the least free MW "
+        "over its 15-minute intervals (null when a rule rejects the window)"
+    )
+    reason: str | None = Field(None, description="why it would be rejected or short")
+    binding_interval: str | None = Field(
+        None, description="the interval with the least free MW, RFC 3339 UTC"
+    )
+    quote_would_expire_at: str | None = Field(
+        None, description="when a quote made now would expire, RFC 3339 UTC (null unless quoted)"
+    )
+    intervals: int = Field(description="15-minute ledger intervals the window touches")
+    region: str = Field(description="ISO zone, as asked")
+    mw: float = Field(description="MW asked for")
+    firmness: float = Field(description="probability asked for (0.5–0.99)")
+    start: str = Field(description="window start, RFC 3339 UTC")
+    end: str = Field(description="window end, RFC 3339 UTC")
+    stored: Literal[False] = Field(
+        False, description="always false: nothing is stored, booked or audited"
+    )
+
+
 class CapacityRequestList(BaseModel):
     items: list[CapacityRequestOut] = Field(description="this page, newest first")
     total: int = Field(description="requests matching the filters")

@@ -5,8 +5,13 @@
   "use strict";
 
   const KEY_STORAGE = "vpp.apiKey";
-  const REFRESH_MS = { fleet: 10000, forecast: 60000, requests: 10000, events: 3000, settlement: 30000 };
-  const PAGES = ["fleet", "forecast", "requests", "events", "settlement"];
+  const REFRESH_MS = { fleet: 10000, map: 15000, region: 15000, forecast: 60000, requests: 10000, events: 3000, settlement: 30000 };
+  const PAGES = ["fleet", "map", "region", "forecast", "requests", "events", "settlement"];
+  // The us-atlas states are projected with this Albers USA into a 975×610 frame (vendor/README.md):
+  // the load zones' latitude and longitude go through the same projection.
+  const ATLAS_URL = "/static/vendor/us-atlas-states-albers-10m.json";
+  const MAP_W = 975;
+  const MAP_H = 610;
 
   const state = {
     page: null,
@@ -17,6 +22,11 @@
     selectedEvent: null,
     selectedRequest: null,
     loading: false,
+    registry: null, // region name → registry row (GET /v1/regions)
+    registryAt: 0,
+    quoteDirty: false, // the buyer typed a window: stop moving it with the forecast
+    region: null,
+    dev: { sig: "", cursors: [null], index: 0, next: null },
   };
 
   // ---------------------------------------------------------------------------------------------
@@ -217,6 +227,8 @@
           registered: num(pick(node, ["registered", "devices", "count"])) || 0,
           online: num(node.online) || 0,
           available_mw: num(pick(node, ["available_mw", "available_now_mw", "flexibility_mw"])) || 0,
+          lat: num(node.lat),
+          lon: num(node.lon),
         });
         return;
       }
@@ -229,45 +241,6 @@
     walk(data, undefined, null);
     return rows;
   }
-  // Points with coordinates: regions or feeders (or sites) carrying lat/lon.
-  function mapPoints(data) {
-    const pts = [];
-    const walk = (node, region) => {
-      if (Array.isArray(node)) return node.forEach((n) => walk(n, region));
-      if (!node || typeof node !== "object") return;
-      const lat = num(pick(node, ["lat", "latitude"]));
-      const lon = num(pick(node, ["lon", "lng", "longitude"]));
-      const here = node.region ?? region;
-      if (lat !== null && lon !== null) {
-        pts.push({
-          name: pick(node, ["feeder", "name", "id", "site_id"]) || here || "",
-          region: here || "",
-          lat,
-          lon,
-          devices: num(pick(node, ["registered", "devices", "count", "n_devices"])) || 1,
-          mw: num(node.available_mw),
-        });
-      }
-      for (const [k, v] of Object.entries(node)) if (v && typeof v === "object" && k !== "totals") walk(v, here);
-    };
-    walk(data, undefined);
-    // One point per place: rows of one region (its kinds) merge, weighted by devices.
-    const merged = new Map();
-    for (const p of pts) {
-      const m = merged.get(p.name);
-      if (!m) {
-        merged.set(p.name, Object.assign({}, p));
-        continue;
-      }
-      const n = m.devices + p.devices;
-      m.lat = (m.lat * m.devices + p.lat * p.devices) / n;
-      m.lon = (m.lon * m.devices + p.lon * p.devices) / n;
-      m.devices = n;
-      m.mw = m.mw === null && p.mw === null ? null : (m.mw || 0) + (p.mw || 0);
-    }
-    return [...merged.values()];
-  }
-
   async function loadFleet() {
     let data;
     try {
@@ -303,7 +276,7 @@
           sub = { registered: sub.registered + r.registered, online: sub.online + r.online, mw: sub.mw + r.available_mw };
           const share = r.registered ? r.online / r.registered : 0;
           html.push(`<tr data-region="${esc(r.region)}" data-kind="${esc(r.kind)}">
-            <td>${esc(r.region)}</td><td>${esc(r.kind)}</td>
+            <td><a href="#region/${encodeURIComponent(r.region)}">${esc(r.region)}</a></td><td>${esc(r.kind)}</td>
             <td class="num" data-field="registered">${fmtInt(r.registered)}</td>
             <td class="num" data-field="online">${fmtInt(r.online)}</td>
             <td class="num"><div style="display:flex;gap:6px;align-items:center;justify-content:flex-end">
@@ -317,55 +290,345 @@
       }
       tbody.innerHTML = html.join("");
     }
-    drawMap(mapPoints(data), rows);
+    const registry = await ensureRegistry();
+    await drawUsMap($("fleet-map"), zonesOf(rows, registry), { fit: true });
   }
 
-  function drawMap(points, rows) {
-    const el = $("fleet-map");
-    if (!points.length) {
-      const regions = [...new Set(rows.map((r) => r.region))];
-      el.innerHTML = `<div class="note">No coordinates in the fleet data.<br>Devices registered with
-        <code>lat</code>/<code>lon</code> appear here by region or feeder.${regions.length ? "<br><br>Regions: " + regions.map(esc).join(", ") : ""}</div>`;
+  // ---------------------------------------------------------------------------------------------
+  // Regions and the US map
+  async function ensureRegistry() {
+    if (state.registry && Date.now() - state.registryAt < 300000) return state.registry;
+    try {
+      const data = await api("/v1/regions");
+      state.registry = new Map(listOf(data, ["regions"]).map((r) => [r.name, r]));
+      state.registryAt = Date.now();
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) throw err;
+      if (!state.registry) state.registry = new Map();
+    }
+    return state.registry;
+  }
+
+  // One entry per load zone: the registry's facts with the fleet's devices, online and MW; a
+  // region with devices that the registry lacks sits at its devices' mean position, if any.
+  function zonesOf(rows, registry) {
+    const fleet = new Map();
+    for (const r of rows) {
+      let z = fleet.get(r.region);
+      if (!z) {
+        z = { devices: 0, online: 0, mw: 0, kinds: {}, latSum: 0, lonSum: 0, located: 0 };
+        fleet.set(r.region, z);
+      }
+      z.devices += r.registered;
+      z.online += r.online;
+      z.mw += r.available_mw;
+      z.kinds[r.kind] = (z.kinds[r.kind] || 0) + r.registered;
+      if (r.lat !== null && r.lon !== null && r.registered) {
+        z.latSum += r.lat * r.registered;
+        z.lonSum += r.lon * r.registered;
+        z.located += r.registered;
+      }
+    }
+    const empty = { devices: 0, online: 0, mw: 0, kinds: {} };
+    const zones = [];
+    for (const [name, reg] of registry) {
+      const z = fleet.get(name) || empty;
+      zones.push({ name, reg, lat: num(reg.latitude), lon: num(reg.longitude), devices: z.devices, online: z.online, mw: z.mw, kinds: z.kinds });
+    }
+    for (const [name, z] of fleet) {
+      if (registry.has(name)) continue;
+      const lat = z.located ? z.latSum / z.located : null;
+      const lon = z.located ? z.lonSum / z.located : null;
+      zones.push({ name, reg: null, lat, lon, devices: z.devices, online: z.online, mw: z.mw, kinds: z.kinds });
+    }
+    return zones;
+  }
+
+  let atlasPromise = null;
+  function loadAtlas() {
+    if (!atlasPromise) {
+      atlasPromise = fetch(ATLAS_URL)
+        .then((r) => {
+          if (!r.ok) throw new Error(`${ATLAS_URL} answered ${r.status}`);
+          return r.json();
+        })
+        .then((topo) => {
+          const path = d3.geoPath(); // the file is already projected: no projection here
+          const states = topojson
+            .feature(topo, topo.objects.states)
+            .features.map((f) => `<path class="state" d="${path(f)}"><title>${esc(f.properties.name)}</title></path>`)
+            .join("");
+          const borders = path(topojson.mesh(topo, topo.objects.states, (a, b) => a !== b));
+          const nation = path(topojson.feature(topo, topo.objects.nation));
+          return `<g class="geo">${states}<path class="borders" d="${borders}"/><path class="nation" d="${nation}"/></g>`;
+        })
+        .catch((err) => {
+          atlasPromise = null;
+          throw err;
+        });
+    }
+    return atlasPromise;
+  }
+
+  // Online share → colour: red (none online) through amber to the accent green (all online).
+  function shareColor(share) {
+    const hue = Math.round(4 + 166 * Math.max(0, Math.min(1, share)));
+    return `hsl(${hue}, 72%, 36%)`;
+  }
+
+  async function drawUsMap(el, zones, opts = {}) {
+    let geo;
+    try {
+      geo = await loadAtlas();
+    } catch (err) {
+      el.innerHTML = `<div class="note">The map's geography could not be loaded (${esc(err.message)}).</div>`;
       return;
     }
-    const W = 600;
-    const H = 320;
-    const m = 40;
-    let [minLat, maxLat, minLon, maxLon] = [90, -90, 180, -180];
-    for (const p of points) {
-      minLat = Math.min(minLat, p.lat);
-      maxLat = Math.max(maxLat, p.lat);
-      minLon = Math.min(minLon, p.lon);
-      maxLon = Math.max(maxLon, p.lon);
+    const proj = d3.geoAlbersUsa().scale(1300).translate([MAP_W / 2, MAP_H / 2]);
+    const placed = [];
+    const unplaced = [];
+    for (const z of zones) {
+      const xy = z.lat !== null && z.lon !== null ? proj([z.lon, z.lat]) : null;
+      if (xy) placed.push(Object.assign({ x: xy[0], y: xy[1] }, z));
+      else if (z.devices) unplaced.push(z);
     }
-    // Equirectangular with the longitude squeezed by cos(latitude): good enough at grid scale.
-    const k = Math.cos((((minLat + maxLat) / 2) * Math.PI) / 180);
-    const spanX = Math.max((maxLon - minLon) * k, 0.5);
-    const spanY = Math.max(maxLat - minLat, 0.5);
-    const scale = Math.min((W - 2 * m) / spanX, (H - 2 * m) / spanY);
-    const cx = (minLon + maxLon) / 2;
-    const cy = (minLat + maxLat) / 2;
-    const x = (lon) => W / 2 + (lon - cx) * k * scale;
-    const y = (lat) => H / 2 - (lat - cy) * scale;
-    const maxDevices = Math.max(...points.map((p) => p.devices));
-    const regions = [...new Set(points.map((p) => p.region))];
-    const palette = ["#0a7d6e", "#2563eb", "#d97706", "#7c3aed", "#db2777", "#65a30d"];
-    const color = (r) => palette[regions.indexOf(r) % palette.length];
-    // Many points (feeders or sites): small dots; few (regions): labelled circles.
-    const labelled = points.length <= 40;
-    const circles = points
-      .map((p) => {
-        const r = labelled ? 6 + 22 * Math.sqrt(p.devices / maxDevices) : 3;
-        const title = `${p.name} (${p.region}): ${fmtInt(p.devices)} devices${p.mw !== null ? ", " + fmtMW(p.mw) : ""}`;
-        return `<g><circle cx="${x(p.lon).toFixed(1)}" cy="${y(p.lat).toFixed(1)}" r="${r.toFixed(1)}"
-          fill="${color(p.region)}" fill-opacity="0.55" stroke="${color(p.region)}"><title>${esc(title)}</title></circle>
-          ${labelled ? `<text x="${(x(p.lon) + r + 3).toFixed(1)}" y="${(y(p.lat) + 4).toFixed(1)}">${esc(p.name)}</text>` : ""}</g>`;
+    const busy = placed.filter((z) => z.devices > 0);
+    const maxDevices = Math.max(1, ...busy.map((z) => z.devices));
+    // The whole country, or (fit) the part around the zones with devices, with room for labels.
+    let [vx, vy, vw, vh] = [0, 0, MAP_W, MAP_H];
+    if (opts.fit && busy.length) {
+      const xs = busy.map((z) => z.x);
+      const ys = busy.map((z) => z.y);
+      const pad = 70;
+      vx = Math.min(...xs) - pad;
+      vy = Math.min(...ys) - pad;
+      vw = Math.max(...xs) + pad + 110 - vx; // labels sit on the right
+      vh = Math.max(...ys) + pad - vy;
+      const aspect = MAP_W / MAP_H;
+      if (vw / vh < aspect) {
+        vx -= (vh * aspect - vw) / 2;
+        vw = vh * aspect;
+      } else {
+        vy -= (vw / aspect - vh) / 2;
+        vh = vw / aspect;
+      }
+      if (vw > MAP_W) [vx, vy, vw, vh] = [0, 0, MAP_W, MAP_H];
+    }
+    // Map units per screen pixel: marks and text keep their size on screen at any zoom. The
+    // drawing is as wide as the card, or less where its height (app.css) is the limit.
+    const shown = Math.min(el.clientWidth || MAP_W, ((opts.maxHeight || 320) * MAP_W) / MAP_H);
+    const k = vw / Math.max(shown, 300);
+    const radius = (z) => (6 + 20 * Math.sqrt(z.devices / maxDevices)) * k;
+    const f = (v) => v.toFixed(1);
+    const title = (z) => {
+      const where = z.reg ? `${z.reg.label} (${z.reg.iso})` : "not in the region registry";
+      if (!z.devices) return `${z.name}: ${where}, no devices${z.reg && z.reg.sold === false ? ", not sold here" : ""}`;
+      const kinds = Object.entries(z.kinds).map(([kd, n]) => `${fmtInt(n)} ${kd}`).join(", ");
+      return `${z.name}: ${where}\n${fmtInt(z.devices)} devices (${kinds})\n${fmtInt(z.online)} online (${fmtPct(z.online / z.devices)})\navailable now ${fmtMW(z.mw)}`;
+    };
+    const dots = placed
+      .filter((z) => !z.devices)
+      .map((z) => `<circle class="zone empty" data-region="${esc(z.name)}" cx="${f(z.x)}" cy="${f(z.y)}" r="${f(2.8 * k)}"><title>${esc(title(z))}</title></circle>`)
+      .join("");
+    const markers = busy
+      .sort((a, b) => b.devices - a.devices)
+      .map((z) => {
+        const r = radius(z);
+        const share = z.online / z.devices;
+        const c = shareColor(share);
+        const tx = f(z.x + r + 4 * k);
+        return `<g class="zone-marker" data-region="${esc(z.name)}" data-devices="${z.devices}" data-online="${z.online}" data-mw="${z.mw}" tabindex="0" role="link">
+          <circle cx="${f(z.x)}" cy="${f(z.y)}" r="${f(r)}" fill="${c}" fill-opacity="0.6" stroke="${c}" stroke-width="${f(1.5 * k)}"/>
+          <text class="zone-label" x="${tx}" y="${f(z.y - 2 * k)}" style="font-size:${f(13 * k)}px;stroke-width:${f(3 * k)}px">${esc(z.name)}</text>
+          <text class="zone-sub" x="${tx}" y="${f(z.y + 12 * k)}" style="font-size:${f(11.5 * k)}px;stroke-width:${f(3 * k)}px">${fmtInt(z.devices)} · ${fmtPct(share)} online · ${fmtMW(z.mw)}</text>
+          <title>${esc(title(z))}</title></g>`;
       })
       .join("");
-    const legend = regions
-      .map((r, i) => `<g transform="translate(12,${16 + i * 16})"><rect width="10" height="10" fill="${color(r)}"/><text x="15" y="9">${esc(r)}</text></g>`)
-      .join("");
-    el.innerHTML = `<svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="xMidYMid meet">${circles}${legend}</svg>`;
+    // Legend (under the map, so it never covers a state): size is devices, colour the share online.
+    const grad = [0, 0.25, 0.5, 0.75, 1].map((t) => `${shareColor(t)} ${t * 100}%`).join(", ");
+    const legend = `<div class="map-legend"><span><span class="grad" style="background:linear-gradient(90deg, ${grad})"></span>
+      online share 0 % → 100 %</span><span>circle area: devices</span><span><span class="dot"></span> zone without devices</span></div>`;
+    el.innerHTML =
+      `<svg viewBox="${f(vx)} ${f(vy)} ${f(vw)} ${f(vh)}" preserveAspectRatio="xMidYMid meet" role="img" aria-label="US load zones">` +
+      `<g style="stroke-width:${f(k)}">${geo}</g>${dots}${markers}</svg>${legend}` +
+      (unplaced.length ? `<div class="note small">Not on the map (no coordinates): ${unplaced.map((z) => esc(z.name)).join(", ")}</div>` : "");
+    el.dataset.zones = String(busy.length);
+    el.querySelectorAll("[data-region]").forEach((g) => {
+      const go = () => (location.hash = "#region/" + encodeURIComponent(g.dataset.region));
+      g.addEventListener("click", go);
+      g.addEventListener("keydown", (e) => e.key === "Enter" && go());
+    });
+  }
+
+  async function loadMap() {
+    let data;
+    try {
+      data = await api("/v1/fleet");
+      setStatus("map-status", "");
+    } catch (err) {
+      setStatus("map-status", explain(err, "Fleet"), !err.missing);
+      return;
+    }
+    const registry = await ensureRegistry();
+    const zones = zonesOf(fleetRows(data), registry);
+    await drawUsMap($("us-map"), zones, { maxHeight: 640 });
+    const busy = zones.filter((z) => z.devices > 0).sort((a, b) => b.devices - a.devices);
+    $("map-table").querySelector("tbody").innerHTML = busy.length
+      ? busy
+          .map((z) => {
+            const share = z.online / z.devices;
+            return `<tr class="clickable" data-region="${esc(z.name)}">
+              <td><a href="#region/${encodeURIComponent(z.name)}">${esc(z.name)}</a></td>
+              <td>${z.reg ? esc(z.reg.label) + ` <span class="muted">${esc(z.reg.iso)}</span>` : `<span class="muted">not in the registry</span>`}</td>
+              <td class="num">${fmtInt(z.devices)}</td><td class="num">${fmtInt(z.online)}</td>
+              <td class="num" style="color:${shareColor(share)}">${fmtPct(share)}</td><td class="num">${fmtMW(z.mw)}</td></tr>`;
+          })
+          .join("")
+      : `<tr><td colspan="6" class="empty">No devices registered yet: every zone of the registry is drawn as a dot.</td></tr>`;
+    $("map-table")
+      .querySelectorAll("tr.clickable")
+      .forEach((tr) => tr.addEventListener("click", () => (location.hash = "#region/" + encodeURIComponent(tr.dataset.region))));
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Region: the zone's facts, its fleet figures and its devices (filtered, paged by cursor)
+  function fmtOffset(h) {
+    const n = num(h);
+    if (n === null) return "";
+    const sign = n < 0 ? "−" : "+";
+    const a = Math.abs(n);
+    return `UTC${sign}${Math.floor(a)}${a % 1 ? ":" + pad(Math.round((a % 1) * 60)) : ""}`;
+  }
+  function fmtLatLon(lat, lon) {
+    if (num(lat) === null || num(lon) === null) return "–";
+    return `${Math.abs(lat).toFixed(2)}° ${lat >= 0 ? "N" : "S"}, ${Math.abs(lon).toFixed(2)}° ${lon >= 0 ? "E" : "W"}`;
+  }
+
+  async function loadRegion() {
+    const registry = await ensureRegistry();
+    let rows = [];
+    try {
+      rows = fleetRows(await api("/v1/fleet"));
+      setStatus("region-status", "");
+    } catch (err) {
+      setStatus("region-status", explain(err, "Fleet"), !err.missing);
+    }
+    const withDevices = [...new Set(rows.map((r) => r.region))].sort();
+    const name = state.param || state.region || withDevices[0] || [...registry.keys()][0];
+    if (!name) {
+      setStatus("region-status", "No regions yet.");
+      return;
+    }
+    if (state.region !== name) {
+      state.region = name;
+      state.dev = { sig: "", cursors: [null], index: 0, next: null };
+    }
+    const select = $("region-select");
+    const names = [...new Set([...withDevices, ...[...registry.keys()].sort(), name])];
+    if (select.options.length !== names.length || select.value !== name) {
+      select.innerHTML = names
+        .map((n) => `<option value="${esc(n)}">${esc(n)}${withDevices.includes(n) ? "" : " (no devices)"}</option>`)
+        .join("");
+      select.value = name;
+    }
+    const reg = registry.get(name);
+    $("region-title").textContent = name;
+    $("region-subtitle").textContent = reg ? `${reg.label} · ${reg.iso} zone ${reg.zone}` : "not in the region registry";
+    const mine = rows.filter((r) => r.region === name);
+    const t = mine.reduce((a, r) => ({ n: a.n + r.registered, on: a.on + r.online, mw: a.mw + r.available_mw }), { n: 0, on: 0, mw: 0 });
+    $("region-registered").textContent = fmtInt(t.n);
+    $("region-registered").dataset.value = String(t.n);
+    $("region-online").textContent = fmtInt(t.on);
+    $("region-share").textContent = t.n ? fmtPct(t.on / t.n) : "–";
+    $("region-available").textContent = fmtMW(t.mw);
+    const kinds = mine.map((r) => `${fmtInt(r.registered)} ${esc(r.kind)}`).join(" · ") || "none";
+    const facts = reg
+      ? [
+          ["ISO / zone", `${esc(reg.iso)} · ${esc(reg.zone)}`],
+          ["Time zone", `${esc(reg.time_zone)} <span class="muted">(${fmtOffset(reg.utc_offset_h)} standard)</span>`],
+          ["Load centre", fmtLatLon(reg.latitude, reg.longitude)],
+          ["Climate", esc(reg.climate)],
+          ["Weather", reg.weather ? `typical year ${esc(reg.weather.typical_year)}, ${num(reg.weather.distance_km)?.toFixed(0)} km away` : "–"],
+          ["Sold here", reg.sold ? "yes" : "no (VPP_REGIONS)"],
+          ["Devices by kind", kinds],
+          ["Forecast", `<a href="#forecast" data-region="${esc(name)}" id="region-forecast-link">forecast and quote →</a>`],
+        ]
+      : [["Registry", "this region is not in the registry (GET /v1/regions)"], ["Devices by kind", kinds]];
+    $("region-facts").innerHTML = facts.map(([k, v]) => `<div><span>${k}</span>${v}</div>`).join("");
+    const link = $("region-forecast-link");
+    if (link) link.addEventListener("click", () => (state.forecastRegion = name));
+    await loadDevices(name);
+  }
+
+  function deviceSize(d) {
+    if (d.kind === "battery") return `${((num(d.capacity_wh) || 0) / 1000).toFixed(1)} kWh · ${((num(d.max_discharge_w) || 0) / 1000).toFixed(1)} kW`;
+    if (d.kind === "solar") return `${((num(d.rated_w) || 0) / 1000).toFixed(1)} kW`;
+    if (d.kind === "thermostat") return `${((num(d.hvac_rated_w) || 0) / 1000).toFixed(1)} kW HVAC`;
+    return "";
+  }
+
+  async function loadDevices(region) {
+    const dev = state.dev;
+    const filters = {
+      region,
+      kind: $("dev-kind").value,
+      status: $("dev-status").value,
+      id_prefix: $("dev-id").value.trim(),
+      limit: $("dev-limit").value,
+    };
+    const sig = JSON.stringify(filters);
+    if (sig !== dev.sig) Object.assign(dev, { sig, cursors: [null], index: 0, next: null });
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(filters)) if (v) q.set(k, v);
+    if (dev.cursors[dev.index]) q.set("cursor", dev.cursors[dev.index]);
+    const tbody = $("dev-table").querySelector("tbody");
+    let data;
+    try {
+      data = await api("/v1/devices?" + q.toString());
+    } catch (err) {
+      const why =
+        err.status === 403
+          ? "Listing devices needs a key with the fleet role (its own tenant's devices) or admin; this key may not list them. The figures above are the whole fleet's."
+          : explain(err, "Devices");
+      tbody.innerHTML = `<tr><td colspan="9" class="empty" data-testid="dev-denied">${esc(why)}</td></tr>`;
+      ["dev-first", "dev-prev", "dev-next"].forEach((id) => ($(id).disabled = true));
+      $("dev-page").textContent = "";
+      return;
+    }
+    if (sig !== dev.sig) return; // the filters changed while this page was on its way
+    const devices = listOf(data, ["devices"]);
+    dev.next = data.next_cursor || null;
+    tbody.innerHTML = devices.length
+      ? devices
+          .map(
+            (d) => `<tr data-id="${esc(d.id)}" data-kind="${esc(d.kind)}" data-online="${d.online ? "true" : "false"}">
+            <td class="mono">${esc(d.id)}</td><td>${esc(d.kind)}</td><td class="num">${deviceSize(d)}</td>
+            <td class="mono">${esc(d.site_id)}</td><td>${esc(d.feeder || "–")}</td>
+            <td>${d.enrolled ? "yes" : `<span class="warn">opted out</span>`}</td>
+            <td>${d.online ? "online" : `<span class="muted">offline</span>`}</td>
+            <td><span class="fresh ${esc(d.freshness)}">${esc(d.freshness)}</span></td>
+            <td class="num">${num(d.available_kw) === null ? "–" : Number(d.available_kw).toFixed(2) + " kW"}</td></tr>`,
+          )
+          .join("")
+      : `<tr><td colspan="9" class="empty">No devices match.</td></tr>`;
+    const per = Number(filters.limit);
+    const first = dev.index * per + 1;
+    $("dev-page").textContent = devices.length ? `page ${dev.index + 1} · devices ${fmtInt(first)}–${fmtInt(first + devices.length - 1)}` : `page ${dev.index + 1}`;
+    $("dev-page").dataset.page = String(dev.index + 1);
+    $("dev-first").disabled = dev.index === 0;
+    $("dev-prev").disabled = dev.index === 0;
+    $("dev-next").disabled = !dev.next;
+  }
+
+  function pageDevices(step) {
+    const dev = state.dev;
+    if (step === "next" && dev.next) {
+      dev.cursors = dev.cursors.slice(0, dev.index + 1).concat([dev.next]);
+      dev.index += 1;
+    } else if (step === "prev" && dev.index > 0) dev.index -= 1;
+    else if (step === "first") dev.index = 0;
+    else return;
+    if (state.region) loadDevices(state.region);
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -380,6 +643,16 @@
     return state.fleetRegions;
   }
 
+  const EVENT_LABELS = { PT15M: "15 min", PT30M: "30 min", PT1H: "1 h", PT2H: "2 h", PT3H: "3 h", PT4H: "4 h", PT5H: "5 h" };
+  const STEP_MS = 900000;
+  function durationMs(iso) {
+    const m = /^PT(?:(\d+)H)?(?:(\d+)M)?$/.exec(iso || "");
+    return m ? ((Number(m[1]) || 0) * 60 + (Number(m[2]) || 0)) * 60000 : 3600000;
+  }
+  // datetime-local inputs hold UTC here (the dashboard shows UTC everywhere).
+  const toLocalInput = (ms) => new Date(ms).toISOString().slice(0, 16);
+  const fromLocalInput = (v) => (v ? (v.length === 16 ? v + ":00" : v) + "Z" : "");
+
   async function loadForecast() {
     const select = $("forecast-region");
     const regions = await ensureRegions();
@@ -388,18 +661,29 @@
       select.innerHTML = regions.map((r) => `<option>${esc(r)}</option>`).join("");
       if (regions.includes(keep)) select.value = keep;
     }
+    if (state.forecastRegion && regions.includes(state.forecastRegion)) select.value = state.forecastRegion;
+    state.forecastRegion = null;
     const region = select.value;
     if (!region) {
       setStatus("forecast-status", "No region with devices yet: register devices to see a forecast.");
       return;
     }
+    const event = $("forecast-event").value || "PT1H";
     let data;
     try {
-      data = await api(`/v1/forecast?region=${encodeURIComponent(region)}&step=PT15M`);
+      data = await api(`/v1/forecast?region=${encodeURIComponent(region)}&step=PT15M&event=${encodeURIComponent(event)}`);
       setStatus("forecast-status", "");
     } catch (err) {
       setStatus("forecast-status", explain(err, "Forecast"), !err.missing);
       return;
+    }
+    let nowMw = null;
+    try {
+      nowMw = fleetRows(await api(`/v1/fleet?region=${encodeURIComponent(region)}`))
+        .filter((r) => r.region === region)
+        .reduce((a, r) => a + r.available_mw, 0);
+    } catch (_) {
+      /* the comparison is a bonus */
     }
     const rows = listOf(data, ["intervals"]);
     const xs = [];
@@ -414,10 +698,36 @@
       p90.push(num(r.p90_mw));
       committed.push(num(r.committed_mw) ?? 0);
     }
-    const peak90 = Math.max(0, ...p90.filter((v) => v !== null));
+    const shownEvent = data.event || event;
+    const len = EVENT_LABELS[shownEvent] || shownEvent;
+    let peakAt = -1;
+    p90.forEach((v, i) => {
+      if (v !== null && (peakAt < 0 || v > p90[peakAt])) peakAt = i;
+    });
+    const peak90 = peakAt >= 0 ? p90[peakAt] : null;
     const peakCommitted = Math.max(0, ...committed);
-    $("forecast-note").textContent =
-      `${region}: ${fmtInt(data.n_devices)} devices, ${rows.length} intervals of ${data.step || "PT15M"}` +
+    $("fc-first-label").textContent = xs.length ? `P90, ${len} event from ${fmtTime(xs[0] * 1000, false)}` : "P90, next interval";
+    $("fc-first").textContent = fmtMW(p90[0]);
+    $("fc-first").dataset.mw = String(p90[0] ?? "");
+    $("fc-peak").textContent = fmtMW(peak90);
+    $("fc-peak").dataset.mw = String(peak90 ?? "");
+    $("fc-peak-at").textContent = peakAt >= 0 ? `${len} event from ${fmtTime(xs[peakAt] * 1000)} UTC` : "";
+    $("fc-committed").textContent = fmtMW(peakCommitted);
+    $("fc-now").textContent = fmtMW(nowMw);
+    $("fc-now").dataset.mw = String(nowMw ?? "");
+    const meaning = $("forecast-meaning");
+    meaning.dataset.event = shownEvent;
+    meaning.innerHTML =
+      `<strong>P90</strong> at a time is the MW ${esc(region)} can hold flat for an event of this length ` +
+      `(<strong>${esc(len)}</strong>) starting then, with 90 % probability (P50: with 50 %). ` +
+      `It is not the fleet page's <em>available now</em> (${fmtMW(nowMw)}), which adds up what the devices online could give ` +
+      `at this moment for the next hour. The forecast is firm capacity: MW held for the whole event at P90, counting the ` +
+      `batteries' stored energy and backup reserve, the homes' own load, thermostats' comfort limits under the weather ` +
+      `forecast, and devices that go offline or opt out. A longer event holds less; a quote for a window is valued the same way.`;
+    const note = $("forecast-note");
+    note.dataset.event = shownEvent;
+    note.textContent =
+      `${region}: ${fmtInt(data.n_devices)} devices, ${rows.length} intervals of ${data.step || "PT15M"}, each valued as a ${len} event` +
       `${data.calibrated === false ? " (not yet calibrated: default figures)" : ""}. ` +
       `Peak P90 ${fmtMW(peak90)}, peak committed ${fmtMW(peakCommitted)}.`;
     drawChart(
@@ -431,6 +741,56 @@
       [xs, p50, p90, committed],
       { opts: { bands: [{ series: [1, 2], fill: "rgba(37,99,235,0.12)" }], scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max * 1.1, 0.1)] } } } },
     );
+    // The preview's window follows the forecast (an hour ahead, one event long) until edited.
+    if (!state.quoteDirty && xs.length) {
+      const start = Math.ceil((xs[0] * 1000 + 3600000) / STEP_MS) * STEP_MS;
+      $("quote-start").value = toLocalInput(start);
+      $("quote-end").value = toLocalInput(start + durationMs(shownEvent));
+    }
+  }
+
+  async function previewQuote(e) {
+    e.preventDefault();
+    const out = $("quote-result");
+    const region = $("forecast-region").value;
+    const body = {
+      region,
+      mw: Number($("quote-mw").value),
+      start: fromLocalInput($("quote-start").value),
+      end: fromLocalInput($("quote-end").value),
+      firmness: Number($("quote-firmness").value),
+    };
+    out.hidden = false;
+    out.dataset.status = "asking";
+    out.innerHTML = `<span class="muted">Asking…</span>`;
+    let p;
+    try {
+      p = await api("/v1/capacity-requests/preview", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+    } catch (err) {
+      out.dataset.status = "error";
+      out.innerHTML = `<div class="error" data-testid="quote-error">${esc(explain(err, "Quote preview"))}</div>`;
+      return;
+    }
+    const firm = "P" + Math.round(Number(p.firmness) * 100);
+    out.dataset.status = p.status;
+    out.dataset.quotedMw = String(p.quoted_mw);
+    out.dataset.availableMw = String(p.available_mw ?? "");
+    const kv = [
+      ["Would quote", `<strong data-testid="quote-mw-out">${fmtMW(p.quoted_mw)}</strong> of ${fmtMW(p.mw)} asked`],
+      [`Most this window holds (${firm})`, p.available_mw === null || p.available_mw === undefined ? "–" : fmtMW(p.available_mw)],
+      ["Window (UTC)", `${fmtWindow(p.start, p.end)} <span class="muted">(${p.intervals} × 15 min)</span>`],
+      ["Tightest interval", p.binding_interval ? fmtTime(p.binding_interval) : "–"],
+      ["A quote now would expire", p.quote_would_expire_at ? fmtTime(p.quote_would_expire_at) : "–"],
+      ["Price", `<span class="muted">not priced by this service (a request may carry the buyer's max_price_per_mwh, recorded)</span>`],
+    ];
+    out.innerHTML =
+      `<div class="quote-head">${badge(p.status)} <span>${esc(p.region)}, ${firm}: preview only, nothing stored or booked</span></div>` +
+      `<div class="kv">${kv.map(([k, v]) => `<div><span>${k}</span>${v}</div>`).join("")}</div>` +
+      (p.reason ? `<div class="reason" data-testid="quote-reason">${esc(p.reason)}</div>` : "");
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -822,7 +1182,7 @@
 
   // ---------------------------------------------------------------------------------------------
   // Navigation, login and refresh
-  const LOADERS = { fleet: loadFleet, forecast: loadForecast, requests: loadRequests, events: loadEvents, settlement: loadSettlement };
+  const LOADERS = { fleet: loadFleet, map: loadMap, region: loadRegion, forecast: loadForecast, requests: loadRequests, events: loadEvents, settlement: loadSettlement };
 
   function showLogin(message) {
     stopRefresh();
@@ -843,18 +1203,25 @@
     stopRefresh();
     const page = state.page;
     if (!page || !getKey()) return;
-    if (!state.loading) {
-      state.loading = true;
-      try {
-        await LOADERS[page]();
-        $("updated").textContent = "updated " + new Date().toLocaleTimeString();
-      } catch (err) {
-        if (!(err instanceof ApiError && err.status === 401)) console.error(err);
-      } finally {
-        state.loading = false;
-      }
+    if (state.loading) {
+      // A control changed while a load runs: load again as soon as it is done.
+      state.again = true;
+      return;
     }
-    if (state.page === page && getKey()) state.timer = setTimeout(refresh, REFRESH_MS[page]);
+    state.loading = true;
+    state.again = false;
+    try {
+      await LOADERS[page]();
+      $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 401)) console.error(err);
+    } finally {
+      state.loading = false;
+    }
+    stopRefresh();
+    const again = state.again || state.page !== page;
+    state.again = false;
+    if (getKey()) state.timer = setTimeout(refresh, again ? 0 : REFRESH_MS[state.page]);
   }
 
   function route() {
@@ -879,7 +1246,8 @@
     const key = getKey();
     $("key-label").textContent = key.length > 16 ? key.slice(0, 16) + "…" : "key";
     PAGES.forEach((p) => ($("page-" + p).hidden = p !== state.page));
-    document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === state.page));
+    const tab = state.page === "region" ? "map" : state.page;
+    document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === tab));
     refresh();
   }
 
@@ -903,9 +1271,26 @@
     sessionStorage.removeItem(KEY_STORAGE);
     Object.keys(state.charts).forEach(dropChart);
     state.fleetRegions = [];
+    state.registry = null;
+    state.region = null;
     showLogin();
   });
   $("forecast-region").addEventListener("change", () => refresh());
+  $("forecast-event").addEventListener("change", () => refresh());
+  $("quote-form").addEventListener("submit", previewQuote);
+  ["quote-start", "quote-end"].forEach((id) => $(id).addEventListener("input", () => (state.quoteDirty = true)));
+  $("region-select").addEventListener("change", () => {
+    location.hash = "#region/" + encodeURIComponent($("region-select").value);
+  });
+  ["dev-kind", "dev-status", "dev-limit"].forEach((id) => $(id).addEventListener("change", () => state.region && loadDevices(state.region)));
+  let idTimer = null;
+  $("dev-id").addEventListener("input", () => {
+    clearTimeout(idTimer);
+    idTimer = setTimeout(() => state.region && loadDevices(state.region), 300);
+  });
+  $("dev-next").addEventListener("click", () => pageDevices("next"));
+  $("dev-prev").addEventListener("click", () => pageDevices("prev"));
+  $("dev-first").addEventListener("click", () => pageDevices("first"));
   $("settlement-request").addEventListener("change", () => {
     state.param = $("settlement-request").value;
     history.replaceState(null, "", "#settlement/" + state.param);

@@ -267,3 +267,54 @@ async def test_openapi_documents_the_fields(api: Any) -> None:
     assert all(schema[f].get("description") for f in ("region", "mw", "start", "end"))
     params = spec["paths"]["/v1/capacity-requests"]["post"]["parameters"]
     assert any(p["name"] == "Idempotency-Key" for p in params)
+
+
+async def test_quote_preview_says_what_a_quote_would_and_stores_nothing(api: Any) -> None:
+    client, keys, _ = api
+    h = keys["acme"]
+    url = "/v1/capacity-requests/preview"
+    r = await client.post(url, json=body(mw=20), headers=h)
+    assert r.status_code == 200, r.text
+    pre = r.json()
+    # P90 10 MW less the 5 % margin: 9.5 MW is what the window holds; asked 20, short.
+    assert pre["status"] == "quoted" and pre["quoted_mw"] == 9.5 and pre["available_mw"] == 9.5
+    assert pre["reason"].startswith("partial: 9.5 of 20 MW")
+    assert pre["intervals"] == 8 and pre["stored"] is False
+    assert pre["quote_would_expire_at"] == "2026-07-14T20:45:00.000Z"
+    listed = (await client.get("/v1/capacity-requests", headers=h)).json()
+    assert listed["total"] == 0 and await ledger(client) == []
+    # The real quote that follows says the same.
+    q = (await client.post("/v1/capacity-requests", json=body(mw=20), headers=h)).json()
+    assert (q["status"], q["quoted_mw"], q["reason"]) == (
+        pre["status"],
+        pre["quoted_mw"],
+        pre["reason"],
+    )
+    # What is committed is no longer available to a preview.
+    small = (await client.post("/v1/capacity-requests", json=body(mw=6), headers=h)).json()
+    await client.post(f"/v1/capacity-requests/{small['id']}/commit", headers=h)
+    after = (await client.post(url, json=body(mw=1), headers=keys["op"])).json()
+    assert after["quoted_mw"] == 1.0 and after["available_mw"] == 3.5 and after["reason"] is None
+    # A window longer than an event: rejected with the rule, no figure.
+    long = (await client.post(url, json=body(end_h=8.0), headers=h)).json()
+    assert long["status"] == "rejected" and "at most 5 h" in long["reason"]
+    assert long["available_mw"] is None and long["quote_would_expire_at"] is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [(body(mw=0), "mw"), (body(region="MARS-1"), "region"), (body(end_h=2.0), "end")],
+)
+async def test_quote_preview_bad_input_is_422_naming_the_field(
+    api: Any, payload: dict[str, Any], field: str
+) -> None:
+    client, keys, _ = api
+    r = await client.post("/v1/capacity-requests/preview", json=payload, headers=keys["acme"])
+    assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: "), r.text
+
+
+async def test_quote_preview_is_for_buyers(api: Any) -> None:
+    client, keys, _ = api
+    url = "/v1/capacity-requests/preview"
+    assert (await client.post(url, json=body(), headers=keys["fleet"])).status_code == 403
+    assert (await client.post(url, json=body())).status_code == 401

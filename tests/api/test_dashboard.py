@@ -51,6 +51,29 @@ def test_vendored_library_keeps_its_license():
     vendor = STATIC_DIR / "vendor"
     assert (vendor / "uplot.iife.min.js").stat().st_size > 20_000
     assert "MIT" in (vendor / "uplot.LICENSE").read_text()
+    # The map's geography and the code that draws it: ISC, each with its licence file.
+    for name in ("us-atlas", "topojson-client", "d3-geo", "d3-array"):
+        text = (vendor / f"{name}.LICENSE").read_text()
+        assert "Permission to use, copy, modify, and/or distribute this software" in text, name
+    readme = (vendor / "README.md").read_text()
+    for path in vendor.iterdir():
+        if path.name != "README.md":
+            assert f"`{path.name}`" in readme, f"{path.name} is not in vendor/README.md"
+
+
+async def test_the_map_geography_is_served_as_json(api_factory, sqlite_url):
+    client, _ = await api_factory(make_settings(sqlite_url))
+    resp = await client.get("/static/vendor/us-atlas-states-albers-10m.json")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/json")
+    topo = resp.json()
+    assert topo["type"] == "Topology"
+    states = {g["properties"]["name"] for g in topo["objects"]["states"]["geometries"]}
+    assert len(states) == 51 and {"Texas", "California", "Maine", "Alaska"} <= states
+    # The page draws it with the scripts it loads.
+    page = (await client.get("/")).text
+    for script in ("d3-array.min.js", "d3-geo.min.js", "topojson-client.min.js"):
+        assert f'src="/static/vendor/{script}"' in page
 
 
 async def test_paths_outside_the_static_folder_are_404(api_factory, sqlite_url):

@@ -215,6 +215,33 @@ async def test_list_filters_and_pages_with_a_cursor(api: Any) -> None:
     assert len(offline["devices"]) + len(rest["devices"]) == 5
 
 
+async def test_list_by_id_prefix(api: Any) -> None:
+    stem = uid("pfx")
+    ids = [f"{stem}-a1", f"{stem}-a2", f"{stem}-b1", f"{stem}_a9"]
+    for d in ids:
+        assert (await api.post("/v1/devices", json=battery(d))).status_code == 201
+    other = uid("b")
+    assert (await api.post("/v1/devices", json=battery(other))).status_code == 201
+    got = (await api.get("/v1/devices", params={"id_prefix": f"{stem}-a"})).json()["devices"]
+    assert [d["id"] for d in got] == ids[:2]
+    # "_" and "%" are plain characters here, not patterns.
+    got = (await api.get("/v1/devices", params={"id_prefix": f"{stem}_"})).json()["devices"]
+    assert [d["id"] for d in got] == [f"{stem}_a9"]
+    # With a status filter (read from the fleet snapshot) too, and paged.
+    first = (
+        await api.get("/v1/devices", params={"id_prefix": stem, "status": "offline", "limit": 3})
+    ).json()
+    rest = (
+        await api.get(
+            "/v1/devices",
+            params={"id_prefix": stem, "status": "offline", "cursor": first["next_cursor"]},
+        )
+    ).json()
+    assert [d["id"] for d in first["devices"] + rest["devices"]] == sorted(ids)
+    r = await api.get("/v1/devices", params={"id_prefix": ""})
+    assert r.status_code == 422 and "id_prefix" in fields_of(r)
+
+
 async def test_list_rejects_bad_paging_parameters(api: Any) -> None:
     r = await api.get("/v1/devices", params={"limit": 5000})
     assert r.status_code == 422 and "limit" in fields_of(r)
