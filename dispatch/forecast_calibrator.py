@@ -98,6 +98,8 @@ class ForecastCalibrator(Periodic):
         self.leadership = leadership
         self.history_days = history_days
         self.min_days = min_days
+        self.home_load_days = 14  # evenings of battery reports the home load is learnt from
+        self.home_load_sample = 2000  # batteries of a region read for it
         self.window_local_h = window_local_h
         self.forecast_local_h = forecast_local_h
         self.step_s = step_s
@@ -193,6 +195,7 @@ class ForecastCalibrator(Periodic):
                 "samples": 0,
             }
         shocks, temp_n = self.estimate_shocks(usable, sub, prior)
+        home_load = await self.learn_home_load(region, sub, now_ms)
         pits = await self.day_pits(fs, region, sub, usable, online_rate, optout_rate, shocks)
         quantiles = m.fit_quantile_map(pits, self.prior_days)
         info = {
@@ -202,9 +205,10 @@ class ForecastCalibrator(Periodic):
             "temp_samples": temp_n,
             "mean_pit": round(float(np.nanmean(pits)), 4),
             "calibrated_rates": bool(calib_now.calibrated),
+            "home_load_samples": home_load.samples,
         }
-        fs.set_tuning(region, shocks=shocks, quantiles=quantiles, info=info)
-        doc = tuning_to_json(shocks, quantiles, info)
+        fs.set_tuning(region, shocks=shocks, quantiles=quantiles, info=info, home_load=home_load)
+        doc = tuning_to_json(shocks, quantiles, info, home_load)
         await self.services.state.set_value(TUNING_KEY.format(region=region), orjson.dumps(doc))
         return {
             "status": "learnt",
@@ -216,10 +220,105 @@ class ForecastCalibrator(Periodic):
             "vendor_outage_p": round(shocks.vendor_outage_p, 4),
             "vendor_outage_depth": list(shocks.vendor_outage_depth),
             "optout_wave_sigma": round(shocks.optout_wave_sigma, 3),
+            "home_load": {
+                "level": round(home_load.level, 3),
+                "sigma": round(home_load.sigma, 3),
+                "rho": round(home_load.rho, 3),
+                "samples": home_load.samples,
+            },
             "p90_level": round(float(quantiles.level(0.1)), 4),
             "mean_pit": info["mean_pit"],
             "persisted": True,
         }
+
+    # --- home load ------------------------------------------------------------------------------
+    async def learn_home_load(self, region: str, sub: FleetSnapshot, now_ms: int) -> m.HomeLoad:
+        """The region's home load (:class:`vpp.forecast.model.HomeLoad`) from what a sample of
+        its batteries reported on the last ``home_load_days`` evenings: each one's output at
+        dark 15-minute steps from 17:00 local while it was above its reserve and under no
+        command. A sample is enough (the noise to learn is the region's, common to its homes)
+        and keeps the read small on a national fleet."""
+        from store.models import Command, TelemetryInterval
+
+        rows = np.flatnonzero((sub.kind_codes == BATTERY) & sub.enrolled)
+        if rows.size == 0:
+            return m.HomeLoad()
+        if rows.size > self.home_load_sample:
+            pick = np.random.default_rng(zlib.crc32(region.encode())).choice(
+                rows.size, self.home_load_sample, replace=False
+            )
+            rows = np.sort(rows[pick])
+        ids = [str(sub.device_ids[i]) for i in rows]
+        reserve = np.nan_to_num(sub.backup_reserve_pct[rows].astype(float), nan=20.0)
+        wy = weather_for(self.services.regions.locate(region))
+        step_ms = 15 * 60_000
+        first = ((now_ms - self.home_load_days * m.DAY_MS) // step_ms) * step_ms
+        steps = np.arange(first, (now_ms // step_ms) * step_ms, step_ms, dtype=np.int64)
+        mids = steps + step_ms // 2
+        local_h = ((mids + wy.tz_offset_h * m.HOUR_MS) % m.DAY_MS) / m.HOUR_MS
+        ghi, _ = wy.sample(mids)
+        evening = (local_h >= m.HOME_LOAD_EVENING_H) & (ghi <= 0.0)
+        if not evening.any():
+            return m.HomeLoad()
+        iv_ms = int(self.services.settings.history_interval_s) * 1000
+        stamps = np.unique(
+            ((steps[evening][:, None] + np.arange(0, step_ms, iv_ms)[None, :]) // iv_ms) * iv_ms
+        )
+        async with self.services.db.session() as session:
+            tel = (
+                await session.execute(
+                    select(
+                        TelemetryInterval.device_id,
+                        TelemetryInterval.interval_start_ms,
+                        TelemetryInterval.power_w,
+                        TelemetryInterval.soc_pct,
+                    )
+                    .where(TelemetryInterval.device_id.in_(ids))
+                    .where(TelemetryInterval.interval_start_ms >= int(stamps[0]))
+                    .where(TelemetryInterval.interval_start_ms <= int(stamps[-1]))
+                )
+            ).all()
+            cmds = (
+                await session.execute(
+                    select(Command.device_id, Command.valid_from_ms, Command.valid_until_ms)
+                    .where(Command.device_id.in_(ids))
+                    .where(Command.type != CommandType.restore.value)
+                    .where(Command.valid_until_ms > int(steps[0]))
+                )
+            ).all()
+        if not tel:
+            return m.HomeLoad()
+        frame = pd.DataFrame(tel, columns=["id", "ts", "power", "soc"])
+        col = pd.Index(ids).get_indexer(pd.Index(frame["id"]))
+        ts = frame["ts"].to_numpy(np.int64)
+        step = np.searchsorted(steps, (ts // step_ms) * step_ms)
+        power = frame["power"].to_numpy(float, na_value=np.nan)
+        soc = frame["soc"].to_numpy(float, na_value=np.nan)
+        ok = (
+            (col >= 0)
+            & (step < steps.size)
+            & np.isfinite(power)
+            & (soc > reserve[np.maximum(col, 0)] + 5.0)
+        )
+        ok &= evening[np.minimum(step, steps.size - 1)]
+        if cmds:
+            # A step any sampled battery was commanded in is left out for all of them: events
+            # are a few hours of the fortnight, and the test stays one vectorised pass.
+            lo = np.array([int(c[1]) for c in cmds], dtype=np.int64)
+            hi = np.array([int(c[2]) for c in cmds], dtype=np.int64)
+            first_step = np.searchsorted(steps, (lo // step_ms) * step_ms)
+            last_step = np.searchsorted(steps, hi, side="left")
+            busy = np.zeros(steps.size + 1, np.int64)
+            np.add.at(busy, np.minimum(first_step, steps.size), 1)
+            np.add.at(busy, np.minimum(last_step, steps.size), -1)
+            ok &= np.cumsum(busy)[:-1][np.minimum(step, steps.size - 1)] == 0
+        total = np.zeros((steps.size, len(ids)))
+        count = np.zeros((steps.size, len(ids)))
+        np.add.at(total, (step[ok], col[ok]), power[ok])
+        np.add.at(count, (step[ok], col[ok]), 1.0)
+        observed = np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
+        modelled = np.where(evening, m.home_load_w(mids, wy.tz_offset_h), np.nan)
+        return m.estimate_home_load(observed, modelled)
 
     # --- history → per-day data -----------------------------------------------------------------
     async def _created_ms(self, snap: FleetSnapshot) -> F64:

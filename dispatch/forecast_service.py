@@ -27,7 +27,13 @@ from vpp.domain import CommandStatus, CommandType, GridEventStatus, RequestStatu
 from vpp.errors import InvalidInput
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
 from vpp.forecast import model as m
-from vpp.forecast.model import ForecastResult, QuantileMap, RegionCalibration, ShockParams
+from vpp.forecast.model import (
+    ForecastResult,
+    HomeLoad,
+    QuantileMap,
+    RegionCalibration,
+    ShockParams,
+)
 from vpp.weather import weather_for
 
 log = logging.getLogger(__name__)
@@ -111,6 +117,7 @@ class _Aligned:
 class _Tuning:
     shocks: ShockParams = field(default_factory=ShockParams)
     quantiles: QuantileMap = field(default_factory=QuantileMap)
+    home_load: HomeLoad = field(default_factory=HomeLoad)
     # What the calibrator reported with it (days, samples, learnt_ms, …); empty: defaults.
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -119,7 +126,10 @@ TUNING_KEY = "forecast:tuning:{region}"
 
 
 def tuning_to_json(
-    shocks: ShockParams, quantiles: QuantileMap, info: dict[str, Any]
+    shocks: ShockParams,
+    quantiles: QuantileMap,
+    info: dict[str, Any],
+    home_load: HomeLoad | None = None,
 ) -> dict[str, Any]:
     """The persisted form of a region's tuning (see :func:`tuning_from_json`)."""
     sh = asdict(shocks)
@@ -127,6 +137,7 @@ def tuning_to_json(
     return {
         "version": 1,
         "shocks": sh,
+        "home_load": asdict(home_load or HomeLoad()),
         "quantiles": {
             "pits": [round(float(x), 5) for x in quantiles.pits],
             "prior_strength": float(quantiles.prior_strength),
@@ -150,6 +161,16 @@ def tuning_from_json(doc: dict[str, Any]) -> tuple[ShockParams, QuantileMap, dic
         guard=float(q.get("guard", QuantileMap.guard)),
     )
     return ShockParams(**sh), quantiles, dict(doc.get("info") or {})
+
+
+def home_load_from_json(doc: dict[str, Any]) -> HomeLoad:
+    """The home load of a persisted tuning (the prior for a record written before it had one)."""
+    known = {f.name for f in fields(HomeLoad)}
+    raw = {k: v for k, v in dict(doc.get("home_load") or {}).items() if k in known}
+    try:
+        return HomeLoad(**raw)
+    except (TypeError, ValueError):
+        return HomeLoad()
 
 
 class ForecastService:
@@ -193,6 +214,7 @@ class ForecastService:
         shocks: ShockParams | None = None,
         quantiles: QuantileMap | None = None,
         info: dict[str, Any] | None = None,
+        home_load: HomeLoad | None = None,
     ) -> None:
         """Install shock magnitudes / a quantile map learnt by a calibration job (back-test or
         :class:`dispatch.forecast_calibrator.ForecastCalibrator`); ``info`` is what it reports."""
@@ -201,6 +223,8 @@ class ForecastService:
             t.shocks = shocks
         if quantiles is not None:
             t.quantiles = quantiles
+        if home_load is not None:
+            t.home_load = home_load
         t.info = dict(info) if info is not None else {}
         t.info.setdefault("learnt_ms", int(self.services.clock.now_ms()))
         self._tuning_read_at[region] = time.monotonic()
@@ -222,7 +246,9 @@ class ForecastService:
                 if current is not None and have >= 0:
                     await self._republish_tuning(region, current)  # the store was lost
                 return
-            shocks, quantiles, info = tuning_from_json(orjson.loads(raw))
+            doc = orjson.loads(raw)
+            shocks, quantiles, info = tuning_from_json(doc)
+            home_load = home_load_from_json(doc)
         except Exception:  # a bad or unreachable record: keep what is installed
             log.warning("forecast tuning of %s unreadable; keeping the current one", region)
             return
@@ -230,6 +256,7 @@ class ForecastService:
         if learnt > have:
             t = self._tuning.setdefault(region, _Tuning())
             t.shocks, t.quantiles, t.info = shocks, quantiles, info
+            t.home_load = home_load
             self._tuning_read_at[region] = time.monotonic()
             self.invalidate(region)
         elif current is not None and have > learnt:
@@ -240,7 +267,7 @@ class ForecastService:
     async def _republish_tuning(self, region: str, tuning: _Tuning) -> None:
         """Write this process's tuning back to the state store (a cache of what calibrators
         learnt, lost with the store), so processes started since get it too."""
-        doc = tuning_to_json(tuning.shocks, tuning.quantiles, tuning.info)
+        doc = tuning_to_json(tuning.shocks, tuning.quantiles, tuning.info, tuning.home_load)
         try:
             await self.services.state.set_value(TUNING_KEY.format(region=region), orjson.dumps(doc))
         except Exception:  # unreachable: the next read tries again
@@ -428,6 +455,7 @@ class ForecastService:
             shocks=tuning.shocks,
             quantiles=tuning.quantiles,
             consecutive_event_days=consecutive,
+            home_load=tuning.home_load,
         )
 
     async def _load_history(self, now_ms: int) -> _History:

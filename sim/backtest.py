@@ -28,6 +28,8 @@ from vpp.weather import weather_for_region
 F64 = npt.NDArray[np.float64]
 STEP_S = 900
 STEP_MS = STEP_S * 1000
+LOAD_DAYS = 14  # days of battery reports the home load is learnt from
+PIT_DAYS = 30  # days of past outcomes the quantiles are recalibrated on (the live calibrator's)
 
 
 @dataclass(frozen=True)
@@ -149,13 +151,25 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
     # highest own output (serving the home) inside the window. Kept per day, per battery.
     win_steps = range(int(w_lo * 4), int(w_lo * 4) + t_count)
     own_max_w = np.zeros((n_days + 1, b_idx.size))
+    # What the service learns home load from: each battery's reported output while it serves its
+    # home (a backup-mode battery reports 0 W outside events) with charge above its reserve, at
+    # evening steps without sun; against the typical profile (NaN: not such a step).
+    serving = has_pv
+    load_obs_w = np.full((total_steps, b_idx.size), np.nan, dtype=np.float32)
+    load_mod_w = np.full(total_steps, np.nan)
     for k in range(total_steps):
         hour_local = ((k % steps_per_day) + 0.5) * STEP_S / 3600.0
         base_load = np.interp(hour_local, np.arange(25), np.append(m.HOME_LOAD_W, m.HOME_LOAD_W[0]))
         # Homes without PV hold their battery in backup mode (as the forecaster assumes).
         load = base_load * fleet.load_scale[b_idx] * load_noise[k, reg_b] * has_pv
         pv = fleet.pv_w[b_idx] * pv_unit[reg_b, k]
+        charged = soc > res + 5.0
         soc, own_w = physics.battery_step(soc, load - pv, cap, dis, chg, res, STEP_S)
+        if hour_local >= m.HOME_LOAD_EVENING_H:
+            dark = pv_unit[reg_b, k] <= 0.0
+            use = serving & charged & dark
+            load_obs_w[k] = np.where(use, own_w, np.nan)
+            load_mod_w[k] = float(base_load)
         soc_path[k + 1] = soc
         if k % steps_per_day in win_steps:
             day = k // steps_per_day
@@ -252,8 +266,17 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                     online_rate=online_rate if hist_days >= 1 else None,
                     optout_rate=optout_rate if hist_days >= 1 else None,
                     shocks=shocks,
-                    quantiles=m.QuantileMap(np.concatenate(pits[r]) if pits[r] else np.zeros(0)),
+                    quantiles=m.QuantileMap(
+                        np.concatenate(pits[r][-PIT_DAYS:]) if pits[r] else np.zeros(0)
+                    ),
                     consecutive_event_days=int(consecutive[d]),
+                    # Only the steps reported by forecast time (the last two weeks).
+                    home_load=m.estimate_home_load(
+                        load_obs_w[max(fc_step - LOAD_DAYS * steps_per_day, 0) : fc_step][
+                            :, reg_b == r
+                        ],
+                        load_mod_w[max(fc_step - LOAD_DAYS * steps_per_day, 0) : fc_step],
+                    ),
                 )
                 dev = m.region_devices(now_snap, rows, calib)
                 nameplate[r] = dev.nameplate_kw / 1000.0

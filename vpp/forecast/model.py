@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +71,10 @@ HOME_LOAD_W = np.array(
     ],
     dtype=float,
 )
+# Home load is learnt from the evening hours after sunset (local, from this hour to midnight),
+# when homes draw on their batteries and most still have charge.
+HOME_LOAD_EVENING_H = 17.0
+PRIOR_STEPS = 24.0
 MAX_PV_PER_BATTERY_W = 10_000.0
 # Shock grids: physics is evaluated at these points and scenarios interpolate between them.
 TEMP_GRID_C = np.linspace(-8.0, 8.0, 17)
@@ -117,6 +122,95 @@ class QuantileMap:
         return np.clip(w * learnt + (1.0 - w) * aim, 0.0005, 0.9995)
 
 
+@dataclass(frozen=True)
+class HomeLoad:
+    """How a region's battery homes' own load runs against :data:`HOME_LOAD_W`, learnt from
+    what their batteries report outside events (:func:`estimate_home_load`).
+
+    ``level``: the mean load over the typical profile. ``sigma``, ``rho``: the log-sd of the
+    region's load against that level at one 15-minute step, and its lag-one autocorrelation
+    (homes' evenings move together: a hot night, a big game). A battery holds its setpoint
+    through an event, so what it can promise above its home is its deliverable power less the
+    home's HIGHEST own draw inside the window: the peak of a noisy load, higher than its mean by
+    :meth:`peak_factor`."""
+
+    level: float = 1.0
+    sigma: float = 0.15
+    rho: float = 0.5
+    samples: int = 0  # 15-minute steps it was learnt from (0: the prior)
+
+    def peak_factor(self, n_steps: int) -> float:
+        """E[max over ``n_steps`` consecutive steps of the load] over its mean level."""
+        return _peak_factor(round(self.sigma, 3), round(self.rho, 2), max(int(n_steps), 1))
+
+
+@lru_cache(maxsize=256)
+def _peak_factor(sigma: float, rho: float, n_steps: int) -> float:
+    # AR(1) in logs with a stationary sd of sigma, mean-one in level; a fixed seed: the same
+    # inputs give the same forecast.
+    rng = np.random.default_rng(12345)
+    paths = 4000
+    x = np.empty((paths, n_steps))
+    x[:, 0] = rng.standard_normal(paths)
+    innovation = np.sqrt(max(1.0 - rho * rho, 0.0))
+    for k in range(1, n_steps):
+        x[:, k] = rho * x[:, k - 1] + innovation * rng.standard_normal(paths)
+    level = np.exp(sigma * x - sigma * sigma / 2.0)
+    return float(level.max(axis=1).mean())
+
+
+def estimate_home_load(
+    observed_w: npt.ArrayLike, modelled_w: npt.ArrayLike, prior: HomeLoad | None = None
+) -> HomeLoad:
+    """The home load learnt from a region's batteries that serve their homes (a backup-mode
+    battery reports 0 W outside events).
+
+    ``observed_w`` (steps × batteries): each battery's reported output (W, + discharging) at
+    15-minute steps where the sun is down, nobody is commanded and that battery is above its
+    reserve, NaN elsewhere; ``modelled_w`` (steps,): :data:`HOME_LOAD_W` at the same steps.
+    Each home's own scale is its mean ratio to the profile (so homes that run down early, the
+    big users, still count at their own level); the region's level is their mean, and its noise
+    (log-sd, lag-one autocorrelation) that of the steps' mean ratio to those scales. Shrunk
+    toward ``prior`` while data is short (``PRIOR_STEPS`` steps weigh as much as the prior: two
+    evenings)."""
+    prior = prior or HomeLoad()
+    obs = np.asarray(observed_w, float)
+    mod = np.asarray(modelled_w, float)
+    if obs.ndim != 2 or obs.shape[0] != mod.size or obs.size == 0:
+        return prior
+    ok = np.isfinite(obs) & (obs > 0.0) & (np.isfinite(mod) & (mod > 1.0))[:, None]
+    ratio = np.where(ok, obs / np.where(mod > 1.0, mod, 1.0)[:, None], np.nan)
+    per_home = ok.sum(axis=0)
+    homes = per_home >= 1  # the big users run down early: one step of theirs counts too
+    if not homes.any():
+        return prior
+    scale = np.nanmean(ratio[:, homes], axis=0)
+    norm = ratio[:, homes] / scale[None, :]
+    seen = np.isfinite(norm).sum(axis=1)
+    step_ratio = np.full(norm.shape[0], np.nan)
+    step_ratio[seen > 0] = np.nanmean(norm[seen > 0], axis=1)
+    steps = np.isfinite(step_ratio) & (step_ratio > 0)
+    n = int(steps.sum())
+    if n < 8:
+        return prior
+    w = n / (n + PRIOR_STEPS)
+    level = w * float(np.mean(scale)) + (1 - w) * prior.level
+    logs = np.log(np.where(steps, step_ratio, 1.0))
+    sigma = w * float(np.std(logs[steps])) + (1 - w) * prior.sigma
+    pairs = steps[1:] & steps[:-1]
+    rho = prior.rho
+    a, b = logs[1:][pairs], logs[:-1][pairs]
+    if pairs.sum() >= 8 and a.std() > 1e-9 and b.std() > 1e-9:
+        wr = float(pairs.sum()) / (float(pairs.sum()) + PRIOR_STEPS)
+        rho = wr * float(np.corrcoef(a, b)[0, 1]) + (1 - wr) * prior.rho
+    return HomeLoad(
+        level=float(np.clip(level, 0.2, 5.0)),
+        sigma=float(np.clip(sigma, 0.0, 1.0)),
+        rho=float(np.clip(rho, -0.5, 0.99)),
+        samples=n,
+    )
+
+
 @dataclass
 class RegionCalibration:
     """What history taught about one region. Per-device arrays align with the snapshot rows
@@ -128,6 +222,7 @@ class RegionCalibration:
     shocks: ShockParams = field(default_factory=ShockParams)
     quantiles: QuantileMap = field(default_factory=QuantileMap)
     consecutive_event_days: int = 0
+    home_load: HomeLoad = field(default_factory=HomeLoad)
 
 
 @dataclass(frozen=True)
@@ -428,13 +523,16 @@ def _battery_table(
     now_ms: int,
     event_starts_ms: I64,
     event_h: float,
+    home: HomeLoad | None = None,
 ) -> F64:
     """Deliverable kW per member, shape (C, E, K) over event starts × solar outcomes."""
+    home = home or HomeLoad()
     prm = cl.params
     step_ms = weather.dt_s * 1000
     n_steps = int(max(0, np.ceil((event_starts_ms.max() - now_ms) / step_ms)))
     times = now_ms + np.arange(n_steps, dtype=np.int64) * step_ms + step_ms // 2
     pv_unit, load = _pv_unit_and_load(weather, times)
+    load = load * home.level  # the region's own level, learnt from its batteries
     # Axis 0: with / without PV; 1: clusters; 2: solar outcomes.
     pv_size = np.array([dev.pv_w, 0.0])[:, None, None]
     pv = pv_unit[:, None, None, None] * pv_size[None] * SOLAR_GRID[None, None, None, :]
@@ -474,7 +572,9 @@ def _battery_table(
     # afternoon the sun fades and the homes' own discharge rises through the event), not the
     # average. A home charging from its PV (own < 0) adds to the increment, but only while the
     # sun lasts: never counted below 0.
-    own_kw = _battery_own_kw(cl, dev, weather, now_ms, event_starts_ms, event_h, soc_at, b, pv_size)
+    own_kw = _battery_own_kw(
+        cl, dev, weather, now_ms, event_starts_ms, event_h, soc_at, b, pv_size, home
+    )
     kw = np.maximum(kw - np.maximum(own_kw, 0.0), 0.0)
     kw = dev.pv_share * kw[:, 0] + (1.0 - dev.pv_share) * kw[:, 1]  # (E, C, K)
     return np.transpose(kw, (1, 0, 2))
@@ -493,16 +593,20 @@ def _battery_own_kw(
     soc_at: F64,
     b: Callable[[str], F64],
     pv_size: F64,
+    home: HomeLoad,
 ) -> F64:
     """Highest own output (kW, self-consumption: + serving the home, − charging from PV) of a
     battery home inside each event window, shape (E, 2, C, K) like ``soc_at``.
 
     The registry does not pair PV with batteries, so the PV behind a battery is a guess; the
     fleet's own telemetry corrects it: the PV scale is fitted so that the model's mean own output
-    now equals the batteries' reported mean output now (``dev.battery_own_kw_now``)."""
+    now equals the batteries' reported mean output now (``dev.battery_own_kw_now``). The load
+    is the region's learnt level times the expected peak of its noise over the window's
+    15-minute steps (:class:`HomeLoad`): a home's highest draw, not its mean."""
     t = event_starts_ms[:, None] + (OWN_SAMPLES * event_h * HOUR_MS)[None, :]  # (E, P)
     pv_unit, load = _pv_unit_and_load(weather, t)
-    scale = _fit_pv_scale(cl, dev, weather, now_ms, b)
+    load = load * home.level * home.peak_factor(round(event_h * 4))
+    scale = _fit_pv_scale(cl, dev, weather, now_ms, b, home.level)
     pv = pv_unit[..., None, None, None] * (scale * pv_size * SOLAR_GRID[None, None, :])[None, None]
     # Held batteries (the variant without PV) give their home nothing.
     own = (load[..., None, None, None] - pv) * SELF_CONSUMING[None, None, :, None, None]
@@ -518,12 +622,13 @@ def _fit_pv_scale(
     weather: WeatherForecast,
     now_ms: int,
     b: Callable[[str], F64],
+    load_level: float = 1.0,
 ) -> float:
     """Scale of the assumed PV behind batteries that makes the modelled mean own output now match
     the reported one (bisection: own output falls as PV grows). 1 without a report or sun."""
     observed = dev.battery_own_kw_now
     pv_now, load_now = _pv_unit_and_load(weather, np.array([now_ms]))
-    pv_unit, load = float(pv_now[0]), float(load_now[0])
+    pv_unit, load = float(pv_now[0]), float(load_now[0]) * load_level
     if observed is None or pv_unit < 0.05 or dev.pv_share <= 0 or dev.pv_w <= 0:
         return 1.0
     mid = int(np.argmin(np.abs(SOLAR_GRID - 1.0)))
@@ -645,7 +750,7 @@ def simulate_region(
         # batteries start from the state projected to its own event's start.
         ev_idx = ((starts_ms - window_start) // int(eh * HOUR_MS)).astype(np.int64)
         ev_starts = window_start + np.unique(ev_idx) * int(eh * HOUR_MS)
-        table = _battery_table(dev.batteries, dev, weather, now_ms, ev_starts, eh)
+        table = _battery_table(dev.batteries, dev, weather, now_ms, ev_starts, eh, calib.home_load)
         table = table[:, np.searchsorted(np.unique(ev_idx), ev_idx), :]  # (C, T, K)
         parts.append((dev.batteries, table, SOLAR_GRID, solar_mult[:, day], 0))
     for cl, per_member, grid, shock, kind_slot in parts:
