@@ -141,11 +141,16 @@ class HomeLoad:
 
     def peak_factor(self, n_steps: int) -> float:
         """E[max over ``n_steps`` consecutive steps of the load] over its mean level."""
-        return _peak_factor(round(self.sigma, 3), round(self.rho, 2), max(int(n_steps), 1))
+        return float(self.peaks(n_steps).mean())
+
+    def peaks(self, n_steps: int) -> F64:
+        """Draws of the window's peak over the mean level: one evening's, common to the
+        region's homes (sorted)."""
+        return _peaks(round(self.sigma, 3), round(self.rho, 2), max(int(n_steps), 1))
 
 
 @lru_cache(maxsize=256)
-def _peak_factor(sigma: float, rho: float, n_steps: int) -> float:
+def _peaks(sigma: float, rho: float, n_steps: int) -> F64:
     # AR(1) in logs with a stationary sd of sigma, mean-one in level; a fixed seed: the same
     # inputs give the same forecast.
     rng = np.random.default_rng(12345)
@@ -156,7 +161,14 @@ def _peak_factor(sigma: float, rho: float, n_steps: int) -> float:
     for k in range(1, n_steps):
         x[:, k] = rho * x[:, k - 1] + innovation * rng.standard_normal(paths)
     level = np.exp(sigma * x - sigma * sigma / 2.0)
-    return float(level.max(axis=1).mean())
+    out = np.sort(level.max(axis=1))
+    out.setflags(write=False)
+    return out
+
+
+# The home-load peaks the battery table is evaluated at (quantiles of the evening's peak);
+# scenarios interpolate between them, as between the solar outcomes.
+PEAK_QUANTILES = np.array([0.05, 0.5, 0.95])
 
 
 def estimate_home_load(
@@ -524,8 +536,10 @@ def _battery_table(
     event_starts_ms: I64,
     event_h: float,
     home: HomeLoad | None = None,
+    peak: float | None = None,
 ) -> F64:
-    """Deliverable kW per member, shape (C, E, K) over event starts × solar outcomes."""
+    """Deliverable kW per member, shape (C, E, K) over event starts × solar outcomes, with the
+    homes' draw in the window at ``peak`` times its level (default: the expected peak)."""
     home = home or HomeLoad()
     prm = cl.params
     step_ms = weather.dt_s * 1000
@@ -573,7 +587,7 @@ def _battery_table(
     # average. A home charging from its PV (own < 0) adds to the increment, but only while the
     # sun lasts: never counted below 0.
     own_kw = _battery_own_kw(
-        cl, dev, weather, now_ms, event_starts_ms, event_h, soc_at, b, pv_size, home
+        cl, dev, weather, now_ms, event_starts_ms, event_h, soc_at, b, pv_size, home, peak
     )
     kw = np.maximum(kw - np.maximum(own_kw, 0.0), 0.0)
     kw = dev.pv_share * kw[:, 0] + (1.0 - dev.pv_share) * kw[:, 1]  # (E, C, K)
@@ -594,6 +608,7 @@ def _battery_own_kw(
     b: Callable[[str], F64],
     pv_size: F64,
     home: HomeLoad,
+    peak: float | None = None,
 ) -> F64:
     """Highest own output (kW, self-consumption: + serving the home, − charging from PV) of a
     battery home inside each event window, shape (E, 2, C, K) like ``soc_at``.
@@ -605,7 +620,8 @@ def _battery_own_kw(
     15-minute steps (:class:`HomeLoad`): a home's highest draw, not its mean."""
     t = event_starts_ms[:, None] + (OWN_SAMPLES * event_h * HOUR_MS)[None, :]  # (E, P)
     pv_unit, load = _pv_unit_and_load(weather, t)
-    load = load * home.level * home.peak_factor(round(event_h * 4))
+    peak = home.peak_factor(round(event_h * 4)) if peak is None else peak
+    load = load * home.level * peak
     scale = _fit_pv_scale(cl, dev, weather, now_ms, b, home.level)
     pv = pv_unit[..., None, None, None] * (scale * pv_size * SOLAR_GRID[None, None, :])[None, None]
     # Held batteries (the variant without PV) give their home nothing.
@@ -680,6 +696,21 @@ def _group_tables(
     return ta, tr, var
 
 
+def _grid_weights(grid: F64, x: F64) -> F64:
+    """Weights (L, *x.shape) of linear interpolation on a sorted grid of L points, extrapolated
+    linearly beyond its ends (a peak past the 95th percentile costs more still)."""
+    n = grid.size
+    out = np.zeros((n, *x.shape))
+    if n == 1 or np.ptp(grid) <= 0:
+        out[n // 2] = 1.0
+        return out
+    lo = np.clip(np.searchsorted(grid, x, side="right") - 1, 0, n - 2)
+    frac = (x - grid[lo]) / np.maximum(grid[lo + 1] - grid[lo], 1e-12)
+    np.put_along_axis(out, lo[None], (1.0 - frac)[None], axis=0)
+    np.put_along_axis(out, (lo + 1)[None], frac[None], axis=0)
+    return out
+
+
 def _interp_grid(table: F64, grid: F64, x: F64) -> F64:
     """table (G, T, K) on a uniform grid; x (S, T) → (G, S, T)."""
     pos = np.clip((x - grid[0]) / (grid[1] - grid[0]), 0.0, grid.size - 1 - 1e-9)
@@ -728,18 +759,25 @@ def simulate_region(
     ws = sh.optout_wave_sigma
     wave = np.exp(ws * rng.standard_normal((s, n_days, 2)) - ws * ws / 2.0)  # per kind
     r_scale = optout_scale(eh, calib.consecutive_event_days)
+    # The evening's home-load peak, one per region-day, drawn from its distribution.
+    peaks = calib.home_load.peaks(round(eh * 4))
+    peak_grid = np.quantile(peaks, PEAK_QUANTILES)
+    peak_draw = peaks[rng.integers(0, peaks.size, (s, n_days))]
 
     total = np.zeros((s, t_count))
     expected = np.zeros(t_count)
     variance = np.zeros(t_count)
     keep_t = np.transpose(keep[:, day, :], (2, 0, 1))  # (G, S, T)
-    parts: list[tuple[Clusters, F64, F64, F64, int]] = []
+    # Per part: its clusters, its tables (one per home-load peak) with each scenario's weights
+    # on them (L, S, T), the shock grid and draws, the kind slot of its opt-out wave.
+    parts: list[tuple[Clusters, list[F64], F64, F64, F64, int]] = []
     if dev.thermostats is not None:
         _, out_c = weather.at(mids)
         parts.append(
             (
                 dev.thermostats,
-                _thermostat_table(dev.thermostats, out_c, eh),
+                [_thermostat_table(dev.thermostats, out_c, eh)],
+                np.ones((1, s, t_count)),
                 TEMP_GRID_C,
                 temp_err[:, day],
                 1,
@@ -750,21 +788,40 @@ def simulate_region(
         # batteries start from the state projected to its own event's start.
         ev_idx = ((starts_ms - window_start) // int(eh * HOUR_MS)).astype(np.int64)
         ev_starts = window_start + np.unique(ev_idx) * int(eh * HOUR_MS)
-        table = _battery_table(dev.batteries, dev, weather, now_ms, ev_starts, eh, calib.home_load)
-        table = table[:, np.searchsorted(np.unique(ev_idx), ev_idx), :]  # (C, T, K)
-        parts.append((dev.batteries, table, SOLAR_GRID, solar_mult[:, day], 0))
-    for cl, per_member, grid, shock, kind_slot in parts:
-        ta, tr, var = _group_tables(cl, per_member, phi, g)
-        tr = tr * r_scale
+        at_ev = np.searchsorted(np.unique(ev_idx), ev_idx)
+        tables = [
+            _battery_table(
+                dev.batteries, dev, weather, now_ms, ev_starts, eh, calib.home_load, float(pk)
+            )[:, at_ev, :]  # (C, T, K)
+            for pk in peak_grid
+        ]
+        parts.append(
+            (
+                dev.batteries,
+                tables,
+                _grid_weights(peak_grid, peak_draw)[:, :, day],
+                SOLAR_GRID,
+                solar_mult[:, day],
+                0,
+            )
+        )
+    for cl, per_member_l, weights, grid, shock, kind_slot in parts:
         mid_k = int(np.argmin(np.abs(grid - (0.0 if grid is TEMP_GRID_C else 1.0))))
-        variance += var
-        a = _interp_grid(ta, grid, shock)  # (G, S, T)
-        r = _interp_grid(tr, grid, shock)
+        mid_l = len(per_member_l) // 2
+        a = np.zeros((g, s, t_count))
+        r = np.zeros((g, s, t_count))
+        for li, per_member in enumerate(per_member_l):
+            ta, tr, var = _group_tables(cl, per_member, phi, g)
+            tr = tr * r_scale
+            a += weights[li][None] * _interp_grid(ta, grid, shock)  # (G, S, T)
+            r += weights[li][None] * _interp_grid(tr, grid, shock)
+            if li == mid_l:
+                variance += var
+                expected += (ta[:, :, mid_k] - tr[:, :, mid_k]).sum(axis=0) * (
+                    1 - sh.vendor_outage_p * np.mean(sh.vendor_outage_depth)
+                )
         w = wave[:, day, kind_slot][None]  # (1, S, T)
         total += (keep_t * np.maximum(a - w * r, 0.0)).sum(axis=0)
-        expected += (ta[:, :, mid_k] - tr[:, :, mid_k]).sum(axis=0) * (
-            1 - sh.vendor_outage_p * np.mean(sh.vendor_outage_depth)
-        )
     total += np.sqrt(variance)[None, :] * rng.standard_normal((s, t_count))
     return np.maximum(total, 0.0) / 1000.0, np.maximum(expected, 0.0) / 1000.0
 
