@@ -615,6 +615,8 @@
     const first = dev.index * per + 1;
     $("dev-page").textContent = devices.length ? `page ${dev.index + 1} · devices ${fmtInt(first)}–${fmtInt(first + devices.length - 1)}` : `page ${dev.index + 1}`;
     $("dev-page").dataset.page = String(dev.index + 1);
+    // Which filters the rows shown answer (tests and scripts wait on it, not on the rows).
+    $("dev-table").dataset.filters = sig;
     $("dev-first").disabled = dev.index === 0;
     $("dev-prev").disabled = dev.index === 0;
     $("dev-next").disabled = !dev.next;

@@ -316,7 +316,13 @@ async def test_forecast_event_length_quote_preview_map_and_region_page(demo: Any
     assert await page.evaluate(shown_ids) == ids[:25]
     batteries = [d["id"] for d in listing["devices"] if d["kind"] == "battery"]
     await page.select_option("#dev-kind", "battery")
+    # The demo's ids sort batteries first, so the unfiltered first page may already look like
+    # the filtered one: wait for the rows of the filter itself.
     await page.wait_for_function(
+        "JSON.parse(document.getElementById('dev-table').dataset.filters || '{}').kind"
+        " === 'battery'"
+    )
+    assert await page.evaluate(
         f"[...document.querySelectorAll('{rows}')].every((r) => r.dataset.kind === 'battery')"
     )
     assert await page.evaluate(shown_ids) == batteries[:25]
