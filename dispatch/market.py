@@ -41,6 +41,7 @@ from store.models import CapacityRequest, LedgerEntry, Plan, RegionLock, Settlem
 from vpp.domain import Direction, RequestStatus
 from vpp.errors import Conflict, InvalidInput, NotFound
 from vpp.metrics import MARKET_REQUESTS
+from vpp.regions import describe_regions
 from vpp.timefmt import to_rfc3339
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,8 @@ def validate_input(
 ) -> None:
     """Raise :class:`InvalidInput` naming the first bad field."""
     if not inp.region or inp.region not in known_regions:
-        names = sorted(known_regions)
-        known = ", ".join(names) or "none"
-        if len(names) > 12:
-            known = f"{len(names)} load zones: GET /v1/regions lists them"
-        raise invalid("region", f"unknown region {inp.region!r} (known: {known})")
+        known = describe_regions(sorted(known_regions))
+        raise invalid("region", f"unknown region {inp.region!r} ({known})")
     if not math.isfinite(inp.mw) or inp.mw <= 0:
         raise invalid("mw", "must be greater than 0")
     if inp.mw > max_mw:

@@ -3,6 +3,8 @@ fields are valid: ``vpp.regions.region_problems``); this is rows in and rows out
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -13,16 +15,7 @@ from vpp.regions import Region
 
 
 def _region(row: RegionRow) -> Region:
-    return Region(
-        name=row.name,
-        iso=row.iso,
-        zone=row.zone,
-        label=row.label,
-        time_zone=row.time_zone,
-        latitude=float(row.latitude),
-        longitude=float(row.longitude),
-        climate=row.climate,
-    )
+    return Region(**{f.name: getattr(row, f.name) for f in fields(Region)})
 
 
 async def list_regions(db: Database) -> list[Region]:

@@ -18,10 +18,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-CLIMATES = ("hot", "temperate", "cold")
+from vpp.errors import FieldError
+
+Climate = Literal["hot", "temperate", "cold"]
+CLIMATES: tuple[str, ...] = get_args(Climate)
 ISOS = ("ERCOT", "CAISO", "PJM", "MISO", "NYISO", "ISONE", "SPP")
 NAME_PATTERN = re.compile(r"^[A-Z][A-Z0-9]{1,15}-[A-Z0-9_]{1,24}$")
 EARTH_RADIUS_KM = 6371.0
@@ -241,39 +244,33 @@ SEED_REGIONS: tuple[Region, ...] = (
 SEED_BY_NAME: dict[str, Region] = {r.name: r for r in SEED_REGIONS}
 
 
-@dataclass(frozen=True)
-class FieldProblem:
-    field: str
-    message: str
-
-
 REGION_FIELDS = ("iso", "zone", "label", "time_zone", "latitude", "longitude", "climate")
 
 
-def region_problems(body: Mapping[str, Any], *, partial: bool) -> list[FieldProblem]:
+def region_problems(body: Mapping[str, Any], *, partial: bool) -> list[FieldError]:
     """What is wrong with a region's fields, each naming its field. ``partial``: a PATCH, where
     absent fields keep their value (but ``name`` cannot change)."""
-    out: list[FieldProblem] = []
+    out: list[FieldError] = []
     for key in body:
         if key not in (*REGION_FIELDS, "name"):
             out.append(
-                FieldProblem(key, "unknown field (one of name, " + ", ".join(REGION_FIELDS) + ")")
+                FieldError(key, "unknown field (one of name, " + ", ".join(REGION_FIELDS) + ")")
             )
     if partial:
         if "name" in body:
-            out.append(FieldProblem("name", "a region's name cannot change"))
+            out.append(FieldError("name", "a region's name cannot change"))
     else:
         name = body.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             out.append(
-                FieldProblem("name", "must look like <ISO>-<zone code>, upper case, e.g. MISO-Z4")
+                FieldError("name", "must look like <ISO>-<zone code>, upper case, e.g. MISO-Z4")
             )
         for key in ("iso", "time_zone", "latitude", "longitude"):
             if key not in body:
-                out.append(FieldProblem(key, "required"))
+                out.append(FieldError(key, "required"))
     for key in ("iso", "zone", "label"):
         if key in body and (not isinstance(body[key], str) or not body[key].strip()):
-            out.append(FieldProblem(key, "must be a non-empty string"))
+            out.append(FieldError(key, "must be a non-empty string"))
     if "time_zone" in body:
         tz = body["time_zone"]
         try:
@@ -281,18 +278,18 @@ def region_problems(body: Mapping[str, Any], *, partial: bool) -> list[FieldProb
                 raise ZoneInfoNotFoundError
             ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError):
-            out.append(FieldProblem("time_zone", "must be an IANA time zone, e.g. America/Chicago"))
+            out.append(FieldError("time_zone", "must be an IANA time zone, e.g. America/Chicago"))
     for key, lo, hi in (("latitude", -90.0, 90.0), ("longitude", -180.0, 180.0)):
         if key in body:
             v = body[key]
             if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-                out.append(FieldProblem(key, f"must be a number in [{lo:g}, {hi:g}]"))
+                out.append(FieldError(key, f"must be a number in [{lo:g}, {hi:g}]"))
     if "climate" in body and body["climate"] not in CLIMATES:
-        out.append(FieldProblem("climate", "must be one of " + ", ".join(CLIMATES)))
+        out.append(FieldError("climate", "must be one of " + ", ".join(CLIMATES)))
     name, iso = body.get("name"), body.get("iso")
     named = not partial and isinstance(name, str) and isinstance(iso, str)
     if named and not str(name).startswith(f"{iso}-"):
-        out.append(FieldProblem("name", "must start with its iso and a hyphen"))
+        out.append(FieldError("name", "must start with its iso and a hyphen"))
     return out
 
 
@@ -317,6 +314,14 @@ def region_from(body: Mapping[str, Any], base: Region | None = None) -> Region:
         longitude=float(body["longitude"]),
         climate=str(body.get("climate") or "temperate"),
     )
+
+
+def describe_regions(names: Sequence[str], limit: int = 12) -> str:
+    """Regions for an error message: all of them if few, else a count, a few and a hint."""
+    if len(names) <= limit:
+        return "one of " + (", ".join(names) or "none")
+    some = ", ".join(names[:4])
+    return f"one of {len(names)} load zones, such as {some}: GET /v1/regions lists them"
 
 
 class RegionBook:
@@ -359,13 +364,9 @@ class RegionBook:
     def is_sold(self, name: str) -> bool:
         return name in self._narrow if self._narrow else name in self._by_name
 
-    def describe_sold(self, limit: int = 12) -> str:
-        """The sold regions for an error message: all of them if few, else a count and a hint."""
-        names = self.sold()
-        if len(names) <= limit:
-            return "one of " + ", ".join(names)
-        some = ", ".join(names[:4])
-        return f"one of {len(names)} load zones, such as {some}: GET /v1/regions lists them"
+    def describe_sold(self) -> str:
+        """The sold regions for an error message (:func:`describe_regions`)."""
+        return describe_regions(self.sold())
 
     def locate(self, name: str) -> Region:
         """A region by name, or (for a name no registry holds, say a test's) a temperate zone

@@ -8,7 +8,7 @@ and refreshes this process's copy of the registry at once (other replicas within
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,14 +18,12 @@ from api.deps import Principal, any_role, get_services, require_roles
 from dispatch.services import Services
 from store import regions as store_regions
 from vpp.domain import AuditAction, Role
-from vpp.errors import FieldError, InvalidInput, NotFound
-from vpp.regions import CLIMATES, Region, region_from, region_problems
-from vpp.weather import weather_for
+from vpp.errors import InvalidInput, NotFound
+from vpp.regions import Climate, Region, region_from, region_problems
+from vpp.weather import load_site, nearest_site
 
 router = APIRouter(tags=["regions"])
 admin = require_roles(Role.admin)
-Climate = Literal["hot", "temperate", "cold"]
-assert set(CLIMATES) == {"hot", "temperate", "cold"}
 
 
 class WeatherSource(BaseModel):
@@ -82,22 +80,21 @@ class RegionPatch(BaseModel):
 
 
 def region_doc(services: Services, r: Region) -> dict[str, Any]:
-    w = weather_for(r)
+    # Which typical year and how far: the site lookup alone, not the zone's whole weather year
+    # (a list of every zone would build 77 of them).
+    site, km = nearest_site(r.latitude, r.longitude, r.climate)
     return {
         **r.as_dict(),
         "utc_offset_h": r.utc_offset_h,
         "sold": services.regions.is_sold(r.name),
-        "weather": {"typical_year": w.source, "distance_km": round(w.source_km, 1)},
+        "weather": {"typical_year": load_site(site).name, "distance_km": round(km, 1)},
     }
 
 
 def _checked(body: dict[str, Any], *, partial: bool) -> None:
     problems = region_problems(body, partial=partial)
     if problems:
-        first = problems[0]
-        raise InvalidInput(
-            first.field, first.message, [FieldError(p.field, p.message) for p in problems]
-        )
+        raise InvalidInput(problems[0].field, problems[0].message, problems)
 
 
 _NAME = Path(description="The region's name", examples=["MISO-Z4"], max_length=48)

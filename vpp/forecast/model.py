@@ -535,12 +535,11 @@ def _battery_table(
     now_ms: int,
     event_starts_ms: I64,
     event_h: float,
-    home: HomeLoad | None = None,
-    peak: float | None = None,
+    home: HomeLoad,
+    peak: float,
 ) -> F64:
     """Deliverable kW per member, shape (C, E, K) over event starts × solar outcomes, with the
-    homes' draw in the window at ``peak`` times its level (default: the expected peak)."""
-    home = home or HomeLoad()
+    homes' draw in the window at ``peak`` times its level."""
     prm = cl.params
     step_ms = weather.dt_s * 1000
     n_steps = int(max(0, np.ceil((event_starts_ms.max() - now_ms) / step_ms)))
@@ -608,7 +607,7 @@ def _battery_own_kw(
     b: Callable[[str], F64],
     pv_size: F64,
     home: HomeLoad,
-    peak: float | None = None,
+    peak: float,
 ) -> F64:
     """Highest own output (kW, self-consumption: + serving the home, − charging from PV) of a
     battery home inside each event window, shape (E, 2, C, K) like ``soc_at``.
@@ -620,7 +619,6 @@ def _battery_own_kw(
     15-minute steps (:class:`HomeLoad`): a home's highest draw, not its mean."""
     t = event_starts_ms[:, None] + (OWN_SAMPLES * event_h * HOUR_MS)[None, :]  # (E, P)
     pv_unit, load = _pv_unit_and_load(weather, t)
-    peak = home.peak_factor(round(event_h * 4)) if peak is None else peak
     load = load * home.level * peak
     scale = _fit_pv_scale(cl, dev, weather, now_ms, b, home.level)
     pv = pv_unit[..., None, None, None] * (scale * pv_size * SOLAR_GRID[None, None, :])[None, None]
