@@ -33,6 +33,7 @@ from dispatch.types import (
     Plan,
 )
 from vpp.fleet.snapshot import BATTERY, THERMOSTAT, FleetSnapshot
+from vpp.flexibility import battery_inputs
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -276,6 +277,22 @@ def replacements(
             keep = sub.end_interval > sub.start_interval
             sub = _subset(sub, np.flatnonzero(keep))
             kw = kw[:k][keep]
+            # A battery's setpoint was planned on its charge at the window's start; standing by
+            # since, it served its home (evening: 1–2 kW) and may no longer hold that setpoint
+            # to the end. Cut it to what its charge now holds for the rest of the window, or it
+            # reaches its reserve minutes early and the last interval falls short.
+            bat = np.flatnonzero(sub.kind_code == BATTERY)
+            if bat.size:
+                rest_h = (sub.end_interval[bat] - sub.start_interval[bat]) * h.dt_h
+                inp = battery_inputs(fleet, sub.device_index[bat])
+                cap_kw = np.minimum(
+                    inp.max_discharge_kw, inp.energy_kwh() / np.maximum(rest_h, 1e-9)
+                )
+                cut = np.maximum(sub.setpoint_kw[bat] - np.floor(cap_kw * 1000.0) / 1000.0, 0.0)
+                sub.setpoint_kw[bat] -= cut
+                sub.setpoint_w[bat] = np.floor(sub.setpoint_kw[bat] * 1000.0)
+                sub.expected_kw[bat] = np.maximum(sub.expected_kw[bat] - cut, 0.0)
+                kw[bat] = sub.expected_kw[bat]
             k = int(keep.sum())
             pieces.append(sub)
             taken[sub.device_index] = True
@@ -316,6 +333,18 @@ def replacements(
         pieces.append(new)
         taken[new.device_index] = True
     return _concat(pieces, h, demands, params.reserve_pct)
+
+
+def standby(a: Assignment, rows: I64) -> Assignment:
+    """Rows of an assignment kept as an event's reserve: every one stands by.
+
+    The runner's reserve also holds planned rows it did not start (the front-loaded share held
+    back for when the shed fades); they must be reserve rows here, or :func:`replacements`
+    would neither take them from the reserve nor as free devices (a primary of the assignment
+    counts as taken), and an event would run out of devices with them idle."""
+    sub = _subset(a, np.asarray(rows, dtype=np.int64))
+    sub.is_reserve[:] = True
+    return sub
 
 
 def _subset(a: Assignment, rows: I64) -> Assignment:

@@ -36,6 +36,9 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
 MAX_DEMANDS = 40  # eligibility masks are packed in an int64 key
+# The longest a battery is counted to keep serving its home from its last reading before its
+# window (a reading up to 5 minutes old and the runner's lead; see build_clusters).
+MAX_DRAIN_AHEAD_H = 0.5
 _COST_BITS, _LRU_BITS, _AGE_BITS = 10, 20, 10
 
 
@@ -234,6 +237,16 @@ def build_clusters(
         # energy = energy above reserve − pre-event × the longest window (then for a window of
         # h hours, energy / h ≤ usable / h − pre-event: never past the reserve).
         longest_h = max((w.hours for w in windows if w.b > w.a), default=0.0)
+        # And until its command takes effect it keeps serving its home from the charge it last
+        # reported: a reading up to 5 minutes old, the runner's lead before the window. Planned
+        # without that, an energy-limited battery reaches its reserve minutes before the end
+        # and the last interval falls short. (Capped: a charge read now says little about a
+        # window hours ahead, which the forecast values.)
+        window_starts = [horizon.interval_start_ms(w.a) for w in windows if w.b > w.a]
+        if window_starts:
+            recv = fleet.state["recv_ms"][cand[bat_rows]].astype(np.int64)
+            ahead_h = np.clip((min(window_starts) - recv) / 3_600_000.0, 0.0, MAX_DRAIN_AHEAD_H)
+            total_kwh = np.maximum(total_kwh - pre_kw[bat_rows] * ahead_h, 0.0)
         power_kw[bat_rows] = np.maximum(max_kw - pre_kw[bat_rows], 0.0)
         energy_kwh[bat_rows] = np.maximum(total_kwh - pre_kw[bat_rows] * longest_h, 0.0)
     offset_c = np.full(m, np.nan)

@@ -934,9 +934,9 @@ class EventRunner:
             [ctrl_pre.get(d, float(ctrl_live[k])) for k, d in enumerate(ctrl_ids)], dtype=float
         )
         # The reserve, kept as an assignment of its own with device ids (rows move on restart).
-        from dispatch.assign import _subset
+        from dispatch.assign import standby
 
-        reserve = _subset(asg, reserve_rows) if reserve_rows.size else None
+        reserve = standby(asg, reserve_rows) if reserve_rows.size else None
         reserve_ids = fleet.device_ids[reserve.device_index].tolist() if reserve is not None else []
         from dispatch.planner import plan_body, region_available_mw
 
@@ -1485,11 +1485,12 @@ class EventRunner:
                 preempt=run.info.preempt,
             )
             return Assignment.empty(run.horizon, [demand], self.params.reserve_pct)
-        from dispatch.assign import _subset
+        from dispatch.assign import standby
 
         idx = fleet.rows_of(run.reserve_ids).astype(np.int64)
         keep = np.flatnonzero(idx >= 0)
-        sub = _subset(run.reserve, keep)
+        # standby: plans stored before held-back rows were marked reserve stand by too.
+        sub = standby(run.reserve, keep)
         sub.device_index = idx[keep]
         return sub
 

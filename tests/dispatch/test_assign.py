@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dispatch.assign import assign, replacements
+from dispatch.assign import _subset, assign, replacements, standby
 from dispatch.clusters import build_clusters
 from dispatch.optimiser import optimise
 from dispatch.types import Assignment, Demand, DeviceUsage, DispatchParams
@@ -149,6 +149,51 @@ def test_replacements_take_reserve_then_free_devices() -> None:
     assert len(big) > len(reserve)
     assert not np.isin(big.device_index, asg.active_devices).any()
     assert len(np.unique(big.device_index)) == len(big)
+
+
+def test_planned_rows_held_back_in_the_reserve_are_enlisted_first() -> None:
+    """The runner starts only part of its plan (the front-load) and keeps the rest, with the
+    reserve, as the event's reserve: a shortfall later takes those planned rows first. Kept as
+    primaries there, they were neither reserve nor free, and the event ran dry with them idle."""
+    f = fleet_of("b" * 12)
+    ds = [demand(mw=0.03, end_h=2.0)]
+    asg = plan_and_assign(f, ds, reserve_pct=15.0)
+    primaries = np.flatnonzero(~asg.is_reserve)
+    assert primaries.size >= 3
+    started, held = primaries[:1], primaries[1:]
+    rows = np.concatenate([held, np.flatnonzero(asg.is_reserve)])
+    usage = DeviceUsage.empty(12)
+    taken = np.isin(np.arange(12), asg.device_index[started])
+    reserve = standby(asg, rows)
+    assert reserve.is_reserve.all()
+    new = replacements(f, usage, reserve, 4.0, exclude=taken, from_interval=2)
+    assert new.device_index[0] == asg.device_index[held[0]]
+    assert new.expected_kw.sum() >= 4.0 - 1e-9
+    # The old reserve (the held rows as primaries): nothing in the region could be enlisted
+    # but devices outside the plan.
+    old = replacements(f, usage, _subset(asg, rows), 4.0, exclude=taken, from_interval=2)
+    assert not np.isin(old.device_index, asg.device_index[held]).any()
+
+
+def test_a_battery_standing_by_is_sent_only_what_its_charge_now_holds() -> None:
+    """A reserve battery planned on its charge at the start serves its home while it stands
+    by; enlisted later, its setpoint is cut to what its charge holds for the rest of the
+    window (else it reaches its reserve before the end and the last interval falls short)."""
+    f = fleet_of("b" * 12, soc_pct=60.0)
+    ds = [demand(mw=0.02, end_h=2.0)]
+    asg = plan_and_assign(f, ds, reserve_pct=15.0)
+    reserve = list(asg.reserve_devices)
+    assert reserve
+    dev = int(reserve[0])
+    planned_kw = float(asg.setpoint_kw[asg.device_index == dev][0])
+    f.state["soc_pct"][dev] = 25.0  # 5 points above the 20 % floor: 0.64 kWh of 13.5 kWh
+    new = replacements(f, DeviceUsage.empty(12), asg, 1.0, from_interval=4)  # 1 h left
+    row = np.flatnonzero(new.device_index == dev)
+    assert row.size == 1
+    energy_kwh = 0.05 * 13.5 * 0.949
+    assert new.setpoint_kw[row[0]] <= energy_kwh / 1.0 + 1e-6 < planned_kw
+    assert new.setpoint_w[row[0]] <= new.setpoint_kw[row[0]] * 1000.0
+    assert new.expected_kw[row[0]] <= new.setpoint_kw[row[0]] + 1e-9
 
 
 def test_replacement_thermostats_hold_at_most_one_block() -> None:
