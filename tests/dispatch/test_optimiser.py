@@ -207,3 +207,28 @@ def test_bad_inputs_name_the_field() -> None:
         optimise(f, DeviceUsage.empty(2), [bad], horizon(), DispatchParams())
     with pytest.raises(ValueError, match="ids must be unique"):
         optimise(f, DeviceUsage.empty(2), [demand(), demand()], horizon(), DispatchParams())
+
+
+def test_a_battery_serving_its_home_until_its_window_is_planned_on_what_will_be_left() -> None:
+    """A battery read giving its home 1 kW keeps doing so until its command takes effect: the
+    charge it spends before the window (at most half an hour of it) is not planned for the
+    window, or an energy-limited battery reaches its reserve before the end."""
+    from vpp.flexibility import battery_inputs
+
+    f = fleet_of("bb", soc_pct=40.0, power_w=np.array([1000.0, 0.0]))
+    total_kwh = battery_inputs(f).energy_kwh()
+    ds = [demand(mw=0.01, end_h=2.0)]  # the window opens an hour after the reading
+    cl = build_clusters(f, DeviceUsage.empty(2), horizon(), DispatchParams(), ds)
+    shed = dict(zip(cl.device_index.tolist(), cl.row_shed_kw[:, 0].tolist(), strict=True))
+    # Serving 1 kW: half an hour of it before the window, then 1 kW under the setpoint in it.
+    assert shed[0] == pytest.approx((total_kwh[0] - 1.0 * 0.5 - 1.0 * 2.0) / 2.0, rel=1e-6)
+    # Idle: its whole charge, spread over the window.
+    assert shed[1] == pytest.approx(total_kwh[1] / 2.0, rel=1e-6)
+    # A window opening now: only the seconds since the reading.
+    now = Horizon(start_ms=NOW, interval_s=900, n_intervals=16)
+    d_now = [Demand(id="r1", region=REGION, start_ms=NOW, end_ms=NOW + 2 * H, mw=0.01)]
+    cl_now = build_clusters(f, DeviceUsage.empty(2), now, DispatchParams(), d_now)
+    shed_now = dict(
+        zip(cl_now.device_index.tolist(), cl_now.row_shed_kw[:, 0].tolist(), strict=True)
+    )
+    assert shed_now[0] == pytest.approx((total_kwh[0] - 10 / 3600 - 2.0) / 2.0, rel=1e-6)
