@@ -284,10 +284,7 @@ def replacements(
             bat = np.flatnonzero(sub.kind_code == BATTERY)
             if bat.size:
                 rest_h = (sub.end_interval[bat] - sub.start_interval[bat]) * h.dt_h
-                inp = battery_inputs(fleet, sub.device_index[bat])
-                cap_kw = np.minimum(
-                    inp.max_discharge_kw, inp.energy_kwh() / np.maximum(rest_h, 1e-9)
-                )
+                cap_kw = battery_inputs(fleet, sub.device_index[bat]).deliverable_kw(rest_h)
                 cut = np.maximum(sub.setpoint_kw[bat] - np.floor(cap_kw * 1000.0) / 1000.0, 0.0)
                 sub.setpoint_kw[bat] -= cut
                 sub.setpoint_w[bat] = np.floor(sub.setpoint_kw[bat] * 1000.0)

@@ -242,10 +242,11 @@ def build_clusters(
         # without that, an energy-limited battery reaches its reserve minutes before the end
         # and the last interval falls short. (Capped: a charge read now says little about a
         # window hours ahead, which the forecast values.)
-        window_starts = [horizon.interval_start_ms(w.a) for w in windows if w.b > w.a]
-        if window_starts:
-            recv = fleet.state["recv_ms"][cand[bat_rows]].astype(np.int64)
-            ahead_h = np.clip((min(window_starts) - recv) / 3_600_000.0, 0.0, MAX_DRAIN_AHEAD_H)
+        first_a = min((w.a for w in windows if w.b > w.a), default=None)
+        if first_a is not None:
+            recv = fleet.state["recv_ms"][cand[bat_rows]]
+            ahead_ms = horizon.interval_start_ms(first_a) - recv
+            ahead_h = np.clip(ahead_ms / 3_600_000.0, 0.0, MAX_DRAIN_AHEAD_H)
             total_kwh = np.maximum(total_kwh - pre_kw[bat_rows] * ahead_h, 0.0)
         power_kw[bat_rows] = np.maximum(max_kw - pre_kw[bat_rows], 0.0)
         energy_kwh[bat_rows] = np.maximum(total_kwh - pre_kw[bat_rows] * longest_h, 0.0)

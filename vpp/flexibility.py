@@ -135,8 +135,9 @@ class BatteryInputs:
         )
         return np.asarray(usable_wh * BATTERY_ONE_WAY_EFFICIENCY / 1000.0, dtype=float)
 
-    def deliverable_kw(self, window_h: float) -> F64:
-        """Power it holds for ``window_h`` hours: min(max discharge, energy above reserve / h)."""
+    def deliverable_kw(self, window_h: float | npt.ArrayLike) -> F64:
+        """Power it holds for ``window_h`` hours (one value, or one per battery): min(max
+        discharge, energy above reserve / h)."""
         return physics.battery_deliverable_kw(
             self.soc_pct, self.capacity_wh, self.max_discharge_w, self.reserve_pct, window_h
         )
