@@ -66,9 +66,11 @@ class _Day:
     online_any: B  # (N,) online at some interval of the window
     fc_online: B  # (N,) reporting at forecast time
     fc_soc: F64  # (N,) state of charge at forecast time (NaN: not reported)
+    fc_power: F64  # (N,) a battery's output at forecast time (NaN: not reported)
     fc_setpoint: F64  # (N,)
     temp_obs_c: float  # mean reported outdoor temperature over the window (NaN: none)
     temp_fc_c: float  # the weather file's mean over the same intervals
+    temp_clim_c: float  # the climate's mean over the same intervals (vpp.weather)
     commanded: bool  # an event touched the window
     wave: list[tuple[float, float, float]]  # per kind: (opted out, commanded, expected rate)
 
@@ -217,6 +219,8 @@ class ForecastCalibrator(Periodic):
             "samples": int(quantiles.pits.size),
             "temp_samples": temp_n,
             "temp_sigma_c": round(shocks.temp_sigma_c, 3),
+            "temp_bias_c": round(shocks.temp_bias_c, 3),
+            "temp_skill": round(shocks.temp_skill, 3),
             "vendor_outage_p": round(shocks.vendor_outage_p, 4),
             "vendor_outage_depth": list(shocks.vendor_outage_depth),
             "optout_wave_sigma": round(shocks.optout_wave_sigma, 3),
@@ -393,6 +397,7 @@ class ForecastCalibrator(Periodic):
                             TelemetryInterval.soc_pct,
                             TelemetryInterval.setpoint_c,
                             TelemetryInterval.outdoor_c,
+                            TelemetryInterval.power_w,
                         ).where(TelemetryInterval.interval_start_ms.in_([int(s) for s in stamps]))
                     )
                 ).all()
@@ -407,7 +412,7 @@ class ForecastCalibrator(Periodic):
             # Only the devices with a reading in the window get columns: (stamps × devices)
             # arrays over a national fleet's silent or new devices cost GB and find nothing.
             if tel:
-                frame = pd.DataFrame(tel, columns=["id", "ts", "soc", "sp", "out"])
+                frame = pd.DataFrame(tel, columns=["id", "ts", "soc", "sp", "out", "power"])
                 seen_pos = ids.get_indexer(pd.Index(frame["id"]))
                 cols_of = np.unique(seen_pos[seen_pos >= 0])
             else:
@@ -417,6 +422,7 @@ class ForecastCalibrator(Periodic):
             soc_s = np.full((k, n_seen), np.nan)
             setpoint_s = np.full((k, n_seen), np.nan)
             outdoor_s = np.full((k, n_seen), np.nan)
+            power_s = np.full((k, n_seen), np.nan)
             if tel:
                 keep = seen_pos >= 0
                 col = np.searchsorted(cols_of, seen_pos[keep])
@@ -425,6 +431,7 @@ class ForecastCalibrator(Periodic):
                 soc_s[row, col] = frame["soc"].to_numpy(float, na_value=np.nan)[keep]
                 setpoint_s[row, col] = frame["sp"].to_numpy(float, na_value=np.nan)[keep]
                 outdoor_s[row, col] = frame["out"].to_numpy(float, na_value=np.nan)[keep]
+                power_s[row, col] = frame["power"].to_numpy(float, na_value=np.nan)[keep]
             commanded = np.zeros(n, bool)
             opted = np.zeros(n, bool)
             if cmds:
@@ -448,6 +455,7 @@ class ForecastCalibrator(Periodic):
                 )
             _, file_temp = wy.sample(starts + self.step_s * 500)
             file_temp = np.asarray(file_temp, float)
+            clim_temp = wy.climate_temp(starts + self.step_s * 500)
             has_temp = np.isfinite(reported)
             temp_steps = np.where(has_temp, reported, file_temp)
             realised = (
@@ -484,6 +492,8 @@ class ForecastCalibrator(Periodic):
             fc_present[cols_of] = present_s[fc_idx]
             fc_soc = np.full(n, np.nan)
             fc_soc[cols_of] = soc_s[fc_idx]
+            fc_power = np.full(n, np.nan)
+            fc_power[cols_of] = power_s[fc_idx]
             fc_setpoint = np.full(n, np.nan)
             fc_setpoint[cols_of] = setpoint_s[fc_idx]
             out.append(
@@ -496,9 +506,11 @@ class ForecastCalibrator(Periodic):
                     online_any=online_any,
                     fc_online=fc_present & member,
                     fc_soc=fc_soc,
+                    fc_power=fc_power,
                     fc_setpoint=fc_setpoint,
                     temp_obs_c=float(reported[has_temp].mean()) if enough_temp else np.nan,
                     temp_fc_c=float(file_temp[has_temp].mean()) if enough_temp else np.nan,
+                    temp_clim_c=float(clim_temp[has_temp].mean()) if enough_temp else np.nan,
                     commanded=bool(commanded.any()),
                     wave=wave,
                 )
@@ -514,8 +526,9 @@ class ForecastCalibrator(Periodic):
         many days had temperature readings."""
         fc = np.array([d.temp_fc_c for d in days])
         obs = np.array([d.temp_obs_c for d in days])
-        ok = np.isfinite(fc) & np.isfinite(obs)
-        temp_sigma = m.estimate_temp_sigma(fc[ok], obs[ok], prior.temp_sigma_c)
+        clim = np.array([d.temp_clim_c for d in days])
+        ok = np.isfinite(fc) & np.isfinite(obs) & np.isfinite(clim)
+        temp_bias, temp_skill, temp_sigma = m.estimate_temp_mos(fc[ok], obs[ok], clim[ok], prior)
         eligible = (
             np.stack([d.member for d in days])
             & ((sub.kind_codes == BATTERY) | (sub.kind_codes == THERMOSTAT))[None, :]
@@ -535,6 +548,8 @@ class ForecastCalibrator(Periodic):
         shocks = replace(
             prior,
             temp_sigma_c=float(temp_sigma),
+            temp_bias_c=float(temp_bias),
+            temp_skill=float(temp_skill),
             vendor_outage_p=float(p_out),
             vendor_outage_depth=(float(depth[0]), float(depth[1])),
             optout_wave_sigma=float(wave_sigma),
@@ -601,6 +616,8 @@ class ForecastCalibrator(Periodic):
         soc = day.fc_soc[day.member]
         sp = day.fc_setpoint[day.member]
         st["soc_pct"] = np.where(np.isnan(soc), st["soc_pct"], soc)
+        # What each battery was doing then (not now): how it runs its home (model.home_use).
+        st["power_w"] = day.fc_power[day.member]
         st["setpoint_c"] = np.where(np.isnan(sp), st["setpoint_c"], sp)
         on = day.fc_online[day.member]
         snap = replace(
@@ -624,7 +641,9 @@ class ForecastCalibrator(Periodic):
         n_w = int((end - day.forecast_ms) // dt_ms) + 2
         times = day.forecast_ms + np.arange(max(n_w, 2), dtype=np.int64) * dt_ms
         ghi, temp = wy.sample(times)
-        weather = m.WeatherForecast(day.forecast_ms, step, ghi, temp, wy.tz_offset_h)
+        weather = m.WeatherForecast(
+            day.forecast_ms, step, ghi, temp, wy.tz_offset_h, temp_climate_c=wy.climate_temp(times)
+        )
         event_h = m.event_hours(start, end)
         scen, _ = m.simulate_region(
             dev,

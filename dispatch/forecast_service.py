@@ -399,7 +399,9 @@ class ForecastService:
         times = now_ms + np.arange(max(n, 2), dtype=np.int64) * dt_s * 1000
         wy = weather_for(self.services.regions.locate(region))
         ghi, temp = wy.sample(times)
-        return m.WeatherForecast(now_ms, dt_s, ghi, temp, wy.tz_offset_h)
+        return m.WeatherForecast(
+            now_ms, dt_s, ghi, temp, wy.tz_offset_h, temp_climate_c=wy.climate_temp(times)
+        )
 
     def _region_devices(
         self,

@@ -122,9 +122,11 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
     region_of = snap.region_codes
     ghi_true = np.zeros((n_reg, total_steps))
     temp_true = np.zeros((n_reg, total_steps))
+    temp_climate = np.zeros((n_reg, total_steps))
     for r, w in enumerate(weathers):
         times = origin[r] + np.arange(total_steps) * STEP_MS + STEP_MS // 2
         ghi_true[r], temp_true[r] = w.sample(times)
+        temp_climate[r] = w.climate_temp(times)
     # Day-level forecast errors (the forecaster sees truth + these).
     temp_err_day = rng.standard_normal((n_days + 1, n_reg)) * truth.temp_sigma_c
     solar_err_day = np.clip(
@@ -157,6 +159,8 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
     serving = has_pv
     load_obs_w = np.full((total_steps, b_idx.size), np.nan, dtype=np.float32)
     load_mod_w = np.full(total_steps, np.nan)
+    fc_step_of_day = int(cfg.forecast_local_h * 4)
+    reported_w: dict[int, F64] = {}
     for k in range(total_steps):
         hour_local = ((k % steps_per_day) + 0.5) * STEP_S / 3600.0
         base_load = np.interp(hour_local, np.arange(25), np.append(m.HOME_LOAD_W, m.HOME_LOAD_W[0]))
@@ -171,6 +175,8 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
             load_obs_w[k] = np.where(use, own_w, np.nan)
             load_mod_w[k] = float(base_load)
         soc_path[k + 1] = soc
+        if (k + 1) % steps_per_day == fc_step_of_day:
+            reported_w[k + 1] = own_w  # what each battery reports at forecast time
         if k % steps_per_day in win_steps:
             day = k // steps_per_day
             own_max_w[day] = np.maximum(own_max_w[day], own_w)
@@ -197,10 +203,10 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
     opted_hist = np.zeros(n)
     trials_hist = np.zeros(n)
     vendor_share_hist: list[F64] = []  # per day: (R·V) online shares
-    temp_fc_hist: list[float] = []
-    temp_obs_hist: list[float] = []
-    solar_fc_hist: list[float] = []
-    solar_obs_hist: list[float] = []
+    # Per region: the window's mean forecast, observed and climate temperatures of past days.
+    temp_hist: list[list[tuple[float, float, float]]] = [[] for _ in regions]
+    # Per region: the solar energy to the window of past days, forecast and observed.
+    solar_hist: list[list[tuple[float, float]]] = [[] for _ in regions]
     wave_obs: list[tuple[float, float, float]] = []
     pits: list[list[F64]] = [[] for _ in regions]
     p50 = np.zeros_like(realised)
@@ -226,6 +232,7 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
             fc_step = (d - 1) * steps_per_day + int(cfg.forecast_local_h * 4)
             st = snap.state.copy()
             st["soc_pct"][b_idx] = soc_path[fc_step]
+            st["power_w"][b_idx] = reported_w[fc_step]
             online_now = online_draw(d - 1)
             now_snap = replace(
                 snap,
@@ -238,14 +245,15 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
             online_rate, _ = m.estimate_online_rates(
                 online_hist * 288, expected_hist * 288, region_of
             )
-            shocks = _estimate_shocks(
-                temp_fc_hist,
-                temp_obs_hist,
-                solar_fc_hist,
-                solar_obs_hist,
-                vendor_share_hist,
-                wave_obs,
-            )
+            shocks = [
+                _estimate_shocks(
+                    temp_hist[r],
+                    solar_hist[r],
+                    vendor_share_hist,
+                    wave_obs,
+                )
+                for r in range(n_reg)
+            ]
             for r, reg in enumerate(regions):
                 rows = np.flatnonzero(region_of == r)
                 now_ms = origin[r] + fc_step * STEP_MS
@@ -259,13 +267,20 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                     + truth.temp_hourly_sigma_c * (rng.standard_normal(n_fc))
                 )
                 ghi_fc = ghi_true[r, sl] / solar_err_day[d, r]
-                wf = m.WeatherForecast(now_ms, STEP_S, ghi_fc, temp_fc, float(tz[r]))
+                wf = m.WeatherForecast(
+                    now_ms,
+                    STEP_S,
+                    ghi_fc,
+                    temp_fc,
+                    float(tz[r]),
+                    temp_climate_c=temp_climate[r, sl],
+                )
                 hist_days = d - 1
                 calib = m.RegionCalibration(
                     calibrated=hist_days >= 7,
                     online_rate=online_rate if hist_days >= 1 else None,
                     optout_rate=optout_rate if hist_days >= 1 else None,
-                    shocks=shocks,
+                    shocks=shocks[r],
                     quantiles=m.QuantileMap(
                         np.concatenate(pits[r][-PIT_DAYS:]) if pits[r] else np.zeros(0)
                     ),
@@ -302,10 +317,20 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                 win = slice(
                     d * steps_per_day + window_step0, d * steps_per_day + window_step0 + t_count
                 )
-                temp_fc_hist.append(float(np.mean(temp_fc[-t_count - 1 : -1])))
-                temp_obs_hist.append(float(np.mean(temp_true[r, win])))
-                solar_fc_hist.append(float(ghi_fc[: n_fc - t_count].sum()))
-                solar_obs_hist.append(float(ghi_true[r, fc_step : fc_step + n_fc - t_count].sum()))
+                temp_hist[r].append(
+                    (
+                        float(np.mean(temp_fc[-t_count - 1 : -1])),
+                        float(np.mean(temp_true[r, win])),
+                        float(np.mean(temp_climate[r, win])),
+                    )
+                )
+                before = slice(fc_step, fc_step + n_fc - t_count)
+                solar_hist[r].append(
+                    (
+                        float(ghi_fc[: n_fc - t_count].sum()),
+                        float(ghi_true[r, before].sum()),
+                    )
+                )
 
         # ---- What the fleet could actually deliver on day d ---------------------------------
         online = online_draw(d)
@@ -381,24 +406,26 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
 
 
 def _estimate_shocks(
-    temp_fc: list[float],
-    temp_obs: list[float],
-    solar_fc: list[float],
-    solar_obs: list[float],
+    temp: list[tuple[float, float, float]],
+    solar: list[tuple[float, float]],
     vendor_share: list[F64],
     wave_obs: list[tuple[float, float, float]],
 ) -> m.ShockParams:
     prior = m.ShockParams()
-    temp_sigma = m.estimate_temp_sigma(np.array(temp_fc), np.array(temp_obs), prior.temp_sigma_c)
+    fc, obs, clim = np.array(temp).reshape(-1, 3).T
+    temp_bias, temp_skill, temp_sigma = m.estimate_temp_mos(fc, obs, clim, prior)
     p_out, depth = m.estimate_vendor_outages(
         np.array(vendor_share) if vendor_share else np.zeros((0, 0)), prior.vendor_outage_p
     )
-    solar_sigma = m.estimate_solar_sigma(np.array(solar_fc), np.array(solar_obs), prior.solar_sigma)
+    s_fc, s_obs = np.array(solar).reshape(-1, 2).T
+    solar_sigma = m.estimate_solar_sigma(s_fc, s_obs, prior.solar_sigma)
     wave = np.array(wave_obs) if wave_obs else np.zeros((0, 3))
     wave_sigma = m.estimate_wave_sigma(wave[:, 0], wave[:, 1], wave[:, 2], prior.optout_wave_sigma)
     return replace(
         prior,
         temp_sigma_c=temp_sigma,
+        temp_bias_c=temp_bias,
+        temp_skill=temp_skill,
         vendor_outage_p=p_out,
         vendor_outage_depth=depth,
         solar_sigma=solar_sigma,

@@ -13,7 +13,7 @@ local standard hour of year), so the same weather repeats every year.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy.typing as npt
 from vpp.regions import Region, RegionBook, distance_km
 
 HOURS_PER_YEAR = 8760
+CLIMATE_DAYS = 15  # days of the typical year the climate at an hour is averaged over
 # The bundled typical years, by file: climate label and format.
 BUNDLED_YEARS: dict[str, tuple[str, str]] = {
     "12839.tm2": ("hot", "tmy2"),
@@ -52,17 +53,42 @@ class WeatherYear:
         self, epoch_ms: npt.ArrayLike
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """(GHI W/m², air temperature °C) at each epoch-ms time, linearly interpolated."""
+        lo, hi, frac = self._hours(epoch_ms)
+        ghi = self.ghi_w_m2[lo] * (1 - frac) + self.ghi_w_m2[hi] * frac
+        temp = self.temp_c[lo] * (1 - frac) + self.temp_c[hi] * frac
+        return ghi, temp
+
+    def climate_temp(self, epoch_ms: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """The climate's air temperature (°C) at each time: the typical year's mean at the same
+        hour over the surrounding ``CLIMATE_DAYS`` days. A typical year's own day is one draw
+        of the weather, not its expectation; what a forecast adds is its departure from this."""
+        lo, hi, frac = self._hours(epoch_ms)
+        clim = self._temp_climate
+        return np.asarray(clim[lo] * (1 - frac) + clim[hi] * frac, dtype=float)
+
+    @cached_property
+    def _temp_climate(self) -> npt.NDArray[np.float64]:
+        return _climate(self.temp_c)
+
+    def _hours(
+        self, epoch_ms: npt.ArrayLike
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         local_ms = np.asarray(epoch_ms, dtype=float) + self.tz_offset_h * 3_600_000.0
         stamp = local_ms.astype("int64").astype("datetime64[ms]")
         year_start = stamp.astype("datetime64[Y]").astype("datetime64[ms]")
         # Hour of the local year; a leap year's extra day folds onto the typical year's end.
         hour = np.minimum((stamp - year_start).astype("int64") / 3_600_000.0, HOURS_PER_YEAR - 1e-6)
-        lo = np.floor(hour).astype(int) % HOURS_PER_YEAR
-        hi = (lo + 1) % HOURS_PER_YEAR
-        frac = hour - np.floor(hour)
-        ghi = self.ghi_w_m2[lo] * (1 - frac) + self.ghi_w_m2[hi] * frac
-        temp = self.temp_c[lo] * (1 - frac) + self.temp_c[hi] * frac
-        return ghi, temp
+        lo = np.floor(hour).astype(np.int64) % HOURS_PER_YEAR
+        return lo, (lo + 1) % HOURS_PER_YEAR, hour - np.floor(hour)
+
+
+def _climate(hourly: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Each hour's mean at the same hour of the ``CLIMATE_DAYS`` days around it."""
+    days = hourly.reshape(-1, 24)
+    k = CLIMATE_DAYS // 2
+    wrapped = np.concatenate([days[-k:], days, days[:k]])  # the year wraps round
+    sums = np.cumsum(np.vstack([np.zeros((1, 24)), wrapped]), axis=0)
+    return np.asarray((sums[2 * k + 1 :] - sums[: -2 * k - 1]) / (2 * k + 1), float).ravel()
 
 
 def _data_dir() -> Path:

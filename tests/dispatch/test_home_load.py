@@ -56,6 +56,20 @@ def test_estimate_recovers_level_and_swing_though_big_users_run_down_first() -> 
     assert got.samples == n_steps
     # Averaging what reports would read the big users' absence as a low level.
     assert np.nanmean(observed / base[:, None]) < 0.9 * level
+    # And the homes' spread around it (0.3 in log terms here).
+    assert got.spread == pytest.approx(0.3, abs=0.05)
+
+
+def test_homes_spread_round_their_level_is_learnt_and_kept_mean_one() -> None:
+    rng = np.random.default_rng(3)
+    for spread in (0.1, 0.6):
+        scale = rng.lognormal(0.0, spread, 300)
+        base = np.full(100, 1000.0)
+        got = m.estimate_home_load(scale[None, :] * base[:, None], base)
+        assert got.spread == pytest.approx(spread, rel=0.15)
+        nodes, weights = got.scales()
+        assert float((nodes * weights).sum()) == pytest.approx(1.0)
+        assert nodes.max() / nodes.min() == pytest.approx(np.exp(2 * np.sqrt(3) * got.spread))
 
 
 def test_without_data_the_prior_holds_and_the_peak_grows_with_the_window() -> None:

@@ -11,7 +11,7 @@ import pytest
 from sim.synthetic import make_fleet
 from tests.helpers.fleets import fleet_of
 from vpp import physics
-from vpp.fleet.snapshot import FleetSnapshot
+from vpp.fleet.snapshot import BATTERY, FleetSnapshot
 from vpp.forecast import model as m
 
 NOW = 1_783_000_800_000  # a summer afternoon, on the 15-minute grid
@@ -234,3 +234,67 @@ def test_quantile_map_learns_from_pits() -> None:
 def test_pit() -> None:
     scen = np.arange(100, dtype=float)[:, None] * np.ones((1, 2))
     np.testing.assert_allclose(m.pit(scen, np.array([9.5, 200.0])), [0.1, 1.0])
+
+
+def test_a_battery_reports_how_it_runs_its_home() -> None:
+    power = np.array([900.0, -2500.0, 0.0, 0.0, 0.0, np.nan, 20.0])
+    soc = np.array([60.0, 50.0, 60.0, 21.0, 100.0, 60.0, 70.0])
+    reserve = np.full(7, 20.0)
+    assert m.home_use(power, soc, reserve).tolist() == [
+        m.SERVING,  # discharging into the home
+        m.SERVING,  # charging from its PV
+        m.HELD,  # 0 W with charge to spare: backup mode
+        m.UNKNOWN_USE,  # 0 W at its reserve: empty, or held there
+        m.UNKNOWN_USE,  # 0 W when full: nothing to charge, or held
+        m.UNKNOWN_USE,  # no report
+        m.HELD,  # metering noise is standing still
+    ]
+
+
+def _battery_homes(power_w: float) -> FleetSnapshot:
+    """Batteries at 60 %, each reporting ``power_w`` now, and 200 rooftop PV systems."""
+    snap = make_fleet(2_000, ["ERCOT-NORTH"], seed=4, kind_mix=(0.5, 0.5, 0.0)).snap
+    bat = snap.kind_codes == BATTERY
+    st = snap.state.copy()
+    st["soc_pct"] = np.where(bat, 60.0, np.nan)
+    st["power_w"] = np.where(bat, power_w, np.nan)
+    return replace(snap, state=st)
+
+
+def test_a_held_battery_is_not_counted_on_to_charge_from_the_sun() -> None:
+    # Tomorrow evening's window, after a sunny day or a dark one. Batteries seen serving their
+    # homes fill up in the sun; batteries seen held in backup mode stay where they are, whatever
+    # the registry's PV count suggests.
+    start, end = NOW + 28 * H, NOW + 30 * H
+    sunny, dark = flat_weather(30.0, ghi=700.0), flat_weather(30.0, ghi=0.0)
+
+    def p50(snap: FleetSnapshot, weather: m.WeatherForecast) -> float:
+        res = run(snap, certain(len(snap)), start, end, weather)
+        return float(res.p50_mw.mean())
+
+    serving, held = _battery_homes(800.0), _battery_homes(0.0)
+    assert p50(serving, sunny) > 1.5 * p50(serving, dark)
+    assert p50(held, sunny) == pytest.approx(p50(held, dark), rel=1e-6)
+
+
+def test_a_noisy_temperature_forecast_is_read_toward_the_climate() -> None:
+    rng = np.random.default_rng(8)
+    clim = 30.0 + rng.normal(0.0, 0.5, 60)
+    truth = clim + rng.normal(0.0, 2.0, 60)  # the day's own departure from the climate
+    prior = m.ShockParams()
+    # A forecast that sees the truth through 2 °C of noise is worth about half of its departure.
+    noisy = truth + rng.normal(0.0, 2.0, 60) + 1.0  # and runs 1 °C warm
+    bias, skill, sigma = m.estimate_temp_mos(noisy, truth, clim, prior)
+    assert 0.3 < skill < 0.7
+    read = clim + skill * (noisy - clim) + bias
+    assert abs(float(np.mean(read - truth))) < 0.2  # its warm 1 °C is taken out
+    raw = float(np.sqrt(np.mean((noisy - truth) ** 2)))
+    assert sigma < 0.85 * raw
+    # A perfect forecast keeps its full skill, no bias, and little error.
+    bias, skill, sigma = m.estimate_temp_mos(truth, truth, clim, prior)
+    assert skill == pytest.approx(1.0, abs=0.02)
+    assert abs(bias) < 0.05
+    assert sigma < prior.temp_sigma_c
+    # Read through it, the forecast's expected temperature moves toward the climate.
+    wf = m.WeatherForecast(NOW, 900, np.zeros(4), np.full(4, 36.0), -5.0, np.full(4, 30.0))
+    assert wf.read(replace(prior, temp_skill=0.5)).temp_c == pytest.approx(np.full(4, 33.0))

@@ -11,6 +11,12 @@ How it scales (1 M devices × 192 intervals in well under a second of numpy):
    temperature forecast error, a vendor's cloud going down, an opt-out wave (scaled by event
    length and consecutive event days), a cloudy or sunny day for battery charging. Device-level
    independent noise (online/opt-out coin flips) enters in closed form as a binomial variance.
+   What history teaches enters through :class:`RegionCalibration`: per-device online and
+   opt-out rates, the shocks' sizes, how to read the temperature forecast against the climate
+   (its skill and bias), and the homes behind the batteries (:class:`HomeLoad`: their evening
+   level, its swing, and the spread of homes around it). Whether a battery serves its home at
+   all (self-consumption) or is held in backup mode is read from its last report
+   (:func:`home_use`), not guessed from the registry's count of solar devices.
 4. P90 = the value exceeded in 90 % of scenarios = the 10th percentile; a firmness f asks for the
    (1 − f) quantile. A :class:`QuantileMap` learnt from past forecast-vs-realised outcomes
    (probability integral transforms) moves the levels so that the P90 holds ~90 % of the time.
@@ -75,6 +81,7 @@ HOME_LOAD_W = np.array(
 # when homes draw on their batteries and most still have charge.
 HOME_LOAD_EVENING_H = 17.0
 PRIOR_STEPS = 24.0
+PRIOR_HOMES = 20.0  # homes that weigh as much as the prior spread of their scales
 MAX_PV_PER_BATTERY_W = 10_000.0
 # Shock grids: physics is evaluated at these points and scenarios interpolate between them.
 TEMP_GRID_C = np.linspace(-8.0, 8.0, 17)
@@ -86,6 +93,12 @@ class ShockParams:
     """Magnitudes of the common shocks. Defaults are priors; :func:`estimate_*` learn them."""
 
     temp_sigma_c: float = 1.5  # day-ahead error of the outdoor temperature, per region-day
+    # How the temperature forecast is read (model output statistics, learnt by
+    # :func:`estimate_temp_mos`): the climate plus ``temp_skill`` times the forecast's departure
+    # from it, plus ``temp_bias_c``. A forecast whose departures are partly noise earns a skill
+    # below 1; without a climate only the bias applies.
+    temp_bias_c: float = 0.0
+    temp_skill: float = 1.0
     temp_sigma_growth_per_day: float = 0.3  # relative growth of that error per lead day
     vendor_outage_p: float = 0.02  # probability a vendor's cloud is down on a given day
     vendor_outage_depth: tuple[float, float] = (0.5, 1.0)  # share of its fleet lost, uniform
@@ -138,6 +151,18 @@ class HomeLoad:
     sigma: float = 0.15
     rho: float = 0.5
     samples: int = 0  # 15-minute steps it was learnt from (0: the prior)
+    # Log-sd of homes' own scales around the level: big users drain their batteries overnight
+    # and draw more in the window, small ones keep charge; one mean home would make the fleet
+    # swing all at once with the sun, where the real one is smoothed by its spread.
+    spread: float = 0.3
+
+    def scales(self) -> tuple[F64, F64]:
+        """Homes' scales (over the level, mean one) and their weights: three-point
+        Gauss–Hermite nodes of the lognormal spread."""
+        x = np.array([-np.sqrt(3.0), 0.0, np.sqrt(3.0)])
+        w = np.array([1.0, 4.0, 1.0]) / 6.0
+        s = np.exp(self.spread * x)
+        return s / float((w * s).sum()), w
 
     def peak_factor(self, n_steps: int) -> float:
         """E[max over ``n_steps`` consecutive steps of the load] over its mean level."""
@@ -181,7 +206,8 @@ def estimate_home_load(
     15-minute steps where the sun is down, nobody is commanded and that battery is above its
     reserve, NaN elsewhere; ``modelled_w`` (steps,): :data:`HOME_LOAD_W` at the same steps.
     Each home's own scale is its mean ratio to the profile (so homes that run down early, the
-    big users, still count at their own level); the region's level is their mean, and its noise
+    big users, still count at their own level); the region's level is their mean, the homes'
+    spread the log-sd of the scales of those seen at 8 steps or more, and the region's noise
     (log-sd, lag-one autocorrelation) that of the steps' mean ratio to those scales. Shrunk
     toward ``prior`` while data is short (``PRIOR_STEPS`` steps weigh as much as the prior: two
     evenings)."""
@@ -207,6 +233,12 @@ def estimate_home_load(
         return prior
     w = n / (n + PRIOR_STEPS)
     level = w * float(np.mean(scale)) + (1 - w) * prior.level
+    # Homes' spread from those seen often enough for their own scale to mean something.
+    steady = per_home[homes] >= 8
+    spread = prior.spread
+    if steady.sum() >= 5:
+        ws = float(steady.sum()) / (float(steady.sum()) + PRIOR_HOMES)
+        spread = ws * float(np.std(np.log(scale[steady]))) + (1 - ws) * prior.spread
     logs = np.log(np.where(steps, step_ratio, 1.0))
     sigma = w * float(np.std(logs[steps])) + (1 - w) * prior.sigma
     pairs = steps[1:] & steps[:-1]
@@ -220,6 +252,7 @@ def estimate_home_load(
         sigma=float(np.clip(sigma, 0.0, 1.0)),
         rho=float(np.clip(rho, -0.5, 0.99)),
         samples=n,
+        spread=float(np.clip(spread, 0.0, 1.0)),
     )
 
 
@@ -246,11 +279,27 @@ class WeatherForecast:
     ghi_w_m2: F64
     temp_c: F64
     tz_offset_h: float = 0.0
+    temp_climate_c: F64 | None = None  # the climate's temperature on the same grid, if known
 
     def at(self, epoch_ms: npt.ArrayLike) -> tuple[F64, F64]:
         t = (np.asarray(epoch_ms, dtype=float) - self.start_ms) / (self.dt_s * 1000.0)
         x = np.arange(self.ghi_w_m2.size, dtype=float)
         return np.interp(t, x, self.ghi_w_m2), np.interp(t, x, self.temp_c)
+
+    def read(self, shocks: ShockParams) -> WeatherForecast:
+        """The forecast as its learnt skill and bias say to read it (:class:`ShockParams`):
+        the climate plus the believed share of the forecast's departure from it."""
+        temp, ghi = self.temp_c + shocks.temp_bias_c, self.ghi_w_m2
+        if self.temp_climate_c is not None:
+            clim = self.temp_climate_c
+            temp = clim + shocks.temp_skill * (self.temp_c - clim) + shocks.temp_bias_c
+        return WeatherForecast(
+            self.start_ms,
+            self.dt_s,
+            np.asarray(ghi, float),
+            np.asarray(temp, float),
+            self.tz_offset_h,
+        )
 
 
 @dataclass
@@ -361,6 +410,41 @@ def _rates(n: int, given: F64 | None, default: float) -> F64:
     return np.where(np.isnan(given), default, np.clip(given, 0.0, 1.0))
 
 
+# What a battery's last report says of how it is run outside events (:func:`home_use`).
+HELD, SERVING, UNKNOWN_USE = 0, 1, 2
+# Output below this (W, either way) is a battery standing still: metering noise, not a home.
+SERVING_MIN_W = 50.0
+
+
+def home_use(power_w: F64, soc_pct: F64, reserve_pct: F64) -> npt.NDArray[np.int64]:
+    """How each battery is run outside events, from its last report: ``SERVING`` its home
+    (self-consumption: it discharges into the home's load or charges from its PV), ``HELD``
+    (backup mode: it reports 0 W with charge to spare), or ``UNKNOWN_USE`` when its report
+    cannot tell (none, or standing still because it is empty or full: a self-consuming
+    battery at its reserve overnight or full at noon reads 0 W too)."""
+    p = np.asarray(power_w, dtype=float)
+    soc = np.asarray(soc_pct, dtype=float)
+    moving = np.isfinite(p) & (np.abs(p) >= SERVING_MIN_W)
+    still = np.isfinite(p) & ~moving & (soc > np.asarray(reserve_pct, float) + 5.0) & (soc < 99.0)
+    return np.where(moving, SERVING, np.where(still, HELD, UNKNOWN_USE)).astype(np.int64)
+
+
+def _serving_share(use: npt.NDArray[np.int64], pv_share: float) -> F64:
+    """Per battery, the probability that it serves its home: 1 or 0 where its report says.
+    For the rest: the region's PV homes (solar devices per battery, the registry's only hint)
+    not already seen serving, spread over them; with no PV in the registry, the share of the
+    batteries whose reports tell that serve."""
+    n_unknown = int((use == UNKNOWN_USE).sum())
+    seen = int((use == SERVING).sum())
+    known = int(use.size - n_unknown)
+    if pv_share > 0 or known == 0:
+        rest = pv_share * use.size - seen
+        prior = float(np.clip(rest / max(n_unknown, 1), 0.0, 1.0))
+    else:
+        prior = seen / known
+    return np.where(use == SERVING, 1.0, np.where(use == HELD, 0.0, prior))
+
+
 @dataclass
 class RegionDevices:
     """One region's rows of a snapshot: the forecaster's input (built once per snapshot)."""
@@ -403,6 +487,13 @@ def region_devices(
     th_rows = np.flatnonzero((kind == THERMOSTAT) & enrolled)
     solar_rows = np.flatnonzero(kind == SOLAR)
 
+    # PV attached to battery homes: the registry does not pair them, so assume the region's
+    # solar devices sit in battery homes first (share ≤ 1) at their mean size.
+    n_bat = max(bat_rows.size, 1)
+    solar_rated = np.nan_to_num(snap.rated_w[rows][solar_rows], nan=0.0)
+    pv_share = float(min(1.0, solar_rows.size / n_bat)) if bat_rows.size else 0.0
+    pv_w = float(min(solar_rated.mean(), MAX_PV_PER_BATTERY_W)) if solar_rows.size else 0.0
+
     batteries = None
     battery_kw = 0.0
     if bat_rows.size:
@@ -410,6 +501,8 @@ def region_devices(
         soc, cap, reserve = b_inp.soc_pct, b_inp.capacity_wh, b_inp.reserve_pct
         dis, chg = b_inp.max_discharge_w, b_inp.max_charge_w
         battery_kw = float(dis.sum()) / 1000.0
+        use = home_use(st["power_w"][bat_rows], soc, reserve)
+        serving_p = _serving_share(use, pv_share)
         r = _rates(
             bat_rows.size,
             None if r_given is None else r_given[bat_rows],
@@ -423,6 +516,7 @@ def region_devices(
                 (_bucket(dis, 500.0, 0.0, 64), 64),
                 (_bucket(chg, 1000.0, 0.0, 32), 32),
                 (_bucket(reserve, 5.0, 0.0, 21), 21),
+                (use, 3),
                 (online_now[bat_rows].astype(np.int64), 2),
             ],
             vendor[bat_rows],
@@ -435,6 +529,7 @@ def region_devices(
                 "max_discharge_w": dis,
                 "max_charge_w": chg,
                 "reserve_pct": reserve,
+                "serving": serving_p,
             },
         )
 
@@ -474,12 +569,6 @@ def region_devices(
             },
         )
 
-    # PV attached to battery homes: the registry does not pair them, so assume the region's
-    # solar devices sit in battery homes first (share ≤ 1) at their mean size.
-    n_bat = max(bat_rows.size, 1)
-    solar_rated = np.nan_to_num(snap.rated_w[rows][solar_rows], nan=0.0)
-    pv_share = float(min(1.0, solar_rows.size / n_bat)) if bat_rows.size else 0.0
-    pv_w = float(min(solar_rated.mean(), MAX_PV_PER_BATTERY_W)) if solar_rows.size else 0.0
     nameplate_kw = battery_kw + 1.1 * th_rows.size  # brief: ~1.1 kW of 1 h shift per thermostat
     power = st["power_w"][bat_rows[online_now[bat_rows]]].astype(float)
     power = power[np.isfinite(power)]
@@ -516,19 +605,13 @@ def _thermostat_table(cl: Clusters, out_c: F64, event_h: float) -> F64:
     return np.where(mode == physics.MODE_OFF, 0.0, np.nan_to_num(shed))
 
 
-# Battery homes in two variants: with PV they run self-consumption (charge from the surplus,
-# cover the evening); without PV they keep the battery in backup mode (held), so only the former
-# see the home's load.
-SELF_CONSUMING = np.array([1.0, 0.0])
-
-
 def _pv_unit_and_load(weather: WeatherForecast, times_ms: npt.ArrayLike) -> tuple[F64, F64]:
     """PV output per W of rated PV, and a home's load (W), at ``times_ms``."""
     ghi, temp = weather.at(times_ms)
     return physics.solar_power_w(ghi, 1.0, temp), home_load_w(times_ms, weather.tz_offset_h)
 
 
-def _battery_table(
+def _battery_tables(
     cl: Clusters,
     dev: RegionDevices,
     weather: WeatherForecast,
@@ -536,21 +619,24 @@ def _battery_table(
     event_starts_ms: I64,
     event_h: float,
     home: HomeLoad,
-    peak: float,
-) -> F64:
-    """Deliverable kW per member, shape (C, E, K) over event starts × solar outcomes, with the
-    homes' draw in the window at ``peak`` times its level."""
+    peaks: F64,
+) -> list[F64]:
+    """Deliverable kW per member, shape (C, E, K) over event starts × solar outcomes, one table
+    per home-load peak of ``peaks`` (the homes' draw in the window at that times its level).
+    The state of charge is projected once: the window's peak does not move it."""
     prm = cl.params
     step_ms = weather.dt_s * 1000
     n_steps = int(max(0, np.ceil((event_starts_ms.max() - now_ms) / step_ms)))
     times = now_ms + np.arange(n_steps, dtype=np.int64) * step_ms + step_ms // 2
     pv_unit, load = _pv_unit_and_load(weather, times)
     load = load * home.level  # the region's own level, learnt from its batteries
-    # Axis 0: with / without PV; 1: clusters; 2: solar outcomes.
-    pv_size = np.array([dev.pv_w, 0.0])[:, None, None]
+    # Axis 0: the variants of a home (serving it at each of its load scales, or held);
+    # 1: clusters; 2: solar outcomes.
+    v_load, v_pv, v_weight = _home_variants(cl, dev, home)
+    pv_size = v_pv[:, None, None]
     pv = pv_unit[:, None, None, None] * pv_size[None] * SOLAR_GRID[None, None, None, :]
-    load_by_variant = load[:, None, None, None] * SELF_CONSUMING[None, :, None, None]
-    shape = (2, cl.n.size, SOLAR_GRID.size)
+    load_by_variant = load[:, None, None, None] * v_load[None, :, None, None]
+    shape = (v_load.size, cl.n.size, SOLAR_GRID.size)
 
     def b(name: str) -> F64:
         return np.broadcast_to(prm[name][None, :, None], shape)
@@ -568,7 +654,7 @@ def _battery_table(
         )
         idx = np.clip(np.ceil((event_starts_ms - now_ms) / step_ms).astype(int) - 1, -1, None)
         soc0 = np.broadcast_to(b("soc_pct"), shape)[None]
-        soc_at = np.concatenate([soc0, soc_path])[idx + 1]  # (E, 2, C, K)
+        soc_at = np.concatenate([soc0, soc_path])[idx + 1]  # (E, V, C, K)
     else:
         soc_at = np.broadcast_to(b("soc_pct"), shape)[None].repeat(event_starts_ms.size, axis=0)
     kw = physics.battery_deliverable_kw(
@@ -585,12 +671,39 @@ def _battery_table(
     # afternoon the sun fades and the homes' own discharge rises through the event), not the
     # average. A home charging from its PV (own < 0) adds to the increment, but only while the
     # sun lasts: never counted below 0.
-    own_kw = _battery_own_kw(
-        cl, dev, weather, now_ms, event_starts_ms, event_h, soc_at, b, pv_size, home, peak
-    )
-    kw = np.maximum(kw - np.maximum(own_kw, 0.0), 0.0)
-    kw = dev.pv_share * kw[:, 0] + (1.0 - dev.pv_share) * kw[:, 1]  # (E, C, K)
-    return np.transpose(kw, (1, 0, 2))
+    tables = []
+    for peak in peaks:
+        own_kw = _battery_own_kw(
+            cl,
+            dev,
+            weather,
+            now_ms,
+            event_starts_ms,
+            event_h,
+            soc_at,
+            b,
+            v_load,
+            v_pv,
+            home,
+            float(peak),
+        )
+        net = np.maximum(kw - np.maximum(own_kw, 0.0), 0.0)
+        net = (v_weight[None, :, :, None] * net).sum(axis=1)  # (E, C, K)
+        tables.append(np.transpose(net, (1, 0, 2)))
+    return tables
+
+
+def _home_variants(cl: Clusters, dev: RegionDevices, home: HomeLoad) -> tuple[F64, F64, F64]:
+    """The homes behind a cluster's batteries: serving the home (self-consumption, with the
+    region's PV) at each of the homes' load scales, or held (backup mode: no load, no PV).
+    Returns per variant its load scale (V,), its PV (W, (V,)) and per cluster its weight
+    (V, C): a battery's chance of serving (:func:`home_use`) times the scale's weight."""
+    scales, weights = home.scales()
+    serving = cl.params["serving"]
+    v_load = np.append(scales, 0.0)
+    v_pv = np.append(np.full(scales.size, dev.pv_w), 0.0)
+    v_weight = np.vstack([weights[:, None] * serving[None, :], (1.0 - serving)[None, :]])
+    return v_load, v_pv, v_weight
 
 
 OWN_SAMPLES = np.array([0.0, 0.25, 0.5, 0.75, 1.0])  # points of the window own output is taken at
@@ -605,7 +718,8 @@ def _battery_own_kw(
     event_h: float,
     soc_at: F64,
     b: Callable[[str], F64],
-    pv_size: F64,
+    v_load: F64,
+    v_pv: F64,
     home: HomeLoad,
     peak: float,
 ) -> F64:
@@ -620,12 +734,13 @@ def _battery_own_kw(
     t = event_starts_ms[:, None] + (OWN_SAMPLES * event_h * HOUR_MS)[None, :]  # (E, P)
     pv_unit, load = _pv_unit_and_load(weather, t)
     load = load * home.level * peak
-    scale = _fit_pv_scale(cl, dev, weather, now_ms, b, home.level)
+    scale = _fit_pv_scale(cl, dev, weather, now_ms, b, home)
+    pv_size = v_pv[:, None, None]
     pv = pv_unit[..., None, None, None] * (scale * pv_size * SOLAR_GRID[None, None, :])[None, None]
-    # Held batteries (the variant without PV) give their home nothing.
-    own = (load[..., None, None, None] - pv) * SELF_CONSUMING[None, None, :, None, None]
+    # Held batteries (no load, no PV) give their home nothing.
+    own = load[..., None, None, None] * v_load[None, None, :, None, None] - pv
     # A full battery cannot charge: its own output is floored at 0 instead of −max charge.
-    floor = np.where(soc_at >= 99.0, 0.0, -b("max_charge_w")[None])[:, None]  # (E, 1, 2, C, K)
+    floor = np.where(soc_at >= 99.0, 0.0, -b("max_charge_w")[None])[:, None]  # (E, 1, V, C, K)
     own = np.clip(own, floor, b("max_discharge_w")[None, None])
     return own.max(axis=1) / 1000.0
 
@@ -636,24 +751,28 @@ def _fit_pv_scale(
     weather: WeatherForecast,
     now_ms: int,
     b: Callable[[str], F64],
-    load_level: float = 1.0,
+    home: HomeLoad,
 ) -> float:
     """Scale of the assumed PV behind batteries that makes the modelled mean own output now match
     the reported one (bisection: own output falls as PV grows). 1 without a report or sun."""
     observed = dev.battery_own_kw_now
     pv_now, load_now = _pv_unit_and_load(weather, np.array([now_ms]))
-    pv_unit, load = float(pv_now[0]), float(load_now[0]) * load_level
-    if observed is None or pv_unit < 0.05 or dev.pv_share <= 0 or dev.pv_w <= 0:
+    pv_unit, load = float(pv_now[0]), float(load_now[0]) * home.level
+    serving = cl.params["serving"]
+    if observed is None or pv_unit < 0.05 or not (serving > 0).any() or dev.pv_w <= 0:
         return 1.0
     mid = int(np.argmin(np.abs(SOLAR_GRID - 1.0)))
-    weights = cl.sum_p / max(float(cl.sum_p.sum()), 1e-9)
+    weights = cl.sum_p * serving / max(float(cl.sum_p.sum()), 1e-9)
     dis = b("max_discharge_w")[0, :, mid]
     chg = b("max_charge_w")[0, :, mid]
     full = b("soc_pct")[0, :, mid] >= 99.0
+    scales, scale_w = home.scales()
 
     def mean_own_kw(scale: float) -> float:
-        own = np.clip(load - scale * dev.pv_w * pv_unit, np.where(full, 0.0, -chg), dis)
-        return float(dev.pv_share * (weights * own).sum()) / 1000.0
+        own = np.clip(
+            load * scales[:, None] - scale * dev.pv_w * pv_unit, np.where(full, 0.0, -chg), dis
+        )
+        return float((weights * (scale_w[:, None] * own).sum(axis=0)).sum()) / 1000.0
 
     lo, hi = 0.0, 3.0
     if mean_own_kw(lo) <= observed:
@@ -735,6 +854,7 @@ def simulate_region(
     t_count = starts_ms.size
     if t_count == 0 or (dev.batteries is None and dev.thermostats is None):
         return np.zeros((n_scenarios, t_count)), np.zeros(t_count)
+    weather = weather.read(calib.shocks)
     window_start = int(starts_ms[0])
     window_end = int(starts_ms[-1]) + step_s * 1000
     eh = event_h if event_h is not None else event_hours(window_start, window_end)
@@ -788,10 +908,10 @@ def simulate_region(
         ev_starts = window_start + np.unique(ev_idx) * int(eh * HOUR_MS)
         at_ev = np.searchsorted(np.unique(ev_idx), ev_idx)
         tables = [
-            _battery_table(
-                dev.batteries, dev, weather, now_ms, ev_starts, eh, calib.home_load, float(pk)
-            )[:, at_ev, :]  # (C, T, K)
-            for pk in peak_grid
+            table[:, at_ev, :]  # (C, T, K)
+            for table in _battery_tables(
+                dev.batteries, dev, weather, now_ms, ev_starts, eh, calib.home_load, peak_grid
+            )
         ]
         parts.append(
             (
@@ -920,6 +1040,37 @@ def estimate_optout_rates(
         prior = np.full(n.shape, k.sum() / n.sum()) if prior.ndim == 0 else prior
     rates = shrunk_rate(k, n, prior, prior_strength)
     return np.where(n > 0, rates, np.nan)
+
+
+def estimate_temp_mos(
+    forecast_c: F64, observed_c: F64, climate_c: F64 | None, prior: ShockParams
+) -> tuple[float, float, float]:
+    """How to read the temperature forecast, from past days' window means: (bias °C, skill,
+    sigma °C of what is left). The observed departure from the climate regressed on the
+    forecast's (model output statistics); each shrunk toward the prior (no bias, full skill,
+    the prior sigma) with ``MOS_PRIOR_DAYS`` days' weight. Without a climate, the bias only."""
+    fc = np.asarray(forecast_c, float)
+    obs = np.asarray(observed_c, float)
+    clim = fc if climate_c is None else np.asarray(climate_c, float)
+    ok = np.isfinite(fc) & np.isfinite(obs) & np.isfinite(clim)
+    n = int(ok.sum())
+    if n == 0:
+        return prior.temp_bias_c, prior.temp_skill, prior.temp_sigma_c
+    x, y = fc[ok] - clim[ok], obs[ok] - clim[ok]
+    w = n / (n + MOS_PRIOR_DAYS)
+    skill = prior.temp_skill
+    if climate_c is not None and n >= 5 and float(np.var(x)) > 1e-6:
+        ols = float(np.cov(x, y, bias=True)[0, 1] / np.var(x))
+        skill = float(np.clip(w * ols + (1 - w) * prior.temp_skill, 0.0, 1.2))
+    bias = w * float(np.mean(y - skill * x)) + (1 - w) * prior.temp_bias_c
+    resid = y - skill * x - bias
+    sigma = float(
+        np.sqrt((np.sum(resid**2) + MOS_PRIOR_DAYS * prior.temp_sigma_c**2) / (n + MOS_PRIOR_DAYS))
+    )
+    return float(bias), skill, sigma
+
+
+MOS_PRIOR_DAYS = 10.0
 
 
 def estimate_temp_sigma(forecast_c: F64, observed_c: F64, default: float) -> float:
