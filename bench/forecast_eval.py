@@ -113,10 +113,7 @@ def timing(n_devices: int, repeats: int) -> float:
     end = NOW_MS + 48 * m.HOUR_MS
     weathers = {}
     for r in regions:
-        wy = weather_for_region(r)
-        times = NOW_MS + np.arange(48 * 4 + 2) * 900_000
-        ghi, temp = wy.sample(times)
-        weathers[r] = m.WeatherForecast(NOW_MS, 900, ghi, temp, wy.tz_offset_h)
+        weathers[r] = m.typical_year_forecast(weather_for_region(r), NOW_MS, 900, 48 * 4 + 2)
     calib = m.RegionCalibration(
         calibrated=True, online_rate=np.full(len(snap), 0.93), optout_rate=np.full(len(snap), 0.1)
     )

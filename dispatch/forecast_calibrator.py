@@ -637,13 +637,8 @@ class ForecastCalibrator(Periodic):
         start, step = int(day.starts_ms[0]), self.step_s
         end = int(day.starts_ms[-1]) + step * 1000
         wy = weather_for(self.services.regions.locate(region))
-        dt_ms = step * 1000
-        n_w = int((end - day.forecast_ms) // dt_ms) + 2
-        times = day.forecast_ms + np.arange(max(n_w, 2), dtype=np.int64) * dt_ms
-        ghi, temp = wy.sample(times)
-        weather = m.WeatherForecast(
-            day.forecast_ms, step, ghi, temp, wy.tz_offset_h, temp_climate_c=wy.climate_temp(times)
-        )
+        n_w = int((end - day.forecast_ms) // (step * 1000)) + 2
+        weather = m.typical_year_forecast(wy, day.forecast_ms, step, n_w)
         event_h = m.event_hours(start, end)
         scen, _ = m.simulate_region(
             dev,

@@ -396,12 +396,8 @@ class ForecastService:
     def _weather(self, region: str, now_ms: int, end_ms: int, step_s: int) -> m.WeatherForecast:
         dt_s = min(step_s, 900)
         n = int((end_ms - now_ms) // (dt_s * 1000)) + 2
-        times = now_ms + np.arange(max(n, 2), dtype=np.int64) * dt_s * 1000
         wy = weather_for(self.services.regions.locate(region))
-        ghi, temp = wy.sample(times)
-        return m.WeatherForecast(
-            now_ms, dt_s, ghi, temp, wy.tz_offset_h, temp_climate_c=wy.climate_temp(times)
-        )
+        return m.typical_year_forecast(wy, now_ms, dt_s, n)
 
     def _region_devices(
         self,

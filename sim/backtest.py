@@ -229,7 +229,7 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
         optout_rate = m.estimate_optout_rates(opted_hist, trials_hist, default_r)
         # ---- Forecast (not for day 0): made the day before at forecast_local_h --------------
         if d >= 1:
-            fc_step = (d - 1) * steps_per_day + int(cfg.forecast_local_h * 4)
+            fc_step = (d - 1) * steps_per_day + fc_step_of_day
             st = snap.state.copy()
             st["soc_pct"][b_idx] = soc_path[fc_step]
             st["power_w"][b_idx] = reported_w[fc_step]

@@ -25,7 +25,7 @@ How it scales (1 M devices × 192 intervals in well under a second of numpy):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -34,6 +34,7 @@ import numpy.typing as npt
 from vpp import physics
 from vpp.fleet.snapshot import BATTERY, SOLAR, THERMOSTAT, FleetSnapshot
 from vpp.flexibility import battery_inputs, thermostat_inputs
+from vpp.weather import WeatherYear
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -289,17 +290,21 @@ class WeatherForecast:
     def read(self, shocks: ShockParams) -> WeatherForecast:
         """The forecast as its learnt skill and bias say to read it (:class:`ShockParams`):
         the climate plus the believed share of the forecast's departure from it."""
-        temp, ghi = self.temp_c + shocks.temp_bias_c, self.ghi_w_m2
-        if self.temp_climate_c is not None:
-            clim = self.temp_climate_c
-            temp = clim + shocks.temp_skill * (self.temp_c - clim) + shocks.temp_bias_c
-        return WeatherForecast(
-            self.start_ms,
-            self.dt_s,
-            np.asarray(ghi, float),
-            np.asarray(temp, float),
-            self.tz_offset_h,
-        )
+        clim = self.temp_c if self.temp_climate_c is None else self.temp_climate_c
+        temp = clim + shocks.temp_skill * (self.temp_c - clim) + shocks.temp_bias_c
+        return replace(self, temp_c=np.asarray(temp, float), temp_climate_c=None)
+
+
+def typical_year_forecast(
+    wy: WeatherYear, start_ms: int, dt_s: int, n_steps: int
+) -> WeatherForecast:
+    """A region's typical year (and its climate) as the forecast from ``start_ms``: what the
+    service forecasts with, having no weather service."""
+    times = start_ms + np.arange(max(n_steps, 2), dtype=np.int64) * dt_s * 1000
+    ghi, temp = wy.sample(times)
+    return WeatherForecast(
+        start_ms, dt_s, ghi, temp, wy.tz_offset_h, temp_climate_c=wy.climate_temp(times)
+    )
 
 
 @dataclass
@@ -671,21 +676,11 @@ def _battery_tables(
     # afternoon the sun fades and the homes' own discharge rises through the event), not the
     # average. A home charging from its PV (own < 0) adds to the increment, but only while the
     # sun lasts: never counted below 0.
+    pv_scale = _fit_pv_scale(cl, dev, weather, now_ms, b, home)
     tables = []
     for peak in peaks:
         own_kw = _battery_own_kw(
-            cl,
-            dev,
-            weather,
-            now_ms,
-            event_starts_ms,
-            event_h,
-            soc_at,
-            b,
-            v_load,
-            v_pv,
-            home,
-            float(peak),
+            weather, event_starts_ms, event_h, soc_at, b, v_load, v_pv * pv_scale, home.level * peak
         )
         net = np.maximum(kw - np.maximum(own_kw, 0.0), 0.0)
         net = (v_weight[None, :, :, None] * net).sum(axis=1)  # (E, C, K)
@@ -710,33 +705,29 @@ OWN_SAMPLES = np.array([0.0, 0.25, 0.5, 0.75, 1.0])  # points of the window own 
 
 
 def _battery_own_kw(
-    cl: Clusters,
-    dev: RegionDevices,
     weather: WeatherForecast,
-    now_ms: int,
     event_starts_ms: I64,
     event_h: float,
     soc_at: F64,
     b: Callable[[str], F64],
     v_load: F64,
     v_pv: F64,
-    home: HomeLoad,
-    peak: float,
+    load_level: float,
 ) -> F64:
     """Highest own output (kW, self-consumption: + serving the home, − charging from PV) of a
-    battery home inside each event window, shape (E, 2, C, K) like ``soc_at``.
+    battery home inside each event window, shape (E, V, C, K) like ``soc_at``, for the home
+    variants' load scales ``v_load`` and PV ``v_pv`` (W).
 
     The registry does not pair PV with batteries, so the PV behind a battery is a guess; the
-    fleet's own telemetry corrects it: the PV scale is fitted so that the model's mean own output
-    now equals the batteries' reported mean output now (``dev.battery_own_kw_now``). The load
-    is the region's learnt level times the expected peak of its noise over the window's
-    15-minute steps (:class:`HomeLoad`): a home's highest draw, not its mean."""
+    fleet's own telemetry corrects it: the caller scales ``v_pv`` so that the model's mean own
+    output now equals the batteries' reported mean output now (:func:`_fit_pv_scale`). The
+    load is at ``load_level``: the region's learnt level times the peak of its noise over the
+    window's 15-minute steps (:class:`HomeLoad`), a home's highest draw, not its mean."""
     t = event_starts_ms[:, None] + (OWN_SAMPLES * event_h * HOUR_MS)[None, :]  # (E, P)
     pv_unit, load = _pv_unit_and_load(weather, t)
-    load = load * home.level * peak
-    scale = _fit_pv_scale(cl, dev, weather, now_ms, b, home)
+    load = load * load_level
     pv_size = v_pv[:, None, None]
-    pv = pv_unit[..., None, None, None] * (scale * pv_size * SOLAR_GRID[None, None, :])[None, None]
+    pv = pv_unit[..., None, None, None] * (pv_size * SOLAR_GRID[None, None, :])[None, None]
     # Held batteries (no load, no PV) give their home nothing.
     own = load[..., None, None, None] * v_load[None, None, :, None, None] - pv
     # A full battery cannot charge: its own output is floored at 0 instead of −max charge.
@@ -1042,6 +1033,9 @@ def estimate_optout_rates(
     return np.where(n > 0, rates, np.nan)
 
 
+MOS_PRIOR_DAYS = 10.0  # days of evidence the prior reading of a forecast weighs as much as
+
+
 def estimate_temp_mos(
     forecast_c: F64, observed_c: F64, climate_c: F64 | None, prior: ShockParams
 ) -> tuple[float, float, float]:
@@ -1068,20 +1062,6 @@ def estimate_temp_mos(
         np.sqrt((np.sum(resid**2) + MOS_PRIOR_DAYS * prior.temp_sigma_c**2) / (n + MOS_PRIOR_DAYS))
     )
     return float(bias), skill, sigma
-
-
-MOS_PRIOR_DAYS = 10.0
-
-
-def estimate_temp_sigma(forecast_c: F64, observed_c: F64, default: float) -> float:
-    """Day-level temperature forecast error: RMS of the daily mean error (one value per
-    region-day), shrunk toward the default with a 10-day prior."""
-    err = np.asarray(observed_c, float) - np.asarray(forecast_c, float)
-    err = err[np.isfinite(err)]
-    if err.size == 0:
-        return default
-    n = err.size
-    return float(np.sqrt((np.sum(err**2) + 10 * default**2) / (n + 10)))
 
 
 def estimate_solar_sigma(forecast_wh: F64, observed_wh: F64, default: float) -> float:
