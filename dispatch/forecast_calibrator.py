@@ -90,7 +90,7 @@ class ForecastCalibrator(Periodic):
         window_local_h: tuple[float, float] = (17.0, 20.0),
         forecast_local_h: float = 20.0,
         step_s: int = 900,
-        prior_days: float = 3.0,
+        prior_days: float = m.QUANTILE_PRIOR_DAYS,
         check_period_s: float = 900.0,
         n_scenarios: int | None = None,
         leadership: Leadership | None = None,

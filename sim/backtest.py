@@ -281,8 +281,9 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                     online_rate=online_rate if hist_days >= 1 else None,
                     optout_rate=optout_rate if hist_days >= 1 else None,
                     shocks=shocks[r],
-                    quantiles=m.QuantileMap(
-                        np.concatenate(pits[r][-PIT_DAYS:]) if pits[r] else np.zeros(0)
+                    # As the live calibrator learns it (days × intervals).
+                    quantiles=m.fit_quantile_map(
+                        np.array(pits[r][-PIT_DAYS:]) if pits[r] else np.zeros((0, t_count))
                     ),
                     consecutive_event_days=int(consecutive[d]),
                     # Only the steps reported by forecast time (the last two weeks).

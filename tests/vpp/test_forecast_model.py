@@ -231,6 +231,31 @@ def test_quantile_map_learns_from_pits() -> None:
     assert float(m.QuantileMap().level(0.1)) == pytest.approx(0.09)  # guard only
 
 
+def test_the_promise_moves_with_evenings_of_evidence_not_with_intervals() -> None:
+    # One evening in five the realised MW fell below the forecast's 10th percentile (all its
+    # intervals together: they share the evening's weather), seen over 5 evenings or 30, at 12
+    # or 48 intervals an evening.
+    def evenings(days: int, per_day: int) -> np.ndarray:
+        u = np.random.default_rng(days * per_day).random((days, per_day))
+        below = (np.arange(days) % 5 == 0)[:, None]
+        return np.where(below, 0.01 + 0.02 * u, 0.3 + 0.7 * u)
+
+    aim = float(m.QuantileMap().level(0.1))
+    moved = {
+        (d, k): aim - float(m.fit_quantile_map(evenings(d, k)).level(0.1))
+        for d in (5, 30)
+        for k in (12, 48)
+    }
+    # A month of such evenings lowers the P90's level most of the way toward the shortfalls'
+    # PITs (≈ 0.03); five evenings, whose one shortfall may be luck, move it less than half as
+    # far: the promise does not swing on a handful of evenings.
+    assert moved[(30, 12)] > 0.04
+    assert 0 < moved[(5, 12)] < 0.5 * moved[(30, 12)]
+    # More intervals per evening are not more evenings.
+    for d in (5, 30):
+        assert moved[(d, 48)] == pytest.approx(moved[(d, 12)], abs=0.005)
+
+
 def test_pit() -> None:
     scen = np.arange(100, dtype=float)[:, None] * np.ones((1, 2))
     np.testing.assert_allclose(m.pit(scen, np.array([9.5, 200.0])), [0.1, 1.0])
