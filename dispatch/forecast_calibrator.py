@@ -403,7 +403,12 @@ class ForecastCalibrator(Periodic):
                 ).all()
                 cmds = (
                     await session.execute(
-                        select(Command.device_id, Command.status)
+                        select(
+                            Command.device_id,
+                            Command.status,
+                            Command.valid_from_ms,
+                            Command.valid_until_ms,
+                        )
                         .where(Command.type != CommandType.restore.value)
                         .where(Command.valid_from_ms < w_end)
                         .where(Command.valid_until_ms > w_start)
@@ -434,16 +439,43 @@ class ForecastCalibrator(Periodic):
                 power_s[row, col] = frame["power"].to_numpy(float, na_value=np.nan)[keep]
             commanded = np.zeros(n, bool)
             opted = np.zeros(n, bool)
+            # Per interval of the window, the seen devices under a command then (their
+            # reports show the command, not what their homes drew).
+            under_command = np.zeros((starts.size + 1, n_seen), np.int64)
             if cmds:
                 cpos = ids.get_indexer(pd.Index([c[0] for c in cmds]))
                 cstat = np.array([c[1] == CommandStatus.opted_out for c in cmds])
                 ok = cpos >= 0
                 commanded[cpos[ok]] = True
                 opted[cpos[ok][cstat[ok]]] = True
+                ccol = np.searchsorted(cols_of, cpos)
+                hit = ok & (ccol < n_seen)
+                hit[hit] = cols_of[ccol[hit]] == cpos[hit]
+                lo = np.array([int(c[2]) for c in cmds], np.int64)[hit]
+                hi = np.array([int(c[3]) for c in cmds], np.int64)[hit]
+                step_ms = self.step_s * 1000
+                first_k = np.searchsorted(starts + step_ms, lo, side="right")
+                end_k = np.searchsorted(starts, hi, side="left")
+                np.add.at(under_command, (first_k, ccol[hit]), 1)
+                np.add.at(under_command, (end_k, ccol[hit]), -1)
+            commanded_at = np.cumsum(under_command, axis=0)[:-1] > 0
             member = np.isnan(created_ms) | (created_ms <= fc_ms)
             step_idx = np.searchsorted(stamps, step_iv)
             fc_idx = int(np.searchsorted(stamps, fc_iv))
             online = present_s[step_idx] & member[cols_of][None, :]
+            seen_sub = sub.take(cols_of)
+            # Each battery's highest own output in the window, which settlement does not credit.
+            own_max = np.zeros(n_seen)
+            bc = np.flatnonzero(seen_sub.kind_codes == BATTERY)
+            own_max[bc] = m.window_own_max_w(
+                np.where(online[:, bc], power_s[step_idx][:, bc], np.nan),
+                commanded_at[:, bc],
+                m.home_use(
+                    power_s[fc_idx, bc],
+                    soc_s[fc_idx, bc],
+                    np.nan_to_num(seen_sub.backup_reserve_pct[bc].astype(float), nan=20.0),
+                ),
+            )
             # Outdoor temperature per interval: the median device reading (robust to a broken
             # sensor), else the weather file.
             with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -460,13 +492,14 @@ class ForecastCalibrator(Periodic):
             temp_steps = np.where(has_temp, reported, file_temp)
             realised = (
                 m.realised_window_mw(
-                    sub.take(cols_of),
+                    seen_sub,
                     online,
                     soc_s[step_idx],
                     setpoint_s[step_idx],
                     temp_steps,
                     opted[cols_of],
                     event_h,
+                    own_max_w=own_max,
                 )
                 if n_seen
                 else np.zeros(starts.size)

@@ -211,3 +211,73 @@ async def test_postgres_run_once_and_component(fresh_pg_url: str) -> None:
         assert other.last_day is not None and REGION in other.last_report
     finally:
         await services.db.dispose()
+
+
+async def test_a_past_evening_credits_batteries_only_above_their_homes_draw(
+    tmp_path: Path,
+) -> None:
+    """What the calibrator scores a past evening's forecast against is what settlement would
+    have credited: each battery's deliverable power less its home's highest draw in the
+    window (as the forecast quotes it), where a battery commanded through the window, whose
+    reports show the command, counts the draw of the homes run like it."""
+    from store.models import Command
+    from vpp import flexibility as fx
+    from vpp.domain import CommandStatus, CommandType
+
+    fleet = make_fleet(6, [REGION], seed=4, now_ms=NOW, kind_mix=(1.0, 0.0, 0.0))
+    snap = fleet.snap
+    url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
+    services = await make_services(url, fleet, create=True)
+    try:
+        cal = ForecastCalibrator(services, ForecastService(services), history_days=2)
+        w_start, w_end, fc_ms = cal._windows(REGION, NOW)[-1]
+        # Battery: (output in the window, output at forecast time, commanded in the window).
+        # 0 and 3 serve their homes, 1 and 4 are held in backup mode; 2 and 5 are dispatched
+        # through the window (4 kW), the evening before 2 served its home and 5 was held.
+        runs = [(1500, 900, False), (0, 0, False), (4000, 1200, True)]
+        runs += [(1000, 800, False), (0, 0, False), (4000, 0, True)]
+        rows: list[dict[str, Any]] = []
+        cmds: list[dict[str, Any]] = []
+        for i, (window_w, fc_w, commanded) in enumerate(runs):
+            dev = snap.device_ids[i]
+            for ts, power in [(fc_ms, fc_w)] + [(w_start + h * H, window_w) for h in range(3)]:
+                rows.append(
+                    {
+                        "device_id": dev,
+                        "interval_start_ms": int(ts),
+                        "samples": 12,
+                        "soc_pct": 80.0,
+                        "power_w": float(power),
+                    }
+                )
+            if commanded:
+                cmds.append(
+                    {
+                        "id": f"c-{i}",
+                        "event_id": "e-1",
+                        "device_id": dev,
+                        "type": CommandType.battery_discharge.value,
+                        "setpoint_w": 4000.0,
+                        "valid_from_ms": w_start,
+                        "valid_until_ms": w_end,
+                        "status": CommandStatus.completed.value,
+                        "created_ms": w_start - H,
+                    }
+                )
+        async with services.db.session() as session:
+            await session.execute(insert(TelemetryInterval), rows)
+            await session.execute(insert(Command), cmds)
+            await session.commit()
+
+        days = await cal.reconstruct_days(REGION, snap, np.full(len(snap), np.nan), None, NOW)
+        day = next(d for d in days if d.window_start_ms == w_start)
+        gross_kw = fx.battery_inputs(snap, np.arange(6), soc_pct=np.full(6, 80.0)).deliverable_kw(
+            3.0
+        )
+        # The dispatched battery that served its home counts the serving homes' mean draw.
+        own_kw = np.array([1.5, 0.0, 1.25, 1.0, 0.0, 0.0])
+        want_mw = float(np.maximum(gross_kw - own_kw, 0.0).sum()) / 1000.0
+        np.testing.assert_allclose(day.realised_mw, want_mw, rtol=1e-9)
+        assert float(day.realised_mw[0]) < float(gross_kw.sum()) / 1000.0 - 0.003
+    finally:
+        await services.db.dispose()

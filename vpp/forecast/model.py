@@ -1135,6 +1135,27 @@ def first_reported(values: F64) -> F64:
     return np.where(ok.any(axis=0), first, np.nan)
 
 
+def window_own_max_w(
+    power_w: F64, under_command: npt.NDArray[np.bool_], use: npt.NDArray[np.int64]
+) -> F64:
+    """Each battery's highest own output over a past window (W, ≥ 0: serving its home; a
+    battery charging from its PV counts 0), from its reports (``power_w`` (T, N), NaN: none) at
+    the intervals it was not under command (``under_command`` (T, N)). One commanded through
+    the whole window, whose reports show the command, gets the mean of the others of its use
+    (``use`` (N,), :func:`home_use` at forecast time): the evening's draw of homes run like
+    it; 0 when there are none."""
+    p = np.where(np.asarray(under_command, bool), np.nan, np.asarray(power_w, float))
+    seen = np.isfinite(p).any(axis=0)
+    own = np.zeros(p.shape[1])
+    own[seen] = np.maximum(np.nanmax(p[:, seen], axis=0), 0.0)
+    for u in (HELD, SERVING, UNKNOWN_USE):  # three kinds of use, not a loop over batteries
+        gap = ~seen & (use == u)
+        peers = seen & (use == u)
+        if gap.any() and peers.any():
+            own[gap] = float(own[peers].mean())
+    return own
+
+
 def realised_window_mw(
     snap: FleetSnapshot,
     online: npt.NDArray[np.bool_],
@@ -1143,12 +1164,16 @@ def realised_window_mw(
     outdoor_c: F64,
     opted_out: npt.NDArray[np.bool_],
     event_h: float,
+    own_max_w: F64 | None = None,
 ) -> F64:
     """What a fleet could have delivered per interval of a past window, from its history: the
     devices online at each interval (``online`` (T, N)) and not opted out, times their capability
     then — a battery's deliverable kW from its state of charge at its first report in the window
-    (held over the event), a thermostat's flat shed at the interval's outdoor temperature
-    (``outdoor_c`` (T,)) and its reported setpoint. The same quantity the back-test scores."""
+    (held over the event) less its highest own output in the window (``own_max_w`` (N,),
+    :func:`window_own_max_w`: settlement credits only what it gives above its home's draw, and
+    it holds its setpoint), a thermostat's flat shed at the interval's outdoor temperature
+    (``outdoor_c`` (T,)) and its reported setpoint. The same quantity the back-test scores
+    and the forecast quotes."""
     kind = snap.kind_codes
     t_count = online.shape[0]
     avail = online & (snap.enrolled & ~np.asarray(opted_out, bool))[None, :]
@@ -1161,6 +1186,9 @@ def realised_window_mw(
     if bat.size:
         b_inp = battery_inputs(snap, bat, soc_pct=first_reported(soc_pct[:, bat]))
         kw = b_inp.deliverable_kw(event_h)
+        if own_max_w is not None:
+            own = np.nan_to_num(np.asarray(own_max_w, float)[bat], nan=0.0)
+            kw = np.maximum(kw - np.maximum(own, 0.0) / 1000.0, 0.0)
         out += (avail[:, bat] * kw[None, :]).sum(axis=1)
     temp = np.asarray(outdoor_c, dtype=float)[:, None]
     th_all = np.flatnonzero((kind == THERMOSTAT) & snap.enrolled & ever)
