@@ -7,8 +7,9 @@ Once per service day (and once at start), per region:
    forecaster uses (:mod:`vpp.weather`);
 2. for each of the last ``history_days`` days, what the fleet could have delivered in the evening
    window (online devices × their capability then, from the interval history, minus opt-outs;
-   a battery's net of its home's highest draw in the window) and what the forecaster would have said the evening before (the fleet's state at that time,
-   the learnt per-device rates, the shocks learnt in step 1–2); from the pairs the probability
+   a battery's net of its home's highest draw in the window) and what the forecaster would
+   have said the evening before (the fleet's state at that time, the learnt per-device rates,
+   the shocks learnt in step 1–2); from the pairs the probability
    integral transforms (PIT) → a :class:`QuantileMap`, plus vendor-outage and opt-out-wave sizes
    where the history shows them; everything shrunk toward the brief's defaults when days are few;
 3. installs the result (``ForecastService.set_tuning``) and persists it in the state store
