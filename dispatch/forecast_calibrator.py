@@ -72,6 +72,8 @@ class _Day:
     temp_obs_c: float  # mean reported outdoor temperature over the window (NaN: none)
     temp_fc_c: float  # the weather file's mean over the same intervals
     temp_clim_c: float  # the climate's mean over the same intervals (vpp.weather)
+    temp_now_c: float  # median reported outdoor temperature at forecast time (NaN: none)
+    temp_now_clim_c: float  # the climate then
     commanded: bool  # an event touched the window
     wave: list[tuple[float, float, float]]  # per kind: (opted out, commanded, expected rate)
 
@@ -222,6 +224,7 @@ class ForecastCalibrator(Periodic):
             "temp_sigma_c": round(shocks.temp_sigma_c, 3),
             "temp_bias_c": round(shocks.temp_bias_c, 3),
             "temp_skill": round(shocks.temp_skill, 3),
+            "temp_persistence": round(shocks.temp_persistence, 3),
             "vendor_outage_p": round(shocks.vendor_outage_p, 4),
             "vendor_outage_depth": list(shocks.vendor_outage_depth),
             "optout_wave_sigma": round(shocks.optout_wave_sigma, 3),
@@ -486,6 +489,9 @@ class ForecastCalibrator(Periodic):
                     if n_seen
                     else np.full(step_idx.size, np.nan)
                 )
+                fc_out = outdoor_s[fc_idx][present_s[fc_idx] & member[cols_of]]
+                fc_out = fc_out[np.isfinite(fc_out)]
+                temp_now = float(np.median(fc_out)) if fc_out.size else np.nan
             _, file_temp = wy.sample(starts + self.step_s * 500)
             file_temp = np.asarray(file_temp, float)
             clim_temp = wy.climate_temp(starts + self.step_s * 500)
@@ -545,6 +551,8 @@ class ForecastCalibrator(Periodic):
                     temp_obs_c=float(reported[has_temp].mean()) if enough_temp else np.nan,
                     temp_fc_c=float(file_temp[has_temp].mean()) if enough_temp else np.nan,
                     temp_clim_c=float(clim_temp[has_temp].mean()) if enough_temp else np.nan,
+                    temp_now_c=temp_now,
+                    temp_now_clim_c=float(wy.climate_temp(np.array([fc_ms]))[0]),
                     commanded=bool(commanded.any()),
                     wave=wave,
                 )
@@ -562,7 +570,15 @@ class ForecastCalibrator(Periodic):
         obs = np.array([d.temp_obs_c for d in days])
         clim = np.array([d.temp_clim_c for d in days])
         ok = np.isfinite(fc) & np.isfinite(obs) & np.isfinite(clim)
-        temp_bias, temp_skill, temp_sigma = m.estimate_temp_mos(fc[ok], obs[ok], clim[ok], prior)
+        # The departure devices reported when each forecast was made, from the climate then.
+        now_dep = np.array([d.temp_now_c - d.temp_now_clim_c for d in days])
+        lead_h = (
+            float(np.mean([(d.starts_ms.mean() + self.step_s * 500 - d.forecast_ms) for d in days]))
+            / m.HOUR_MS
+        )
+        temp_bias, temp_skill, temp_sigma, persistence = m.estimate_temp_mos(
+            fc[ok], obs[ok], clim[ok], prior, now_dep[ok], lead_h
+        )
         eligible = (
             np.stack([d.member for d in days])
             & ((sub.kind_codes == BATTERY) | (sub.kind_codes == THERMOSTAT))[None, :]
@@ -584,6 +600,7 @@ class ForecastCalibrator(Periodic):
             temp_sigma_c=float(temp_sigma),
             temp_bias_c=float(temp_bias),
             temp_skill=float(temp_skill),
+            temp_persistence=float(persistence),
             vendor_outage_p=float(p_out),
             vendor_outage_depth=(float(depth[0]), float(depth[1])),
             optout_wave_sigma=float(wave_sigma),
@@ -672,7 +689,7 @@ class ForecastCalibrator(Periodic):
         end = int(day.starts_ms[-1]) + step * 1000
         wy = weather_for(self.services.regions.locate(region))
         n_w = int((end - day.forecast_ms) // (step * 1000)) + 2
-        weather = m.typical_year_forecast(wy, day.forecast_ms, step, n_w)
+        weather = m.typical_year_forecast(wy, day.forecast_ms, step, n_w, day.temp_now_c)
         event_h = m.event_hours(start, end)
         scen, _ = m.simulate_region(
             dev,

@@ -340,7 +340,7 @@ class ForecastService:
             return hit[2]
         calib = await self.calibration(region, snap, now_ms, int(start_ms))
         dev = self._region_devices(snap, region, calib)
-        weather = self._weather(region, now_ms, int(end_ms), int(step_s))
+        weather = self._weather(region, now_ms, int(end_ms), int(step_s), snap)
         seed = zlib.crc32(region.encode())  # same random numbers each call: stable quotes
         result = await asyncio.to_thread(
             m.forecast_region,
@@ -393,11 +393,13 @@ class ForecastService:
         return out
 
     # --- internals ----------------------------------------------------------------------------
-    def _weather(self, region: str, now_ms: int, end_ms: int, step_s: int) -> m.WeatherForecast:
+    def _weather(
+        self, region: str, now_ms: int, end_ms: int, step_s: int, snap: FleetSnapshot
+    ) -> m.WeatherForecast:
         dt_s = min(step_s, 900)
         n = int((end_ms - now_ms) // (dt_s * 1000)) + 2
         wy = weather_for(self.services.regions.locate(region))
-        return m.typical_year_forecast(wy, now_ms, dt_s, n)
+        return m.typical_year_forecast(wy, now_ms, dt_s, n, _reported_outdoor_c(snap, region))
 
     def _region_devices(
         self,
@@ -523,6 +525,17 @@ class ForecastService:
             now_ms=now_ms,
             since_ms=since,
         )
+
+
+def _reported_outdoor_c(snap: FleetSnapshot, region: str) -> float | None:
+    """The median outdoor temperature the region's devices report now (None: none does); a
+    median, so one broken sensor does not move it."""
+    code = snap.region_code(region)
+    if code < 0:
+        return None
+    out = snap.state["outdoor_c"][(snap.region_codes == code) & snap.dispatchable()]
+    out = out[np.isfinite(out)].astype(float)
+    return float(np.median(out)) if out.size else None
 
 
 def _lookup(ids: Any, keys: list[str], values: F64, missing: float) -> F64:

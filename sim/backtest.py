@@ -203,8 +203,9 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
     opted_hist = np.zeros(n)
     trials_hist = np.zeros(n)
     vendor_share_hist: list[F64] = []  # per day: (R·V) online shares
-    # Per region: the window's mean forecast, observed and climate temperatures of past days.
-    temp_hist: list[list[tuple[float, float, float]]] = [[] for _ in regions]
+    # Per region: the window's mean forecast, observed and climate temperatures of past days,
+    # and the departure from the climate reported when the forecast was made.
+    temp_hist: list[list[tuple[float, float, float, float]]] = [[] for _ in regions]
     # Per region: the solar energy to the window of past days, forecast and observed.
     solar_hist: list[list[tuple[float, float]]] = [[] for _ in regions]
     wave_obs: list[tuple[float, float, float]] = []
@@ -251,6 +252,7 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                     solar_hist[r],
                     vendor_share_hist,
                     wave_obs,
+                    lead_h=(w_lo + w_hi) / 2 + 24.0 - cfg.forecast_local_h,
                 )
                 for r in range(n_reg)
             ]
@@ -267,6 +269,8 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                     + truth.temp_hourly_sigma_c * (rng.standard_normal(n_fc))
                 )
                 ghi_fc = ghi_true[r, sl] / solar_err_day[d, r]
+                # What thermostats report outside now, against the climate.
+                departure_now = float(temp_true[r, fc_step] - temp_climate[r, fc_step])
                 wf = m.WeatherForecast(
                     now_ms,
                     STEP_S,
@@ -274,6 +278,7 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                     temp_fc,
                     float(tz[r]),
                     temp_climate_c=temp_climate[r, sl],
+                    observed_departure_c=departure_now,
                 )
                 hist_days = d - 1
                 calib = m.RegionCalibration(
@@ -323,6 +328,7 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
                         float(np.mean(temp_fc[-t_count - 1 : -1])),
                         float(np.mean(temp_true[r, win])),
                         float(np.mean(temp_climate[r, win])),
+                        departure_now,
                     )
                 )
                 before = slice(fc_step, fc_step + n_fc - t_count)
@@ -407,14 +413,17 @@ def run_backtest(cfg: BacktestConfig) -> BacktestReport:
 
 
 def _estimate_shocks(
-    temp: list[tuple[float, float, float]],
+    temp: list[tuple[float, float, float, float]],
     solar: list[tuple[float, float]],
     vendor_share: list[F64],
     wave_obs: list[tuple[float, float, float]],
+    lead_h: float,
 ) -> m.ShockParams:
     prior = m.ShockParams()
-    fc, obs, clim = np.array(temp).reshape(-1, 3).T
-    temp_bias, temp_skill, temp_sigma = m.estimate_temp_mos(fc, obs, clim, prior)
+    fc, obs, clim, now = np.array(temp).reshape(-1, 4).T
+    temp_bias, temp_skill, temp_sigma, persistence = m.estimate_temp_mos(
+        fc, obs, clim, prior, now, lead_h
+    )
     p_out, depth = m.estimate_vendor_outages(
         np.array(vendor_share) if vendor_share else np.zeros((0, 0)), prior.vendor_outage_p
     )
@@ -427,6 +436,7 @@ def _estimate_shocks(
         temp_sigma_c=temp_sigma,
         temp_bias_c=temp_bias,
         temp_skill=temp_skill,
+        temp_persistence=persistence,
         vendor_outage_p=p_out,
         vendor_outage_depth=depth,
         solar_sigma=solar_sigma,

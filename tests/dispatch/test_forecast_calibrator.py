@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 from sqlalchemy import insert
 
 from dispatch.forecast_calibrator import ForecastCalibrator
@@ -279,5 +280,43 @@ async def test_a_past_evening_credits_batteries_only_above_their_homes_draw(
         want_mw = float(np.maximum(gross_kw - own_kw, 0.0).sum()) / 1000.0
         np.testing.assert_allclose(day.realised_mw, want_mw, rtol=1e-9)
         assert float(day.realised_mw[0]) < float(gross_kw.sum()) / 1000.0 - 0.003
+    finally:
+        await services.db.dispose()
+
+
+async def test_the_next_hours_follow_the_outdoor_temperature_devices_report(
+    tmp_path: Path,
+) -> None:
+    """The service's weather is a typical year; a hot spell its thermostats report now moves
+    the next hours' forecast (as far as the region's departures learnt to persist), where
+    before the forecast ignored it and disagreed with the fleet's own readings."""
+    from dataclasses import replace as dc_replace
+
+    fleet = small_fleet(300)
+    services = await make_services(f"sqlite+aiosqlite:///{tmp_path / 'now.db'}", fleet, True)
+    try:
+        fs = ForecastService(services, n_scenarios=300)
+        fs.set_tuning(REGION, shocks=dc_replace(m.ShockParams(), temp_persistence=0.5))
+        snap = fleet.snap
+        in_region = snap.region_codes == snap.region_code(REGION)
+
+        async def next_hour_p50(outdoor_c: float) -> float:
+            state = snap.state.copy()
+            state["outdoor_c"] = np.where(in_region, outdoor_c, state["outdoor_c"])
+            services.fleet = FixedFleet(dc_replace(snap, state=state))
+            fs.invalidate()
+            res = await fs.forecast(REGION, NOW, NOW + H, 900)
+            return float(res.p50_mw.mean())
+
+        wy = weather_for_region(REGION)
+        clim_now = float(wy.climate_temp(np.array([NOW]))[0])
+        hot, mild = await next_hour_p50(clim_now + 6.0), await next_hour_p50(clim_now - 6.0)
+        # Cooling homes shed more on a hotter afternoon.
+        assert hot > mild * 1.02
+        # Without a learnt persistence the readings do not move it.
+        fs.set_tuning(REGION, shocks=m.ShockParams())
+        assert await next_hour_p50(clim_now + 6.0) == pytest.approx(
+            await next_hour_p50(clim_now - 6.0), rel=1e-9
+        )
     finally:
         await services.db.dispose()

@@ -309,17 +309,52 @@ def test_a_noisy_temperature_forecast_is_read_toward_the_climate() -> None:
     prior = m.ShockParams()
     # A forecast that sees the truth through 2 °C of noise is worth about half of its departure.
     noisy = truth + rng.normal(0.0, 2.0, 60) + 1.0  # and runs 1 °C warm
-    bias, skill, sigma = m.estimate_temp_mos(noisy, truth, clim, prior)
+    bias, skill, sigma, _ = m.estimate_temp_mos(noisy, truth, clim, prior)
     assert 0.3 < skill < 0.7
     read = clim + skill * (noisy - clim) + bias
     assert abs(float(np.mean(read - truth))) < 0.2  # its warm 1 °C is taken out
     raw = float(np.sqrt(np.mean((noisy - truth) ** 2)))
     assert sigma < 0.85 * raw
     # A perfect forecast keeps its full skill, no bias, and little error.
-    bias, skill, sigma = m.estimate_temp_mos(truth, truth, clim, prior)
+    bias, skill, sigma, _ = m.estimate_temp_mos(truth, truth, clim, prior)
     assert skill == pytest.approx(1.0, abs=0.02)
     assert abs(bias) < 0.05
     assert sigma < prior.temp_sigma_c
     # Read through it, the forecast's expected temperature moves toward the climate.
     wf = m.WeatherForecast(NOW, 900, np.zeros(4), np.full(4, 36.0), -5.0, np.full(4, 30.0))
     assert wf.read(replace(prior, temp_skill=0.5)).temp_c == pytest.approx(np.full(4, 33.0))
+
+
+def test_the_temperature_devices_report_now_carries_into_the_next_hours() -> None:
+    # The typical year says 30 °C (its climate) all day; devices report 34 °C now: a hot spell
+    # the file cannot know. Half of a departure is still there a day later.
+    hot_now = m.WeatherForecast(
+        NOW, 900, np.zeros(97), np.full(97, 30.0), -6.0, np.full(97, 30.0), 4.0
+    )
+    read = hot_now.read(replace(m.ShockParams(), temp_skill=0.0, temp_persistence=0.5)).temp_c
+    assert read[0] == pytest.approx(34.0)  # now: what devices report
+    assert read[48] == pytest.approx(30.0 + 4.0 * 0.5**0.5)  # 12 h on
+    assert read[96] == pytest.approx(32.0)  # a day on: half of it
+    assert np.all(np.diff(read) < 0)
+    # Not learnt (or nobody reports): the reading stays with the forecast.
+    assert hot_now.read(m.ShockParams()).temp_c == pytest.approx(np.full(97, 30.0))
+
+
+def test_how_long_a_departure_lasts_is_learnt_from_past_evenings() -> None:
+    rng = np.random.default_rng(5)
+    days = 80
+    clim = np.full(days, 30.0)
+    now = rng.normal(0.0, 2.0, days)  # the departure reported when each forecast was made
+    truth = clim + 0.6 * now + rng.normal(0.0, 1.0, days)  # 60 % of it left a day later
+    blind = clim + rng.normal(0.0, 2.0, days)  # a forecast that knows nothing of the weather
+    bias, skill, sigma, persistence = m.estimate_temp_mos(
+        blind, truth, clim, m.ShockParams(), now, lead_h=24.0
+    )
+    assert 0.45 < persistence < 0.7
+    assert skill < 0.3
+    assert abs(bias) < 0.4
+    # What is left is the day's own noise, not the departure: well under the raw 2 °C spread.
+    assert sigma < 1.3
+    # The same carry-over seen over half a day is a departure that fades faster.
+    _, _, _, per_day = m.estimate_temp_mos(blind, truth, clim, m.ShockParams(), now, lead_h=12.0)
+    assert per_day < persistence

@@ -100,6 +100,10 @@ class ShockParams:
     # below 1; without a climate only the bias applies.
     temp_bias_c: float = 0.0
     temp_skill: float = 1.0
+    # Share of the departure from the climate reported now that is still there a day later
+    # (learnt by :func:`estimate_temp_mos`); it fades as ``temp_persistence ** (lead / 24 h)``
+    # and weighs against the forecast's reading: at lead 0 the reading is what devices report.
+    temp_persistence: float = 0.0
     temp_sigma_growth_per_day: float = 0.3  # relative growth of that error per lead day
     vendor_outage_p: float = 0.02  # probability a vendor's cloud is down on a given day
     vendor_outage_depth: tuple[float, float] = (0.5, 1.0)  # share of its fleet lost, uniform
@@ -281,6 +285,9 @@ class WeatherForecast:
     temp_c: F64
     tz_offset_h: float = 0.0
     temp_climate_c: F64 | None = None  # the climate's temperature on the same grid, if known
+    # The outdoor temperature devices report at ``start_ms`` less the climate then (less the
+    # forecast then, without a climate); None: nobody reports one.
+    observed_departure_c: float | None = None
 
     def at(self, epoch_ms: npt.ArrayLike) -> tuple[F64, F64]:
         t = (np.asarray(epoch_ms, dtype=float) - self.start_ms) / (self.dt_s * 1000.0)
@@ -288,22 +295,43 @@ class WeatherForecast:
         return np.interp(t, x, self.ghi_w_m2), np.interp(t, x, self.temp_c)
 
     def read(self, shocks: ShockParams) -> WeatherForecast:
-        """The forecast as its learnt skill and bias say to read it (:class:`ShockParams`):
-        the climate plus the believed share of the forecast's departure from it."""
+        """The forecast as its learnt skill, bias and persistence say to read it
+        (:class:`ShockParams`): the climate plus the believed share of the forecast's departure
+        from it, blended with the departure reported now as far as it persists at each lead."""
         clim = self.temp_c if self.temp_climate_c is None else self.temp_climate_c
-        temp = clim + shocks.temp_skill * (self.temp_c - clim) + shocks.temp_bias_c
-        return replace(self, temp_c=np.asarray(temp, float), temp_climate_c=None)
+        reading = shocks.temp_skill * (self.temp_c - clim)
+        now = self.observed_departure_c
+        if now is not None and np.isfinite(now) and shocks.temp_persistence > 0:
+            lead_h = np.arange(self.temp_c.size) * self.dt_s / 3600.0
+            carried = shocks.temp_persistence ** (lead_h / 24.0)
+            reading = carried * float(now) + (1.0 - carried) * reading
+        temp = clim + reading + shocks.temp_bias_c
+        return replace(
+            self, temp_c=np.asarray(temp, float), temp_climate_c=None, observed_departure_c=None
+        )
 
 
 def typical_year_forecast(
-    wy: WeatherYear, start_ms: int, dt_s: int, n_steps: int
+    wy: WeatherYear, start_ms: int, dt_s: int, n_steps: int, observed_c: float | None = None
 ) -> WeatherForecast:
     """A region's typical year (and its climate) as the forecast from ``start_ms``: what the
-    service forecasts with, having no weather service."""
+    service forecasts with, having no weather service; ``observed_c``: the outdoor temperature
+    its devices report at ``start_ms`` (None: none), which the reading blends in
+    (:meth:`WeatherForecast.read`)."""
     times = start_ms + np.arange(max(n_steps, 2), dtype=np.int64) * dt_s * 1000
     ghi, temp = wy.sample(times)
+    clim = wy.climate_temp(times)
+    departure = None
+    if observed_c is not None and np.isfinite(observed_c):
+        departure = float(observed_c) - float(clim[0])
     return WeatherForecast(
-        start_ms, dt_s, ghi, temp, wy.tz_offset_h, temp_climate_c=wy.climate_temp(times)
+        start_ms,
+        dt_s,
+        ghi,
+        temp,
+        wy.tz_offset_h,
+        temp_climate_c=clim,
+        observed_departure_c=departure,
     )
 
 
@@ -1043,31 +1071,57 @@ MOS_PRIOR_DAYS = 10.0  # days of evidence the prior reading of a forecast weighs
 
 
 def estimate_temp_mos(
-    forecast_c: F64, observed_c: F64, climate_c: F64 | None, prior: ShockParams
-) -> tuple[float, float, float]:
+    forecast_c: F64,
+    observed_c: F64,
+    climate_c: F64 | None,
+    prior: ShockParams,
+    departure_now_c: F64 | None = None,
+    lead_h: float = 24.0,
+) -> tuple[float, float, float, float]:
     """How to read the temperature forecast, from past days' window means: (bias °C, skill,
-    sigma °C of what is left). The observed departure from the climate regressed on the
-    forecast's (model output statistics); each shrunk toward the prior (no bias, full skill,
-    the prior sigma) with ``MOS_PRIOR_DAYS`` days' weight. Without a climate, the bias only."""
+    sigma °C of what is left, persistence). The observed departure from the climate regressed
+    on the forecast's (model output statistics) and on the departure devices reported when the
+    forecast was made (``departure_now_c``, NaN: none), ``lead_h`` hours before the window:
+    its coefficient is the departure's persistence over that lead, turned into a per-day one.
+    Each shrunk toward the prior (no bias, full skill, the prior persistence and sigma) with
+    ``MOS_PRIOR_DAYS`` days' weight. Without a climate, the bias only."""
     fc = np.asarray(forecast_c, float)
     obs = np.asarray(observed_c, float)
     clim = fc if climate_c is None else np.asarray(climate_c, float)
+    now = (
+        np.full(fc.shape, np.nan) if departure_now_c is None else np.asarray(departure_now_c, float)
+    )
     ok = np.isfinite(fc) & np.isfinite(obs) & np.isfinite(clim)
     n = int(ok.sum())
     if n == 0:
-        return prior.temp_bias_c, prior.temp_skill, prior.temp_sigma_c
-    x, y = fc[ok] - clim[ok], obs[ok] - clim[ok]
+        return prior.temp_bias_c, prior.temp_skill, prior.temp_sigma_c, prior.temp_persistence
+    x, y, z = fc[ok] - clim[ok], obs[ok] - clim[ok], now[ok]
     w = n / (n + MOS_PRIOR_DAYS)
-    skill = prior.temp_skill
+    lead = max(float(lead_h), 1.0)
+    skill, persistence = prior.temp_skill, prior.temp_persistence
+    has_now = np.isfinite(z)
     if climate_c is not None and n >= 5 and float(np.var(x)) > 1e-6:
-        ols = float(np.cov(x, y, bias=True)[0, 1] / np.var(x))
-        skill = float(np.clip(w * ols + (1 - w) * prior.temp_skill, 0.0, 1.2))
-    bias = w * float(np.mean(y - skill * x)) + (1 - w) * prior.temp_bias_c
-    resid = y - skill * x - bias
+        ols_skill, ols_persistence = float(np.cov(x, y, bias=True)[0, 1] / np.var(x)), None
+        if has_now.sum() >= 5 and float(np.var(z[has_now])) > 1e-6:
+            a = np.column_stack([x, z, np.ones_like(x)])[has_now]
+            coef = np.linalg.lstsq(a, y[has_now], rcond=None)[0]
+            carried = float(np.clip(coef[1], 0.0, 0.95))
+            ols_skill = float(coef[0]) / (1.0 - carried)
+            ols_persistence = carried ** (24.0 / lead) if carried > 0 else 0.0
+        skill = float(np.clip(w * ols_skill + (1 - w) * prior.temp_skill, 0.0, 1.2))
+        if ols_persistence is not None:
+            wp = float(has_now.sum()) / (float(has_now.sum()) + MOS_PRIOR_DAYS)
+            persistence = float(
+                np.clip(wp * ols_persistence + (1 - wp) * prior.temp_persistence, 0.0, 0.95)
+            )
+    carried = persistence ** (lead / 24.0) if persistence > 0 else 0.0
+    reading = np.where(has_now, carried * np.nan_to_num(z) + (1 - carried) * skill * x, skill * x)
+    bias = w * float(np.mean(y - reading)) + (1 - w) * prior.temp_bias_c
+    resid = y - reading - bias
     sigma = float(
         np.sqrt((np.sum(resid**2) + MOS_PRIOR_DAYS * prior.temp_sigma_c**2) / (n + MOS_PRIOR_DAYS))
     )
-    return float(bias), skill, sigma
+    return float(bias), skill, sigma, persistence
 
 
 def estimate_solar_sigma(forecast_wh: F64, observed_wh: F64, default: float) -> float:
