@@ -670,9 +670,10 @@ class Demo:
         if r.truth_performance is not None:
             table.add_row("Performance (ground truth)", pct(r.truth_performance))
         table.add_row("Devices in the fleet", n(r.devices))
+        # The outage takes homes across the fleet, not only those in the event.
+        table.add_row("Fleet homes dropped off mid-event", n(r.dropped))
         table.add_row("Devices commanded", n(r.commanded))
         table.add_row("Acknowledged", n(r.acknowledged))
-        table.add_row("Dropped off mid-event", n(r.dropped))
         table.add_row("Customers who opted out", n(r.opted_out))
         table.add_row("Devices replaced", n(r.replaced))
         table.add_row("Wall time", f"{r.wall_s:.0f} s")
