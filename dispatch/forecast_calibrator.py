@@ -445,7 +445,7 @@ class ForecastCalibrator(Periodic):
             opted = np.zeros(n, bool)
             # Per interval of the window, the seen devices under a command then (their
             # reports show the command, not what their homes drew).
-            under_command = np.zeros((starts.size + 1, n_seen), np.int64)
+            under_command = np.zeros((starts.size + 1, n_seen), np.int16)  # small at 1 M
             if cmds:
                 cpos = ids.get_indexer(pd.Index([c[0] for c in cmds]))
                 cstat = np.array([c[1] == CommandStatus.opted_out for c in cmds])
@@ -462,7 +462,7 @@ class ForecastCalibrator(Periodic):
                 end_k = np.searchsorted(starts, hi, side="left")
                 np.add.at(under_command, (first_k, ccol[hit]), 1)
                 np.add.at(under_command, (end_k, ccol[hit]), -1)
-            commanded_at = np.cumsum(under_command, axis=0)[:-1] > 0
+            commanded_at = np.cumsum(under_command, axis=0, dtype=np.int16)[:-1] > 0
             member = np.isnan(created_ms) | (created_ms <= fc_ms)
             step_idx = np.searchsorted(stamps, step_iv)
             fc_idx = int(np.searchsorted(stamps, fc_iv))
