@@ -447,16 +447,17 @@ class ForecastCalibrator(Periodic):
             # reports show the command, not what their homes drew).
             under_command = np.zeros((starts.size + 1, n_seen), np.int16)  # small at 1 M
             if cmds:
-                cpos = ids.get_indexer(pd.Index([c[0] for c in cmds]))
-                cstat = np.array([c[1] == CommandStatus.opted_out for c in cmds])
+                cf = pd.DataFrame(cmds, columns=["id", "status", "from", "until"])
+                cpos = ids.get_indexer(pd.Index(cf["id"]))
+                cstat = (cf["status"] == CommandStatus.opted_out).to_numpy(bool)
                 ok = cpos >= 0
                 commanded[cpos[ok]] = True
                 opted[cpos[ok][cstat[ok]]] = True
                 ccol = np.searchsorted(cols_of, cpos)
                 hit = ok & (ccol < n_seen)
                 hit[hit] = cols_of[ccol[hit]] == cpos[hit]
-                lo = np.array([int(c[2]) for c in cmds], np.int64)[hit]
-                hi = np.array([int(c[3]) for c in cmds], np.int64)[hit]
+                lo = cf["from"].to_numpy(np.int64)[hit]
+                hi = cf["until"].to_numpy(np.int64)[hit]
                 step_ms = self.step_s * 1000
                 first_k = np.searchsorted(starts + step_ms, lo, side="right")
                 end_k = np.searchsorted(starts, hi, side="left")

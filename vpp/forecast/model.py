@@ -299,16 +299,37 @@ class WeatherForecast:
         (:class:`ShockParams`): the climate plus the believed share of the forecast's departure
         from it, blended with the departure reported now as far as it persists at each lead."""
         clim = self.temp_c if self.temp_climate_c is None else self.temp_climate_c
-        reading = shocks.temp_skill * (self.temp_c - clim)
-        now = self.observed_departure_c
-        if now is not None and np.isfinite(now) and shocks.temp_persistence > 0:
-            lead_h = np.arange(self.temp_c.size) * self.dt_s / 3600.0
-            carried = shocks.temp_persistence ** (lead_h / 24.0)
-            reading = carried * float(now) + (1.0 - carried) * reading
+        now = np.nan if self.observed_departure_c is None else self.observed_departure_c
+        reading = believed_departure(
+            self.temp_c - clim,
+            now,
+            shocks.temp_skill,
+            shocks.temp_persistence,
+            np.arange(self.temp_c.size) * self.dt_s / 3600.0,
+        )
         temp = clim + reading + shocks.temp_bias_c
         return replace(
             self, temp_c=np.asarray(temp, float), temp_climate_c=None, observed_departure_c=None
         )
+
+
+def believed_departure(
+    forecast_departure_c: npt.ArrayLike,
+    departure_now_c: npt.ArrayLike,
+    skill: float,
+    persistence: float,
+    lead_h: npt.ArrayLike,
+) -> F64:
+    """The departure from the climate a forecast is read as: ``skill`` times the forecast's,
+    blended with the departure reported now (NaN: none) by the share of it still there
+    ``lead_h`` hours on, ``persistence ** (lead / 24 h)``."""
+    reading = skill * np.asarray(forecast_departure_c, float)
+    if persistence <= 0:
+        return reading
+    now = np.asarray(departure_now_c, float)
+    carried = persistence ** (np.asarray(lead_h, float) / 24.0)
+    blended = carried * np.nan_to_num(now) + (1.0 - carried) * reading
+    return np.asarray(np.where(np.isfinite(now), blended, reading), float)
 
 
 def typical_year_forecast(
@@ -1114,8 +1135,7 @@ def estimate_temp_mos(
             persistence = float(
                 np.clip(wp * ols_persistence + (1 - wp) * prior.temp_persistence, 0.0, 0.95)
             )
-    carried = persistence ** (lead / 24.0) if persistence > 0 else 0.0
-    reading = np.where(has_now, carried * np.nan_to_num(z) + (1 - carried) * skill * x, skill * x)
+    reading = believed_departure(x, z, skill, persistence, lead)
     bias = w * float(np.mean(y - reading)) + (1 - w) * prior.temp_bias_c
     resid = y - reading - bias
     sigma = float(
